@@ -1,0 +1,94 @@
+"""Tiny Stable Diffusion 1.x models with real architectures and seeded random weights, built in the tests.
+
+Nothing is downloaded: the tokenizer is CLIP's real BPE vocabulary from `models/clip/`.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLIP_VOCAB_DIR = REPO / "models" / "clip"
+
+# diffusers' PNDM configuration as shipped with SD 1.x checkpoints.
+SD1_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+
+def build_tiny_sd(
+    path: Path,
+    *,
+    vae_blocks: int = 2,
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+    cross_attention_dim: int = 32,
+) -> Path:
+    """Save a tiny SD 1.x diffusers pipeline at `path` and return it.
+
+    `vae_blocks` sets the VAE scale factor to 2 ** (vae_blocks - 1): 2 blocks give 2, 3 give 4.
+    """
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[16, 32, 32, 32][:vae_blocks],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * vae_blocks,
+        up_block_types=["UpDecoderBlock2D"] * vae_blocks,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=32,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=cross_attention_dim,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            vocab_size=49408,
+        )
+    )
+    tokenizer = CLIPTokenizer(
+        str(CLIP_VOCAB_DIR / "vocab.json"), str(CLIP_VOCAB_DIR / "merges.txt"), model_max_length=77
+    )
+    scheduler = PNDMScheduler(**{**SD1_SCHEDULER, "prediction_type": prediction_type})
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    tmp.rename(path)
+    return path
