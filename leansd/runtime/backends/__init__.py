@@ -1,0 +1,48 @@
+"""The backend boundary: a `Session` runs one model file with onnxruntime or openvino.
+
+Component wrappers only see `Session`: named inputs and outputs with shapes and dtypes, and `run`.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from leansd.runtime.backends.session import Session, SessionOptions, TensorSpec
+from leansd.runtime.errors import BackendError
+
+BACKENDS = ("onnxruntime", "openvino")
+# Accepted spellings for each backend (the exporter's names and short ones).
+_BACKEND_NAMES = {"onnxruntime": "onnxruntime", "onnx": "onnxruntime", "ort": "onnxruntime", "openvino": "openvino", "ov": "openvino"}
+
+
+def installed_backends() -> list[str]:
+    """The backends whose Python package is importable, in order of preference."""
+    return [b for b in BACKENDS if importlib.util.find_spec(b) is not None]
+
+
+def normalize_backend(name: str) -> str:
+    """Map a user's backend name to `onnxruntime` or `openvino`, or raise naming the choices."""
+    key = name.strip().lower()
+    if key not in _BACKEND_NAMES:
+        raise BackendError(f"unknown backend {name!r}: choose onnxruntime or openvino")
+    backend = _BACKEND_NAMES[key]
+    if importlib.util.find_spec(backend) is None:
+        extra = "onnxruntime" if backend == "onnxruntime" else "openvino"
+        raise BackendError(f"backend {backend} is not installed: pip install 'leansd[{extra}]'")
+    return backend
+
+
+def open_session(path: Path, backend: str, options: SessionOptions | None = None) -> Session:
+    """Open one model file (`model.onnx` or `openvino_model.xml`) with the given backend."""
+    options = options or SessionOptions()
+    backend = normalize_backend(backend)
+    if backend == "onnxruntime":
+        from leansd.runtime.backends.onnxruntime import OnnxRuntimeSession
+
+        return OnnxRuntimeSession(Path(path), options)
+    from leansd.runtime.backends.openvino import OpenVinoSession
+
+    return OpenVinoSession(Path(path), options)
+
+
+__all__ = ["Session", "SessionOptions", "TensorSpec", "installed_backends", "normalize_backend", "open_session", "BACKENDS"]

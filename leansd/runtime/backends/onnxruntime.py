@@ -1,0 +1,81 @@
+"""ONNX Runtime sessions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from leansd.runtime.backends.session import Session, SessionOptions, TensorSpec
+from leansd.runtime.errors import BackendError, ModelFolderError
+
+_ONNX_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+# GPU-capable execution providers, in the order "auto" tries them.
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider")
+_DEVICE_PROVIDERS = {"cuda": "CUDAExecutionProvider", "rocm": "ROCMExecutionProvider", "dml": "DmlExecutionProvider", "directml": "DmlExecutionProvider", "coreml": "CoreMLExecutionProvider"}
+
+
+def choose_providers(device: str) -> list[str]:
+    """Execution providers for a device name; CPU always last as the fallback."""
+    available = ort.get_available_providers()
+    device = device.lower()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "auto":
+        gpu = [p for p in _GPU_PROVIDERS if p in available]
+        return gpu[:1] + ["CPUExecutionProvider"]
+    wanted = _DEVICE_PROVIDERS.get(device, device if device.endswith("ExecutionProvider") else None)
+    if device == "gpu":
+        wanted = next((p for p in _GPU_PROVIDERS if p in available), None)
+    if wanted is None or wanted not in available:
+        raise BackendError(
+            f"device {device!r} is not available in this onnxruntime (providers: {', '.join(available)}); "
+            "use --device cpu or auto, or install onnxruntime-gpu / onnxruntime-directml"
+        )
+    return [wanted, "CPUExecutionProvider"]
+
+
+def _spec(arg) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in arg.shape) if arg.shape is not None else None
+    return TensorSpec(arg.name, shape, np.dtype(_ONNX_TYPES.get(arg.type, np.float32)))
+
+
+class OnnxRuntimeSession(Session):
+    def __init__(self, path: Path, options: SessionOptions):
+        self.path = path
+        if not path.is_file():
+            raise ModelFolderError(f"model file {path} is missing; re-export the model with sd-export")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if options.num_threads:
+            so.intra_op_num_threads = options.num_threads
+        if options.low_memory:
+            # The CPU arena keeps peak activations allocated between calls; without it memory is returned.
+            so.enable_cpu_mem_arena = False
+            so.enable_mem_pattern = False
+        providers = choose_providers(options.device)
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelFolderError(f"{path} is not a loadable ONNX model ({first}); re-export it with sd-export") from None
+        self.device = self._session.get_providers()[0]
+        self.inputs = [_spec(a) for a in self._session.get_inputs()]
+        self.outputs = [_spec(a) for a in self._session.get_outputs()]
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.outputs]
+        return dict(zip(names, self._session.run(names, feeds)))
+
+    def close(self) -> None:
+        self._session = None

@@ -1,0 +1,125 @@
+"""Find and validate a model folder: leansd's own exports and Optimum's ONNX / OpenVINO exports.
+
+The folder layout is the one `optimum-cli export onnx|openvino` writes; `leansd.json`, when present,
+says which files exist for each backend and precision. Without it, the files are found by their names.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from leansd.runtime.errors import ModelFolderError
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+# File each backend looks for in a component folder when there is no manifest (Optimum's names).
+DEFAULT_FILES = {"onnxruntime": "model.onnx", "openvino": "openvino_model.xml"}
+_MANIFEST_BACKEND = {"onnxruntime": "onnx", "openvino": "openvino"}
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ModelFolderError(f"{path} is missing: the model folder is incomplete ({what}); re-export it with sd-export")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFolderError(f"{path} is not valid JSON ({exc}); re-export the model with sd-export") from None
+
+
+@dataclass
+class ModelBundle:
+    """A validated model folder and the configs the runtime needs from it."""
+
+    root: Path
+    manifest: dict | None
+    scheduler_config: dict
+    unet_config: dict
+    vae_config: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> "ModelBundle":
+        root = Path(path).expanduser()
+        if not root.exists():
+            raise ModelFolderError(f"model folder {root} does not exist; pass a folder written by sd-export (or optimum-cli export)")
+        if not root.is_dir():
+            raise ModelFolderError(f"{root} is a file, not a model folder; export it first: sd-export {root} OUTPUT_DIR")
+        manifest = None
+        if (root / "leansd.json").is_file():
+            manifest = _read_json(root / "leansd.json", "manifest")
+            if manifest.get("format") != "leansd-model":
+                raise ModelFolderError(f"{root / 'leansd.json'} is not a leansd manifest; re-export the model with sd-export")
+            if int(manifest.get("format_version", 0)) > 1:
+                raise ModelFolderError(f"{root} was written by a newer leansd (format {manifest['format_version']}); upgrade leansd")
+        elif not (root / "model_index.json").is_file():
+            raise ModelFolderError(
+                f"{root} is not a model folder (no leansd.json or model_index.json); export a model into it with sd-export"
+            )
+        if (root / "vae").is_dir() and not (root / "vae_decoder").is_dir():
+            raise ModelFolderError(f"{root} is a PyTorch diffusers folder; convert it first: sd-export {root} OUTPUT_DIR")
+        scheduler = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
+        unet = _read_json(root / "unet" / "config.json", "UNet config")
+        vae_path = root / "vae_decoder" / "config.json"
+        vae = _read_json(vae_path, "VAE config")
+        return cls(root, manifest, scheduler, unet, vae)
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler_config.get("prediction_type", "epsilon"))
+
+    def defaults(self) -> dict:
+        """Generation defaults the model recommends (steps, guidance, size), from the manifest."""
+        return dict((self.manifest or {}).get("defaults", {}))
+
+    @property
+    def static_shapes(self) -> dict | None:
+        return (self.manifest or {}).get("static_shapes")
+
+    def backends_present(self) -> list[str]:
+        """Backends for which the UNet file exists."""
+        return [b for b in DEFAULT_FILES if self._candidate("unet", b, "fp32", required=False) is not None]
+
+    def precisions(self, component: str, backend: str) -> list[str]:
+        if self.manifest is None:
+            return ["fp32"]
+        return sorted(self.manifest.get("components", {}).get(component, {}).get(_MANIFEST_BACKEND[backend], {}))
+
+    def _candidate(self, component: str, backend: str, precision: str, required: bool = True) -> Path | None:
+        if self.manifest is not None:
+            entry = self.manifest.get("components", {}).get(component, {}).get(_MANIFEST_BACKEND[backend], {})
+            rel = entry.get(precision)
+            if rel is None and precision != "fp32":
+                if not required:
+                    return None
+                have = ", ".join(sorted(entry)) or "none"
+                raise ModelFolderError(
+                    f"{self.root}: no {precision} {component} for {backend} (available: {have}); "
+                    f"export it with sd-export --precision {precision} or choose another precision"
+                )
+            path = self.root / (rel or f"{component}/{DEFAULT_FILES[backend]}")
+        else:
+            if precision != "fp32":
+                if not required:
+                    return None
+                raise ModelFolderError(f"{self.root} has no leansd.json, so only fp32 models are known; use precision fp32")
+            path = self.root / component / DEFAULT_FILES[backend]
+        if not path.is_file():
+            if not required:
+                return None
+            raise ModelFolderError(
+                f"{path} is missing: the model folder has no {component} for {backend}; "
+                f"re-export with sd-export --backend {'onnx' if backend == 'onnxruntime' else 'openvino'} or pick the other backend"
+            )
+        return path
+
+    def component_file(self, component: str, backend: str, precision: str = "fp32") -> Path:
+        """The model file of a component for a backend and precision; raises naming the fix when absent."""
+        path = self._candidate(component, backend, precision)
+        assert path is not None
+        return path
+
+    def has_component(self, component: str, backend: str) -> bool:
+        return self._candidate(component, backend, "fp32", required=False) is not None
+
+    @property
+    def name(self) -> str:
+        return str((self.manifest or {}).get("name") or self.root.name)

@@ -1,0 +1,22 @@
+"""The errors leansd raises for problems a user can fix. Each message names the problem and the fix."""
+from __future__ import annotations
+
+
+class LeanSDError(Exception):
+    """Base class: a problem with the user's input, model folder or environment (not a bug)."""
+
+
+class ModelFolderError(LeanSDError):
+    """The model folder is missing, incomplete, or holds a file that is not a model."""
+
+
+class BackendError(LeanSDError):
+    """The requested backend or device is not installed or not available."""
+
+
+class InvalidInputError(LeanSDError, ValueError):
+    """An argument has a value the pipeline cannot use (wrong shape, size, range...)."""
+
+
+class Cancelled(LeanSDError):
+    """Raised when a step callback asks to stop the generation."""

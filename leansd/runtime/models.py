@@ -1,0 +1,126 @@
+"""One small wrapper per model component, each with one verb.
+
+Each wrapper owns the few config fields it needs (the VAE's scaling factor and scale factor, the latent
+channels) and adapts to the exporter's input names and dtypes by reading its session's specs.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from leansd.runtime.backends import Session
+from leansd.runtime.errors import ModelFolderError
+
+
+class LazySession:
+    """Opens a session on first use and can release it, so low-memory mode keeps one model loaded at a time."""
+
+    def __init__(self, opener: Callable[[], Session]):
+        self._opener = opener
+        self._session: Session | None = None
+
+    def get(self) -> Session:
+        if self._session is None:
+            self._session = self._opener()
+        return self._session
+
+    @property
+    def loaded(self) -> bool:
+        return self._session is not None
+
+    def release(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+
+def _first_input(session: Session, names: tuple[str, ...], component: str) -> str:
+    for name in names:
+        if session.has_input(name):
+            return name
+    raise ModelFolderError(
+        f"{session.path}: the {component} has inputs {[s.name for s in session.inputs]}, expected one of {list(names)}; "
+        "re-export it with sd-export"
+    )
+
+
+class TextEncoder:
+    """CLIP text encoder: token ids -> per-token hidden states."""
+
+    def __init__(self, session: LazySession):
+        self.session = session
+
+    def encode(self, input_ids: np.ndarray) -> np.ndarray:
+        session = self.session.get()
+        outputs = session.run({_first_input(session, ("input_ids",), "text encoder"): input_ids})
+        hidden = outputs.get("last_hidden_state")
+        if hidden is None:  # some exports name it differently; the hidden states are the 3-D output
+            hidden = next(v for v in outputs.values() if v.ndim == 3)
+        return hidden.astype(np.float32, copy=False)
+
+
+class UNet:
+    """The denoiser: noisy latents, timestep and text embeddings -> predicted noise (or v, per the model)."""
+
+    def __init__(self, session: LazySession, config: dict):
+        self.session = session
+        self.in_channels = int(config.get("in_channels", 4))
+        self.sample_size = config.get("sample_size", 64)
+        if config.get("time_cond_proj_dim") is not None:
+            raise ModelFolderError("this UNet needs a guidance embedding (time_cond_proj_dim), which leansd does not support yet")
+
+    def predict_noise(self, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray) -> np.ndarray:
+        session = self.session.get()
+        spec = session.input("timestep")
+        # Exports differ: (batch,) or a scalar; int64 or float32. Feed what the model declares.
+        if spec.shape is not None and len(spec.shape) == 0:
+            t = np.asarray(timestep, dtype=spec.dtype)
+        else:
+            t = np.full((sample.shape[0],), timestep, dtype=np.float64).astype(spec.dtype)
+        out = session.run({"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states})
+        return next(iter(out.values())) if "out_sample" not in out else out["out_sample"]
+
+
+def vae_scale_factor(vae_config: dict) -> int:
+    """2 ** (number of VAE blocks - 1), as diffusers derives it."""
+    return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+
+class VaeDecoder:
+    """Latents (as the UNet sees them) -> images in [-1, 1], NCHW."""
+
+    def __init__(self, session: LazySession, vae_config: dict):
+        self.session = session
+        self.scaling_factor = float(vae_config.get("scaling_factor", 0.18215))
+        self.shift_factor = float(vae_config.get("shift_factor") or 0.0)
+        self.scale_factor = vae_scale_factor(vae_config)
+        self.latent_channels = int(vae_config.get("latent_channels", 4))
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        session = self.session.get()
+        scaled = (latents / self.scaling_factor + self.shift_factor).astype(np.float32)
+        out = session.run({_first_input(session, ("latent_sample",), "VAE decoder"): scaled})
+        return out.get("sample", next(iter(out.values())))
+
+
+class VaeEncoder:
+    """Images in [-1, 1], NCHW -> the latent distribution's mean and log-variance."""
+
+    def __init__(self, session: LazySession, vae_config: dict):
+        self.session = session
+        self.scaling_factor = float(vae_config.get("scaling_factor", 0.18215))
+        self.shift_factor = float(vae_config.get("shift_factor") or 0.0)
+        self.latent_channels = int(vae_config.get("latent_channels", 4))
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        session = self.session.get()
+        out = session.run({_first_input(session, ("sample",), "VAE encoder"): images})
+        if "latent_parameters" in out or len(out) == 1 and next(iter(out.values())).shape[1] == 2 * self.latent_channels:
+            moments = out.get("latent_parameters", next(iter(out.values())))
+            mean, logvar = np.split(moments, 2, axis=1)
+            return mean, np.clip(logvar, -30.0, 20.0)
+        raise ModelFolderError(
+            f"{session.path}: the VAE encoder returns {sorted(out)}, not the latent distribution's parameters; "
+            "re-export it with sd-export"
+        )

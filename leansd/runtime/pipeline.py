@@ -1,0 +1,339 @@
+"""The one denoising loop, in numbered stages, and `load()` that builds it from a model folder.
+
+    tokenize -> encode text -> plan timesteps -> initial latents -> [scale -> UNet -> guidance -> step] x N
+    -> decode -> images
+
+Keyword names follow diffusers' `StableDiffusionPipeline.__call__`, and with the same seed the initial
+latents and every sampler's noise are the ones diffusers draws from `torch.Generator("cpu").manual_seed(seed)`.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from leansd.runtime import backends
+from leansd.runtime.backends import SessionOptions
+from leansd.runtime.bundle import ModelBundle
+from leansd.runtime.errors import BackendError, Cancelled, InvalidInputError, ModelFolderError
+from leansd.runtime.image import decoded_to_unit, image_to_model_input, load_image, unit_array_to_model_input, unit_to_pil
+from leansd.runtime.models import LazySession, TextEncoder, UNet, VaeDecoder, VaeEncoder
+from leansd.runtime.rng import NoiseSource, TorchCompatibleGenerator
+from leansd.runtime.schedulers import get_scheduler
+from leansd.runtime.tokenizer import ClipTokenizer
+
+# Called after every step with (step index, number of steps, latents, denoised estimate); return False to cancel.
+StepCallback = Callable[[int, int, np.ndarray, np.ndarray], "bool | None"]
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclass
+class PipelineOutput:
+    """Generated images: a list of PIL images, a float32 NHWC array in [0, 1], or latents (per `output_type`)."""
+
+    images: list[Image.Image] | np.ndarray
+    seed: int | None
+    scheduler: str
+    num_inference_steps: int
+    guidance_scale: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _as_list(prompt: str | Sequence[str], what: str) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    items = list(prompt)
+    if not items or not all(isinstance(p, str) for p in items):
+        raise InvalidInputError(f"{what} must be a string or a non-empty list of strings")
+    return items
+
+
+class Pipeline:
+    """Text-to-image and image-to-image over one model folder, with one backend."""
+
+    def __init__(self, bundle: ModelBundle, backend: str, options: SessionOptions, precision: str = "fp32"):
+        self.bundle = bundle
+        self.backend = backend
+        self.precision = precision
+        self.options = options
+        self.low_memory = options.low_memory
+        self.show_progress = False
+        self.tokenizer = ClipTokenizer.from_folder(bundle.root / "tokenizer")
+
+        def session(component: str) -> LazySession:
+            path = bundle.component_file(component, backend, precision)
+            return LazySession(lambda: backends.open_session(path, backend, options))
+
+        self.text_encoder = TextEncoder(session("text_encoder"))
+        self.unet = UNet(session("unet"), bundle.unet_config)
+        self.vae_decoder = VaeDecoder(session("vae_decoder"), bundle.vae_config)
+        self.vae_encoder = (
+            VaeEncoder(session("vae_encoder"), bundle.vae_config) if bundle.has_component("vae_encoder", backend) else None
+        )
+        if not self.low_memory:
+            # Open everything now so bad files fail at load time, not halfway through a generation.
+            for lazy in (self.text_encoder.session, self.unet.session, self.vae_decoder.session):
+                lazy.get()
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae_decoder.scale_factor
+
+    def default_size(self) -> tuple[int, int]:
+        """(height, width): the static export size, else the model's recommendation, else UNet size x VAE factor."""
+        static = self.bundle.static_shapes or {}
+        defaults = self.bundle.defaults()
+        size = int(self.unet.sample_size if isinstance(self.unet.sample_size, int) else self.unet.sample_size[0]) * self.vae_scale_factor
+        return int(static.get("height") or defaults.get("height") or size), int(static.get("width") or defaults.get("width") or size)
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        latents: np.ndarray | None = None,
+        output_type: str = "pil",
+        image: "str | Path | Image.Image | np.ndarray | None" = None,
+        strength: float = 0.8,
+        seed: int | None = None,
+        generator: NoiseSource | None = None,
+        scheduler: str | None = None,
+        callback: StepCallback | None = None,
+    ) -> PipelineOutput:
+        """Generate images. `image` + `strength` switch to image-to-image. See README for every argument."""
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+
+        # 1. Validate.
+        prompts = _as_list(prompt, "prompt")
+        defaults = self.bundle.defaults()
+        steps = int(num_inference_steps if num_inference_steps is not None else defaults.get("num_inference_steps", 50))
+        guidance = float(guidance_scale if guidance_scale is not None else defaults.get("guidance_scale", 7.5))
+        if steps < 1:
+            raise InvalidInputError(f"num_inference_steps must be at least 1, got {steps}")
+        if num_images_per_prompt < 1:
+            raise InvalidInputError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if output_type not in OUTPUT_TYPES:
+            raise InvalidInputError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+        if image is not None and not 0.0 < strength <= 1.0:
+            raise InvalidInputError(f"strength must be in (0, 1], got {strength}")
+        use_guidance = guidance > 1.0
+        negatives = None
+        if use_guidance:
+            negatives = [""] * len(prompts) if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+            if len(negatives) == 1 and len(prompts) > 1:
+                negatives = negatives * len(prompts)
+            if len(negatives) != len(prompts):
+                raise InvalidInputError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; give one per prompt")
+        init_image = load_image(image) if image is not None and not isinstance(image, np.ndarray) else image
+        if isinstance(init_image, np.ndarray):
+            init_image = init_image.astype(np.float32) / (255.0 if init_image.dtype == np.uint8 else 1.0)
+            if init_image.ndim not in (3, 4) or init_image.shape[-1] != 3:
+                raise InvalidInputError(f"init image array has shape {init_image.shape}; pass HxWx3 or NxHxWx3 in [0, 1]")
+        height, width = self._resolve_size(height, width, init_image)
+        sched = get_scheduler(scheduler, self.bundle.scheduler_config)
+        noise = generator
+        if noise is None:
+            seed = secrets.randbelow(2**32) if seed is None else int(seed)
+            noise = TorchCompatibleGenerator(seed)
+        batch = len(prompts) * num_images_per_prompt
+        factor = self.vae_scale_factor
+        latent_shape = (batch, self.unet.in_channels, height // factor, width // factor)
+
+        # 2. Encode the prompt (and the negative prompt, first, as diffusers batches them).
+        t0 = time.perf_counter()
+        embeddings = self._encode_text(prompts, num_images_per_prompt)
+        if use_guidance:
+            embeddings = np.concatenate([self._encode_text(negatives, num_images_per_prompt), embeddings])
+        if self.low_memory:
+            self.text_encoder.session.release()
+        timings["text_encoder_s"] = time.perf_counter() - t0
+
+        # 3. Plan the timesteps.
+        plan = sched.plan(steps, strength if init_image is not None else 1.0)
+        if len(plan.timesteps) == 0:
+            raise InvalidInputError(f"strength {strength} with {steps} steps leaves no denoising step; raise strength or steps")
+
+        # 4. Initial latents: pure noise, or the encoded init image noised to the first timestep.
+        t0 = time.perf_counter()
+        if init_image is not None:
+            latents = self._image_latents(init_image, width, height, batch, noise, sched, plan)
+        elif latents is not None:
+            latents = np.asarray(latents, dtype=np.float32)
+            if latents.shape != latent_shape:
+                raise InvalidInputError(f"latents have shape {latents.shape}, expected {latent_shape} for this batch and size")
+            latents = (latents * np.float32(plan.init_noise_sigma)).astype(np.float32)
+        else:
+            latents = (noise.randn(latent_shape) * np.float32(plan.init_noise_sigma)).astype(np.float32)
+        timings["prepare_s"] = time.perf_counter() - t0
+
+        # 5. Denoise.
+        t0 = time.perf_counter()
+        latents = self._denoise(latents, embeddings, sched, plan, guidance, use_guidance, noise, callback)
+        if self.low_memory:
+            self.unet.session.release()
+        timings["denoise_s"] = time.perf_counter() - t0
+        timings["step_s"] = timings["denoise_s"] / len(plan.timesteps)
+
+        # 6. Decode, one image at a time to keep the VAE's activations small.
+        t0 = time.perf_counter()
+        if output_type == "latent":
+            images: list[Image.Image] | np.ndarray = latents
+        else:
+            decoded = np.concatenate([self.vae_decoder.decode(latents[i : i + 1]) for i in range(batch)])
+            unit = decoded_to_unit(decoded)
+            images = unit if output_type == "np" else unit_to_pil(unit)
+        if self.low_memory:
+            self.vae_decoder.session.release()
+        timings["decode_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - start
+        return PipelineOutput(images, seed, sched.name, steps, guidance, timings)
+
+    def _resolve_size(self, height: int | None, width: int | None, init_image) -> tuple[int, int]:
+        if init_image is not None and height is None and width is None:
+            if isinstance(init_image, np.ndarray):
+                h, w = init_image.shape[-3:-1]
+            else:
+                w, h = init_image.size
+            factor = self.vae_scale_factor
+            height, width = h - h % factor, w - w % factor  # diffusers rounds an init image down the same way
+            if height == 0 or width == 0:
+                raise InvalidInputError(f"init image {w}x{h} is smaller than the VAE factor {factor}")
+            return height, width
+        default_h, default_w = self.default_size()
+        height = int(height or default_h)
+        width = int(width or default_w)
+        factor = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % factor:
+                lower, upper = max(factor, value - value % factor), value - value % factor + factor
+                raise InvalidInputError(f"{name} {value} is not a positive multiple of {factor} (this model's VAE factor); use {lower} or {upper}")
+        static = self.bundle.static_shapes
+        if static and (static.get("height"), static.get("width")) != (height, width):
+            raise InvalidInputError(
+                f"this model was exported with static shapes {static.get('width')}x{static.get('height')}; "
+                f"generate at that size or re-export without --height/--width"
+            )
+        return height, width
+
+    def _encode_text(self, prompts: list[str], repeat: int) -> np.ndarray:
+        hidden = self.text_encoder.encode(self.tokenizer(prompts))
+        return np.repeat(hidden, repeat, axis=0)  # each prompt's images sit next to each other, as in diffusers
+
+    def _image_latents(self, init_image, width, height, batch, noise: NoiseSource, sched, plan) -> np.ndarray:
+        if self.vae_encoder is None:
+            raise ModelFolderError(f"{self.bundle.root} has no vae_encoder for {self.backend}; re-export the model to use an init image")
+        if isinstance(init_image, np.ndarray):
+            pixels = unit_array_to_model_input(init_image)
+            if pixels.shape[-2:] != (height, width):
+                raise InvalidInputError(
+                    f"init image array is {pixels.shape[-1]}x{pixels.shape[-2]} but the output size is {width}x{height}; resize it or pass a PIL image"
+                )
+        else:
+            pixels = image_to_model_input(init_image, width, height)
+        mean, logvar = self.vae_encoder.encode(pixels)
+        if self.low_memory:
+            self.vae_encoder.session.release()
+        # diffusers samples the posterior (latent_dist.sample(generator)) before drawing the start noise.
+        sample = mean + np.exp(0.5 * logvar) * noise.randn(mean.shape)
+        init = (self.vae_encoder.scaling_factor * (sample - self.vae_encoder.shift_factor)).astype(np.float32)
+        if batch % init.shape[0]:
+            raise InvalidInputError(f"{init.shape[0]} init images cannot be spread over a batch of {batch}; pass one image or one per output")
+        init = np.concatenate([init] * (batch // init.shape[0]))
+        return sched.add_noise(plan, init, noise.randn(init.shape)).astype(np.float32)
+
+    def _denoise(self, latents, embeddings, sched, plan, guidance, use_guidance, noise: NoiseSource, callback) -> np.ndarray:
+        total = len(plan.timesteps)
+        state = None
+        progress = None
+        if self.show_progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=total, unit="step", leave=False, dynamic_ncols=True)
+        try:
+            for i, t in enumerate(plan.timesteps):
+                model_input = sched.scale_model_input(plan, i, latents).astype(np.float32)
+                if use_guidance:
+                    model_input = np.concatenate([model_input, model_input])
+                prediction = self.unet.predict_noise(model_input, t, embeddings)
+                if use_guidance:
+                    uncond, cond = np.split(prediction, 2)
+                    prediction = uncond + np.float32(guidance) * (cond - uncond)
+                step_noise = noise.randn(latents.shape) if sched.uses_noise else None
+                result = sched.step(plan, i, prediction, latents, state, step_noise)
+                latents, state = result.prev_sample.astype(np.float32), result.state
+                if progress is not None:
+                    progress.update(1)
+                if callback is not None and callback(i, total, latents, result.denoised) is False:
+                    raise Cancelled(f"generation cancelled by the step callback after step {i + 1} of {total}")
+        finally:
+            if progress is not None:
+                progress.close()
+        return latents
+
+    def close(self) -> None:
+        """Release every model session."""
+        for component in (self.text_encoder, self.unet, self.vae_decoder, self.vae_encoder):
+            if component is not None:
+                component.session.release()
+
+
+def bundled_model_path() -> Path:
+    """Where the default model installed with leansd lives."""
+    return Path(__file__).resolve().parents[1] / "bundled" / "shapes"
+
+
+def choose_backend(bundle: ModelBundle, backend: str | None) -> str:
+    if backend is not None:
+        return backends.normalize_backend(backend)
+    installed = backends.installed_backends()
+    present = bundle.backends_present()
+    for candidate in installed:
+        if candidate in present:
+            return candidate
+    if not installed:
+        raise BackendError("no backend is installed: pip install 'leansd[onnxruntime]' or 'leansd[openvino]'")
+    raise ModelFolderError(
+        f"{bundle.root} has models for {', '.join(present) or 'no backend'} but only {', '.join(installed)} is installed; "
+        "install the matching backend or re-export the model"
+    )
+
+
+def load(
+    path: str | Path | None = None,
+    backend: str | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+    *,
+    num_threads: int | None = None,
+    low_memory: bool = False,
+    cache_dir: str | Path | None = None,
+) -> Pipeline:
+    """Load a model folder (None: the bundled default model) and return a ready `Pipeline`.
+
+    backend: "onnxruntime", "openvino", or None for the first installed one the folder has files for.
+    device: "cpu", "auto" (a GPU execution provider / OpenVINO GPU when available, else CPU), or a
+        backend device name ("cuda", "dml", "gpu"...).
+    precision: "fp32" or another variant the folder holds (see its leansd.json).
+    low_memory: load each model only while it is needed and release it afterwards.
+    cache_dir: OpenVINO compiled-model cache, so later runs start faster.
+    """
+    if path is None:
+        path = bundled_model_path()
+        if not path.is_dir():
+            raise ModelFolderError("the bundled default model is not installed in this copy of leansd; pass a model folder")
+    bundle = ModelBundle.open(path)
+    chosen = choose_backend(bundle, backend)
+    options = SessionOptions(
+        device=device, num_threads=num_threads, low_memory=low_memory, cache_dir=Path(cache_dir) if cache_dir else None
+    )
+    return Pipeline(bundle, chosen, options, precision=precision)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Run leansd's whole test suite from a fresh checkout:
+#   1. a development environment (.venv-dev) with PyTorch + diffusers: every test, parity included;
+#   2. a runtime-only environment (.venv-runtime) without torch: the runtime tests, proving they need no torch.
+# Both environments are created on first use and reused afterwards. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+
+make_env() {  # make_env DIR PIP_ARGS...
+  local dir=$1; shift
+  if [ ! -x "$dir/bin/python" ]; then
+    "$PYTHON" -m venv "$dir"
+    "$dir/bin/python" -m pip install --quiet --upgrade pip
+  fi
+  "$dir/bin/python" -m pip install --quiet "$@"
+}
+
+echo "== development environment (torch, diffusers: parity with the reference) =="
+# torch first and pinned, so pip takes the CPU wheel instead of a multi-GB CUDA build.
+make_env .venv-dev torch==2.13.0
+"$PWD/.venv-dev/bin/python" -m pip install --quiet -r requirements/dev.txt -e ".[export,onnxruntime,openvino,test]"
+.venv-dev/bin/python -m pytest -q "$@"
+
+echo "== runtime-only environment (no torch): runtime tests =="
+make_env .venv-runtime -e ".[onnxruntime,openvino,test]"
+if .venv-runtime/bin/python -c "import torch" 2>/dev/null; then
+  echo "torch is importable in the runtime-only environment; it must not be" >&2
+  exit 1
+fi
+.venv-runtime/bin/python -m pytest -q tests/runtime tests/cli "$@"
