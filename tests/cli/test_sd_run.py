@@ -1,0 +1,89 @@
+"""`sd-run` behaviour: exit codes, one-line errors, files written (and not written on failure)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+
+def sd_run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "leansd.runtime.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sd-run: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_missing_model_folder(tmp_path):
+    result = sd_run("a cat", "--model", str(tmp_path / "nowhere"), "-o", "cat.png", cwd=tmp_path)
+    assert_clean_error(result, "does not exist")
+    assert not (tmp_path / "cat.png").exists()
+
+
+def test_strength_out_of_range(tmp_path, cli_model):
+    (tmp_path / "in.png").write_bytes(b"")
+    result = sd_run("a cat", "--model", str(cli_model), "--init-image", "in.png", "--strength", "1.5", cwd=tmp_path)
+    assert_clean_error(result, "--strength must be in (0, 1]")
+
+
+def test_unreadable_init_image(tmp_path, cli_model):
+    (tmp_path / "in.png").write_text("not a png")
+    result = sd_run("a cat", "--model", str(cli_model), "--init-image", "in.png", "-o", "out.png", cwd=tmp_path)
+    assert_clean_error(result, "cannot read init image")
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_unknown_scheduler(tmp_path, cli_model):
+    result = sd_run("a cat", "--model", str(cli_model), "--scheduler", "warp-drive", "-o", "out.png", cwd=tmp_path)
+    assert_clean_error(result, "warp-drive")
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_size_not_multiple_of_vae_factor(tmp_path, cli_model):
+    result = sd_run("a cat", "--model", str(cli_model), "--width", "33", "--height", "32", "-o", "out.png", cwd=tmp_path)
+    assert_clean_error(result, "width 33 is not a positive multiple of")
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_existing_output_is_refused_and_kept(tmp_path, cli_model):
+    (tmp_path / "out.png").write_bytes(b"precious")
+    result = sd_run("a cat", "--model", str(cli_model), "-o", "out.png", "--steps", "2", cwd=tmp_path)
+    assert_clean_error(result, "out.png already exists", "--overwrite")
+    assert (tmp_path / "out.png").read_bytes() == b"precious"
+
+
+def test_generates_png_with_parameters(tmp_path, cli_model):
+    result = sd_run("a red circle on a blue background", "--model", str(cli_model), "--steps", "3", "--seed", "42",
+                    "--negative-prompt", "blurry", "--scheduler", "euler_a", "-o", "out.png", "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "out.png"
+    with Image.open(tmp_path / "out.png") as img:
+        text = img.text["parameters"]
+        size = img.size
+    lines = text.splitlines()
+    assert lines[0] == "a red circle on a blue background"
+    assert lines[1] == "Negative prompt: blurry"
+    assert "Steps: 3" in lines[2] and "Sampler: Euler a" in lines[2] and "Seed: 42" in lines[2]
+    assert f"Size: {size[0]}x{size[1]}" in lines[2] and "Model: " in lines[2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+def test_several_images_into_a_folder(tmp_path, cli_model):
+    result = sd_run("a cat", "--model", str(cli_model), "--steps", "2", "--seed", "5", "-n", "2", "-o", "cats/", "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "cats").iterdir()) == ["leansd-5-1.png", "leansd-5-2.png"]
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("sd-run") or str(Path(sys.executable).with_name("sd-run"))
+    result = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--init-image" in result.stdout
