@@ -1,0 +1,107 @@
+"""Pure-numpy schedulers that reproduce diffusers' step for step, selected by class name or alias.
+
+    sched = get_scheduler("euler_a", scheduler_config_dict)
+    plan = sched.plan(num_inference_steps=25)
+    latents = noise * plan.init_noise_sigma
+    state = None
+    for i, t in enumerate(plan.timesteps):
+        eps = unet(sched.scale_model_input(plan, i, latents), t)
+        result = sched.step(plan, i, eps, latents, state, noise=next_noise() if sched.uses_noise else None)
+        latents, state = result.prev_sample, result.state
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from . import ddim, dpm_solver_multistep, euler, euler_ancestral, lcm, lms, pndm
+from .common import Plan, StepResult, UnsupportedSchedulerOption, config_from_dict
+
+__all__ = ["SCHEDULER_ALIASES", "Plan", "Scheduler", "StepResult", "UnsupportedSchedulerOption", "get_scheduler", "scheduler_names"]
+
+_MODULES: dict[str, ModuleType] = {m.NAME: m for m in (ddim, pndm, euler, euler_ancestral, dpm_solver_multistep, lms, lcm)}
+
+SCHEDULER_ALIASES: dict[str, str] = {
+    "ddim": ddim.NAME,
+    "pndm": pndm.NAME,
+    "plms": pndm.NAME,
+    "euler": euler.NAME,
+    "euler_a": euler_ancestral.NAME,
+    "dpm++2m": dpm_solver_multistep.NAME,
+    "dpm++2m_karras": dpm_solver_multistep.NAME,
+    "lms": lms.NAME,
+    "lcm": lcm.NAME,
+}
+
+# What an alias promises beyond its class: these override the config's own values.
+_ALIAS_OVERRIDES: dict[str, dict[str, Any]] = {
+    "plms": {"skip_prk_steps": True},
+    "dpm++2m": {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+    "dpm++2m_karras": {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True, "use_exponential_sigmas": False},
+}
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """One scheduler algorithm bound to its config; every method is a pure function of its arguments."""
+
+    name: str  # diffusers class name
+    config: Any  # the algorithm module's Config
+    uses_noise: bool  # step() wants a fresh noise array (drawn like diffusers' randn_tensor) every step
+    order: int = 1  # diffusers' `scheduler.order`, used by img2img to slice timesteps
+    eta: float = 0.0  # DDIM only: amount of fresh noise per step
+
+    @property
+    def _module(self) -> ModuleType:
+        return _MODULES[self.name]
+
+    def plan(self, num_inference_steps: int, strength: float = 1.0) -> Plan:
+        if self.name == ddim.NAME:
+            return ddim.plan(self.config, num_inference_steps, strength, eta=self.eta)
+        return self._module.plan(self.config, num_inference_steps, strength)
+
+    def scale_model_input(self, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
+        return self._module.scale_model_input(self.config, plan, i, sample)
+
+    def step(
+        self, plan: Plan, i: int, model_output: np.ndarray, sample: np.ndarray, state: Any = None, noise: np.ndarray | None = None
+    ) -> StepResult:
+        if not 0 <= i < len(plan.timesteps):
+            raise IndexError(f"step index {i} is outside the plan's {len(plan.timesteps)} steps")
+        return self._module.step(self.config, plan, i, model_output, sample, state, noise)
+
+    def add_noise(self, plan: Plan, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """Noise clean latents to the plan's first timestep (the start of img2img)."""
+        if len(plan.timesteps) == 0:
+            raise ValueError("the plan has no steps, so there is no timestep to noise to")
+        return self._module.add_noise(self.config, plan, original, noise)
+
+
+def scheduler_names() -> list[str]:
+    """Every accepted name: aliases, then diffusers class names."""
+    return sorted(SCHEDULER_ALIASES) + sorted(_MODULES)
+
+
+def get_scheduler(name: str | None, config: Mapping[str, Any], eta: float = 0.0) -> Scheduler:
+    """The scheduler `name` (alias or diffusers class name; None: the config's own class) built from a
+    diffusers scheduler config dict, picking keys the way diffusers' `from_config` does."""
+    if name is None:
+        name = config.get("_class_name")
+        if name is None:
+            raise UnsupportedSchedulerOption("the scheduler config has no _class_name; name a scheduler: " + ", ".join(scheduler_names()))
+    overrides: dict[str, Any] = {}
+    if name in _MODULES:
+        class_name = name
+    elif name.lower() in SCHEDULER_ALIASES:
+        class_name = SCHEDULER_ALIASES[name.lower()]
+        overrides = _ALIAS_OVERRIDES.get(name.lower(), {})
+    else:
+        raise UnsupportedSchedulerOption(f"unknown scheduler {name!r}; choose one of: " + ", ".join(scheduler_names()))
+    module = _MODULES[class_name]
+    cfg = config_from_dict(module.Config, config, **overrides)
+    uses_noise = class_name in (euler_ancestral.NAME, lcm.NAME) or (class_name == ddim.NAME and eta > 0)
+    return Scheduler(name=class_name, config=cfg, uses_noise=uses_noise, order=1, eta=float(eta))

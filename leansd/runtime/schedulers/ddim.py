@@ -1,0 +1,120 @@
+"""DDIM (Song et al., 2020): reproduces diffusers' `DDIMScheduler`.
+
+Deterministic with eta=0; with eta>0 each step adds `noise` scaled by the DDIM variance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .common import (
+    Plan,
+    StepResult,
+    alphas_cumprod,
+    as_f64,
+    check_common,
+    f32,
+    img2img_start,
+    require,
+    require_flag_off,
+    spaced_timesteps,
+)
+
+NAME = "DDIMScheduler"
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+@dataclass(frozen=True)
+class Config:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: Any = None
+    clip_sample: bool = True
+    set_alpha_to_one: bool = True
+    steps_offset: int = 0
+    prediction_type: str = "epsilon"
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    clip_sample_range: float = 1.0
+    sample_max_value: float = 1.0
+    timestep_spacing: str = "leading"
+    rescale_betas_zero_snr: bool = False
+
+    def __post_init__(self) -> None:
+        check_common(self)
+        require("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        require("timestep_spacing", self.timestep_spacing, ("leading", "trailing", "linspace"))
+        require_flag_off(self, "thresholding")
+
+
+def plan(config: Config, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0) -> Plan:
+    if num_inference_steps > config.num_train_timesteps:
+        raise ValueError(f"num_inference_steps {num_inference_steps} exceeds num_train_timesteps {config.num_train_timesteps}")
+    acp = alphas_cumprod(config)
+    steps = spaced_timesteps(config.timestep_spacing, config.num_train_timesteps, num_inference_steps, config.steps_offset)
+    schedule = np.round(steps).astype(np.int64)
+    start = img2img_start(num_inference_steps, strength)
+    return Plan(
+        timesteps=schedule[start:],
+        init_noise_sigma=1.0,
+        num_inference_steps=num_inference_steps,
+        begin_index=start,
+        schedule=schedule,
+        alphas_cumprod=acp,
+        final_alpha_cumprod=1.0 if config.set_alpha_to_one else float(acp[0]),
+        eta=float(eta),
+    )
+
+
+def scale_model_input(config: Config, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
+    return sample
+
+
+def split_prediction(
+    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha_prod: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(clean-sample estimate, noise estimate) from a model output at a timestep with this alpha_cumprod."""
+    a, b = alpha_prod**0.5, (1 - alpha_prod) ** 0.5
+    if prediction_type == "epsilon":
+        return (sample - b * model_output) / a, model_output
+    if prediction_type == "sample":
+        return model_output, (sample - a * model_output) / b
+    return a * sample - b * model_output, a * model_output + b * sample  # v_prediction
+
+
+def step(
+    config: Config,
+    plan: Plan,
+    i: int,
+    model_output: np.ndarray,
+    sample: np.ndarray,
+    state: Any = None,
+    noise: np.ndarray | None = None,
+) -> StepResult:
+    t = int(plan.timesteps[i])
+    # diffusers always steps back by num_train // N, whatever the spacing
+    prev_t = t - config.num_train_timesteps // plan.num_inference_steps
+    acp = plan.alphas_cumprod
+    a_t = float(acp[t])
+    a_prev = float(acp[prev_t]) if prev_t >= 0 else plan.final_alpha_cumprod
+    x = as_f64(sample)
+    x0, eps = split_prediction(config.prediction_type, as_f64(model_output), x, a_t)
+    if config.clip_sample:
+        x0 = np.clip(x0, -config.clip_sample_range, config.clip_sample_range)
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = plan.eta * variance**0.5
+    prev = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+    if plan.eta > 0:
+        if noise is None:
+            raise ValueError("DDIM with eta > 0 needs a noise array at every step")
+        prev = prev + std * as_f64(noise)
+    return StepResult(f32(prev), f32(x0), None)
+
+
+def add_noise(config: Config, plan: Plan, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    a = float(plan.alphas_cumprod[int(plan.timesteps[0])])
+    return f32(a**0.5 * as_f64(original) + (1 - a) ** 0.5 * as_f64(noise))

@@ -1,0 +1,119 @@
+"""Latent consistency models (Luo et al., 2023): reproduces diffusers' `LCMScheduler`.
+
+Each step maps the sample straight to a clean estimate (with the consistency-model boundary scalings),
+then re-noises it to the next timestep with fresh `noise`; the last step returns the clean estimate and
+uses no noise. Timesteps are a subset of the `original_inference_steps` distillation schedule.
+As in diffusers, `timestep_spacing` is accepted but plays no part.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .common import Plan, StepResult, alphas_cumprod, as_f64, check_common, f32, img2img_start, require, require_flag_off
+from .ddim import split_prediction
+
+NAME = "LCMScheduler"
+SIGMA_DATA = 0.5
+
+
+@dataclass(frozen=True)
+class Config:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    trained_betas: Any = None
+    original_inference_steps: int = 50
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    set_alpha_to_one: bool = True
+    steps_offset: int = 0
+    prediction_type: str = "epsilon"
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    timestep_spacing: str = "leading"
+    timestep_scaling: float = 10.0
+    rescale_betas_zero_snr: bool = False
+
+    def __post_init__(self) -> None:
+        check_common(self)
+        require("prediction_type", self.prediction_type, ("epsilon", "sample", "v_prediction"))
+        require_flag_off(self, "thresholding")
+
+
+def _schedule(config: Config, n: int) -> np.ndarray:
+    original = config.original_inference_steps
+    if original > config.num_train_timesteps:
+        raise ValueError(f"original_inference_steps {original} exceeds num_train_timesteps {config.num_train_timesteps}")
+    if n > config.num_train_timesteps or n > original:
+        raise ValueError(f"num_inference_steps {n} cannot exceed original_inference_steps {original} for LCM")
+    k = config.num_train_timesteps // original
+    origin = (np.arange(1, original + 1) * k - 1)[::-1]
+    # n evenly spaced picks from the distillation schedule, starting at its highest timestep
+    picks = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
+    return origin[picks].astype(np.int64)
+
+
+def plan(config: Config, num_inference_steps: int, strength: float = 1.0) -> Plan:
+    schedule = _schedule(config, num_inference_steps)
+    acp = alphas_cumprod(config)
+    start = img2img_start(num_inference_steps, strength)
+    return Plan(
+        timesteps=schedule[start:],
+        init_noise_sigma=1.0,
+        num_inference_steps=num_inference_steps,
+        begin_index=start,
+        schedule=schedule,
+        alphas_cumprod=acp,
+        final_alpha_cumprod=1.0 if config.set_alpha_to_one else float(acp[0]),
+    )
+
+
+def scale_model_input(config: Config, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
+    return sample
+
+
+def boundary_scalings(config: Config, t: int) -> tuple[float, float]:
+    """(c_skip, c_out): how much of the sample and of the model's estimate make the consistency output."""
+    scaled = t * config.timestep_scaling
+    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
+    return c_skip, c_out
+
+
+def step(
+    config: Config,
+    plan: Plan,
+    i: int,
+    model_output: np.ndarray,
+    sample: np.ndarray,
+    state: Any = None,
+    noise: np.ndarray | None = None,
+) -> StepResult:
+    k = plan.begin_index + i
+    t = int(plan.schedule[k])
+    prev_t = int(plan.schedule[k + 1]) if k + 1 < len(plan.schedule) else t
+    acp = plan.alphas_cumprod
+    a_t = float(acp[t])
+    a_prev = float(acp[prev_t]) if prev_t >= 0 else plan.final_alpha_cumprod
+    x = as_f64(sample)
+    x0, _ = split_prediction(config.prediction_type, as_f64(model_output), x, a_t)
+    if config.clip_sample:
+        x0 = np.clip(x0, -config.clip_sample_range, config.clip_sample_range)
+    c_skip, c_out = boundary_scalings(config, t)
+    denoised = c_out * x0 + c_skip * x
+    if k == plan.num_inference_steps - 1:
+        return StepResult(f32(denoised), f32(denoised), None)
+    if noise is None:
+        raise ValueError("LCM needs a noise array at every step but the last")
+    prev = a_prev**0.5 * denoised + (1 - a_prev) ** 0.5 * as_f64(noise)
+    return StepResult(f32(prev), f32(denoised), None)
+
+
+def add_noise(config: Config, plan: Plan, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    a = float(plan.alphas_cumprod[int(plan.timesteps[0])])
+    return f32(a**0.5 * as_f64(original) + (1 - a) ** 0.5 * as_f64(noise))

@@ -1,0 +1,155 @@
+"""PNDM / PLMS (Liu et al., 2022): reproduces diffusers' `PNDMScheduler`.
+
+With `skip_prk_steps=True` (every Stable Diffusion config) this is PLMS: linear multistep on the noise
+prediction, warmed up by one Heun-like step, for N + 1 UNet calls. With `skip_prk_steps=False` the
+first 12 calls are pseudo Runge-Kutta steps at the four highest timesteps, then PLMS runs the rest.
+The step counter diffusers keeps is the step index `i` here: a truncated img2img plan restarts it at 0,
+exactly as diffusers does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .common import Plan, StepResult, alphas_cumprod, as_f64, check_common, f32, img2img_start, require, spaced_timesteps
+from .ddim import split_prediction
+
+NAME = "PNDMScheduler"
+PRK_ORDER = 4
+
+
+@dataclass(frozen=True)
+class Config:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: Any = None
+    skip_prk_steps: bool = False
+    set_alpha_to_one: bool = False
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+
+    def __post_init__(self) -> None:
+        check_common(self)
+        require("prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
+        require("timestep_spacing", self.timestep_spacing, ("leading", "trailing", "linspace"))
+
+
+class State(NamedTuple):
+    ets: tuple[np.ndarray, ...]  # past model outputs kept for the multistep formula
+    cur_sample: np.ndarray | None  # the sample a multi-call step started from
+    cur_model_output: Any  # Runge-Kutta running sum (0 when empty)
+
+
+def _schedules(config: Config, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(PRK timesteps, PLMS timesteps), both descending int64."""
+    spaced = spaced_timesteps(config.timestep_spacing, config.num_train_timesteps, n, config.steps_offset)
+    ascending = np.round(spaced[::-1]).astype(np.int64)
+    if config.skip_prk_steps:
+        # the second-highest timestep is visited twice: once for the warm-up step, once to finish it
+        plms = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
+        return np.zeros(0, np.int64), plms.copy()
+    half = config.num_train_timesteps // n // 2
+    pairs = np.repeat(ascending[-PRK_ORDER:], 2) + np.tile(np.array([0, half]), PRK_ORDER)
+    prk = np.repeat(pairs[:-1], 2)[1:-1][::-1].copy()
+    return prk, ascending[:-3][::-1].copy()
+
+
+def plan(config: Config, num_inference_steps: int, strength: float = 1.0) -> Plan:
+    prk, plms = _schedules(config, num_inference_steps)
+    schedule = np.concatenate([prk, plms]).astype(np.int64)
+    start = img2img_start(num_inference_steps, strength)
+    acp = alphas_cumprod(config)
+    return Plan(
+        timesteps=schedule[start:],
+        init_noise_sigma=1.0,
+        num_inference_steps=num_inference_steps,
+        begin_index=start,
+        schedule=schedule,
+        alphas_cumprod=acp,
+        final_alpha_cumprod=1.0 if config.set_alpha_to_one else float(acp[0]),
+        prk_steps=len(prk),
+    )
+
+
+def scale_model_input(config: Config, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
+    return sample
+
+
+def _prev_sample(config: Config, plan: Plan, sample: np.ndarray, t: int, prev_t: int, eps: np.ndarray) -> np.ndarray:
+    """Move `sample` from timestep t to prev_t along the noise estimate (PNDM's transfer formula)."""
+    a_t = float(plan.alphas_cumprod[t])
+    a_prev = float(plan.alphas_cumprod[prev_t]) if prev_t >= 0 else plan.final_alpha_cumprod
+    if config.prediction_type == "v_prediction":
+        eps = a_t**0.5 * eps + (1 - a_t) ** 0.5 * sample
+    denom = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
+    return (a_prev / a_t) ** 0.5 * sample - (a_prev - a_t) * eps / denom
+
+
+def _step_prk(config: Config, plan: Plan, c: int, t: int, out: np.ndarray, x: np.ndarray, st: State) -> tuple[np.ndarray, State]:
+    half = config.num_train_timesteps // plan.num_inference_steps // 2
+    prev_t = t - (0 if c % 2 else half)
+    base_t = int(plan.schedule[c // 4 * 4])  # every stage of a Runge-Kutta step starts from its first timestep
+    ets, cur_sample, acc = st
+    phase = c % 4
+    if phase == 0:
+        acc, ets, cur_sample = acc + out / 6, ets + (out,), x
+    elif phase in (1, 2):
+        acc = acc + out / 3
+    else:
+        out, acc = acc + out / 6, 0
+    start = as_f64(cur_sample) if cur_sample is not None else x
+    return _prev_sample(config, plan, start, base_t, prev_t, out), State(ets, cur_sample, acc)
+
+
+def _step_plms(config: Config, plan: Plan, c: int, t: int, out: np.ndarray, x: np.ndarray, st: State) -> tuple[np.ndarray, State]:
+    ratio = config.num_train_timesteps // plan.num_inference_steps
+    ets, cur_sample, acc = st
+    prev_t = t - ratio
+    if c != 1:
+        ets = ets[-3:] + (out,)
+    else:  # second call of the warm-up: finish the step that started one ratio higher
+        prev_t, t = t, t + ratio
+    e = [as_f64(v) for v in ets]
+    if len(e) == 1 and c == 0:
+        cur_sample = f32(x)
+    elif len(e) == 1 and c == 1:
+        out, x, cur_sample = (out + e[-1]) / 2, as_f64(cur_sample), None
+    elif len(e) == 2:
+        out = (3 * e[-1] - e[-2]) / 2
+    elif len(e) == 3:
+        out = (23 * e[-1] - 16 * e[-2] + 5 * e[-3]) / 12
+    else:
+        out = (55 * e[-1] - 59 * e[-2] + 37 * e[-3] - 9 * e[-4]) / 24
+    return _prev_sample(config, plan, x, t, prev_t, out), State(ets, cur_sample, acc)
+
+
+def step(
+    config: Config,
+    plan: Plan,
+    i: int,
+    model_output: np.ndarray,
+    sample: np.ndarray,
+    state: State | None = None,
+    noise: np.ndarray | None = None,
+) -> StepResult:
+    st = state if state is not None else State((), None, 0)
+    t = int(plan.timesteps[i])
+    out, x = as_f64(model_output), as_f64(sample)
+    if i < plan.prk_steps:
+        prev, st = _step_prk(config, plan, i, t, out, x, st)
+    else:
+        prev, st = _step_plms(config, plan, i, t, out, x, st)
+    st = State(tuple(f32(e) for e in st.ets), st.cur_sample, st.cur_model_output)
+    # diffusers reports no clean-sample estimate for PNDM; give the one this UNet call implies
+    denoised, _ = split_prediction(config.prediction_type, out, x, float(plan.alphas_cumprod[t]))
+    return StepResult(f32(prev), f32(denoised), st)
+
+
+def add_noise(config: Config, plan: Plan, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    a = float(plan.alphas_cumprod[int(plan.timesteps[0])])
+    return f32(a**0.5 * as_f64(original) + (1 - a) ** 0.5 * as_f64(noise))
