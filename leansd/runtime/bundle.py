@@ -84,6 +84,15 @@ class ModelBundle:
         return sorted(self.manifest.get("components", {}).get(component, {}).get(_MANIFEST_BACKEND[backend], {}))
 
     def _candidate(self, component: str, backend: str, precision: str, required: bool = True) -> Path | None:
+        path = self._find(component, backend, precision, required=required and backend != "openvino")
+        if path is None and backend == "openvino":
+            # OpenVINO reads ONNX files directly: a folder with only ONNX models still runs on OpenVINO.
+            path = self._find(component, "onnxruntime", precision, required=False)
+            if path is None and required:
+                self._find(component, backend, precision, required=True)  # raises the message about the IR
+        return path
+
+    def _find(self, component: str, backend: str, precision: str, required: bool) -> Path | None:
         if self.manifest is not None:
             entry = self.manifest.get("components", {}).get(component, {}).get(_MANIFEST_BACKEND[backend], {})
             rel = entry.get(precision)

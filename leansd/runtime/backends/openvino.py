@@ -45,7 +45,7 @@ def _spec(port) -> TensorSpec:
 class OpenVinoSession(Session):
     def __init__(self, path: Path, options: SessionOptions):
         self.path = path
-        if not path.is_file() or not path.with_suffix(".bin").is_file():
+        if not path.is_file() or (path.suffix == ".xml" and not path.with_suffix(".bin").is_file()):
             raise ModelFolderError(f"OpenVINO model {path} (or its .bin) is missing; re-export the model with sd-export")
         try:
             self._model = core().read_model(str(path))

@@ -71,7 +71,9 @@ class Session(ABC):
         checked = {}
         for name, value in feeds.items():
             spec = expected[name]
-            array = np.ascontiguousarray(value, dtype=spec.dtype)
+            array = np.asarray(value, dtype=spec.dtype)
+            if array.ndim and not array.flags.c_contiguous:  # (ascontiguousarray would turn a scalar into 1-D)
+                array = np.ascontiguousarray(array)
             if spec.shape is not None:
                 if array.ndim != len(spec.shape) or any(
                     want is not None and want != got for want, got in zip(spec.shape, array.shape)
