@@ -1,0 +1,65 @@
+"""The exporter: a Stable Diffusion model -> a leansd model folder (ONNX and OpenVINO IR, verified).
+
+May import torch, diffusers, transformers, onnx and openvino (lazily, inside the functions that need them).
+
+    from leansd.export import export_model
+    export_model("path/to/diffusers-folder", "out/model", backends="all")
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from leansd.export.errors import ExportError, ParityError
+
+__all__ = ["export_model", "ExportError", "ParityError"]
+
+
+def export_model(
+    source: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    backends: str | Sequence[str] = "all",
+    static_shapes: Mapping[str, int] | None = None,
+    opset: int = 17,
+    overwrite: bool = False,
+    tolerance: float | Mapping[str, float] | None = None,
+    single_file_config: str | os.PathLike[str] | None = None,
+    progress: bool | None = None,
+) -> Path:
+    """Export a Stable Diffusion 1.x/2.x model to a leansd model folder and return the folder's path.
+
+    Args:
+        source: a diffusers folder, a Hugging Face Hub id (needs network access), or an SD 1.x single-file
+            checkpoint (`.ckpt` / `.safetensors`, original CompVis layout).
+        output_dir: the folder to create. It appears only once every component has been exported and
+            verified; on any failure nothing is left at `output_dir` (nor a temporary folder).
+        backends: "onnx", "openvino", "all", or a sequence of the first two.
+        static_shapes: {"height": H, "width": W, "batch": B} (any subset) for fixed-shape graphs; None for
+            dynamic batch, size and sequence axes. The UNet's batch is 2 x B (classifier-free guidance).
+        opset: the ONNX opset (14..20).
+        overwrite: replace an existing `output_dir` (only after the new export succeeded).
+        tolerance: the largest accepted relative error (max-abs error / max-abs reference output) of each
+            exported component against PyTorch: one number, or {component: number}. Default 1e-3.
+        single_file_config: a diffusers-layout folder of configs to convert a single-file checkpoint with
+            (default: the SD 1.x configs in `models/sd1/`).
+        progress: show a progress bar (None: only when stderr is a terminal).
+
+    Raises:
+        ExportError: a problem the user can fix (bad source, existing output, bad size ...), one line.
+        ParityError: an exported component differs from PyTorch by more than the tolerance.
+    """
+    from leansd.export.exporter import export
+
+    return export(
+        source,
+        output_dir,
+        backends=backends,
+        static_shapes=static_shapes,
+        opset=opset,
+        overwrite=overwrite,
+        tolerance=tolerance,
+        single_file_config=single_file_config,
+        progress=progress,
+    )

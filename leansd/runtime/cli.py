@@ -130,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     except LeanSDError as exc:
         print(f"sd-run: error: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:  # scheduler options and other argument values
+    except ValueError as exc:
+        from leansd.runtime.schedulers.common import UnsupportedSchedulerOption
+
+        if not isinstance(exc, UnsupportedSchedulerOption):
+            raise  # anything else is a bug: keep its traceback
         print(f"sd-run: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
