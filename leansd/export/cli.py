@@ -1,0 +1,125 @@
+"""`sd-export`: turn a Stable Diffusion model into a leansd model folder.
+
+    sd-export SOURCE OUTPUT_DIR [--backend onnx|openvino|all] [--height H --width W --batch B]
+              [--opset N] [--overwrite] [--tolerance T | --tolerance unet=T,vae_decoder=T]
+
+Exit status: 0 success; 2 a problem the message names (bad source, existing output, bad size, parity over
+the tolerance); 1 an unexpected failure (rerun with --verbose for the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from typing import NoReturn, Sequence
+
+from leansd.export.errors import ExportError
+
+PROG = "sd-export"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line (the message and where to read more), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message}; see {PROG} --help\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Export a Stable Diffusion 1.x/2.x model to ONNX and OpenVINO IR, verified against PyTorch.")
+    p.add_argument("source", help="diffusers folder, Hugging Face Hub id (online only), or SD 1.x .ckpt/.safetensors file")
+    p.add_argument("output_dir", help="folder to create (written atomically)")
+    p.add_argument("--backend", default="all", choices=["onnx", "openvino", "all"], help="which model files to write (default: all)")
+    p.add_argument("--height", type=_positive_int, help="static image height in pixels (default: dynamic shapes)")
+    p.add_argument("--width", type=_positive_int, help="static image width in pixels")
+    p.add_argument("--batch", type=_positive_int, help="static number of images per call (the UNet gets twice that)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20 (default: 17)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists (only after a successful export)")
+    p.add_argument(
+        "--tolerance",
+        type=_tolerance,
+        help="largest relative error vs PyTorch (max-abs error / max-abs output), one number or COMPONENT=N,... (default: 1e-3)",
+    )
+    p.add_argument("--sd1-config", metavar="DIR", help="diffusers-layout config folder for single-file checkpoints (default: models/sd1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="show library warnings and full tracebacks")
+    return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _tolerance(text: str) -> float | dict[str, float]:
+    try:
+        if "=" not in text:
+            return float(text)
+        pairs = (item.split("=", 1) for item in text.split(",") if item.strip())
+        return {name.strip(): float(value) for name, value in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or COMPONENT=NUMBER list") from None
+
+
+def _quiet_libraries() -> None:
+    """Silence tracer warnings and library logging; the exporter reports what matters itself."""
+    warnings.filterwarnings("ignore")
+    # Read when the libraries are first imported (some log at import time).
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # reported properly by the exporter
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from leansd.export import export_model
+
+    if not args.verbose:
+        _quiet_libraries()
+    static = {"height": args.height, "width": args.width, "batch": args.batch}
+    start = time.perf_counter()
+    try:
+        out = export_model(
+            args.source,
+            args.output_dir,
+            backends=args.backend,
+            static_shapes=static if any(v is not None for v in static.values()) else None,
+            opset=args.opset,
+            overwrite=args.overwrite,
+            tolerance=args.tolerance,
+            single_file_config=args.sd1_config,
+            progress=False if args.quiet else None,
+        )
+    except ExportError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line unless --verbose
+        if args.verbose:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"{PROG}: error: unexpected {exc.__class__.__name__}: {first}; nothing was written (rerun with --verbose for details)", file=sys.stderr)
+        return 1
+    print(f"exported {out} in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The export flow: check inputs -> per component: trace to ONNX, verify, convert to OpenVINO, verify -> commit.
+
+Everything is written into a temporary sibling of the output folder, which is renamed into place only after
+every component passed verification (see `layout.StagingFolder`).
+"""
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from leansd.export import components as comp
+from leansd.export import layout, verify
+from leansd.export.errors import ExportError
+from leansd.export.onnx import DEFAULT_OPSET, export_onnx
+from leansd.export.openvino import XML, convert_openvino
+from leansd.export.sources import Source, copy_assets, optimum_model_index, resolve_source
+
+BACKENDS = ("onnx", "openvino")
+# Torch modules in export order, with the components cut from each; one module is in memory at a time.
+MODULE_ORDER = (("text_encoder", ("text_encoder",)), ("unet", ("unet",)), ("vae", ("vae_encoder", "vae_decoder")))
+CONFIG_FROM = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
+TRACE_SEED, VERIFY_SEED = 0, 1
+
+
+def parse_backends(backends: str | Sequence[str]) -> tuple[str, ...]:
+    names = [backends] if isinstance(backends, str) else list(backends)
+    if names == ["all"]:
+        return BACKENDS
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown or not names:
+        raise ExportError(f"unknown backend {unknown[0] if unknown else '(none)'!r}; choose onnx, openvino or all")
+    return tuple(b for b in BACKENDS if b in names)
+
+
+def parse_tolerance(tolerance: float | Mapping[str, float] | None) -> dict[str, float]:
+    """One relative tolerance per component, from a number (all components) or a {component: number} map."""
+    table = dict.fromkeys(comp.COMPONENTS, verify.DEFAULT_TOLERANCE)
+    if tolerance is None:
+        return table
+    given = {c: tolerance for c in comp.COMPONENTS} if isinstance(tolerance, (int, float)) else dict(tolerance)
+    for name, value in given.items():
+        if name not in table:
+            raise ExportError(f"--tolerance names unknown component {name!r}; use one of {', '.join(comp.COMPONENTS)}")
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ExportError(f"--tolerance for {name} must be a number >= 0, got {value!r}")
+        table[name] = float(value)
+    return table
+
+
+def parse_static(static: Mapping[str, int] | None, info: comp.ModelInfo) -> dict[str, int] | None:
+    """Fill in and check static shapes: sizes default to the model's native size, batch to 1."""
+    if not static or all(v is None for v in static.values()):
+        return None
+    unknown = set(static) - {"height", "width", "batch"}
+    if unknown:
+        raise ExportError(f"unknown static shape key(s) {sorted(unknown)}; use height, width and batch")
+    f = info.vae_scale_factor
+    out = {"height": static.get("height") or info.default_size, "width": static.get("width") or info.default_size, "batch": static.get("batch") or 1}
+    for key in ("height", "width"):
+        value = int(out[key])
+        if value <= 0 or value % f:
+            low, high = max(f, value - value % f), value - value % f + f
+            raise ExportError(f"--{key} {value} is not a positive multiple of {f}, this model's VAE scale factor; use {low} or {high}")
+    if int(out["batch"]) < 1:
+        raise ExportError(f"--batch must be at least 1, got {out['batch']}")
+    return {k: int(v) for k, v in out.items()}
+
+
+def family(source: Source) -> str:
+    """`sd2` for OpenCLIP-H models (1024-wide cross-attention), else `sd1`."""
+    return "sd2" if int(source.config("unet").get("cross_attention_dim", 768)) == 1024 else "sd1"
+
+
+def export(
+    source_spec: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    backends: str | Sequence[str] = "all",
+    static_shapes: Mapping[str, int] | None = None,
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+    tolerance: float | Mapping[str, float] | None = None,
+    single_file_config: str | os.PathLike[str] | None = None,
+    progress: bool | None = None,
+) -> Path:
+    """See `leansd.export.export_model`."""
+    chosen = parse_backends(backends)
+    tolerances = parse_tolerance(tolerance)
+    if not 14 <= int(opset) <= 20:
+        raise ExportError(f"--opset {opset} is outside the supported range 14..20; use {DEFAULT_OPSET}")
+    target = Path(output_dir).expanduser().absolute()
+    layout.check_output(target, overwrite=overwrite)  # before any slow step
+    source = resolve_source(source_spec, single_file_config=single_file_config)
+    try:
+        if source.kind != "single_file" and target.resolve() == source.config_dir.resolve():
+            raise ExportError("the output folder is the source folder; choose another output folder")
+        info = comp.ModelInfo.from_configs(source.config("unet"), source.config("vae"), source.config("text_encoder"))
+        static = parse_static(static_shapes, info)
+        with layout.StagingFolder(target, overwrite=overwrite) as staging:
+            parity = _export_components(source, staging.path, info, chosen, static, int(opset), tolerances, progress)
+            _write_folder(source, staging.path, info, chosen, static, int(opset), parity)
+            return staging.commit()
+    finally:
+        source.close()
+
+
+def _export_components(source, root: Path, info, backends, static, opset, tolerances, progress) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    per_component = 1 + (1 if "onnx" in backends else 0) + (2 if "openvino" in backends else 0)
+    bar = tqdm(total=len(comp.COMPONENTS) * per_component, desc="sd-export", unit="step", file=sys.stderr,
+               disable=None if progress is None else not progress, dynamic_ncols=True)
+    parity: dict[str, Any] = {}
+    scratch = root / ".onnx-scratch"  # the ONNX files of an OpenVINO-only export
+    try:
+        for module_name, parts in MODULE_ORDER:
+            bar.set_postfix_str(f"loading {module_name}")
+            module = source.load(module_name)
+            traced = [_trace(name, module, root if "onnx" in backends else scratch, info, static, opset, bar) for name in parts]
+            # The PyTorch weights are no longer needed: free them before ONNX Runtime and OpenVINO load theirs.
+            del module
+            gc.collect()
+            for name, onnx_path, feeds, reference in traced:
+                parity[name] = _verify_and_convert(name, onnx_path, feeds, reference, root, backends, tolerances[name], bar)
+    finally:
+        bar.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return parity
+
+
+def _trace(name, module, folder: Path, info, static, opset, bar):
+    """Export one component to ONNX; return (name, file, verification inputs, PyTorch's outputs for them)."""
+    wrapper = comp.wrap(name, module)
+    if static:
+        trace = verify_at = {"batch": static["batch"], "height": static["height"], "width": static["width"]}
+    else:
+        h, w = comp.trace_size(name, info)
+        trace = {"batch": 2, "height": h, "width": w}
+        verify_at = {"batch": 1, "height": info.default_size, "width": info.default_size}
+    feeds = comp.make_inputs(name, info, seed=VERIFY_SEED, **verify_at)
+    reference = verify.run_torch(name, wrapper, feeds)
+    bar.set_postfix_str(f"{name}: ONNX export")
+    onnx_path = folder / name / "model.onnx"
+    export_onnx(name, wrapper, comp.make_inputs(name, info, seed=TRACE_SEED, **trace), onnx_path, opset=opset, dynamic=static is None)
+    bar.update()
+    return name, onnx_path, feeds, reference
+
+
+def _verify_and_convert(name, onnx_path: Path, feeds, reference, root: Path, backends, tolerance, bar) -> dict[str, Any]:
+    """Check the ONNX file, convert it to OpenVINO IR and check that; return the parity entries."""
+    result: dict[str, Any] = {}
+    if "onnx" in backends:
+        bar.set_postfix_str(f"{name}: verify ONNX")
+        result["onnx"] = {"fp32": verify.check(name, "onnx", onnx_path, feeds, reference, tolerance).to_json()}
+        bar.update()
+    if "openvino" in backends:
+        bar.set_postfix_str(f"{name}: OpenVINO IR")
+        xml = root / name / XML
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        convert_openvino(onnx_path, xml)
+        bar.update()
+        bar.set_postfix_str(f"{name}: verify OpenVINO")
+        result["openvino"] = {"fp32": verify.check(name, "openvino", xml, feeds, reference, tolerance).to_json()}
+        bar.update()
+    if "onnx" not in backends:
+        shutil.rmtree(onnx_path.parent, ignore_errors=True)
+    return result
+
+
+def _write_folder(source: Source, root: Path, info, backends, static, opset, parity) -> None:
+    """Configs, tokenizer, scheduler, model_index.json, then leansd.json (last: it hashes everything else)."""
+    for name in comp.COMPONENTS:
+        shutil.copyfile(source.config_dir / CONFIG_FROM[name] / "config.json", root / name / "config.json")
+    copy_assets(source, root)
+    layout.write_json(root / "model_index.json", optimum_model_index(source))
+    files = {"onnx": "model.onnx", "openvino": XML}
+    layout.write_manifest(
+        root,
+        {
+            "name": Path(source.spec).stem if source.kind == "single_file" else Path(source.spec).name,
+            "family": family(source),
+            "prediction_type": str(source.config("scheduler").get("prediction_type", "epsilon")),
+            "components": {n: {b: {"fp32": f"{n}/{files[b]}"} for b in backends} for n in comp.COMPONENTS},
+            "static_shapes": None if static is None else {**static, "unet_batch": 2 * static["batch"]},
+            "files": None,
+            "parity": parity,
+            "parity_metric": "max_rel = max|export - torch| / max|torch| <= tolerance; psnr_db = 20 log10(max|torch| / rms error)",
+            "io": {n: comp.io_manifest(n, static, info) for n in comp.COMPONENTS},
+            "opset": opset,
+            "provenance": _provenance(source),
+        },
+    )
+
+
+def _provenance(source: Source) -> dict[str, str]:
+    import diffusers
+    import onnxruntime
+    import openvino
+    import torch
+
+    import leansd
+
+    return {
+        "source": source.spec,
+        "source_kind": source.kind,
+        "leansd_version": leansd.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "openvino": openvino.__version__,
+        "exported_at": layout.now_iso(),
+    }

