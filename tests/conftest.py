@@ -29,3 +29,7 @@ def tiny_sd_vae4_vpred_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tiny_models import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd-vae4-v", vae_blocks=3, prediction_type="v_prediction", seed=1)
+
+
+# Exported tiny models, shared by the export, parity and CLI tests (each export runs once per session).
+from tests.export.fixtures import exported_tiny_sd, exported_tiny_sd_vae4_vpred  # noqa: E402,F401
