@@ -43,7 +43,7 @@ def export_model(
         tolerance: the largest accepted relative error (max-abs error / max-abs reference output) of each
             exported component against PyTorch: one number, or {component: number}. Default 1e-3.
         single_file_config: a diffusers-layout folder of configs to convert a single-file checkpoint with
-            (default: the SD 1.x configs in `models/sd1/`).
+            (default: the SD 1.x configs in `leansd/export/configs/sd1/`).
         progress: show a progress bar (None: only when stderr is a terminal).
 
     Raises:

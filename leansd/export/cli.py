@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_tolerance,
         help="largest relative error vs PyTorch (max-abs error / max-abs output), one number or COMPONENT=N,... (default: 1e-3)",
     )
-    p.add_argument("--sd1-config", metavar="DIR", help="diffusers-layout config folder for single-file checkpoints (default: models/sd1)")
+    p.add_argument("--sd1-config", metavar="DIR", help="diffusers-layout config folder for single-file checkpoints (default: the SD 1.x configs shipped with leansd)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="show library warnings and full tracebacks")
     return p

@@ -1,7 +1,7 @@
 """Single-file SD 1.x checkpoints (`.ckpt` / `.safetensors` in the original CompVis layout), converted offline.
 
 diffusers' own `from_single_file` does the key conversion; it is pointed at a local folder of SD 1.x configs
-(`models/sd1/`, with the CLIP vocabulary from `models/clip/`) so it never reaches for the network.
+(`leansd/export/configs/sd1/`, with CLIP's vocabulary from `configs/clip/`) so it never reaches for the network.
 Pickled `.ckpt` files are only ever read with `weights_only=True` (tensors, no arbitrary Python objects).
 """
 from __future__ import annotations
@@ -16,9 +16,10 @@ from typing import Any
 from leansd.export.errors import ExportError
 from leansd.export.sources import Source, check_folder
 
-MODELS = Path(__file__).resolve().parents[2] / "models"
-SD1_CONFIG = MODELS / "sd1"
-CLIP_VOCAB = MODELS / "clip"
+# Shipped inside the package so an installed leansd converts single files offline.
+CONFIGS = Path(__file__).resolve().parent / "configs"
+SD1_CONFIG = CONFIGS / "sd1"
+CLIP_VOCAB = CONFIGS / "clip"
 
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 VAE_IN = "first_stage_model.encoder.conv_in.weight"

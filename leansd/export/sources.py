@@ -74,7 +74,7 @@ def resolve_source(spec: str | os.PathLike[str], *, single_file_config: str | os
     """Check `spec` and return a `Source`; raise `ExportError` naming the problem and the fix.
 
     `single_file_config` is the diffusers-layout config folder used to convert a single-file checkpoint
-    (default: the SD 1.x configs shipped in `models/sd1/`).
+    (default: the SD 1.x configs shipped in `leansd/export/configs/sd1/`).
     """
     text = os.fspath(spec)
     path = Path(text).expanduser()

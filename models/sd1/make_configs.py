@@ -4,10 +4,10 @@ Dev tool; the JSON files it writes are committed next to it, so exporting needs 
 the SD 1.x architecture (CompVis `v1-inference.yaml`, as diffusers names it); every other key is filled in with
 the library default by building each model on the meta device (no weights are allocated). Run
 
-    python models/sd1/make_configs.py models/sd1
+    python models/sd1/make_configs.py leansd/export/configs/sd1
 
 The tokenizer's `vocab.json` and `merges.txt` are not duplicated here: the exporter takes them from
-`models/clip/`.
+`leansd/export/configs/clip/`.
 """
 from __future__ import annotations
 

@@ -140,7 +140,7 @@ def test_single_file_refuses_pickled_objects(tmp_path):
 
 
 def test_shipped_sd1_configs_fit_the_sd1_checkpoint_layout():
-    """Full-size SD 1.x models built on the meta device (no memory) from models/sd1, written in CompVis names:
+    """Full-size SD 1.x models built on the meta device (no memory) from the shipped SD 1.x configs, written in CompVis names:
     diffusers recognises the layout as SD v1, and the exporter's own checks accept it."""
     import shutil
 
