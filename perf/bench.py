@@ -1,0 +1,413 @@
+"""leansd against diffusers, Optimum ONNX Runtime and Optimum Intel, side by side, on the SD 1.5 architecture.
+
+    python perf/bench.py --quick          # a reduced architecture at 256x256: checks the harness in minutes
+    python perf/bench.py                  # SD 1.5 at 512x512, 20 steps: the real numbers (hours on 2 cores)
+
+Steps, each in its own subprocess, each cached under perf/cache/<mode>/ and redone only when its inputs change:
+  1. build the SD 1.5 architecture with seeded random weights and CLIP's real tokenizer (perf/build_model.py);
+  2. export it with `sd-export --backend all` and with Optimum (`optimum-cli export onnx`,
+     `optimum-cli export openvino` fp32 and int8 weight-only; hybrid int8 with --hybrid);
+  3. measure each configuration in a fresh process (perf/worker.py): start -> ready, start -> first image,
+     warm image, UNet step at batch 2, text encoder, VAE decode, peak RSS of the whole process;
+  4. write perf/RESULTS.md (perf/RESULTS-quick.md in quick mode) and the raw numbers next to it as JSON.
+
+A configuration that fails (package missing, export error, crash, timeout) becomes a table row with the reason.
+See perf/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+PERF = Path(__file__).resolve().parent
+REPO = PERF.parent
+sys.path.insert(0, str(PERF))
+
+import peers as registry  # noqa: E402
+import report  # noqa: E402
+
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def last_line(path: Path) -> str:
+    """The last informative line of a log (for a one-line failure reason)."""
+    try:
+        lines = [l.strip() for l in path.read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if not line.startswith(("warnings.warn", "  ", "^")):
+            return line[:300]
+    return lines[-1][:300] if lines else ""
+
+
+def launch(argv: list[str], log_path: Path, timeout_s: float, stamp_time: bool = False) -> dict:
+    """Run one subprocess in its own process group; return exit status, wall time and its peak RSS (wait4)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **CHILD_ENV}
+    with open(log_path, "w") as logf:
+        logf.write("$ " + shlex.join(argv) + "\n")
+        logf.flush()
+        start = time.time()
+        if stamp_time:
+            argv = [*argv, repr(start)]
+        try:
+            proc = subprocess.Popen(argv, stdout=logf, stderr=logf, cwd=REPO, env=env, start_new_session=True)
+        except OSError as exc:
+            return {"returncode": None, "error": f"cannot start {argv[0]}: {exc}", "wall_s": 0.0, "peak_rss_mb": None, "timed_out": False}
+        timed_out = False
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.time() - start > timeout_s:
+                timed_out = True
+                os.killpg(proc.pid, signal.SIGTERM)
+                for _ in range(50):
+                    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                    if pid:
+                        break
+                    time.sleep(0.2)
+                else:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.1)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+    out = {"returncode": proc.returncode, "wall_s": time.time() - start, "peak_rss_mb": usage.ru_maxrss / 1024.0, "timed_out": timed_out}
+    if timed_out:
+        out["error"] = f"timed out after {timeout_s:.0f} s"
+    elif proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        out["error"] = f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    elif proc.returncode:
+        out["error"] = last_line(log_path) or f"exit status {proc.returncode}"
+    return out
+
+
+def available_memory_gb() -> float | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.virtual_memory().available / 2**30
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def folder_size_gb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
+
+
+class Bench:
+    def __init__(self, args, config: dict, cache: Path):
+        self.args = args
+        self.config = config
+        self.cache = cache
+        self.run_dir = cache / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.stamps = cache / "stamps"
+        self.stamps.mkdir(exist_ok=True)
+        self.source_info: dict = {}
+        self.exports: dict[str, dict] = {}
+
+    # --------------------------------------------------------------------------------------- source model
+    def source(self) -> Path | None:
+        src = self.cache / "source"
+        sections = {k: self.config[k] for k in ("seed", "unet", "vae", "text_encoder", "scheduler")}
+        versions = report.versions()
+        key = digest({"model": sections, "torch": versions["torch"], "diffusers": versions["diffusers"], "transformers": versions["transformers"]})
+        stamp = self.stamps / "source.json"
+        config_file = self.run_dir / "model-config.json"
+        config_file.write_text(json.dumps(self.config, indent=1))
+        cmd = [sys.executable, str(PERF / "build_model.py"), str(config_file), str(src)]
+        self.source_info["command"] = f"python perf/build_model.py perf/configs/{self.config['name']}.json SRC"
+        if src.is_dir() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key and not self.args.rebuild:
+            self.source_info.update(json.loads(stamp.read_text()), cached=True)
+        else:
+            log(f"building the {self.config['name']} model with random weights -> {src}")
+            res = launch(cmd, self.run_dir / "build.log", self.args.export_timeout)
+            if res.get("error"):
+                self.source_info.update(ok=False, error=res["error"])
+                log(f"  build FAILED: {res['error']}")
+                return None
+            for old in self.stamps.glob("export-*.json"):  # new weights: every export is stale
+                old.unlink()
+            info = {"key": key, "wall_s": res["wall_s"], "peak_rss_mb": res["peak_rss_mb"], "built_at": datetime.now().isoformat(timespec="seconds")}
+            stamp.write_text(json.dumps(info))
+            self.source_info.update(info, cached=False)
+            log(f"  built in {res['wall_s']:.0f} s, peak RSS {res['peak_rss_mb'] / 1024:.1f} GB")
+        sizes = {c: sum(f.stat().st_size for f in (src / c).glob("*.safetensors")) / 4 / 1e6 for c in ("unet", "text_encoder", "vae")}
+        self.source_info["params"] = ", ".join(f"{c} {n:.0f} M" for c, n in sizes.items())
+        self.source_info["ok"] = True
+        return src
+
+    # --------------------------------------------------------------------------------------- exports
+    def export(self, key: str, src: Path | None) -> dict:
+        if key in self.exports:
+            return self.exports[key]
+        exp = registry.EXPORTS[key]
+        out = self.cache / key
+        entry = {"label": exp.label, "display": exp.display(), "ok": False, "path": str(out)}
+        self.exports[key] = entry
+        if src is None:
+            entry["error"] = f"no source model ({self.source_info.get('error', 'build failed')})"
+            return entry
+        stamp = self.stamps / f"export-{key}.json"
+        versions = {k: v for k, v in report.versions().items() if k != "leansd"}
+        want = {"source": self.source_info["key"], "command": exp.display(), "versions": versions}
+        if key == "leansd":  # the exporter is being developed: re-export when its code changes
+            want["exporter_code"] = digest([f.read_text() for f in sorted((REPO / "leansd" / "export").glob("*.py"))])
+        if out.is_dir() and stamp.is_file() and not self.args.reexport:
+            saved = json.loads(stamp.read_text())
+            if digest(saved.get("inputs")) == digest(want):
+                entry.update(ok=True, cached=True, wall_s=saved.get("wall_s"), peak_rss_mb=saved.get("peak_rss_mb"),
+                             measured_at=saved.get("measured_at"), size_gb=folder_size_gb(out))  # fmt: skip
+                return entry
+        staging = out.with_name(out.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        log(f"exporting: {exp.display()}")
+        res = launch(exp.argv(src, staging), self.run_dir / f"export-{key}.log", self.args.export_timeout)
+        entry.update(wall_s=res["wall_s"], peak_rss_mb=res["peak_rss_mb"])
+        if res.get("error") or not staging.is_dir():
+            entry["error"] = res.get("error") or "the exporter wrote nothing"
+            shutil.rmtree(staging, ignore_errors=True)
+            log(f"  export FAILED: {entry['error']}")
+            return entry
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+        entry.update(ok=True, size_gb=folder_size_gb(out))
+        stamp.write_text(json.dumps({"inputs": want, "wall_s": res["wall_s"], "peak_rss_mb": res["peak_rss_mb"],
+                                     "measured_at": datetime.now().isoformat(timespec="seconds")}))  # fmt: skip
+        log(f"  done in {res['wall_s']:.0f} s, peak RSS {res['peak_rss_mb'] / 1024:.1f} GB, {entry['size_gb']:.2f} GB on disk")
+        return entry
+
+    # --------------------------------------------------------------------------------------- peers
+    def opted_in(self, peer: registry.Peer) -> bool:
+        return peer.opt_in is None or bool(getattr(self.args, peer.opt_in.lstrip("-").replace("-", "_")))
+
+    def skip_reason(self, peer: registry.Peer, folder: Path | None) -> str | None:
+        if peer.slot:
+            return peer.slot
+        if not self.opted_in(peer):
+            return f"opt-in: pass {peer.opt_in} (offline NNCF calibration, slow)"
+        if peer.needs_precision and folder is not None:
+            try:
+                manifest = json.loads((folder / "leansd.json").read_text())
+            except (OSError, ValueError):
+                return "the leansd export has no readable leansd.json"
+            backend = {"onnxruntime": "onnx", "openvino": "openvino"}[peer.options["backend"]]
+            have = manifest.get("components", {}).get("unet", {}).get(backend, {})
+            if peer.needs_precision not in have:
+                return f"sd-export wrote no {peer.needs_precision} UNet for {backend} (has: {', '.join(sorted(have)) or 'none'})"
+        return None
+
+    def measure(self, peer: registry.Peer, src: Path | None) -> dict:
+        row = {"name": peer.name, "label": peer.label, "kind": peer.kind, "folder_key": peer.export, "options": dict(peer.options)}
+        folder = src
+        if peer.slot is None and self.opted_in(peer):
+            if peer.export is not None:
+                exp = self.export(peer.export, src)
+                if not exp["ok"]:
+                    row.update(status="failed", reason=f"export failed: {exp.get('error')}")
+                    return row
+                folder = Path(exp["path"])
+            elif src is None:
+                row.update(status="failed", reason=f"no source model ({self.source_info.get('error')})")
+                return row
+        reason = self.skip_reason(peer, folder)
+        if reason:
+            row.update(status="not run", reason=reason)
+            return row
+        out_dir = self.run_dir / peer.name
+        options = dict(peer.options)
+        if options.get("cache_dir") == "@fresh":
+            options["cache_dir"] = str(out_dir / "compile-cache")
+            row["options"]["cache_dir"] = "<fresh folder>"
+        run = {**self.config["run"], "seed": 0, "repeats": self.args.repeats, "images": self.args.images}
+        if peer.prime:
+            prime = self._spawn(peer, folder, options, {**run, "steps": 1, "images": 1, "repeats": 0}, out_dir / "prime")
+            row["prime"] = {k: prime.get(k) for k in ("status", "reason", "peak_rss_mb")} | {"cold_s": (prime.get("result") or {}).get("cold_s")}
+            if prime["status"] != "ok":
+                row.update(status="failed", reason=f"priming run failed: {prime.get('reason')}")
+                return row
+        row.update(self._spawn(peer, folder, options, run, out_dir))
+        if options.get("cache_dir") and peer.options.get("cache_dir") == "@fresh":
+            shutil.rmtree(options["cache_dir"], ignore_errors=True)  # compiled blobs are as big as the model
+        return row
+
+    def _spawn(self, peer: registry.Peer, folder: Path, options: dict, run: dict, out_dir: Path) -> dict:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        spec = {"peer": peer.name, "kind": peer.kind, "folder": str(folder), "options": options, "run": run, "out_dir": str(out_dir)}
+        spec_path = out_dir / "spec.json"
+        row: dict = {"loadavg": loadavg(), "command": f"python perf/worker.py {spec_path.relative_to(REPO) if spec_path.is_relative_to(REPO) else spec_path}"}
+
+        spec_path.write_text(json.dumps(spec, indent=1))
+        argv = [sys.executable, str(PERF / "worker.py"), str(spec_path)]
+        # The spawn time goes last on the command line, stamped just before the fork.
+        res = launch(argv, out_dir / "worker.log", self.config["run"].get("timeout_s", 3600) if self.args.timeout is None else self.args.timeout,
+                     stamp_time=True)  # fmt: skip
+        row["peak_rss_mb"] = res["peak_rss_mb"]
+        result_path = out_dir / "result.json"
+        result = json.loads(result_path.read_text()) if result_path.is_file() and not res.get("timed_out") else None
+        row["result"] = result
+        if result is not None and result.get("ok"):
+            row["status"] = "ok"
+        else:
+            row["status"] = "failed"
+            row["reason"] = (result or {}).get("error") or res.get("error") or "no result written"
+        return row
+
+    # --------------------------------------------------------------------------------------- comparison
+    def compare_images(self, rows: list[dict]) -> None:
+        import numpy as np
+
+        ref_row = next((r for r in rows if r["name"] == "diffusers-pt-fp32" and r.get("status") == "ok"), None)
+        if ref_row is None:
+            return
+        ref = np.load(self.run_dir / ref_row["name"] / "image.npy")
+        for r in rows:
+            path = self.run_dir / r["name"] / "image.npy"
+            if r.get("status") == "ok" and path.is_file():
+                img = np.load(path)
+                if img.shape == ref.shape:
+                    r["max_abs_diff"] = float(np.abs(img - ref).max())
+                    r["mean_abs_diff"] = float(np.abs(img - ref).mean())
+
+
+def select_peers(args) -> list[registry.Peer]:
+    if args.peers in (None, "all"):
+        chosen = list(registry.PEERS)
+    else:
+        names = [n.strip() for n in args.peers.split(",") if n.strip()]
+        unknown = [n for n in names if n not in {p.name for p in registry.PEERS}]
+        if unknown:
+            raise SystemExit(f"bench.py: unknown configuration(s) {unknown}; see --list")
+        chosen = [registry.peer_by_name(n) for n in names]
+    # diffusers first: its image is the reference the others are compared with.
+    return sorted(chosen, key=lambda p: p.name != "diffusers-pt-fp32")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="perf/bench.py", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="reduced architecture at 256x256, 10 steps (minutes, not SD 1.5 numbers)")
+    p.add_argument("--config", type=Path, help="a model/run config JSON instead of perf/configs/{full,quick}.json")
+    p.add_argument("--repeats", type=int, help="timed calls per component, after one warm-up (default: from the config: 5 full, 3 quick)")
+    p.add_argument("--images", type=int, help="whole images per process; the first is the cold one (default: 2)")
+    p.add_argument("--peers", help="comma-separated configurations to run (default: all; see --list)")
+    p.add_argument("--hybrid", action="store_true", help="also export and run Optimum Intel's hybrid int8 (slow NNCF calibration)")
+    p.add_argument("--timeout", type=float, help="seconds per measuring process (default: from the config)")
+    p.add_argument("--export-timeout", type=float, default=None, help="seconds per build/export process (default: 3 h full, 30 min quick)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the random-weight model (and so every export)")
+    p.add_argument("--reexport", action="store_true", help="redo the exports even if the cached ones are current")
+    p.add_argument("--output", type=Path, help="report path (default: perf/RESULTS.md, or perf/RESULTS-quick.md with --quick)")
+    p.add_argument("--list", action="store_true", help="list the configurations and exports, then exit")
+    p.add_argument("--render", type=Path, metavar="RESULTS_JSON", help="only rewrite the report from a saved results JSON")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.list:
+        for peer in registry.PEERS:
+            extra = f" [slot: {peer.slot}]" if peer.slot else f" [opt-in: {peer.opt_in}]" if peer.opt_in else ""
+            print(f"{peer.name:26s} {peer.label}{extra}")
+        print()
+        for e in registry.EXPORTS.values():
+            print(f"export {e.key:18s} {e.display()}" + (f" [opt-in: {e.opt_in}]" if e.opt_in else ""))
+        return 0
+    if args.render:
+        data = json.loads(args.render.read_text())
+        output = args.output or PERF / ("RESULTS-quick.md" if data["mode"] == "quick" else "RESULTS.md")
+        output.write_text(report.render(data))
+        log(f"wrote {output}")
+        return 0
+    config_path = args.config or PERF / "configs" / ("quick.json" if args.quick else "full.json")
+    config = json.loads(config_path.read_text())
+    mode = config["name"]
+    args.repeats = config["run"]["repeats"] if args.repeats is None else args.repeats
+    args.images = config["run"].get("images", 2) if args.images is None else args.images
+    if args.export_timeout is None:
+        args.export_timeout = 1800.0 if mode == "quick" else 3 * 3600.0
+    output = args.output or PERF / ("RESULTS-quick.md" if mode == "quick" else "RESULTS.md")
+    cache = PERF / "cache" / mode
+    cache.mkdir(parents=True, exist_ok=True)
+
+    started = datetime.now().isoformat(timespec="seconds")
+    load0 = loadavg()
+    log(f"mode {mode}{' (QUICK: reduced architecture, not SD 1.5 numbers)' if mode == 'quick' else ''}; cache {cache}")
+    if load0 > 1.0:
+        log(f"warning: load average {load0:.2f}: other work is using the CPU, timings will be inflated")
+    free_gb = available_memory_gb()
+    if free_gb is not None and free_gb < (4 if mode == "quick" else 14):
+        log(f"warning: only {free_gb:.1f} GB of memory available; the full-size exports need about 11 GB")
+    bench = Bench(args, config, cache)
+    src = bench.source()
+    rows = []
+    for peer in select_peers(args):
+        log(f"{peer.name}: ...")
+        row = bench.measure(peer, src)
+        rows.append(row)
+        r = row.get("result") or {}
+        if row["status"] == "ok":
+            log(f"  cold {r.get('cold_s', 0):.1f} s, UNet step {r.get('unet_step_s', float('nan')):.3f} s, "
+                f"peak RSS {row['peak_rss_mb'] / 1024:.2f} GB")  # fmt: skip
+        else:
+            log(f"  {row['status']}: {row.get('reason')}")
+    bench.compare_images(rows)
+    calls = {r["result"].get("unet_calls_per_image") for r in rows if r.get("status") == "ok" and r.get("result")}
+    data = {
+        "mode": mode,
+        "config": config,
+        "started": started,
+        "finished": datetime.now().isoformat(timespec="seconds"),
+        "loadavg_start": load0,
+        "loadavg_end": loadavg(),
+        "available_memory_gb_start": free_gb,
+        "machine": report.machine(),
+        "versions": report.versions(),
+        "command": "python perf/bench.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "repeats": args.repeats,
+        "images": args.images,
+        "source": bench.source_info,
+        "exports": bench.exports,
+        "peers": rows,
+        "unet_calls_per_image": next(iter(calls)) if len(calls) == 1 else sorted(c for c in calls if c is not None) or "?",
+        "run_dir": str(bench.run_dir.relative_to(REPO)),
+    }
+    data["command"] = data["command"].rstrip()
+    for e in data["exports"].values():
+        e["path"] = os.path.relpath(e["path"], REPO)
+    output.write_text(report.render(data))
+    output.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
+    (bench.run_dir / "results.json").write_text(json.dumps(data, indent=1, default=str))
+    log(f"wrote {output} and {output.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Build the benchmark model: a diffusers Stable Diffusion folder with seeded random weights.
+
+    python perf/build_model.py perf/configs/full.json OUT_DIR
+
+The architecture comes from the config's `unet`, `vae`, `text_encoder` and `scheduler` sections (the SD 1.5
+numbers in `configs/full.json`, no download); the tokenizer is CLIP's real BPE vocabulary from `models/clip/`.
+Weights are PyTorch's default initialisation after `torch.manual_seed(seed)`. The folder is written next to
+OUT_DIR and renamed into place, so an interrupted build never looks complete.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLIP_DIR = REPO / "models" / "clip"
+
+
+def build(config: dict, out: Path) -> Path:
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(int(config.get("seed", 0)))
+    with torch.no_grad():
+        text_encoder = CLIPTextModel(CLIPTextConfig(architectures=["CLIPTextModel"], **config["text_encoder"])).eval()
+        unet = UNet2DConditionModel(**config["unet"]).eval()
+        vae = AutoencoderKL(**config["vae"]).eval()
+    tokenizer = CLIPTokenizer(str(CLIP_DIR / "vocab.json"), str(CLIP_DIR / "merges.txt"), model_max_length=77)
+    scheduler = PNDMScheduler(**config["scheduler"])
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(staging, safe_serialization=True)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        return 2
+    config = json.loads(Path(argv[0]).read_text())
+    start = time.perf_counter()
+    out = build(config, Path(argv[1]))
+    params = sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 4 / 1e6
+    print(f"built {out} ({params:.0f} M parameters) in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

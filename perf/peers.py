@@ -1,0 +1,140 @@
+"""What the benchmark exports and which configurations it measures.
+
+An `Export` is one command that turns the random-weight diffusers folder into a model folder. A `Peer` is
+one configuration measured in its own process: a runtime (`kind`), the folder it reads and its options.
+A peer with `slot` set is a row reserved for a mode that does not exist yet; the table shows it as
+"not run" with that reason, so the missing modes stay visible.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PERF = Path(__file__).resolve().parent
+PYTHON = Path(sys.executable)
+
+
+def _tool(name: str) -> str:
+    """A console script of this environment (next to its python), else the bare name from PATH."""
+    local = PYTHON.with_name(name)
+    return str(local) if local.exists() else name
+
+
+@dataclass(frozen=True)
+class Export:
+    key: str  # folder name under perf/cache/<mode>/
+    label: str
+    template: tuple[str, ...]  # {python}, {tool:NAME}, {src} and {out} are filled in
+    opt_in: str | None = None  # the bench.py flag that enables it, when it is not run by default
+
+    def argv(self, src: Path, out: Path) -> list[str]:
+        args = []
+        for part in self.template:
+            if part.startswith("{tool:"):
+                args.append(_tool(part[6:-1]))
+            else:
+                args.append(part.format(python=str(PYTHON), src=str(src), out=str(out), perf=str(PERF)))
+        return args
+
+    def display(self) -> str:
+        """The command as a user would type it."""
+        shown = []
+        for part in self.template:
+            if part.startswith("{tool:"):
+                shown.append(part[6:-1])
+            else:
+                shown.append(part.format(python="python", src="SRC", out="OUT", perf="perf"))
+        return " ".join(shown)
+
+
+EXPORTS = {
+    e.key: e
+    for e in (
+        Export("leansd", "leansd sd-export (ONNX + OpenVINO IR, fp32)", ("{tool:sd-export}", "{src}", "{out}", "--backend", "all", "--quiet")),
+        Export(
+            "optimum-onnx",
+            "Optimum ONNX export",
+            ("{tool:optimum-cli}", "export", "onnx", "--model", "{src}", "--task", "text-to-image", "{out}"),
+        ),
+        Export(
+            "optimum-ov-fp32",
+            "Optimum Intel OpenVINO export, fp32",
+            ("{tool:optimum-cli}", "export", "openvino", "--model", "{src}", "--task", "text-to-image", "--weight-format", "fp32", "{out}"),
+        ),
+        Export(
+            "optimum-ov-int8",
+            "Optimum Intel OpenVINO export, int8 weight-only",
+            ("{tool:optimum-cli}", "export", "openvino", "--model", "{src}", "--task", "text-to-image", "--weight-format", "int8", "{out}"),
+        ),
+        Export(
+            "optimum-ov-hybrid",
+            "Optimum Intel OpenVINO export, hybrid int8 (NNCF, UNet activations + weights)",
+            ("{python}", "{perf}/export_hybrid.py", "{src}", "{out}"),
+            opt_in="--hybrid",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    label: str
+    kind: str  # leansd | diffusers | optimum-ort | optimum-ov
+    export: str | None  # key in EXPORTS; None reads the diffusers source folder
+    options: dict = field(default_factory=dict)
+    slot: str | None = None  # reason this row is a placeholder
+    needs_precision: str | None = None  # leansd: run only if the export wrote this precision for the UNet
+    prime: bool = False  # run a short process first (fills a compile cache); measure the second one
+    opt_in: str | None = None
+
+
+LEANSD_ORT = {"backend": "onnxruntime", "precision": "fp32"}
+LEANSD_OV = {"backend": "openvino", "precision": "fp32"}
+
+PEERS = [
+    Peer("diffusers-pt-fp32", "diffusers PyTorch fp32", "diffusers", None),
+    Peer("optimum-ort-fp32", "Optimum ONNX Runtime fp32", "optimum-ort", "optimum-onnx"),
+    Peer("optimum-ov-fp32", "Optimum Intel OpenVINO fp32, static", "optimum-ov", "optimum-ov-fp32", {"static": True}),
+    Peer("optimum-ov-int8", "Optimum Intel OpenVINO int8 weight-only, static", "optimum-ov", "optimum-ov-int8", {"static": True}),
+    Peer(
+        "optimum-ov-hybrid",
+        "Optimum Intel OpenVINO hybrid int8 (NNCF), static",
+        "optimum-ov",
+        "optimum-ov-hybrid",
+        {"static": True},
+        opt_in="--hybrid",
+    ),
+    Peer("leansd-ort-fp32", "leansd onnxruntime fp32", "leansd", "leansd", LEANSD_ORT),
+    Peer("leansd-ov-fp32", "leansd openvino fp32", "leansd", "leansd", LEANSD_OV),
+    Peer("leansd-ort-fp32-lowmem", "leansd onnxruntime fp32, low_memory", "leansd", "leansd", {**LEANSD_ORT, "low_memory": True}),
+    Peer("leansd-ov-fp32-lowmem", "leansd openvino fp32, low_memory", "leansd", "leansd", {**LEANSD_OV, "low_memory": True}),
+    Peer(
+        "leansd-ov-fp32-cached",
+        "leansd openvino fp32, compile cache warm (2nd process)",
+        "leansd",
+        "leansd",
+        {**LEANSD_OV, "cache_dir": "@fresh"},
+        prime=True,
+    ),
+    # Reserved rows for modes other issues add; they run by themselves once the export writes the variant.
+    Peer("leansd-ov-int8", "leansd openvino int8 weight-only", "leansd", "leansd", {"backend": "openvino", "precision": "int8"}, needs_precision="int8"),
+    Peer(
+        "leansd-ov-hybrid",
+        "leansd openvino hybrid int8",
+        "leansd",
+        "leansd",
+        {"backend": "openvino", "precision": "int8-hybrid"},
+        needs_precision="int8-hybrid",
+    ),
+    Peer("leansd-ort-int8", "leansd onnxruntime int8", "leansd", "leansd", {"backend": "onnxruntime", "precision": "int8"}, needs_precision="int8"),
+    Peer("leansd-deepcache", "leansd DeepCache (feature reuse)", "leansd", "leansd", LEANSD_OV, slot="leansd has no DeepCache mode yet"),
+]
+
+
+def peer_by_name(name: str) -> Peer:
+    for peer in PEERS:
+        if peer.name == name:
+            return peer
+    raise KeyError(name)

@@ -1,0 +1,306 @@
+"""One benchmark measurement in a fresh process (bench.py starts one per configuration).
+
+    python perf/worker.py SPEC.json [SPAWN_TIME]
+
+SPEC names the peer kind (leansd, diffusers, optimum-ort, optimum-ov), its model folder and options and the
+generation settings. SPAWN_TIME is the wall-clock time at which bench.py started this process; without it the
+kernel's record of the process start is used (psutil), so a worker can be rerun by hand. The worker
+
+  1. imports the peer's library and loads the pipeline as a user would,
+  2. generates whole images (the first is the cold one: spawn -> first image),
+  3. times the text encoder (1 prompt), one UNet call at batch 2 (classifier-free guidance) and one VAE
+     decode, each `repeats` times after one warm-up call, on the peer's own component objects,
+  4. writes result.json (and the first image as image.npy) into the spec's out_dir.
+
+Peak RSS of the whole process is taken by bench.py from the kernel (wait4); the worker adds the peak as it
+stood after loading and after the first image (getrusage, self). No library internals are patched except a
+pass-through wrapper that counts the UNet calls of each image.
+"""
+from __future__ import annotations
+
+import time
+
+T_MAIN = time.time()
+
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip().rstrip(":")[:300]
+
+
+class CallTimer:
+    """Wraps a bound method: counts and times calls, returns what the method returns."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.times: list[float] = []
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.times.append(time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+class LeansdPeer:
+    """leansd's own runtime: no torch in this process."""
+
+    def __init__(self, spec: dict):
+        t0 = time.perf_counter()
+        import numpy as np
+
+        import leansd
+
+        self.np = np
+        self.import_s = time.perf_counter() - t0
+        opts = spec["options"]
+        t0 = time.perf_counter()
+        self.pipe = leansd.load(
+            spec["folder"],
+            backend=opts["backend"],
+            precision=opts.get("precision", "fp32"),
+            low_memory=bool(opts.get("low_memory")),
+            num_threads=opts.get("num_threads"),
+            cache_dir=opts.get("cache_dir"),
+        )
+        self.load_s = time.perf_counter() - t0
+        self.low_memory = bool(opts.get("low_memory"))
+        self.unet_timer = CallTimer(self.pipe.unet.predict_noise)
+        self.pipe.unet.predict_noise = self.unet_timer
+
+    def threads(self) -> dict:
+        return {"num_threads": self.pipe.options.num_threads or "backend default"}
+
+    def image(self, run: dict, seed: int):
+        out = self.pipe(
+            PROMPT,
+            num_inference_steps=run["steps"],
+            guidance_scale=run["guidance_scale"],
+            height=run["height"],
+            width=run["width"],
+            seed=seed,
+            output_type="np",
+        )
+        return self.np.asarray(out.images, dtype=self.np.float32)
+
+    def micro(self, run: dict):
+        """(text encoder, UNet, VAE decode) callables on fixed inputs, as the pipeline feeds them."""
+        np, pipe = self.np, self.pipe
+        ids = pipe.tokenizer([PROMPT])
+        emb = pipe.text_encoder.encode(ids)
+        if self.low_memory:
+            pipe.text_encoder.session.release()
+        emb2 = np.concatenate([emb, emb])
+        f = pipe.vae_scale_factor
+        rng = np.random.default_rng(0)
+        shape = (2, pipe.unet.in_channels, run["height"] // f, run["width"] // f)
+        sample = rng.standard_normal(shape, dtype=np.float32)
+        latents = sample[:1].copy()
+        unet = self.unet_timer.fn
+        return (
+            lambda: pipe.text_encoder.encode(ids),
+            lambda: unet(sample, 500, emb2),
+            lambda: pipe.vae_decoder.decode(latents),
+        )
+
+    def release(self, component: str) -> None:
+        """In low-memory mode only one model is loaded at a time, during the component timings too."""
+        if self.low_memory:
+            {"text_encoder": self.pipe.text_encoder, "unet": self.pipe.unet, "vae_decoder": self.pipe.vae_decoder}[component].session.release()
+
+
+class DiffusersLikePeer:
+    """diffusers' StableDiffusionPipeline and Optimum's subclasses of it (ONNX Runtime, OpenVINO)."""
+
+    def __init__(self, spec: dict):
+        kind, opts = spec["kind"], spec["options"]
+        t0 = time.perf_counter()
+        import numpy as np
+        import torch
+
+        if kind == "diffusers":
+            from diffusers import StableDiffusionPipeline as cls
+        elif kind == "optimum-ort":
+            from optimum.onnxruntime import ORTStableDiffusionPipeline as cls
+        elif kind == "optimum-ov":
+            from optimum.intel import OVStableDiffusionPipeline as cls
+        else:
+            raise ValueError(f"unknown peer kind {kind!r}")
+        self.np, self.torch = np, torch
+        self.import_s = time.perf_counter() - t0
+        if opts.get("num_threads"):
+            torch.set_num_threads(int(opts["num_threads"]))
+        run = spec["run"]
+        t0 = time.perf_counter()
+        if kind == "diffusers":
+            pipe = cls.from_pretrained(spec["folder"], torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
+        elif kind == "optimum-ort":
+            pipe = cls.from_pretrained(spec["folder"])
+        else:
+            # What Optimum Intel's documentation recommends for CPU: load, reshape to the static size, compile.
+            pipe = cls.from_pretrained(spec["folder"], compile=False)
+            if opts.get("static", True):
+                pipe.reshape(batch_size=1, height=run["height"], width=run["width"], num_images_per_prompt=1)
+            pipe.compile()
+        pipe.set_progress_bar_config(disable=True)
+        self.load_s = time.perf_counter() - t0
+        self.pipe = pipe
+        self.unet_timer = CallTimer(pipe.unet.forward)
+        pipe.unet.forward = self.unet_timer
+
+    def threads(self) -> dict:
+        return {"torch_threads": self.torch.get_num_threads()}
+
+    def image(self, run: dict, seed: int):
+        torch = self.torch
+        generator = torch.Generator("cpu").manual_seed(seed)
+        with torch.inference_mode():
+            out = self.pipe(
+                PROMPT,
+                num_inference_steps=run["steps"],
+                guidance_scale=run["guidance_scale"],
+                height=run["height"],
+                width=run["width"],
+                generator=generator,
+                output_type="np",
+            )
+        return self.np.asarray(out.images, dtype=self.np.float32)
+
+    def micro(self, run: dict):
+        torch, pipe = self.torch, self.pipe
+        tok = pipe.tokenizer
+        ids = tok(PROMPT, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            emb = pipe.text_encoder(ids)[0]
+        emb2 = torch.cat([emb, emb])
+        f = pipe.vae_scale_factor
+        gen = torch.Generator("cpu").manual_seed(0)
+        sample = torch.randn((2, pipe.unet.config.in_channels, run["height"] // f, run["width"] // f), generator=gen)
+        latents = sample[:1] / pipe.vae.config.scaling_factor
+        t = torch.tensor(500, dtype=torch.int64)
+        unet = self.unet_timer.fn
+
+        def inference(fn):
+            def call():
+                with torch.inference_mode():
+                    return fn()
+
+            return call
+
+        return (
+            inference(lambda: pipe.text_encoder(ids)[0]),
+            inference(lambda: unet(sample, t, encoder_hidden_states=emb2)[0]),
+            inference(lambda: pipe.vae.decode(latents, return_dict=False)[0]),
+        )
+
+    def release(self, component: str) -> None:
+        pass
+
+
+def time_calls(fn, repeats: int) -> list[float]:
+    fn()  # warm-up: first-call allocations, lazy compilation, a low-memory reload
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+# ---------------------------------------------------------------------------------------------- main
+def process_start_time() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except ImportError:
+        return T_MAIN
+
+
+def measure(spec: dict, result: dict, spawn: float) -> None:
+    run = spec["run"]
+    out_dir = Path(spec["out_dir"])
+    result["interpreter_start_s"] = T_MAIN - spawn
+    peer = LeansdPeer(spec) if spec["kind"] == "leansd" else DiffusersLikePeer(spec)
+    result["import_s"] = peer.import_s
+    result["load_s"] = peer.load_s
+    result["ready_s"] = time.time() - spawn
+    result["rss_ready_mb"] = peak_rss_mb()
+    result["threads"] = peer.threads()
+
+    images = []
+    for i in range(int(run.get("images", 1))):
+        peer.unet_timer.times.clear()
+        t0 = time.perf_counter()
+        img = peer.image(run, seed=int(run.get("seed", 0)))
+        elapsed = time.perf_counter() - t0
+        images.append({"image_s": elapsed, "unet_calls": len(peer.unet_timer.times), "unet_call_s": list(peer.unet_timer.times)})
+        if i == 0:
+            result["cold_s"] = time.time() - spawn
+            result["first_image_s"] = elapsed
+            result["rss_first_image_mb"] = peak_rss_mb()
+            import numpy as np
+
+            np.save(out_dir / "image.npy", img)
+            result["image_finite"] = bool(np.isfinite(img).all())
+            result["image_mean"] = float(np.nanmean(img))
+    result["images"] = images
+    if len(images) > 1:
+        result["warm_image_s"] = statistics.median(im["image_s"] for im in images[1:])
+    if images:
+        result["unet_calls_per_image"] = images[0]["unet_calls"]
+
+    repeats = int(run.get("repeats", 0))
+    if repeats > 0:
+        text_fn, unet_fn, vae_fn = peer.micro(run)
+        for name, fn, component in (
+            ("text_encoder", text_fn, "text_encoder"),
+            ("unet_step", unet_fn, "unet"),
+            ("vae_decode", vae_fn, "vae_decoder"),
+        ):
+            times = time_calls(fn, repeats)
+            peer.release(component)
+            result[f"{name}_samples_s"] = times
+            result[f"{name}_s"] = statistics.median(times)
+    result["rss_self_peak_mb"] = peak_rss_mb()
+
+
+def main(argv: list[str]) -> int:
+    spec_path = Path(argv[0])
+    spec = json.loads(spec_path.read_text())
+    spawn = float(argv[1]) if len(argv) > 1 else process_start_time()
+    out_dir = Path(spec["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result: dict = {"peer": spec["peer"], "ok": False, "pid": os.getpid()}
+    code = 0
+    try:
+        measure(spec, result, spawn)
+        result["ok"] = True
+    except BaseException as exc:  # noqa: BLE001 - reported in the table as one line
+        traceback.print_exc()
+        result["error"] = one_line(exc)
+        code = 1
+    result["wall_s"] = time.time() - spawn
+    (out_dir / "result.json").write_text(json.dumps(result, indent=1))
+    sys.stdout.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
