@@ -4,6 +4,7 @@ Nothing is downloaded: the tokenizer is CLIP's real BPE vocabulary from `models/
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -90,5 +91,11 @@ def build_tiny_sd(
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
+    # Real SD 1.x scheduler configs carry clip_sample=false (PNDM ignores it; DDIM, switched to from this config,
+    # would otherwise take its own default True). Keep the key, as the released checkpoints do.
+    config_path = tmp / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config["clip_sample"] = False
+    config_path.write_text(json.dumps(config, indent=2))
     tmp.rename(path)
     return path
