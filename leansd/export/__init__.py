@@ -4,6 +4,7 @@ May import torch, diffusers, transformers, onnx and openvino (lazily, inside the
 
     from leansd.export import export_model
     export_model("path/to/diffusers-folder", "out/model", backends="all")
+    export_model("path/to/diffusers-folder", "out/model-int8", precisions=("fp32", "int8"))
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def export_model(
     tolerance: float | Mapping[str, float] | None = None,
     single_file_config: str | os.PathLike[str] | None = None,
     progress: bool | None = None,
+    precisions: str | Sequence[str] = "fp32",
+    force_int8: bool = False,
 ) -> Path:
     """Export a Stable Diffusion 1.x/2.x model to a leansd model folder and return the folder's path.
 
@@ -45,10 +48,18 @@ def export_model(
         single_file_config: a diffusers-layout folder of configs to convert a single-file checkpoint with
             (default: the SD 1.x configs in `leansd/export/configs/sd1/`).
         progress: show a progress bar (None: only when stderr is a terminal).
+        precisions: "fp32" (default), or "fp32,int8" / ("fp32", "int8") to also write int8 variants (fp32 is
+            always written: it is the reference the int8 files are calibrated on and measured against). The
+            UNet gets NNCF hybrid int8 on OpenVINO (`unet/openvino_model_int8.xml`) and onnxruntime dynamic int8
+            on ONNX (`unet/model_int8.onnx`); the other models int8 weights. Each int8 file is compared with
+            fp32 on held-out inputs; see `leansd.export.quantize` for the method and the quality gates.
+        force_int8: keep int8 files that miss their quality gate instead of failing the export (the UNet,
+            text encoder) or keeping fp32 (the VAE parts).
 
     Raises:
         ExportError: a problem the user can fix (bad source, existing output, bad size ...), one line.
-        ParityError: an exported component differs from PyTorch by more than the tolerance.
+        ParityError: an exported component differs from PyTorch by more than the tolerance, or an int8
+            component from fp32 by more than its gate allows.
     """
     from leansd.export.exporter import export
 
@@ -62,4 +73,6 @@ def export_model(
         tolerance=tolerance,
         single_file_config=single_file_config,
         progress=progress,
+        precisions=precisions,
+        force_int8=force_int8,
     )

@@ -1,4 +1,5 @@
-"""The export flow: check inputs -> per component: trace to ONNX, verify, convert to OpenVINO, verify -> commit.
+"""The export flow: check inputs -> per component: trace to ONNX, verify, convert to OpenVINO, verify
+-> configs -> [int8: calibrate on the fp32 files, quantize, measure against fp32 (`quantize`)] -> leansd.json -> commit.
 
 Everything is written into a temporary sibling of the output folder, which is renamed into place only after
 every component passed verification (see `layout.StagingFolder`).
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from leansd.export import components as comp
-from leansd.export import layout, verify
+from leansd.export import layout, quantize, verify
 from leansd.export.errors import ExportError
 from leansd.export.onnx import DEFAULT_OPSET, export_onnx
 from leansd.export.openvino import XML, convert_openvino
@@ -86,9 +87,14 @@ def export(
     tolerance: float | Mapping[str, float] | None = None,
     single_file_config: str | os.PathLike[str] | None = None,
     progress: bool | None = None,
+    precisions: str | Sequence[str] = "fp32",
+    force_int8: bool = False,
 ) -> Path:
     """See `leansd.export.export_model`."""
     chosen = parse_backends(backends)
+    wanted = quantize.parse_precisions(precisions)
+    if "int8" in wanted:
+        quantize.check_available(chosen)
     tolerances = parse_tolerance(tolerance)
     if not 14 <= int(opset) <= 20:
         raise ExportError(f"--opset {opset} is outside the supported range 14..20; use {DEFAULT_OPSET}")
@@ -102,7 +108,17 @@ def export(
         static = parse_static(static_shapes, info)
         with layout.StagingFolder(target, overwrite=overwrite) as staging:
             parity = _export_components(source, staging.path, info, chosen, static, int(opset), tolerances, progress)
-            _write_folder(source, staging.path, info, chosen, static, int(opset), parity)
+            _write_configs(source, staging.path)
+            files = {n: {b: {"fp32": f"{n}/{quantize.FILES[b][0]}"} for b in chosen} for n in comp.COMPONENTS}
+            int8 = None
+            if "int8" in wanted:
+                int8 = _export_int8(staging.path, info, chosen, static, files, force_int8, progress)
+                for name, per_backend in int8.components.items():
+                    for backend, rel in per_backend.items():
+                        files[name][backend]["int8"] = rel
+                    parity[name] = {b: {**parity[name][b], **int8.parity[name][b]} for b in parity[name]}
+                parity["pipeline"] = int8.parity["pipeline"]
+            _write_manifest(source, staging.path, info, files, static, int(opset), parity, int8)
             return staging.commit()
     finally:
         source.close()
@@ -171,24 +187,70 @@ def _verify_and_convert(name, onnx_path: Path, feeds, reference, root: Path, bac
     return result
 
 
-def _write_folder(source: Source, root: Path, info, backends, static, opset, parity) -> None:
-    """Configs, tokenizer, scheduler, model_index.json, then leansd.json (last: it hashes everything else)."""
+def _export_int8(root: Path, info, backends, static, files, force: bool, progress) -> quantize.Int8Result:
+    """Calibrate on the fp32 files just written, write and measure the int8 files (see `leansd.export.quantize`)."""
+    from tqdm import tqdm
+
+    size = (static["height"], static["width"]) if static else (info.default_size, info.default_size)
+    plan = quantize.RunPlan(height=size[0], width=size[1], batch=static["batch"] if static else 1)
+    total = ("openvino" in backends) + 1 + len(backends) * (len(comp.COMPONENTS) + 1)  # see the step() calls in build()
+    bar = tqdm(total=total, desc="sd-export int8", unit="step", file=sys.stderr,
+               disable=None if progress is None else not progress, dynamic_ncols=True)
+    done = [False]
+
+    def step(what: str) -> None:
+        if done[0]:
+            bar.update()
+        done[0] = True
+        bar.set_postfix_str(what)
+
+    def provisional(int8_files: dict[str, dict[str, str]]) -> None:
+        # Just enough manifest for the runtime to load the int8 variant; replaced by the real one at the end.
+        both = {n: {b: {**files[n][b], "int8": int8_files[n][b]} for b in backends} for n in comp.COMPONENTS}
+        layout.write_json(root / layout.MANIFEST, {"format": layout.FORMAT, "format_version": layout.FORMAT_VERSION, "components": both,
+                                                   "static_shapes": _static_entry(static)})
+
+    try:
+        result = quantize.build(root, backends, plan, force=force, step=step, write_provisional_manifest=provisional)
+        bar.update()
+        return result
+    finally:
+        bar.close()
+        (root / layout.MANIFEST).unlink(missing_ok=True)
+
+
+def _static_entry(static) -> dict[str, int] | None:
+    return None if static is None else {**static, "unet_batch": 2 * static["batch"]}
+
+
+def _write_configs(source: Source, root: Path) -> None:
+    """Configs, tokenizer, scheduler and model_index.json: what the runtime needs beside the model files."""
     for name in comp.COMPONENTS:
         shutil.copyfile(source.config_dir / CONFIG_FROM[name] / "config.json", root / name / "config.json")
     copy_assets(source, root)
     layout.write_json(root / "model_index.json", optimum_model_index(source))
-    files = {"onnx": "model.onnx", "openvino": XML}
+
+
+def _write_manifest(source: Source, root: Path, info, files, static, opset, parity, int8: quantize.Int8Result | None) -> None:
+    """leansd.json, written last: it hashes every other file."""
+    metric = "max_rel = max|export - torch| / max|torch| <= tolerance; psnr_db = 20 log10(max|torch| / rms error)"
+    if int8 is not None:
+        metric += (
+            "; int8 entries compare the int8 file with the fp32 file of the same backend on held-out inputs (worst call), "
+            "gated at min_psnr_db; pipeline.<backend>.int8 compares whole held-out generations (final latents, images in [0, 1])"
+        )
     layout.write_manifest(
         root,
         {
             "name": Path(source.spec).stem if source.kind == "single_file" else Path(source.spec).name,
             "family": family(source),
             "prediction_type": str(source.config("scheduler").get("prediction_type", "epsilon")),
-            "components": {n: {b: {"fp32": f"{n}/{files[b]}"} for b in backends} for n in comp.COMPONENTS},
-            "static_shapes": None if static is None else {**static, "unet_batch": 2 * static["batch"]},
+            "components": files,
+            "static_shapes": _static_entry(static),
             "files": None,
             "parity": parity,
-            "parity_metric": "max_rel = max|export - torch| / max|torch| <= tolerance; psnr_db = 20 log10(max|torch| / rms error)",
+            "parity_metric": metric,
+            **({"int8": int8.settings} if int8 is not None else {}),
             "io": {n: comp.io_manifest(n, static, info) for n in comp.COMPONENTS},
             "opset": opset,
             "provenance": _provenance(source),
@@ -204,6 +266,7 @@ def _provenance(source: Source) -> dict[str, str]:
 
     import leansd
 
+    nncf = sys.modules.get("nncf")  # loaded only when it quantized something
     return {
         "source": source.spec,
         "source_kind": source.kind,
@@ -212,5 +275,6 @@ def _provenance(source: Source) -> dict[str, str]:
         "diffusers": diffusers.__version__,
         "onnxruntime": onnxruntime.__version__,
         "openvino": openvino.__version__,
+        **({"nncf": nncf.__version__} if nncf is not None else {}),
         "exported_at": layout.now_iso(),
     }

@@ -1,0 +1,465 @@
+"""Int8 variants of an exported model folder: calibrate on the fp32 export, quantize per backend, measure, gate.
+
+What each backend gets:
+
+    OpenVINO  unet           hybrid int8 (Optimum Intel's "hybrid" split, done with NNCF directly): MatMul and
+                             embedding weights int8 with float activations (nncf.compress_weights); every other
+                             quantizable op, convolutions above all, int8 weights and activations (nncf.quantize,
+                             calibrated, transformer model type, SmoothQuant off). The convolution fed by the raw
+                             latents (conv_in) stays float: on the test models it was the largest single error
+                             (its input's scale follows the noise level), for a negligible share of the compute;
+                             keeping it float raised the UNet's PSNR by 2-8 dB.
+              text_encoder,  int8 weights only (nncf.compress_weights, INT8_ASYM, per output channel).
+              vae_encoder,
+              vae_decoder
+    ONNX      every model    onnxruntime dynamic quantization: MatMul, Gemm and embedding (Gather) weights int8
+                             per output channel in a 7-bit range (reduce_range: u8 x s8 products cannot saturate
+                             on CPUs without VNNI); activations are quantized at run time. Convolutions stay
+                             float: dynamic Conv (ConvInteger) ran 2.6x slower than the float kernel on AVX2.
+
+Why dynamic for ONNX Runtime: static QDQ (calibrated, per-channel, 7-bit weights, all weighted ops) was measured
+against it. UNet output PSNR vs fp32: static 26.5 dB (tiny test model) / 25.2 dB (35 M-parameter UNet), dynamic
+57 / 52 dB; whole held-out generations (image PSNR): static 31-32 dB, dynamic 50-55 dB. One call of the 35 M UNet
+at 32x32 latents, AVX2 without VNNI: fp32 190 / 326 ms, dynamic 202 / 295 ms, static 195 / 282 ms (2 / 1
+threads). No real speed difference there; dynamic is 25 dB closer and needs no calibration.
+
+Calibration and measurement data come from the fp32 export itself: the leansd pipeline generates
+`CALIBRATION_PROMPTS` (and, separately, `HELD_OUT_PROMPTS`) with `STEPS` steps of the model's own scheduler,
+classifier-free guidance and the export's size, and every component's inputs are recorded. The OpenVINO UNet is
+calibrated on the calibration runs (every UNet call: early, middle and late noise levels). Each int8 file is then
+compared with the fp32 file of the same backend on the held-out runs' inputs, and the held-out generations are
+repeated with the int8 variant (final latents and images compared; recorded, not gated).
+
+The gate is a floor on each component's output PSNR against fp32 (20 log10(peak / RMS error), worst held-out
+call; `GATES`). It is there to catch quantization that went wrong, not to promise that int8 images equal fp32:
+
+    vae_decoder, vae_encoder  42 dB: RMS error at most ~0.8 % of the output's peak, about one 8-bit level of a
+                              decoded image. Weight-only int8 measured 45-56 dB (OpenVINO), 63-101 dB (ONNX).
+                              Below the gate the int8 variant keeps the fp32 file for that part.
+    text_encoder              30 dB: int8 measured 35-38 dB (ONNX), 42-49 dB (OpenVINO); saturated u8 x s8
+                              arithmetic (8-bit weights on AVX2) or activation-quantized softmax/LayerNorm: 21-23 dB.
+    unet                      24 dB: the hybrid recipe measured 27-31 dB on three test models (Optimum Intel's own
+                              hybrid export of one of them: 25 dB), dynamic ONNX 45-57 dB; saturated arithmetic
+                              22.6 dB.
+    A UNet or text encoder below its gate fails the export unless forced.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from leansd.export import components as comp
+from leansd.export.errors import ExportError, ParityError
+
+PRECISIONS = ("fp32", "int8")
+FILES = {"onnx": ("model.onnx", "model_int8.onnx"), "openvino": ("openvino_model.xml", "openvino_model_int8.xml")}
+RUNTIME_BACKEND = {"onnx": "onnxruntime", "openvino": "openvino"}
+
+# Varied subjects, styles and lengths; none of them is reused for the held-out measurement.
+CALIBRATION_PROMPTS = (
+    "a photograph of an astronaut riding a horse on mars",
+    "a watercolor painting of a lighthouse at dusk, soft pastel colours",
+    "close-up portrait of an old fisherman with a white beard, dramatic side light, film grain",
+    "a bowl of fruit on a wooden table, still life, oil on canvas",
+    "a futuristic city skyline at night, neon signs reflected in the wet street, cinematic",
+    "a cat asleep on a sunny windowsill",
+    "a misty mountain lake in the early morning, 35mm photograph",
+    "an isometric illustration of a tiny cozy house, pixel art",
+)
+HELD_OUT_PROMPTS = (
+    "a red sports car parked in the rain at night",
+    "a medieval castle on a green hill under a stormy sky, oil painting",
+)
+STEPS = 8  # denoising steps per prompt (PNDM makes that 9 UNet calls): early, middle and late noise levels
+GUIDANCE = 7.5
+CALIBRATION_SEED, HELD_OUT_SEED = 1234, 5678
+HELD_OUT_UNET_CALLS = 6  # evenly spread over the held-out trajectories
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The lowest accepted PSNR (dB) of an int8 component's output against its fp32 file, and what a miss does."""
+
+    min_psnr_db: float
+    on_miss: str  # "fail" the export, or keep "fp32" for this component in the int8 variant
+
+
+GATES = {
+    "unet": Gate(24.0, "fail"),
+    "text_encoder": Gate(30.0, "fail"),
+    "vae_encoder": Gate(42.0, "fp32"),
+    "vae_decoder": Gate(42.0, "fp32"),
+}
+
+
+def parse_precisions(precisions: str | Sequence[str]) -> tuple[str, ...]:
+    """("fp32",) or ("fp32", "int8") from "fp32", "int8", "fp32,int8" or a sequence; fp32 is always exported."""
+    names = [p.strip() for p in (precisions.split(",") if isinstance(precisions, str) else precisions) if p.strip()]
+    unknown = [p for p in names if p not in PRECISIONS]
+    if unknown or not names:
+        raise ExportError(f"unknown precision {unknown[0] if unknown else '(none)'!r}; choose fp32, int8 or fp32,int8")
+    return ("fp32", "int8") if "int8" in names else ("fp32",)
+
+
+def check_available(backends: Sequence[str]) -> None:
+    """Fail early, before any slow step, when a quantization library is missing."""
+    import importlib.util
+
+    needs = {"openvino": ("nncf", "nncf"), "onnx": ("onnxruntime.quantization", "onnxruntime")}
+    for backend in backends:
+        module, package = needs[backend]
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            raise ExportError(f"int8 for {backend} needs {package}: pip install {package} (or pip install 'leansd[export]')")
+
+
+# -- recording what the pipeline feeds each model ---------------------------------------------------------------
+
+
+@dataclass
+class Recording:
+    """Every call's inputs (and outputs) per component, and the generated images, of some pipeline runs."""
+
+    inputs: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=lambda: {c: [] for c in comp.COMPONENTS})
+    outputs: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=lambda: {c: [] for c in comp.COMPONENTS})
+    images: list[np.ndarray] = field(default_factory=list)
+
+
+class _RecordingSession:
+    def __init__(self, session: Any, inputs: list, outputs: list) -> None:
+        self._session, self._inputs, self._outputs = session, inputs, outputs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        result = self._session.run(feeds)
+        self._inputs.append({k: np.array(v, copy=True) for k, v in feeds.items()})
+        self._outputs.append({k: np.array(v, copy=True) for k, v in result.items()})
+        return result
+
+
+class _RecordingLazySession:
+    """Stands in for a pipeline component's lazy session and records every call made through it."""
+
+    def __init__(self, lazy: Any, inputs: list, outputs: list) -> None:
+        self._lazy, self._inputs, self._outputs = lazy, inputs, outputs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lazy, name)
+
+    def get(self) -> _RecordingSession:
+        return _RecordingSession(self._lazy.get(), self._inputs, self._outputs)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """How the recorded generations run: image size, images per call (a static export's batch) and steps."""
+
+    height: int
+    width: int
+    batch: int = 1
+    steps: int = STEPS
+
+
+def record(root: Path, backend: str, precision: str, prompts: Sequence[str], seed: int, plan: RunPlan) -> Recording:
+    """Generate `prompts` with the leansd pipeline on `root` and record every model call.
+
+    Prompts go `plan.batch` at a time (a static export's batch); group i uses seed `seed + i`.
+    """
+    import leansd
+
+    rec = Recording()
+    pipe = leansd.load(root, backend=RUNTIME_BACKEND[backend], precision=precision)
+    try:
+        for name, wrapper in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet), ("vae_decoder", pipe.vae_decoder)):
+            wrapper.session = _RecordingLazySession(wrapper.session, rec.inputs[name], rec.outputs[name])
+        for i in range(0, len(prompts), plan.batch):
+            group = [prompts[(i + j) % len(prompts)] for j in range(plan.batch)]
+            out = pipe(group, num_inference_steps=plan.steps, guidance_scale=GUIDANCE, height=plan.height, width=plan.width,
+                       seed=seed + i, output_type="np")
+            rec.images.append(np.asarray(out.images))
+    finally:
+        pipe.close()
+    # The VAE encoder sees images: the decoder's outputs (in [-1, 1]) are realistic ones.
+    rec.inputs["vae_encoder"] = [{"sample": np.clip(o["sample"], -1.0, 1.0).astype(np.float32)} for o in rec.outputs["vae_decoder"]]
+    return rec
+
+
+def spread(items: list, count: int) -> list:
+    """`count` items evenly spread over `items` (first and last included), or all of them if fewer."""
+    if len(items) <= count:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
+
+
+# -- quantizers --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_nncf() -> Iterator[None]:
+    """NNCF's log lines and progress bars (drawn on stdout) off; the exporter's own progress bar says what runs."""
+    import logging
+
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def _weighted_matmuls(model: Any) -> list[str]:
+    """Names of the MatMuls with a constant operand and the embedding Gathers (constant table) of an OpenVINO model."""
+    passthrough = {"Convert", "Reshape", "Transpose", "FakeQuantize"}  # ops between a weight and its MatMul
+
+    def constant_behind(port: Any) -> bool:
+        node = port.get_node()
+        while node.get_type_name() in passthrough and node.get_input_size():
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "Constant"
+
+    names = []
+    for op in model.get_ops():
+        kind = op.get_type_name()
+        if kind == "MatMul" and any(constant_behind(op.input_value(i)) for i in range(2)):
+            names.append(op.get_friendly_name())
+        elif kind == "Gather" and op.input_value(0).get_element_type().is_real() and constant_behind(op.input_value(0)):
+            names.append(op.get_friendly_name())
+    return names
+
+
+def _input_convolutions(model: Any) -> list[str]:
+    """Names of the convolutions fed straight by a model input (the UNet's conv_in)."""
+    names = []
+    for op in model.get_ops():
+        if op.get_type_name() == "Convolution":
+            node = op.input_value(0).get_node()
+            while node.get_type_name() in {"Convert", "Reshape"} and node.get_input_size():
+                node = node.input_value(0).get_node()
+            if node.get_type_name() == "Parameter":
+                names.append(op.get_friendly_name())
+    return names
+
+
+def openvino_weights_int8(src: Path, dst: Path) -> None:
+    """int8 weights (asymmetric, per output channel) for every MatMul, embedding and convolution."""
+    import nncf
+    import openvino as ov
+
+    with _quiet_nncf():
+        model = nncf.compress_weights(ov.Core().read_model(str(src)), mode=nncf.CompressWeightsMode.INT8_ASYM)
+    ov.save_model(model, str(dst), compress_to_fp16=False)
+
+
+def openvino_hybrid_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> None:
+    """MatMul/embedding weights to int8 (weights only); then convolutions etc. quantized, weights and activations."""
+    import nncf
+    import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    with _quiet_nncf():
+        model = ov.Core().read_model(str(src))
+        weight_only = _weighted_matmuls(model)
+        float_convs = _input_convolutions(model)
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
+        model = nncf.quantize(
+            model,
+            nncf.Dataset(calibration),
+            preset=nncf.QuantizationPreset.MIXED,  # symmetric weights, asymmetric activations
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(calibration),
+            ignored_scope=nncf.IgnoredScope(names=weight_only + float_convs, validate=False),
+            # SmoothQuant would rescale the MatMuls' inputs, but those keep float activations here.
+            advanced_parameters=AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)),
+        )
+    ov.save_model(model, str(dst), compress_to_fp16=False)
+
+
+def onnx_dynamic_int8(src: Path, dst: Path) -> None:
+    """onnxruntime dynamic quantization of MatMul/Gemm weights and embedding tables: int8 per output channel, 7-bit range.
+
+    The 7-bit range (reduce_range) keeps the u8 x s8 products of CPUs without VNNI from saturating.
+    Convolutions stay float: their dynamic form (ConvInteger) is several times slower than the float kernel.
+    Models over 2 GB (external data) are read as they are; the result gets one `<name>_data` file when it is large.
+    """
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from leansd.export.onnx import EXTERNAL_DATA_THRESHOLD, _relocate
+
+    scratch = dst.parent / f".{dst.stem}-quantize"
+    scratch.mkdir(parents=True, exist_ok=True)
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    # The quantizer logs a pre-processing hint on the root logger; that step (symbolic shape inference and graph
+    # optimisation) matters for static quantization, and measured the same with or without here.
+    root_logger.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(
+            str(src), str(scratch / "model.onnx"), op_types_to_quantize=["MatMul", "Gemm", "Gather"], per_channel=True, reduce_range=True,
+            weight_type=QuantType.QInt8, use_external_data_format=True, extra_options={"MatMulConstBOnly": True},
+        )
+        _relocate(scratch / "model.onnx", dst, EXTERNAL_DATA_THRESHOLD)
+    finally:
+        root_logger.setLevel(level)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def method(component: str, backend: str) -> str:
+    """One line saying how a component's int8 file is made (recorded in the manifest)."""
+    if backend == "onnx":
+        return "onnxruntime dynamic: MatMul/Gemm/Gather weights int8 per channel (7-bit), activations quantized at run time"
+    if component == "unet":
+        return "NNCF hybrid: MatMul/embedding weights int8; other ops int8 weights and activations (calibrated); conv_in float"
+    return "NNCF weight compression: int8 asymmetric, per output channel"
+
+
+def quantize_component(component: str, backend: str, src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> None:
+    if backend == "onnx":
+        onnx_dynamic_int8(src, dst)
+    elif component == "unet":
+        openvino_hybrid_int8(src, dst, calibration)
+    else:
+        openvino_weights_int8(src, dst)
+
+
+# -- measuring ---------------------------------------------------------------------------------------------------
+
+
+def run_all(backend: str, path: Path, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Run one model file on every feed (one compiled model / session for all)."""
+    if backend == "onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        wanted = [i.name for i in session.get_inputs()]
+        return [dict(zip(names, session.run(names, {k: f[k] for k in wanted}))) for f in feeds]
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    results = []
+    for f in feeds:
+        out = request.infer(f)
+        results.append({port.get_any_name(): np.array(out[port], copy=True) for port in compiled.outputs})
+    return results
+
+
+def compare(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Worst-call max-abs, max-rel and PSNR (dB, against each call's peak) of `candidate` against `reference`."""
+    from leansd.export.verify import measure
+
+    worst = {"max_abs": 0.0, "max_rel": 0.0, "psnr_db": math.inf}
+    for ref, got in zip(reference, candidate):
+        p = measure(ref, got, math.inf)
+        worst = {"max_abs": max(worst["max_abs"], p.max_abs), "max_rel": max(worst["max_rel"], p.max_rel), "psnr_db": min(worst["psnr_db"], p.psnr_db)}
+    return worst
+
+
+# -- the int8 stage of an export ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Int8Result:
+    """What the int8 stage adds to `leansd.json`."""
+
+    components: dict[str, dict[str, str]]  # component -> backend -> relative path of the int8 variant's file
+    parity: dict[str, dict[str, dict[str, Any]]]  # component (and "pipeline") -> backend -> figures
+    settings: dict[str, Any]
+
+
+def build(
+    root: Path,
+    backends: Sequence[str],
+    plan: RunPlan,
+    *,
+    force: bool = False,
+    step: Callable[[str], None] = lambda what: None,
+    write_provisional_manifest: Callable[[dict[str, Any]], None],
+) -> Int8Result:
+    """Write the int8 files of every component and backend into `root` (an fp32 export) and measure them.
+
+    `write_provisional_manifest(components)` must write a `leansd.json` that maps each component/backend/precision
+    to its file, so the runtime can load the int8 variant for the whole-pipeline check.
+    Raises `ParityError` when a component misses its gate (unless `force`).
+    """
+    recorder = "openvino" if "openvino" in backends else "onnx"
+    unet_calibration: list[dict[str, np.ndarray]] = []
+    if "openvino" in backends:  # only the OpenVINO UNet is calibrated
+        step("recording calibration runs")
+        unet_calibration = record(root, recorder, "fp32", CALIBRATION_PROMPTS, CALIBRATION_SEED, plan).inputs["unet"]
+    step("recording held-out runs")
+    held_out = record(root, recorder, "fp32", HELD_OUT_PROMPTS, HELD_OUT_SEED, plan)
+    held_feeds = {c: spread(held_out.inputs[c], HELD_OUT_UNET_CALLS) if c == "unet" else held_out.inputs[c] for c in comp.COMPONENTS}
+    gc.collect()
+
+    components: dict[str, dict[str, str]] = {c: {} for c in comp.COMPONENTS}
+    parity: dict[str, dict[str, dict[str, Any]]] = {c: {} for c in comp.COMPONENTS}
+    for backend in backends:
+        misses = []
+        fp32_name, int8_name = FILES[backend]
+        for component in comp.COMPONENTS:
+            src, dst = root / component / fp32_name, root / component / int8_name
+            step(f"{component}: {backend} int8")
+            quantize_component(component, backend, src, dst, unet_calibration)
+            gc.collect()
+            figures = compare(run_all(backend, src, held_feeds[component]), run_all(backend, dst, held_feeds[component]))
+            gate = GATES[component]
+            passed = figures["psnr_db"] >= gate.min_psnr_db
+            uses = "int8"
+            if not passed and not force:
+                if gate.on_miss == "fp32":
+                    uses = "fp32"
+                    _remove_model(dst)
+                else:
+                    misses.append(f"{component} ({backend}) {figures['psnr_db']:.1f} dB < {gate.min_psnr_db:g} dB")
+            components[component][backend] = f"{component}/{int8_name if uses == 'int8' else fp32_name}"
+            parity[component][backend] = {"int8": {**figures, "min_psnr_db": gate.min_psnr_db, "passed": passed, "uses": uses,
+                                                   "method": method(component, backend)}}
+        if misses:
+            raise ParityError(
+                f"int8 misses its quality gate against fp32: {'; '.join(misses)} (output PSNR); nothing was written. "
+                "Export fp32 only, or pass --force-int8 to keep int8 files below the gate"
+            )
+
+    write_provisional_manifest(components)
+    pipeline: dict[str, dict[str, Any]] = {}
+    for backend in backends:
+        step(f"whole held-out generation: {backend} int8")
+        pipeline[backend] = {"int8": compare_generations(root, backend, held_out, plan)}
+    parity["pipeline"] = pipeline
+    settings = {
+        "calibration_prompts": len(CALIBRATION_PROMPTS),
+        "held_out_prompts": len(HELD_OUT_PROMPTS),
+        "steps": plan.steps,
+        "guidance_scale": GUIDANCE,
+        "size": [plan.height, plan.width],
+        "unet_calibration_calls": len(unet_calibration),
+        "held_out_unet_calls": len(held_feeds["unet"]),
+        "gates_min_psnr_db": {c: g.min_psnr_db for c, g in GATES.items()},
+    }
+    return Int8Result(components, parity, settings)
+
+
+def compare_generations(root: Path, backend: str, reference: Recording, plan: RunPlan) -> dict[str, Any]:
+    """Repeat the held-out generations with the int8 variant; compare final latents and images with fp32."""
+    rec = record(root, backend, "int8", HELD_OUT_PROMPTS, HELD_OUT_SEED, plan)
+    latents = compare(reference.inputs["vae_decoder"], rec.inputs["vae_decoder"])
+    images = compare([{"image": i} for i in reference.images], [{"image": i} for i in rec.images])
+    return {"latents": latents, "images": images}
+
+
+def _remove_model(path: Path) -> None:
+    for p in (path, path.with_suffix(".bin"), path.with_name(path.name + "_data")):
+        p.unlink(missing_ok=True)
