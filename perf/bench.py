@@ -179,7 +179,7 @@ class Bench:
         stamp = self.stamps / f"export-{key}.json"
         versions = {k: v for k, v in report.versions().items() if k != "leansd"}
         want = {"source": self.source_info["key"], "command": exp.display(), "versions": versions}
-        if key == "leansd":  # the exporter is being developed: re-export when its code changes
+        if key.startswith("leansd"):  # the exporter is being developed: re-export when its code changes
             want["exporter_code"] = digest([f.read_text() for f in sorted((REPO / "leansd" / "export").glob("*.py"))])
         if out.is_dir() and stamp.is_file() and not self.args.reexport:
             saved = json.loads(stamp.read_text())

@@ -154,6 +154,28 @@ def leansd_summary(data: dict) -> list[str]:
     return lines
 
 
+def consistency_notes(data: dict, tolerance: float = 1.5) -> list[str]:
+    """Rows whose UNet calls inside the images disagree with the separately timed UNet step: a sign of contention."""
+    import statistics
+
+    notes = []
+    for p in data["peers"]:
+        r = p.get("result") or {}
+        # The first call of each image is left out: it may include lazy compilation (or, in low-memory mode, a reload).
+        calls = [t for im in r.get("images", []) for t in im.get("unet_call_s", [])[1:]]
+        step = r.get("unet_step_s")
+        if p.get("status") != "ok" or not calls or not step:
+            continue
+        fastest, slowest = min(calls), max(calls)
+        in_image = statistics.median(calls)
+        if max(in_image, step) / min(in_image, step) > tolerance or slowest / fastest > 2 * tolerance:
+            notes.append(
+                f"`{p['name']}`: UNet calls inside the images took {fastest:.2f}–{slowest:.2f} s (median {in_image:.2f} s) against"
+                f" {step:.2f} s timed alone: the CPU was contended during part of this process; its image times are unreliable."
+            )
+    return notes
+
+
 def exports_table(data: dict) -> list[str]:
     lines = ["| export | wall s | peak RSS GB | size on disk GB | status |", "|---|---|---|---|---|"]
     for key, e in data["exports"].items():
@@ -266,6 +288,8 @@ def render(data: dict) -> str:
         "- Optimum Intel compiles the models at load (reshape + compile), leansd's OpenVINO backend compiles each model"
         " on its first call at the requested size, so compare `start → 1st image`, not `start → ready`, across them.",
     ]
+    for line in consistency_notes(data):
+        out.append(f"- {line}")
     for p in data["peers"]:
         prime = p.get("prime")
         if prime and prime.get("cold_s") is not None:
