@@ -3,7 +3,7 @@
     python perf/build_model.py perf/configs/full.json OUT_DIR
 
 The architecture comes from the config's `unet`, `vae`, `text_encoder` and `scheduler` sections (the SD 1.5
-numbers in `configs/full.json`, no download); the tokenizer is CLIP's real BPE vocabulary from `models/clip/`.
+numbers in `configs/full.json`, no download); the tokenizer is CLIP's real BPE vocabulary in `leansd/export/configs/clip/`.
 Weights are PyTorch's default initialisation after `torch.manual_seed(seed)`. The folder is written next to
 OUT_DIR and renamed into place, so an interrupted build never looks complete.
 """
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CLIP_DIR = REPO / "models" / "clip"
+CLIP_DIR = REPO / "leansd" / "export" / "configs" / "clip"
 
 
 def build(config: dict, out: Path) -> Path:

@@ -1,6 +1,6 @@
 """Tiny Stable Diffusion 1.x models with real architectures and seeded random weights, built in the tests.
 
-Nothing is downloaded: the tokenizer is CLIP's real BPE vocabulary from `models/clip/`.
+Nothing is downloaded: the tokenizer is CLIP's real BPE vocabulary shipped in `leansd/export/configs/clip/`.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CLIP_VOCAB_DIR = REPO / "models" / "clip"
+CLIP_VOCAB_DIR = REPO / "leansd" / "export" / "configs" / "clip"
 
 # diffusers' PNDM configuration as shipped with SD 1.x checkpoints.
 SD1_SCHEDULER = {

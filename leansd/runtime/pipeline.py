@@ -261,7 +261,7 @@ class Pipeline:
             progress = tqdm(total=total, unit="step", leave=False, dynamic_ncols=True)
         try:
             for i, t in enumerate(plan.timesteps):
-                model_input = sched.scale_model_input(plan, i, latents).astype(np.float32)
+                model_input = sched.scale_model_input(plan, i, latents).astype(np.float32, copy=False)
                 if use_guidance:
                     model_input = np.concatenate([model_input, model_input])
                 prediction = self.unet.predict_noise(model_input, t, embeddings)
@@ -270,7 +270,7 @@ class Pipeline:
                     prediction = uncond + np.float32(guidance) * (cond - uncond)
                 step_noise = noise.randn(latents.shape) if sched.uses_noise else None
                 result = sched.step(plan, i, prediction, latents, state, step_noise)
-                latents, state = result.prev_sample.astype(np.float32), result.state
+                latents, state = result.prev_sample.astype(np.float32, copy=False), result.state
                 if progress is not None:
                     progress.update(1)
                 if callback is not None and callback(i, total, latents, result.denoised) is False:

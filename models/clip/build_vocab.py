@@ -3,7 +3,7 @@
 Dev tool. The source is OpenAI CLIP's `bpe_simple_vocab_16e6.txt.gz` (MIT licence), which ships inside
 the `open_clip_torch` wheel; install it with `pip install --no-deps open_clip_torch` and run
 
-    python models/clip/build_vocab.py models/clip
+    python models/clip/build_vocab.py leansd/export/configs/clip
 
 The vocabulary is built the way CLIP's own tokenizer builds it: the 256 byte symbols, the same with the
 end-of-word marker, one entry per merge, then the two special tokens (49408 entries).
@@ -50,4 +50,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).parent))
+    main(sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).resolve().parents[2] / "leansd" / "export" / "configs" / "clip"))

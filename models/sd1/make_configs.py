@@ -94,7 +94,7 @@ def main(out: Path) -> None:
     CLIPTextConfig(architectures=["CLIPTextModel"], **TEXT_ENCODER).save_pretrained(out / "text_encoder")
     PNDMScheduler(**SCHEDULER).save_config(out / "scheduler")
 
-    clip = Path(__file__).resolve().parents[1] / "clip"
+    clip = Path(__file__).resolve().parents[2] / "leansd" / "export" / "configs" / "clip"
     with tempfile.TemporaryDirectory() as tmp:
         CLIPTokenizer(str(clip / "vocab.json"), str(clip / "merges.txt"), model_max_length=77).save_pretrained(tmp)
         (out / "tokenizer").mkdir(parents=True, exist_ok=True)

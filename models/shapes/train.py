@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
-CLIP_DIR = HERE.parent / "clip"
+CLIP_DIR = HERE.parents[1] / "leansd" / "export" / "configs" / "clip"
 sys.path.insert(0, str(HERE))
 import data  # noqa: E402
 

@@ -26,7 +26,7 @@ import pytest
 from leansd.runtime.errors import ModelFolderError
 from leansd.runtime.tokenizer import ClipTokenizer, MissingTokenizerFile
 
-CLIP = Path(__file__).resolve().parents[2] / "models" / "clip"
+CLIP = Path(__file__).resolve().parents[2] / "leansd" / "export" / "configs" / "clip"
 VOCAB, MERGES = CLIP / "vocab.json", CLIP / "merges.txt"
 SD1_PAD, SD2_PAD = 49407, 0
 

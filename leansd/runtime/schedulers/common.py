@@ -181,6 +181,28 @@ def img2img_start(num_inference_steps: int, strength: float, order: int = 1) -> 
     return max(num_inference_steps - init_timestep, 0) * order
 
 
+def alpha_plan(config: Any, schedule: np.ndarray, num_inference_steps: int, strength: float, **extra: Any) -> Plan:
+    """The plan of a scheduler that steps on the alphas_cumprod table (DDIM, PNDM, LCM): integer timesteps,
+    unit initial noise, truncated for img2img, and the alpha used past the last timestep."""
+    acp = alphas_cumprod(config)
+    start = img2img_start(num_inference_steps, strength)
+    return Plan(
+        timesteps=schedule[start:],
+        init_noise_sigma=1.0,
+        num_inference_steps=num_inference_steps,
+        begin_index=start,
+        schedule=schedule,
+        alphas_cumprod=acp,
+        final_alpha_cumprod=1.0 if config.set_alpha_to_one else float(acp[0]),
+        **extra,
+    )
+
+
+def unscaled_model_input(config: Any, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
+    """Schedulers on the alphas_cumprod table feed the UNet the sample as it is."""
+    return sample
+
+
 def config_from_dict(cls: type[C], raw: Mapping[str, Any], **overrides: Any) -> C:
     """Build a Config the way diffusers' `from_config` picks constructor arguments from a saved dict.
 

@@ -12,14 +12,14 @@ import numpy as np
 from .common import (
     Plan,
     StepResult,
-    alphas_cumprod,
+    alpha_plan,
     as_f64,
     check_common,
     f32,
-    img2img_start,
     require,
     require_flag_off,
     spaced_timesteps,
+    unscaled_model_input,
 )
 
 NAME = "DDIMScheduler"
@@ -54,24 +54,11 @@ class Config:
 def plan(config: Config, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0) -> Plan:
     if num_inference_steps > config.num_train_timesteps:
         raise ValueError(f"num_inference_steps {num_inference_steps} exceeds num_train_timesteps {config.num_train_timesteps}")
-    acp = alphas_cumprod(config)
     steps = spaced_timesteps(config.timestep_spacing, config.num_train_timesteps, num_inference_steps, config.steps_offset)
-    schedule = np.round(steps).astype(np.int64)
-    start = img2img_start(num_inference_steps, strength)
-    return Plan(
-        timesteps=schedule[start:],
-        init_noise_sigma=1.0,
-        num_inference_steps=num_inference_steps,
-        begin_index=start,
-        schedule=schedule,
-        alphas_cumprod=acp,
-        final_alpha_cumprod=1.0 if config.set_alpha_to_one else float(acp[0]),
-        eta=float(eta),
-    )
+    return alpha_plan(config, np.round(steps).astype(np.int64), num_inference_steps, strength, eta=float(eta))
 
 
-def scale_model_input(config: Config, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
-    return sample
+scale_model_input = unscaled_model_input
 
 
 def split_prediction(

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import Plan, StepResult, alphas_cumprod, as_f64, check_common, f32, img2img_start, require, require_flag_off
+from .common import Plan, StepResult, alpha_plan, as_f64, check_common, f32, require, require_flag_off, unscaled_model_input
 from .ddim import split_prediction
 
 NAME = "LCMScheduler"
@@ -59,22 +59,10 @@ def _schedule(config: Config, n: int) -> np.ndarray:
 
 
 def plan(config: Config, num_inference_steps: int, strength: float = 1.0) -> Plan:
-    schedule = _schedule(config, num_inference_steps)
-    acp = alphas_cumprod(config)
-    start = img2img_start(num_inference_steps, strength)
-    return Plan(
-        timesteps=schedule[start:],
-        init_noise_sigma=1.0,
-        num_inference_steps=num_inference_steps,
-        begin_index=start,
-        schedule=schedule,
-        alphas_cumprod=acp,
-        final_alpha_cumprod=1.0 if config.set_alpha_to_one else float(acp[0]),
-    )
+    return alpha_plan(config, _schedule(config, num_inference_steps), num_inference_steps, strength)
 
 
-def scale_model_input(config: Config, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
-    return sample
+scale_model_input = unscaled_model_input
 
 
 def boundary_scalings(config: Config, t: int) -> tuple[float, float]:

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .common import Plan, StepResult, alphas_cumprod, as_f64, check_common, f32, img2img_start, require, spaced_timesteps
+from .common import Plan, StepResult, alpha_plan, as_f64, check_common, f32, require, spaced_timesteps, unscaled_model_input
 from .ddim import split_prediction
 
 NAME = "PNDMScheduler"
@@ -62,22 +62,10 @@ def _schedules(config: Config, n: int) -> tuple[np.ndarray, np.ndarray]:
 def plan(config: Config, num_inference_steps: int, strength: float = 1.0) -> Plan:
     prk, plms = _schedules(config, num_inference_steps)
     schedule = np.concatenate([prk, plms]).astype(np.int64)
-    start = img2img_start(num_inference_steps, strength)
-    acp = alphas_cumprod(config)
-    return Plan(
-        timesteps=schedule[start:],
-        init_noise_sigma=1.0,
-        num_inference_steps=num_inference_steps,
-        begin_index=start,
-        schedule=schedule,
-        alphas_cumprod=acp,
-        final_alpha_cumprod=1.0 if config.set_alpha_to_one else float(acp[0]),
-        prk_steps=len(prk),
-    )
+    return alpha_plan(config, schedule, num_inference_steps, strength, prk_steps=len(prk))
 
 
-def scale_model_input(config: Config, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
-    return sample
+scale_model_input = unscaled_model_input
 
 
 def _prev_sample(config: Config, plan: Plan, sample: np.ndarray, t: int, prev_t: int, eps: np.ndarray) -> np.ndarray:
