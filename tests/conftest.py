@@ -32,4 +32,4 @@ def tiny_sd_vae4_vpred_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # Exported tiny models, shared by the export, parity and CLI tests (each export runs once per session).
-from tests.export.fixtures import exported_tiny_sd, exported_tiny_sd_vae4_vpred  # noqa: E402,F401
+from tests.export.fixtures import exported_tiny_sd, exported_tiny_sd_deepcache, exported_tiny_sd_vae4_vpred  # noqa: E402,F401

@@ -30,6 +30,7 @@ def export_model(
     progress: bool | None = None,
     precisions: str | Sequence[str] = "fp32",
     force_int8: bool = False,
+    deep_cache: bool = False,
 ) -> Path:
     """Export a Stable Diffusion 1.x/2.x model to a leansd model folder and return the folder's path.
 
@@ -55,6 +56,8 @@ def export_model(
             fp32 on held-out inputs; see `leansd.export.quantize` for the method and the quality gates.
         force_int8: keep int8 files that miss their quality gate instead of failing the export (the UNet,
             text encoder) or keeping fp32 (the VAE parts).
+        deep_cache: also write the UNet cut in two (`unet_deep/`, `unet_shallow/`, fp32) so the runtime can reuse
+            deep features across steps (`leansd.load(..., deep_cache=N)`); see `leansd.export.deepcache`.
 
     Raises:
         ExportError: a problem the user can fix (bad source, existing output, bad size ...), one line.
@@ -75,4 +78,5 @@ def export_model(
         progress=progress,
         precisions=precisions,
         force_int8=force_int8,
+        deep_cache=deep_cache,
     )

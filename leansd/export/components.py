@@ -19,9 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from leansd.export import deepcache
+
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+# Optional: the UNet cut in two for feature reuse across steps (`sd-export --deep-cache`, see `deepcache`).
+DEEP_CACHE_COMPONENTS = deepcache.PARTS
 # The PyTorch module each component is cut from.
-TORCH_MODULE = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
+TORCH_MODULE = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae",
+                "unet_deep": "unet", "unet_shallow": "unet"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,23 @@ IO: dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {
             # Its own symbol: a (1,) timestep is valid with any sample batch (see the module docstring).
             Tensor("timestep", "float32", {0: "timestep_batch"}),
             Tensor("encoder_hidden_states", "float32", {0: "batch_size", 1: "sequence_length"}),
+        ),
+        (Tensor("out_sample", "float32", {0: "batch_size", 2: "height", 3: "width"}),),
+    ),
+    "unet_deep": (
+        (
+            Tensor("sample", "float32", {0: "batch_size", 2: "height", 3: "width"}),
+            Tensor("timestep", "float32", {0: "timestep_batch"}),
+            Tensor("encoder_hidden_states", "float32", {0: "batch_size", 1: "sequence_length"}),
+        ),
+        (Tensor("deep_features", "float32", {0: "batch_size", 2: "height", 3: "width"}),),
+    ),
+    "unet_shallow": (
+        (
+            Tensor("sample", "float32", {0: "batch_size", 2: "height", 3: "width"}),
+            Tensor("timestep", "float32", {0: "timestep_batch"}),
+            Tensor("encoder_hidden_states", "float32", {0: "batch_size", 1: "sequence_length"}),
+            Tensor("deep_features", "float32", {0: "batch_size", 2: "height", 3: "width"}),
         ),
         (Tensor("out_sample", "float32", {0: "batch_size", 2: "height", 3: "width"}),),
     ),
@@ -93,6 +115,7 @@ class ModelInfo:
     max_tokens: int
     bos_token_id: int
     eos_token_id: int
+    deep_feature_channels: int = 0  # width of the UNet's cached deep features (`deepcache.feature_channels`)
 
     @classmethod
     def from_configs(cls, unet: dict[str, Any], vae: dict[str, Any], text_encoder: dict[str, Any]) -> ModelInfo:
@@ -113,6 +136,7 @@ class ModelInfo:
             # The tokenizer's real ids; the config may hold CLIP's legacy 0/2.
             bos_token_id=int(text_encoder["vocab_size"]) - 2,
             eos_token_id=int(text_encoder["vocab_size"]) - 1,
+            deep_feature_channels=deepcache.feature_channels(unet),
         )
 
     @property
@@ -134,13 +158,16 @@ def make_inputs(component: str, info: ModelInfo, *, batch: int, height: int, wid
         for row in ids:  # a prompt of random length, then end-of-text padding as CLIP's tokenizer writes it
             row[int(rng.integers(2, info.max_tokens)) :] = info.eos_token_id
         return {"input_ids": ids}
-    if component == "unet":
+    if component in ("unet", "unet_deep", "unet_shallow"):
         b = 2 * batch
-        return {
+        feeds = {
             "sample": rng.standard_normal((b, info.unet_in_channels, h, w), dtype=np.float32),
             "timestep": rng.uniform(0.0, 999.0, size=(b,)).astype(np.float32),
             "encoder_hidden_states": rng.standard_normal((b, info.max_tokens, info.cross_attention_dim), dtype=np.float32),
         }
+        if component == "unet_shallow":
+            feeds["deep_features"] = rng.standard_normal((b, info.deep_feature_channels, h, w), dtype=np.float32)
+        return feeds
     if component == "vae_encoder":
         return {"sample": rng.uniform(-1.0, 1.0, size=(batch, info.vae_in_channels, height, width)).astype(np.float32)}
     if component == "vae_decoder":
@@ -158,7 +185,7 @@ def trace_size(component: str, info: ModelInfo) -> tuple[int, int]:
     at a multiple, the graph would only work at multiples.
     """
     side = info.unet_sample_size
-    if component == "unet" and info.unet_up_factor > 1:
+    if component in ("unet", "unet_deep") and info.unet_up_factor > 1:
         side = side - 1 if (side - 1) % info.unet_up_factor else side + 1
     return side * info.vae_scale_factor, side * info.vae_scale_factor
 
@@ -201,6 +228,8 @@ def wrap(component: str, module: Any) -> Any:
         def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
             return self.model.decode(latent_sample, return_dict=False)[0]
 
+    if component in DEEP_CACHE_COMPONENTS:
+        return deepcache.wrap_deep(module) if component == "unet_deep" else deepcache.wrap_shallow(module)
     kinds = {"text_encoder": TextEncoder, "unet": UNet, "vae_encoder": VaeEncoder, "vae_decoder": VaeDecoder}
     return kinds[component](module).eval()
 
@@ -241,6 +270,19 @@ def _fixed_shapes(component: str, info: ModelInfo, batch: int = 1, height: int =
             "sample": [2 * batch, info.unet_in_channels, h, w],
             "timestep": [2 * batch],
             "encoder_hidden_states": [2 * batch, seq, info.cross_attention_dim],
+            "out_sample": [2 * batch, c, h, w],
+        },
+        "unet_deep": {
+            "sample": [2 * batch, info.unet_in_channels, h, w],
+            "timestep": [2 * batch],
+            "encoder_hidden_states": [2 * batch, seq, info.cross_attention_dim],
+            "deep_features": [2 * batch, info.deep_feature_channels, h, w],
+        },
+        "unet_shallow": {
+            "sample": [2 * batch, info.unet_in_channels, h, w],
+            "timestep": [2 * batch],
+            "encoder_hidden_states": [2 * batch, seq, info.cross_attention_dim],
+            "deep_features": [2 * batch, info.deep_feature_channels, h, w],
             "out_sample": [2 * batch, c, h, w],
         },
         "vae_encoder": {"sample": [batch, info.vae_in_channels, height, width], "latent_parameters": [batch, 2 * c, h, w]},

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from leansd.export import components as comp
-from leansd.export import layout, quantize, verify
+from leansd.export import deepcache, layout, quantize, verify
 from leansd.export.errors import ExportError
 from leansd.export.onnx import DEFAULT_OPSET, export_onnx
 from leansd.export.openvino import XML, convert_openvino
@@ -23,6 +23,9 @@ from leansd.export.sources import Source, copy_assets, optimum_model_index, reso
 BACKENDS = ("onnx", "openvino")
 # Torch modules in export order, with the components cut from each; one module is in memory at a time.
 MODULE_ORDER = (("text_encoder", ("text_encoder",)), ("unet", ("unet",)), ("vae", ("vae_encoder", "vae_decoder")))
+# With --deep-cache, the UNet's two halves are cut from the same loaded module.
+MODULE_ORDER_DEEP_CACHE = (("text_encoder", ("text_encoder",)), ("unet", ("unet", *comp.DEEP_CACHE_COMPONENTS)),
+                           ("vae", ("vae_encoder", "vae_decoder")))
 CONFIG_FROM = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
 TRACE_SEED, VERIFY_SEED = 0, 1
 
@@ -89,6 +92,7 @@ def export(
     progress: bool | None = None,
     precisions: str | Sequence[str] = "fp32",
     force_int8: bool = False,
+    deep_cache: bool = False,
 ) -> Path:
     """See `leansd.export.export_model`."""
     chosen = parse_backends(backends)
@@ -106,10 +110,15 @@ def export(
             raise ExportError("the output folder is the source folder; choose another output folder")
         info = comp.ModelInfo.from_configs(source.config("unet"), source.config("vae"), source.config("text_encoder"))
         static = parse_static(static_shapes, info)
+        if deep_cache:
+            deepcache.check_supported(source.config("unet"))
+        order = MODULE_ORDER_DEEP_CACHE if deep_cache else MODULE_ORDER
+        names = [n for _, parts in order for n in parts]
+        tolerances.update({n: tolerances["unet"] for n in comp.DEEP_CACHE_COMPONENTS})
         with layout.StagingFolder(target, overwrite=overwrite) as staging:
-            parity = _export_components(source, staging.path, info, chosen, static, int(opset), tolerances, progress)
+            parity = _export_components(source, staging.path, info, chosen, static, int(opset), tolerances, progress, order)
             _write_configs(source, staging.path)
-            files = {n: {b: {"fp32": f"{n}/{quantize.FILES[b][0]}"} for b in chosen} for n in comp.COMPONENTS}
+            files = {n: {b: {"fp32": f"{n}/{quantize.FILES[b][0]}"} for b in chosen} for n in names}
             int8 = None
             if "int8" in wanted:
                 int8 = _export_int8(staging.path, info, chosen, static, files, force_int8, progress)
@@ -118,22 +127,22 @@ def export(
                         files[name][backend]["int8"] = rel
                     parity[name] = {b: {**parity[name][b], **int8.parity[name][b]} for b in parity[name]}
                 parity["pipeline"] = int8.parity["pipeline"]
-            _write_manifest(source, staging.path, info, files, static, int(opset), parity, int8)
+            _write_manifest(source, staging.path, info, files, static, int(opset), parity, int8, names)
             return staging.commit()
     finally:
         source.close()
 
 
-def _export_components(source, root: Path, info, backends, static, opset, tolerances, progress) -> dict[str, Any]:
+def _export_components(source, root: Path, info, backends, static, opset, tolerances, progress, order=MODULE_ORDER) -> dict[str, Any]:
     from tqdm import tqdm
 
     per_component = 1 + (1 if "onnx" in backends else 0) + (2 if "openvino" in backends else 0)
-    bar = tqdm(total=len(comp.COMPONENTS) * per_component, desc="sd-export", unit="step", file=sys.stderr,
+    bar = tqdm(total=sum(len(parts) for _, parts in order) * per_component, desc="sd-export", unit="step", file=sys.stderr,
                disable=None if progress is None else not progress, dynamic_ncols=True)
     parity: dict[str, Any] = {}
     scratch = root / ".onnx-scratch"  # the ONNX files of an OpenVINO-only export
     try:
-        for module_name, parts in MODULE_ORDER:
+        for module_name, parts in order:
             bar.set_postfix_str(f"loading {module_name}")
             module = source.load(module_name)
             traced = [_trace(name, module, root if "onnx" in backends else scratch, info, static, opset, bar) for name in parts]
@@ -231,7 +240,8 @@ def _write_configs(source: Source, root: Path) -> None:
     layout.write_json(root / "model_index.json", optimum_model_index(source))
 
 
-def _write_manifest(source: Source, root: Path, info, files, static, opset, parity, int8: quantize.Int8Result | None) -> None:
+def _write_manifest(source: Source, root: Path, info, files, static, opset, parity, int8: quantize.Int8Result | None,
+                    names: Sequence[str] = comp.COMPONENTS) -> None:
     """leansd.json, written last: it hashes every other file."""
     metric = "max_rel = max|export - torch| / max|torch| <= tolerance; psnr_db = 20 log10(max|torch| / rms error)"
     if int8 is not None:
@@ -251,7 +261,7 @@ def _write_manifest(source: Source, root: Path, info, files, static, opset, pari
             "parity": parity,
             "parity_metric": metric,
             **({"int8": int8.settings} if int8 is not None else {}),
-            "io": {n: comp.io_manifest(n, static, info) for n in comp.COMPONENTS},
+            "io": {n: comp.io_manifest(n, static, info) for n in names},
             "opset": opset,
             "provenance": _provenance(source),
         },

@@ -85,7 +85,9 @@ def run_onnxruntime(path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, dict(feeds))))
+    # A graph drops inputs nothing depends on (the shallow UNet part of a model without attention there).
+    declared = {i.name for i in session.get_inputs()}
+    return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in declared})))
 
 
 def run_openvino(path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -93,7 +95,8 @@ def run_openvino(path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.nd
     import openvino as ov
 
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    result = compiled(dict(feeds))
+    declared = {name for port in compiled.inputs for name in port.get_names()}
+    result = compiled({k: v for k, v in feeds.items() if k in declared})
     # Every name of each output: compiling may attach an internal tensor name that get_any_name() prefers.
     return {name: np.asarray(result[out]) for out in compiled.outputs for name in out.get_names()}
 

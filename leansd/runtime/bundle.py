@@ -126,6 +126,10 @@ class ModelBundle:
         assert path is not None
         return path
 
+    def optional_component_file(self, component: str, backend: str, precision: str = "fp32") -> Path | None:
+        """The file of an optional component (the deep-cache UNet parts), or None when the folder has none."""
+        return self._candidate(component, backend, precision, required=False)
+
     def has_component(self, component: str, backend: str) -> bool:
         return self._candidate(component, backend, "fp32", required=False) is not None
 

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", help="model variant: fp32 or int8 when the folder has it")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's choice)")
     p.add_argument("--low-memory", action="store_true", help="load each model only while it is needed")
+    p.add_argument("--deep-cache", type=int, default=None, metavar="N",
+                   help="reuse the UNet's deep features for N-1 of every N steps (needs a folder exported with sd-export --deep-cache)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     paths = output_paths(args.output, args.num_images, seed, args.overwrite)
     pipe = leansd.load(
         args.model, backend=args.backend, device=args.device, precision=args.precision,
-        num_threads=args.threads, low_memory=args.low_memory,
+        num_threads=args.threads, low_memory=args.low_memory, deep_cache=args.deep_cache,
     )
     pipe.show_progress = not args.quiet
     result = pipe(
@@ -112,6 +114,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             "Denoising strength": args.strength if args.init_image is not None else None,
             "Batch size": args.num_images if args.num_images > 1 else None,
             "Batch pos": k if args.num_images > 1 else None,
+            "Deep cache": pipe.deep_cache if pipe.deep_cache > 1 else None,
             "Backend": f"leansd {leansd.__version__} {pipe.backend} {pipe.precision}",
         }
         save_png(image, path, a1111_parameters(args.prompt, args.negative_prompt, settings), overwrite=args.overwrite)

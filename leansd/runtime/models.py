@@ -61,25 +61,66 @@ class TextEncoder:
 
 
 class UNet:
-    """The denoiser: noisy latents, timestep and text embeddings -> predicted noise (or v, per the model)."""
+    """The denoiser: noisy latents, timestep and text embeddings -> predicted noise (or v, per the model).
 
-    def __init__(self, session: LazySession, config: dict):
+    With the deep-cache parts of an export (`sd-export --deep-cache`), it can also return the UNet's deep
+    features (`deep_features`) and predict from cached ones (`predict_noise_from_features`), which runs only
+    the shallow layers.
+    """
+
+    def __init__(self, session: LazySession, config: dict, deep: LazySession | None = None, shallow: LazySession | None = None):
         self.session = session
+        self.deep = deep
+        self.shallow = shallow
         self.in_channels = int(config.get("in_channels", 4))
         self.sample_size = config.get("sample_size", 64)
         if config.get("time_cond_proj_dim") is not None:
             raise ModelFolderError("this UNet needs a guidance embedding (time_cond_proj_dim), which leansd does not support yet")
 
+    @property
+    def can_reuse_features(self) -> bool:
+        return self.deep is not None and self.shallow is not None
+
     def predict_noise(self, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray) -> np.ndarray:
         session = self.session.get()
-        spec = session.input("timestep")
-        # Exports differ: (batch,) or a scalar; int64 or float32. Feed what the model declares.
-        if spec.shape is not None and len(spec.shape) == 0:
-            t = np.asarray(timestep, dtype=spec.dtype)
-        else:
-            t = np.full((sample.shape[0],), timestep, dtype=np.float64).astype(spec.dtype)
-        out = session.run({"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states})
+        out = session.run(_unet_feeds(session, sample, timestep, encoder_hidden_states))
         return next(iter(out.values())) if "out_sample" not in out else out["out_sample"]
+
+    def deep_features(self, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray) -> np.ndarray:
+        session = self._part(self.deep)
+        return session.run(_unet_feeds(session, sample, timestep, encoder_hidden_states))["deep_features"]
+
+    def predict_noise_from_features(
+        self, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray, deep_features: np.ndarray
+    ) -> np.ndarray:
+        session = self._part(self.shallow)
+        feeds = _unet_feeds(session, sample, timestep, encoder_hidden_states)
+        feeds["deep_features"] = deep_features
+        return session.run(feeds)["out_sample"]
+
+    def release(self) -> None:
+        for lazy in (self.session, self.deep, self.shallow):
+            if lazy is not None:
+                lazy.release()
+
+    def _part(self, lazy: LazySession | None) -> Session:
+        if lazy is None:
+            raise ModelFolderError("this model folder has no deep-cache UNet parts; re-export it with sd-export --deep-cache")
+        return lazy.get()
+
+
+def _unet_feeds(session: Session, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray) -> dict[str, np.ndarray]:
+    spec = session.input("timestep")
+    # Exports differ: (batch,) or a scalar; int64 or float32. Feed what the model declares.
+    if spec.shape is not None and len(spec.shape) == 0:
+        t = np.asarray(timestep, dtype=spec.dtype)
+    else:
+        t = np.full((sample.shape[0],), timestep, dtype=np.float64).astype(spec.dtype)
+    feeds = {"sample": sample, "timestep": t}
+    # The shallow UNet part of a model with no attention in its first and last blocks has no text input.
+    if session.has_input("encoder_hidden_states"):
+        feeds["encoder_hidden_states"] = encoder_hidden_states
+    return feeds
 
 
 def vae_scale_factor(vae_config: dict) -> int:

@@ -56,7 +56,9 @@ def _as_list(prompt: str | Sequence[str], what: str) -> list[str]:
 class Pipeline:
     """Text-to-image and image-to-image over one model folder, with one backend."""
 
-    def __init__(self, bundle: ModelBundle, backend: str, options: SessionOptions, precision: str = "fp32"):
+    def __init__(
+        self, bundle: ModelBundle, backend: str, options: SessionOptions, precision: str = "fp32", deep_cache: int | None = None
+    ):
         self.bundle = bundle
         self.backend = backend
         self.precision = precision
@@ -69,15 +71,21 @@ class Pipeline:
             path = bundle.component_file(component, backend, precision)
             return LazySession(lambda: backends.open_session(path, backend, options))
 
+        def optional_session(component: str) -> LazySession | None:
+            path = bundle.optional_component_file(component, backend, precision)
+            return None if path is None else LazySession(lambda: backends.open_session(path, backend, options))
+
         self.text_encoder = TextEncoder(session("text_encoder"))
-        self.unet = UNet(session("unet"), bundle.unet_config)
+        self.unet = UNet(session("unet"), bundle.unet_config, optional_session("unet_deep"), optional_session("unet_shallow"))
+        self.deep_cache = self._check_deep_cache(deep_cache)
         self.vae_decoder = VaeDecoder(session("vae_decoder"), bundle.vae_config)
         self.vae_encoder = (
             VaeEncoder(session("vae_encoder"), bundle.vae_config) if bundle.has_component("vae_encoder", backend) else None
         )
         if not self.low_memory:
             # Open everything now so bad files fail at load time, not halfway through a generation.
-            for lazy in (self.text_encoder.session, self.unet.session, self.vae_decoder.session):
+            unet_parts = (self.unet.deep, self.unet.shallow) if self.deep_cache > 1 else (self.unet.session,)
+            for lazy in (self.text_encoder.session, *unet_parts, self.vae_decoder.session):
                 lazy.get()
 
     @property
@@ -108,6 +116,7 @@ class Pipeline:
         generator: NoiseSource | None = None,
         scheduler: str | None = None,
         callback: StepCallback | None = None,
+        deep_cache: int | None = None,
     ) -> PipelineOutput:
         """Generate images. `image` + `strength` switch to image-to-image. See README for every argument."""
         timings: dict[str, float] = {}
@@ -126,6 +135,7 @@ class Pipeline:
             raise InvalidInputError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
         if image is not None and not 0.0 < strength <= 1.0:
             raise InvalidInputError(f"strength must be in (0, 1], got {strength}")
+        interval = self.deep_cache if deep_cache is None else self._check_deep_cache(deep_cache)
         use_guidance = guidance > 1.0
         negatives = None
         if use_guidance:
@@ -178,9 +188,9 @@ class Pipeline:
 
         # 5. Denoise.
         t0 = time.perf_counter()
-        latents = self._denoise(latents, embeddings, sched, plan, guidance, use_guidance, noise, callback)
+        latents = self._denoise(latents, embeddings, sched, plan, guidance, use_guidance, noise, callback, interval)
         if self.low_memory:
-            self.unet.session.release()
+            self.unet.release()
         timings["denoise_s"] = time.perf_counter() - t0
         timings["step_s"] = timings["denoise_s"] / len(plan.timesteps)
 
@@ -251,9 +261,31 @@ class Pipeline:
         init = np.concatenate([init] * (batch // init.shape[0]))
         return sched.add_noise(plan, init, noise.randn(init.shape)).astype(np.float32)
 
-    def _denoise(self, latents, embeddings, sched, plan, guidance, use_guidance, noise: NoiseSource, callback) -> np.ndarray:
+    def _check_deep_cache(self, interval: int | None) -> int:
+        """The feature-reuse interval (1 = off) after checking it and that the folder can do it."""
+        if interval is None:
+            return 1
+        if isinstance(interval, bool) or not isinstance(interval, (int, np.integer)) or interval < 1:
+            raise InvalidInputError(f"deep_cache must be a whole number of steps >= 1 (1 = off), got {interval!r}")
+        if interval > 1 and not self.unet.can_reuse_features:
+            raise ModelFolderError(
+                f"{self.bundle.root} has no {self.precision} deep-cache UNet parts for {self.backend}; "
+                "re-export it with sd-export --deep-cache, or leave deep_cache off"
+            )
+        return int(interval)
+
+    def _predict(self, model_input, t, embeddings, step: int, interval: int, cache: dict) -> np.ndarray:
+        """One UNet evaluation; with feature reuse, the deep features are refreshed every `interval` steps."""
+        if interval <= 1:
+            return self.unet.predict_noise(model_input, t, embeddings)
+        if step % interval == 0 or "features" not in cache:
+            cache["features"] = self.unet.deep_features(model_input, t, embeddings)
+        return self.unet.predict_noise_from_features(model_input, t, embeddings, cache["features"])
+
+    def _denoise(self, latents, embeddings, sched, plan, guidance, use_guidance, noise: NoiseSource, callback, interval: int = 1) -> np.ndarray:
         total = len(plan.timesteps)
         state = None
+        cache: dict[str, np.ndarray] = {}
         progress = None
         if self.show_progress:
             from tqdm import tqdm
@@ -264,7 +296,7 @@ class Pipeline:
                 model_input = sched.scale_model_input(plan, i, latents).astype(np.float32, copy=False)
                 if use_guidance:
                     model_input = np.concatenate([model_input, model_input])
-                prediction = self.unet.predict_noise(model_input, t, embeddings)
+                prediction = self._predict(model_input, t, embeddings, i, interval, cache)
                 if use_guidance:
                     uncond, cond = np.split(prediction, 2)
                     prediction = uncond + np.float32(guidance) * (cond - uncond)
@@ -282,7 +314,8 @@ class Pipeline:
 
     def close(self) -> None:
         """Release every model session."""
-        for component in (self.text_encoder, self.unet, self.vae_decoder, self.vae_encoder):
+        self.unet.release()
+        for component in (self.text_encoder, self.vae_decoder, self.vae_encoder):
             if component is not None:
                 component.session.release()
 
@@ -317,6 +350,7 @@ def load(
     num_threads: int | None = None,
     low_memory: bool = False,
     cache_dir: str | Path | None = None,
+    deep_cache: int | None = None,
 ) -> Pipeline:
     """Load a model folder (None: the bundled default model) and return a ready `Pipeline`.
 
@@ -326,6 +360,8 @@ def load(
     precision: "fp32" or another variant the folder holds (see its leansd.json).
     low_memory: load each model only while it is needed and release it afterwards.
     cache_dir: OpenVINO compiled-model cache, so later runs start faster.
+    deep_cache: reuse the UNet's deep features for N-1 of every N steps (DeepCache; needs a folder exported
+        with `sd-export --deep-cache`); None or 1 runs the whole UNet every step. Overridable per call.
     """
     if path is None:
         path = bundled_model_path()
@@ -336,4 +372,4 @@ def load(
     options = SessionOptions(
         device=device, num_threads=num_threads, low_memory=low_memory, cache_dir=Path(cache_dir) if cache_dir else None
     )
-    return Pipeline(bundle, chosen, options, precision=precision)
+    return Pipeline(bundle, chosen, options, precision=precision, deep_cache=deep_cache)

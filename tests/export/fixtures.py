@@ -42,3 +42,9 @@ def exported_tiny_sd_vae4_vpred(tiny_sd_vae4_vpred_dir: Path, tmp_path_factory: 
     return _export(tiny_sd_vae4_vpred_dir, tmp_path_factory.mktemp("exports") / "tiny-sd-vae4-v")
 
 
+
+
+@pytest.fixture(scope="session")
+def exported_tiny_sd_deepcache(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_sd_dir` exported for both backends with the deep-cache UNet parts (`deep_cache=True`)."""
+    return _export(tiny_sd_dir, tmp_path_factory.mktemp("exports") / "tiny-sd-deepcache", deep_cache=True)

@@ -1,0 +1,130 @@
+"""The UNet cut in two for feature reuse across steps (the DeepCache approach, arXiv 2312.00858).
+
+Adjacent denoising steps change the UNet's deep features little. The UNet is exported as two graphs:
+
+    unet_deep     sample, timestep, encoder_hidden_states                 -> deep_features
+    unet_shallow  sample, timestep, encoder_hidden_states, deep_features  -> out_sample
+
+`deep_features` is the hidden state entering the second-to-last layer of the last up block: everything
+below the first layer of the first down block, and everything above, is "deep". `unet_shallow` recomputes
+only the shallow branch (conv_in, the first down layer, the last two up layers, the output head), so a step
+that reuses cached features costs a fraction of a full step; a full step is `unet_deep` then `unet_shallow`,
+which equals the plain UNet (tested) and repeats only conv_in and the first down layer.
+
+Splitting by graphs (instead of a second full UNet with an extra output) keeps the disk and memory cost of
+the deep-cache variant at one UNet. Only SD 1.x / 2.x UNets are supported (no added embeddings).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from leansd.export.errors import ExportError
+
+PARTS = ("unet_deep", "unet_shallow")
+
+
+def check_supported(config: dict[str, Any]) -> None:
+    """Raise `ExportError` naming the reason when this UNet cannot be split for feature reuse."""
+    problems = []
+    if not isinstance(config.get("layers_per_block", 2), int):
+        problems.append("per-block layers_per_block")
+    for key in ("class_embed_type", "addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim_type"):
+        if config.get(key) is not None:
+            problems.append(key)
+    if len(config.get("block_out_channels", ())) < 2:
+        problems.append("a single-level UNet")
+    if problems:
+        raise ExportError(
+            f"--deep-cache supports SD 1.x/2.x UNets; this one has {', '.join(problems)}; export without --deep-cache"
+        )
+
+
+def feature_channels(config: dict[str, Any]) -> int:
+    """Channels of `deep_features` (0 if the UNet cannot be split): the output width of the block before the
+    last up block when that block has one layer (layers_per_block 1), else the last up block's own width."""
+    channels = list(config.get("block_out_channels", ()))
+    layers = config.get("layers_per_block", 2)
+    if not isinstance(layers, int) or len(channels) < 2:
+        return 0
+    return channels[1] if layers == 1 else channels[0]
+
+
+def _layers(unet: Any) -> int:
+    return len(unet.up_blocks[-1].resnets) - 1  # the last up block has layers_per_block + 1 layers
+
+
+def _attention(block: Any, index: int, hidden: Any, context: Any) -> Any:
+    attentions = getattr(block, "attentions", None)
+    if not attentions:
+        return hidden
+    return attentions[index](hidden, encoder_hidden_states=context, return_dict=False)[0]
+
+
+def wrap_deep(unet: Any) -> Any:
+    """A module: (sample, timestep, encoder_hidden_states) -> deep_features, cut from diffusers' own forward.
+
+    The feature is read with a hook on the layer that consumes it, so the deep part is diffusers' code path,
+    shape-dependent upsampling included; the ops after the hook feed no output and the ONNX exporter drops them.
+    """
+    import torch
+
+    check_supported(dict(unet.config))
+    layers = _layers(unet)
+    skip_channels = unet.config.block_out_channels[0]
+    consumer = unet.up_blocks[-1].resnets[layers - 1]
+
+    class UNetDeep(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = unet
+
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+            captured: list[torch.Tensor] = []
+
+            def grab(_module: Any, args: tuple) -> None:
+                # The consumer's input is cat([deep features, skip]); keep the deep half.
+                captured.append(args[0][:, : args[0].shape[1] - skip_channels])
+
+            handle = consumer.register_forward_pre_hook(grab)
+            try:
+                self.model(sample, timestep, encoder_hidden_states, return_dict=False)
+            finally:
+                handle.remove()
+            return captured[0]
+
+    return UNetDeep().eval()
+
+
+def wrap_shallow(unet: Any) -> Any:
+    """A module: (sample, timestep, encoder_hidden_states, deep_features) -> out_sample."""
+    import torch
+
+    check_supported(dict(unet.config))
+    layers = _layers(unet)
+
+    class UNetShallow(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = unet
+
+        def forward(
+            self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, deep_features: torch.Tensor
+        ) -> torch.Tensor:
+            m = self.model
+            emb = m.time_embedding(m.get_time_embed(sample=sample, timestep=timestep), None)
+            if m.time_embed_act is not None:
+                emb = m.time_embed_act(emb)
+            first = m.conv_in(sample)
+            down = m.down_blocks[0]
+            skip = _attention(down, 0, down.resnets[0](first, emb), encoder_hidden_states)
+            up = m.up_blocks[-1]
+            hidden = deep_features
+            # The last up block's final two layers consume the first down layer's output, then conv_in's.
+            for index, res in ((layers - 1, skip), (layers, first)):
+                hidden = up.resnets[index](torch.cat([hidden, res], dim=1), emb)
+                hidden = _attention(up, index, hidden, encoder_hidden_states)
+            if m.conv_norm_out is not None:
+                hidden = m.conv_act(m.conv_norm_out(hidden))
+            return m.conv_out(hidden)
+
+    return UNetShallow().eval()
