@@ -51,7 +51,11 @@ class Export:
 EXPORTS = {
     e.key: e
     for e in (
-        Export("leansd", "leansd sd-export (ONNX + OpenVINO IR, fp32)", ("{tool:sd-export}", "{src}", "{out}", "--backend", "all", "--quiet")),
+        Export(
+            "leansd",
+            "leansd sd-export (ONNX + OpenVINO IR, fp32, with the deep-cache UNet parts)",
+            ("{tool:sd-export}", "{src}", "{out}", "--backend", "all", "--deep-cache", "--quiet"),
+        ),
         Export(
             "leansd-int8",
             "leansd sd-export with int8 variants (OpenVINO: NNCF hybrid UNet + int8 weights; ONNX: dynamic int8)",
@@ -141,8 +145,9 @@ PEERS = [
         {"backend": "onnxruntime", "precision": "int8"},
         needs_precision="int8",
     ),
-    # Reserved rows for modes still to come.
-    Peer("leansd-deepcache", "leansd DeepCache (feature reuse)", "leansd", "leansd", LEANSD_OV, slot="leansd has no DeepCache mode yet"),
+    # Feature reuse: the deep UNet features refreshed every 3 steps (DeepCache's usual setting).
+    Peer("leansd-ov-fp32-deepcache3", "leansd openvino fp32, deep cache every 3 steps", "leansd", "leansd", {**LEANSD_OV, "deep_cache": 3}),
+    Peer("leansd-ort-fp32-deepcache3", "leansd onnxruntime fp32, deep cache every 3 steps", "leansd", "leansd", {**LEANSD_ORT, "deep_cache": 3}),
 ]
 
 

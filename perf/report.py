@@ -164,6 +164,8 @@ def consistency_notes(data: dict, tolerance: float = 1.5) -> list[str]:
         # The first call of each image is left out: it may include lazy compilation (or, in low-memory mode, a reload).
         calls = [t for im in r.get("images", []) for t in im.get("unet_call_s", [])[1:]]
         step = r.get("unet_step_s")
+        if (p.get("options") or {}).get("deep_cache"):
+            continue  # full and shallow steps differ by design
         if p.get("status") != "ok" or not calls or not step:
             continue
         fastest, slowest = min(calls), max(calls)
