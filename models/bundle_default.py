@@ -7,6 +7,10 @@ Dev tool (needs the exporter's dependencies). Run from the repository root after
 It exports with `sd-export`'s own code (every component verified against PyTorch), then records the name
 and the generation defaults the model card recommends in `leansd.json`, and swaps the folder into
 `leansd/bundled/shapes/` in one rename.
+
+Only the ONNX files are shipped by default: OpenVINO reads ONNX directly (the runtime falls back to
+`model.onnx` when a folder has no IR), so a second copy of the weights in IR form would double the package
+for no gain on a model this small.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, default=REPO / "models" / "shapes" / "weights")
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--backend", default="onnx", help="onnx (default), openvino or all")
     parser.add_argument("--steps", type=int, default=None, help="default steps (else training.json's recommendation)")
     parser.add_argument("--guidance", type=float, default=None, help="default guidance (else training.json's recommendation)")
     args = parser.parse_args()
@@ -36,7 +41,7 @@ def main() -> None:
     staging = Path(tempfile.mkdtemp(prefix=".shapes-", dir=TARGET.parent if TARGET.parent.exists() else None))
     out = staging / "shapes"
     kwargs = {"precisions": tuple(args.precision.split(","))} if args.precision != "fp32" else {}
-    export_model(args.weights, out, backends="all", progress=True, **kwargs)
+    export_model(args.weights, out, backends=args.backend, progress=True, **kwargs)
     manifest_path = out / "leansd.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["name"] = "leansd-shapes"

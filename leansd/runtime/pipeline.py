@@ -274,18 +274,32 @@ class Pipeline:
             )
         return int(interval)
 
+    @property
+    def splits_guidance(self) -> bool:
+        """Low-memory mode runs the unconditional and conditional halves as two UNet calls of half the batch:
+        the same result, with half the activation memory (attention scores above all). Static exports fix the
+        UNet batch, so they keep one call."""
+        return self.low_memory and not (self.bundle.static_shapes or {}).get("unet_batch")
+
     def _predict(self, model_input, t, embeddings, step: int, interval: int, cache: dict) -> np.ndarray:
+        """The UNet's prediction for a step: one call, or one per guidance half in low-memory mode."""
+        if self.splits_guidance and model_input.shape[0] > 1 and model_input.shape[0] % 2 == 0:
+            halves = zip(np.split(model_input, 2), np.split(embeddings, 2))
+            return np.concatenate([self._predict_batch(x, t, e, step, interval, cache, k) for k, (x, e) in enumerate(halves)])
+        return self._predict_batch(model_input, t, embeddings, step, interval, cache, 0)
+
+    def _predict_batch(self, model_input, t, embeddings, step: int, interval: int, cache: dict, key: int) -> np.ndarray:
         """One UNet evaluation; with feature reuse, the deep features are refreshed every `interval` steps."""
         if interval <= 1:
             return self.unet.predict_noise(model_input, t, embeddings)
-        if step % interval == 0 or "features" not in cache:
-            cache["features"] = self.unet.deep_features(model_input, t, embeddings)
-        return self.unet.predict_noise_from_features(model_input, t, embeddings, cache["features"])
+        if step % interval == 0 or key not in cache:
+            cache[key] = self.unet.deep_features(model_input, t, embeddings)
+        return self.unet.predict_noise_from_features(model_input, t, embeddings, cache[key])
 
     def _denoise(self, latents, embeddings, sched, plan, guidance, use_guidance, noise: NoiseSource, callback, interval: int = 1) -> np.ndarray:
         total = len(plan.timesteps)
         state = None
-        cache: dict[str, np.ndarray] = {}
+        cache: dict[int, np.ndarray] = {}
         progress = None
         if self.show_progress:
             from tqdm import tqdm

@@ -25,7 +25,7 @@ import sys
 import time
 from collections import Counter, deque
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -147,25 +147,29 @@ def diffusers_generator(model_dir: str, steps: int, guidance: float, threads: in
     return generate
 
 
-def leansd_generator(model_dir: str, backend: str, steps: int, guidance: float) -> Generator:
-    """leansd's runtime on an exported model folder (`leansd.load(model_dir, backend=...)`)."""
+def leansd_generator(model_dir: str | None, backend: str, steps: int, guidance: float, precision: str = "fp32",
+                     deep_cache: int | None = None, scheduler: str | None = None) -> Generator:
+    """leansd's runtime on an exported model folder (`leansd.load(model_dir, backend=...)`; None: the bundled model)."""
     import leansd
 
-    pipe = leansd.load(model_dir, backend=backend)
+    pipe = leansd.load(model_dir, backend=backend, precision=precision, deep_cache=deep_cache)
 
     def generate(prompt: str, seed: int, negative_prompt: str | None = None) -> np.ndarray:
         kwargs = {"negative_prompt": negative_prompt} if negative_prompt else {}
-        out = pipe(prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance, output_type="np", **kwargs)
+        out = pipe(prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+                   scheduler=scheduler, **kwargs)
         return to_uint8(out.images[0])
 
     return generate
 
 
-def make_generator(backend: str, model_dir: str, steps: int, guidance: float, threads: int = 1) -> Generator:
+def make_generator(backend: str, model_dir: str | None, steps: int, guidance: float, threads: int = 1, **leansd_options) -> Generator:
     if backend == "diffusers":
-        return diffusers_generator(model_dir, steps, guidance, threads)
+        if leansd_options.get("precision", "fp32") != "fp32" or leansd_options.get("deep_cache") or leansd_options.get("scheduler"):
+            raise SystemExit("--precision, --deep-cache and --scheduler apply to the leansd backends only")
+        return diffusers_generator(model_dir or str(Path(__file__).resolve().parent / "weights"), steps, guidance, threads)
     if backend in ("onnxruntime", "openvino"):
-        return leansd_generator(model_dir, backend, steps, guidance)
+        return leansd_generator(model_dir, backend, steps, guidance, **leansd_options)
     raise ValueError(f"unknown backend {backend!r}; known: diffusers, onnxruntime, openvino")
 
 
@@ -328,7 +332,8 @@ def save_grid(images: list[np.ndarray], path: Path, cols: int = 12) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(Path(__file__).resolve().parent / "weights"), help="model folder")
+    p.add_argument("--model", default=None,
+                   help="model folder (default: models/shapes/weights for diffusers, the bundled export for leansd)")
     p.add_argument("--backend", default="diffusers", choices=["diffusers", "onnxruntime", "openvino"])
     p.add_argument("--validate", action="store_true", help="score the classifier on ground-truth images from data.py")
     p.add_argument("--mode", default="grammar", choices=["grammar", "partial", "negative"],
@@ -336,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
                         "negative: negative prompts naming a colour (24 prompts x 8)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--precision", default="fp32", help="leansd backends: fp32 or int8")
+    p.add_argument("--deep-cache", type=int, default=None, metavar="N", help="leansd backends: refresh deep UNet features every N steps")
+    p.add_argument("--scheduler", default=None, help="leansd backends: sampler (default: the model's)")
     p.add_argument("--seeds-per-prompt", type=int, default=2)
     p.add_argument("--seed-base", type=int, default=SEED_BASE)
     p.add_argument("--threads", type=int, default=1, help="torch threads for the diffusers backend")
@@ -347,8 +355,12 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--validate checks the full grammar only")
         generate, title = ground_truth_generator(), "Classifier on ground-truth images from data.py"
     else:
-        generate = make_generator(args.backend, args.model, args.steps, args.guidance, args.threads)
-        title = f"{args.backend}, {args.steps} steps, guidance {args.guidance}, {args.mode} prompts"
+        generate = make_generator(args.backend, args.model, args.steps, args.guidance, args.threads,
+                                  precision=args.precision, deep_cache=args.deep_cache, scheduler=args.scheduler)
+        variant = "" if args.backend == "diffusers" else f" {args.precision}"
+        variant += f", deep cache every {args.deep_cache} steps" if args.deep_cache and args.deep_cache > 1 else ""
+        variant += f", {args.scheduler}" if args.scheduler else ""
+        title = f"{args.backend}{variant}, {args.steps} steps, guidance {args.guidance}, {args.mode} prompts"
     cases = {"grammar": grammar_cases, "partial": partial_cases, "negative": negative_cases}[args.mode](
         args.seeds_per_prompt, args.seed_base)
     rows, images, per_image = run_cases(generate, cases, keep_images=168 * args.seeds_per_prompt)
@@ -361,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     summary.update({
         "mode": args.mode, "backend": None if args.validate else args.backend, "validate": args.validate,
         "model": None if args.validate else args.model, "steps": args.steps, "guidance_scale": args.guidance,
+        "precision": args.precision, "deep_cache": args.deep_cache, "scheduler": args.scheduler,
         "seeds_per_prompt": args.seeds_per_prompt, "seed_base": args.seed_base, "seconds_per_image": round(per_image, 4),
     })
     print(table)

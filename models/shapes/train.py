@@ -60,7 +60,7 @@ class Config:
     text_heads: int = 4
     text_ffn: int = 128
     # UNet
-    unet_channels: tuple[int, ...] = (16, 32, 64)
+    unet_channels: tuple[int, ...] = (32, 64, 128)
     unet_layers_per_block: int = 1
     unet_groups: int = 8
     unet_heads: int = 4  # diffusers' `attention_head_dim` (the number of heads in SD 1.x's config)
@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-steps", type=int, default=None)
     p.add_argument("--unet-steps", type=int, default=None)
     p.add_argument("--pool-size", type=int, default=None)
+    p.add_argument("--unet-channels", default=None, help="UNet block widths, e.g. 32,64,128")
     p.add_argument("--raw-out", default=None, help="(experiments) also save the last weights, without the EMA")
     p.add_argument("--vae-from", default=None, help="(experiments) reuse the VAE of a saved model instead of training one")
     args = p.parse_args(argv)
@@ -325,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("threads", "vae_steps", "unet_steps", "pool_size"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    if args.unet_channels:
+        cfg.unet_channels = tuple(int(c) for c in args.unet_channels.split(","))
 
     from diffusers import StableDiffusionPipeline
 

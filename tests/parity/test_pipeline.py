@@ -116,6 +116,24 @@ def test_vae_factor_4_and_v_prediction(tiny_sd_vae4_vpred_dir, exported_tiny_sd_
             assert err < TOLERANCE, f"{scheduler} on {backend}: max-abs {err:.2e}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_memory_matches_diffusers_and_releases_models(tiny_sd_dir, exported_tiny_sd, backend):
+    # Low-memory mode loads models on demand and runs the two guidance halves as separate UNet calls.
+    kwargs = dict(prompt=["a red circle", "a blue square"], negative_prompt=["", "a triangle"], num_inference_steps=4,
+                  guidance_scale=7.5, height=32, width=32)
+    expected = reference_images(reference_pipeline(tiny_sd_dir, "dpm++2m"), seed=4, **kwargs)
+    pipe = leansd.load(exported_tiny_sd, backend=backend, low_memory=True)
+    assert pipe.splits_guidance and not pipe.unet.session.loaded
+    batches = []
+    original = pipe.unet.predict_noise
+    pipe.unet.predict_noise = lambda x, t, e: batches.append(x.shape[0]) or original(x, t, e)
+    got = pipe(**kwargs, seed=4, scheduler="dpm++2m", output_type="np").images
+    assert batches == [2] * 8  # two calls of one guidance half (2 prompts) per step
+    err = float(np.abs(got - expected).max())
+    assert err < TOLERANCE, f"low memory on {backend}: max-abs {err:.2e}"
+    assert not any(m.session.loaded for m in (pipe.text_encoder, pipe.unet, pipe.vae_decoder))
+
+
 def test_output_types_and_callback(pipes):
     pipe = pipes["onnxruntime"]
     seen = []
