@@ -325,6 +325,8 @@ def parse_args(argv):
     p.add_argument("--rebuild", action="store_true", help="rebuild the random-weight model (and so every export)")
     p.add_argument("--reexport", action="store_true", help="redo the exports even if the cached ones are current")
     p.add_argument("--output", type=Path, help="report path (default: perf/RESULTS.md, or perf/RESULTS-quick.md with --quick)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="build the model and the exports the selected configurations need, then stop (prepare on a busy machine, measure on an idle one)")
     p.add_argument("--list", action="store_true", help="list the configurations and exports, then exit")
     p.add_argument("--render", type=Path, metavar="RESULTS_JSON", help="only rewrite the report from a saved results JSON")
     return p.parse_args(argv)
@@ -367,6 +369,13 @@ def main(argv=None) -> int:
         log(f"warning: only {free_gb:.1f} GB of memory available; the full-size exports need about 11 GB")
     bench = Bench(args, config, cache)
     src = bench.source()
+    if args.prepare_only:
+        for key in dict.fromkeys(p.export for p in select_peers(args) if p.export and bench.opted_in(p)):
+            entry = bench.export(key, src)
+            if not entry.get("ok"):
+                return 1
+        log("prepared; run again without --prepare-only to measure")
+        return 0
     rows = []
     for peer in select_peers(args):
         log(f"{peer.name}: ...")

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", help="model variant: fp32 or int8 when the folder has it")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's choice)")
     p.add_argument("--low-memory", action="store_true", help="load each model only while it is needed")
+    p.add_argument("--tiled-vae", action="store_true", default=None,
+                   help="decode images larger than the VAE's native size tile by tile (on with --low-memory)")
     p.add_argument("--deep-cache", type=int, default=None, metavar="N",
                    help="reuse the UNet's deep features for N-1 of every N steps (needs a folder exported with sd-export --deep-cache)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -87,6 +89,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     pipe = leansd.load(
         args.model, backend=args.backend, device=args.device, precision=args.precision,
         num_threads=args.threads, low_memory=args.low_memory, deep_cache=args.deep_cache,
+        vae_tiling=args.tiled_vae,
     )
     pipe.show_progress = not args.quiet
     result = pipe(

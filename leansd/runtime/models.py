@@ -129,7 +129,9 @@ def vae_scale_factor(vae_config: dict) -> int:
 
 
 class VaeDecoder:
-    """Latents (as the UNet sees them) -> images in [-1, 1], NCHW."""
+    """Latents (as the UNet sees them) -> images in [-1, 1], NCHW; whole, or tile by tile for large images."""
+
+    TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour, as diffusers' AutoencoderKL tiling
 
     def __init__(self, session: LazySession, vae_config: dict):
         self.session = session
@@ -137,12 +139,51 @@ class VaeDecoder:
         self.shift_factor = float(vae_config.get("shift_factor") or 0.0)
         self.scale_factor = vae_scale_factor(vae_config)
         self.latent_channels = int(vae_config.get("latent_channels", 4))
+        size = vae_config.get("sample_size", 512)
+        self.tile_size = int(size[0] if isinstance(size, (list, tuple)) else size)  # pixels; latents: / scale_factor
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        session = self.session.get()
+    def decode(self, latents: np.ndarray, tiled: bool = False) -> np.ndarray:
+        """Decode; with `tiled`, latents larger than one tile are decoded in overlapping tiles whose seams are
+        blended linearly (diffusers' `vae.enable_tiling()`): memory stays that of one tile at any image size."""
         scaled = (latents / self.scaling_factor + self.shift_factor).astype(np.float32)
+        tile = self.tile_size // self.scale_factor
+        if tiled and (scaled.shape[-1] > tile or scaled.shape[-2] > tile):
+            return self._decode_tiled(scaled, tile)
+        return self._run(scaled)
+
+    def _run(self, scaled: np.ndarray) -> np.ndarray:
+        session = self.session.get()
         out = session.run({_first_input(session, ("latent_sample",), "VAE decoder"): scaled})
         return out.get("sample", next(iter(out.values())))
+
+    def _decode_tiled(self, scaled: np.ndarray, tile: int) -> np.ndarray:
+        stride = int(tile * (1 - self.TILE_OVERLAP))
+        blend = int(self.tile_size * self.TILE_OVERLAP)
+        keep = self.tile_size - blend
+        rows = [
+            [np.array(self._run(np.ascontiguousarray(scaled[:, :, i : i + tile, j : j + tile]))) for j in range(0, scaled.shape[3], stride)]
+            for i in range(0, scaled.shape[2], stride)
+        ]
+        out_rows = []
+        for i, row in enumerate(rows):
+            for j, current in enumerate(row):
+                # In place, so the next row blends with this row's already blended tiles (as diffusers does).
+                if i > 0:
+                    _blend(rows[i - 1][j], current, blend, axis=2)
+                if j > 0:
+                    _blend(row[j - 1], current, blend, axis=3)
+            out_rows.append(np.concatenate([t[:, :, :keep, :keep] for t in row], axis=3))
+        return np.concatenate(out_rows, axis=2)
+
+
+def _blend(before: np.ndarray, current: np.ndarray, extent: int, axis: int) -> None:
+    """Fade `before`'s last `extent` rows (axis 2) or columns (axis 3) into `current`'s first ones, in place."""
+    extent = min(before.shape[axis], current.shape[axis], extent)
+    for k in range(extent):
+        w = k / extent
+        dst = (slice(None), slice(None), k) if axis == 2 else (slice(None), slice(None), slice(None), k)
+        src = (slice(None), slice(None), k - extent) if axis == 2 else (slice(None), slice(None), slice(None), k - extent)
+        current[dst] = before[src] * (1 - w) + current[dst] * w
 
 
 class VaeEncoder:

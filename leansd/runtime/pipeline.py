@@ -57,7 +57,8 @@ class Pipeline:
     """Text-to-image and image-to-image over one model folder, with one backend."""
 
     def __init__(
-        self, bundle: ModelBundle, backend: str, options: SessionOptions, precision: str = "fp32", deep_cache: int | None = None
+        self, bundle: ModelBundle, backend: str, options: SessionOptions, precision: str = "fp32", deep_cache: int | None = None,
+        vae_tiling: bool | None = None,
     ):
         self.bundle = bundle
         self.backend = backend
@@ -78,6 +79,8 @@ class Pipeline:
         self.text_encoder = TextEncoder(session("text_encoder"))
         self.unet = UNet(session("unet"), bundle.unet_config, optional_session("unet_deep"), optional_session("unet_shallow"))
         self.deep_cache = self._check_deep_cache(deep_cache)
+        # Tiled decoding needs a decoder that takes any size; a static export fixes one.
+        self.vae_tiling = (self.low_memory if vae_tiling is None else bool(vae_tiling)) and not bundle.static_shapes
         self.vae_decoder = VaeDecoder(session("vae_decoder"), bundle.vae_config)
         self.vae_encoder = (
             VaeEncoder(session("vae_encoder"), bundle.vae_config) if bundle.has_component("vae_encoder", backend) else None
@@ -199,7 +202,7 @@ class Pipeline:
         if output_type == "latent":
             images: list[Image.Image] | np.ndarray = latents
         else:
-            decoded = np.concatenate([self.vae_decoder.decode(latents[i : i + 1]) for i in range(batch)])
+            decoded = np.concatenate([self.vae_decoder.decode(latents[i : i + 1], tiled=self.vae_tiling) for i in range(batch)])
             unit = decoded_to_unit(decoded)
             images = unit if output_type == "np" else unit_to_pil(unit)
         if self.low_memory:
@@ -365,6 +368,7 @@ def load(
     low_memory: bool = False,
     cache_dir: str | Path | None = None,
     deep_cache: int | None = None,
+    vae_tiling: bool | None = None,
 ) -> Pipeline:
     """Load a model folder (None: the bundled default model) and return a ready `Pipeline`.
 
@@ -376,6 +380,8 @@ def load(
     cache_dir: OpenVINO compiled-model cache, so later runs start faster.
     deep_cache: reuse the UNet's deep features for N-1 of every N steps (DeepCache; needs a folder exported
         with `sd-export --deep-cache`); None or 1 runs the whole UNet every step. Overridable per call.
+    vae_tiling: decode images larger than the VAE's native size in overlapping tiles (as diffusers'
+        `vae.enable_tiling()`), so decoding memory does not grow with the image; default: on in low-memory mode.
     """
     if path is None:
         path = bundled_model_path()
@@ -386,4 +392,4 @@ def load(
     options = SessionOptions(
         device=device, num_threads=num_threads, low_memory=low_memory, cache_dir=Path(cache_dir) if cache_dir else None
     )
-    return Pipeline(bundle, chosen, options, precision=precision, deep_cache=deep_cache)
+    return Pipeline(bundle, chosen, options, precision=precision, deep_cache=deep_cache, vae_tiling=vae_tiling)
