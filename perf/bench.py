@@ -133,6 +133,7 @@ class Bench:
         self.stamps.mkdir(exist_ok=True)
         self.source_info: dict = {}
         self.exports: dict[str, dict] = {}
+        self.image_reference = "diffusers PyTorch fp32"
 
     # --------------------------------------------------------------------------------------- source model
     def source(self) -> Path | None:
@@ -286,9 +287,12 @@ class Bench:
     def compare_images(self, rows: list[dict]) -> None:
         import numpy as np
 
-        ref_row = next((r for r in rows if r["name"] == "diffusers-pt-fp32" and r.get("status") == "ok"), None)
+        # diffusers is the reference; without it, leansd's own fp32 run (itself within ~1e-6 of diffusers).
+        ref_row = next((r for name in ("diffusers-pt-fp32", "leansd-ov-fp32", "leansd-ort-fp32") for r in rows
+                        if r["name"] == name and r.get("status") == "ok"), None)
         if ref_row is None:
             return
+        self.image_reference = ref_row["label"]
         ref = np.load(self.run_dir / ref_row["name"] / "image.npy")
         for r in rows:
             path = self.run_dir / r["name"] / "image.npy"
@@ -297,6 +301,8 @@ class Bench:
                 if img.shape == ref.shape:
                     r["max_abs_diff"] = float(np.abs(img - ref).max())
                     r["mean_abs_diff"] = float(np.abs(img - ref).mean())
+                    rms = float(np.sqrt(np.mean((img - ref) ** 2)))
+                    r["psnr_db"] = float(20 * np.log10(1.0 / rms)) if rms > 0 else None
 
 
 def select_peers(args) -> list[registry.Peer]:
@@ -405,6 +411,7 @@ def main(argv=None) -> int:
         "source": bench.source_info,
         "exports": bench.exports,
         "peers": rows,
+        "image_reference": bench.image_reference,
         "unet_calls_per_image": next(iter(calls)) if len(calls) == 1 else sorted(c for c in calls if c is not None) or "?",
         "run_dir": str(bench.run_dir.relative_to(REPO)),
     }

@@ -92,13 +92,14 @@ def _status(peer: dict) -> str:
 
 
 def results_table(data: dict) -> list[str]:
-    headers = ["configuration"] + [m[1] for m in METRICS] + ["max abs Δ vs diffusers", "load avg", "status"]
+    headers = ["configuration"] + [m[1] for m in METRICS] + ["image Δ vs reference: max abs / PSNR dB", "load avg", "status"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for peer in data["peers"]:
         r = peer.get("result") or {}
         values = [_fmt(peer.get("peak_rss_mb") if key == "peak_rss_mb" else r.get(key), scale, fmt) for key, _, scale, fmt in METRICS]
         diff = peer.get("max_abs_diff")
-        diff_text = "–" if diff is None else f"{diff:.1e}"
+        psnr = peer.get("psnr_db")
+        diff_text = "–" if diff is None else f"{diff:.1e} / " + ("∞" if psnr is None else f"{psnr:.1f}")
         load = peer.get("loadavg")
         lines.append(
             "| " + " | ".join([peer["label"]] + values + [diff_text, _load(load), _status(peer)]) + " |"
@@ -240,8 +241,9 @@ def render(data: dict) -> str:
     out += results_table(data)
     out += [
         "",
-        "`max abs Δ vs diffusers`: the first image against diffusers PyTorch's for the same seed (random weights make"
-        " this a wiring check, not a quality measure). `–`: not measured.",
+        f"`image Δ vs reference`: the first image (values in [0, 1]) against {data.get('image_reference', 'diffusers PyTorch fp32')}'s"
+        " for the same seed: a wiring check for exact modes, the quality cost for approximate ones (int8, deep cache)."
+        " `–`: not measured.",
         "",
         "### Ratios (1.00× = the best configuration in each column; lower is better)",
         "",
