@@ -50,6 +50,16 @@ def loadavg() -> float:
         return float("nan")
 
 
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes have spent working since boot (/proc/stat: everything but idle and iowait)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def last_line(path: Path) -> str:
     """The last informative line of a log (for a one-line failure reason)."""
     try:
@@ -70,6 +80,7 @@ def launch(argv: list[str], log_path: Path, timeout_s: float, stamp_time: bool =
         logf.write("$ " + shlex.join(argv) + "\n")
         logf.flush()
         start = time.time()
+        busy0 = busy_cpu_seconds()
         if stamp_time:
             argv = [*argv, repr(start)]
         try:
@@ -95,7 +106,12 @@ def launch(argv: list[str], log_path: Path, timeout_s: float, stamp_time: bool =
                 break
             time.sleep(0.1)
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
-    out = {"returncode": proc.returncode, "wall_s": time.time() - start, "peak_rss_mb": usage.ru_maxrss / 1024.0, "timed_out": timed_out}
+    wall = time.time() - start
+    busy1 = busy_cpu_seconds()
+    out = {"returncode": proc.returncode, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024.0, "timed_out": timed_out}
+    if busy0 is not None and busy1 is not None and wall > 0:
+        # The machine's CPU time minus the process's own: how many cores other work kept busy meanwhile.
+        out["other_cpu_cores"] = max(0.0, (busy1 - busy0) - (usage.ru_utime + usage.ru_stime)) / wall
     if timed_out:
         out["error"] = f"timed out after {timeout_s:.0f} s"
     elif proc.returncode < 0:
@@ -166,6 +182,17 @@ class Bench:
         self.source_info["ok"] = True
         return src
 
+    def tiny_vae_source(self) -> Path | None:
+        """A seeded random TAESD-architecture `AutoencoderTiny` folder (built once, ~10 MB)."""
+        out = self.cache / "taesd"
+        if not (out / "config.json").is_file():
+            log(f"building a tiny VAE with random weights -> {out}")
+            res = launch([sys.executable, str(PERF / "build_model.py"), "--tiny-vae", str(out)], self.run_dir / "build-taesd.log", 600)
+            if res.get("error"):
+                log(f"  tiny VAE build FAILED: {res['error']}")
+                return None
+        return out
+
     # --------------------------------------------------------------------------------------- exports
     def export(self, key: str, src: Path | None) -> dict:
         if key in self.exports:
@@ -188,10 +215,14 @@ class Bench:
                 entry.update(ok=True, cached=True, wall_s=saved.get("wall_s"), peak_rss_mb=saved.get("peak_rss_mb"),
                              measured_at=saved.get("measured_at"), size_gb=folder_size_gb(out))  # fmt: skip
                 return entry
+        taesd = self.tiny_vae_source() if exp.needs_tiny_vae else None
+        if exp.needs_tiny_vae and taesd is None:
+            entry["error"] = "could not build the tiny VAE"
+            return entry
         staging = out.with_name(out.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         log(f"exporting: {exp.display()}")
-        res = launch(exp.argv(src, staging), self.run_dir / f"export-{key}.log", self.args.export_timeout)
+        res = launch(exp.argv(src, staging, taesd), self.run_dir / f"export-{key}.log", self.args.export_timeout)
         entry.update(wall_s=res["wall_s"], peak_rss_mb=res["peak_rss_mb"])
         if res.get("error") or not staging.is_dir():
             entry["error"] = res.get("error") or "the exporter wrote nothing"
@@ -273,6 +304,7 @@ class Bench:
         res = launch(argv, out_dir / "worker.log", self.config["run"].get("timeout_s", 3600) if self.args.timeout is None else self.args.timeout,
                      stamp_time=True)  # fmt: skip
         row["peak_rss_mb"] = res["peak_rss_mb"]
+        row["other_cpu_cores"] = res.get("other_cpu_cores")
         result_path = out_dir / "result.json"
         result = json.loads(result_path.read_text()) if result_path.is_file() and not res.get("timed_out") else None
         row["result"] = result
@@ -293,9 +325,13 @@ class Bench:
         if ref_row is None:
             return
         self.image_reference = ref_row["label"]
-        ref = np.load(self.run_dir / ref_row["name"] / "image.npy")
+
+        def image_path(row: dict) -> Path:  # rows kept from an earlier run (--add-to) live in that run's folder
+            return (REPO / row["run_dir"] if row.get("run_dir") else self.run_dir) / row["name"] / "image.npy"
+
+        ref = np.load(image_path(ref_row))
         for r in rows:
-            path = self.run_dir / r["name"] / "image.npy"
+            path = image_path(r)
             if r.get("status") == "ok" and path.is_file():
                 img = np.load(path)
                 if img.shape == ref.shape:
@@ -333,6 +369,8 @@ def parse_args(argv):
     p.add_argument("--output", type=Path, help="report path (default: perf/RESULTS.md, or perf/RESULTS-quick.md with --quick)")
     p.add_argument("--prepare-only", action="store_true",
                    help="build the model and the exports the selected configurations need, then stop (prepare on a busy machine, measure on an idle one)")
+    p.add_argument("--add-to", type=Path, metavar="RESULTS_JSON",
+                   help="measure the chosen configurations and merge them into an earlier run's results (its other rows are kept)")
     p.add_argument("--list", action="store_true", help="list the configurations and exports, then exit")
     p.add_argument("--render", type=Path, metavar="RESULTS_JSON", help="only rewrite the report from a saved results JSON")
     return p.parse_args(argv)
@@ -382,10 +420,14 @@ def main(argv=None) -> int:
                 return 1
         log("prepared; run again without --prepare-only to measure")
         return 0
+    previous = json.loads(args.add_to.read_text()) if args.add_to else None
+    if previous is not None and previous.get("mode") != mode:
+        raise SystemExit(f"bench.py: {args.add_to} is a {previous.get('mode')} run, this is {mode}")
     rows = []
     for peer in select_peers(args):
         log(f"{peer.name}: ...")
         row = bench.measure(peer, src)
+        row["run_dir"] = str(bench.run_dir.relative_to(REPO))
         rows.append(row)
         r = row.get("result") or {}
         if row["status"] == "ok":
@@ -393,6 +435,21 @@ def main(argv=None) -> int:
                 f"peak RSS {row['peak_rss_mb'] / 1024:.2f} GB")  # fmt: skip
         else:
             log(f"  {row['status']}: {row.get('reason')}")
+    this_command = "python perf/bench.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    this_run = {"started": started, "command": this_command.rstrip(), "run_dir": str(bench.run_dir.relative_to(REPO)),
+                "peers": [r["name"] for r in rows]}
+    runs = [this_run]
+    if previous is not None:
+        fresh = {r["name"] for r in rows}
+        kept = [{**r, "run_dir": r.get("run_dir") or previous["run_dir"]} for r in previous["peers"] if r["name"] not in fresh]
+        order = {p.name: i for i, p in enumerate(registry.PEERS)}
+        rows = sorted(kept + rows, key=lambda r: (r["name"] != "diffusers-pt-fp32", order.get(r["name"], len(order))))
+        earlier = previous.get("runs") or [{"started": previous["started"], "command": previous["command"],
+                                            "run_dir": previous["run_dir"], "peers": [r["name"] for r in kept]}]
+        runs = earlier + [this_run]
+        bench.exports = {**previous.get("exports", {}), **bench.exports}
+        started = previous["started"]
+        load0 = min(load0, previous.get("loadavg_start", load0))
     bench.compare_images(rows)
     calls = {r["result"].get("unet_calls_per_image") for r in rows if r.get("status") == "ok" and r.get("result")}
     data = {
@@ -405,7 +462,7 @@ def main(argv=None) -> int:
         "available_memory_gb_start": free_gb,
         "machine": report.machine(),
         "versions": report.versions(),
-        "command": "python perf/bench.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "command": this_command,
         "repeats": args.repeats,
         "images": args.images,
         "source": bench.source_info,
@@ -414,10 +471,12 @@ def main(argv=None) -> int:
         "image_reference": bench.image_reference,
         "unet_calls_per_image": next(iter(calls)) if len(calls) == 1 else sorted(c for c in calls if c is not None) or "?",
         "run_dir": str(bench.run_dir.relative_to(REPO)),
+        "runs": runs,
     }
     data["command"] = data["command"].rstrip()
     for e in data["exports"].values():
-        e["path"] = os.path.relpath(e["path"], REPO)
+        if os.path.isabs(e["path"]):  # rows merged from an earlier run are relative already
+            e["path"] = os.path.relpath(e["path"], REPO)
     output.write_text(report.render(data))
     output.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
     (bench.run_dir / "results.json").write_text(json.dumps(data, indent=1, default=str))

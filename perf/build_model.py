@@ -1,6 +1,7 @@
 """Build the benchmark model: a diffusers Stable Diffusion folder with seeded random weights.
 
     python perf/build_model.py perf/configs/full.json OUT_DIR
+    python perf/build_model.py --tiny-vae OUT_DIR        # a tiny VAE (TAESD's architecture) for the same latents
 
 The architecture comes from the config's `unet`, `vae`, `text_encoder` and `scheduler` sections (the SD 1.5
 numbers in `configs/full.json`, no download); the tokenizer is CLIP's real BPE vocabulary in `leansd/export/configs/clip/`.
@@ -50,7 +51,25 @@ def build(config: dict, out: Path) -> Path:
     return out
 
 
+def build_tiny_vae(out: Path, seed: int = 0) -> Path:
+    """diffusers' `AutoencoderTiny` with its default (TAESD) architecture and seeded random weights."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    AutoencoderTiny().eval().save_pretrained(staging, safe_serialization=True)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "--tiny-vae":
+        print(f"built {build_tiny_vae(Path(argv[1]))}")
+        return 0
     if len(argv) != 2:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2

@@ -25,16 +25,20 @@ def _tool(name: str) -> str:
 class Export:
     key: str  # folder name under perf/cache/<mode>/
     label: str
-    template: tuple[str, ...]  # {python}, {tool:NAME}, {src} and {out} are filled in
+    template: tuple[str, ...]  # {python}, {tool:NAME}, {src}, {out} and {taesd} (the tiny VAE folder) are filled in
     opt_in: str | None = None  # the bench.py flag that enables it, when it is not run by default
 
-    def argv(self, src: Path, out: Path) -> list[str]:
+    @property
+    def needs_tiny_vae(self) -> bool:
+        return "{taesd}" in self.template
+
+    def argv(self, src: Path, out: Path, taesd: Path | None = None) -> list[str]:
         args = []
         for part in self.template:
             if part.startswith("{tool:"):
                 args.append(_tool(part[6:-1]))
             else:
-                args.append(part.format(python=str(PYTHON), src=str(src), out=str(out), perf=str(PERF)))
+                args.append(part.format(python=str(PYTHON), src=str(src), out=str(out), perf=str(PERF), taesd=str(taesd)))
         return args
 
     def display(self) -> str:
@@ -44,7 +48,7 @@ class Export:
             if part.startswith("{tool:"):
                 shown.append(part[6:-1])
             else:
-                shown.append(part.format(python="python", src="SRC", out="OUT", perf="perf"))
+                shown.append(part.format(python="python", src="SRC", out="OUT", perf="perf", taesd="TAESD"))
         return " ".join(shown)
 
 
@@ -53,8 +57,8 @@ EXPORTS = {
     for e in (
         Export(
             "leansd",
-            "leansd sd-export (ONNX + OpenVINO IR, fp32, with the deep-cache UNet parts)",
-            ("{tool:sd-export}", "{src}", "{out}", "--backend", "all", "--deep-cache", "--quiet"),
+            "leansd sd-export (ONNX + OpenVINO IR, fp32, with the deep-cache UNet parts and a tiny VAE decoder)",
+            ("{tool:sd-export}", "{src}", "{out}", "--backend", "all", "--deep-cache", "--tiny-vae", "{taesd}", "--quiet"),
         ),
         Export(
             "leansd-int8",
@@ -148,6 +152,10 @@ PEERS = [
     # Feature reuse: the deep UNet features refreshed every 3 steps (DeepCache's usual setting).
     Peer("leansd-ov-fp32-deepcache3", "leansd openvino fp32, deep cache every 3 steps", "leansd", "leansd", {**LEANSD_OV, "deep_cache": 3}),
     Peer("leansd-ort-fp32-deepcache3", "leansd onnxruntime fp32, deep cache every 3 steps", "leansd", "leansd", {**LEANSD_ORT, "deep_cache": 3}),
+    # A tiny VAE decoder (TAESD architecture, random weights like the rest) instead of the KL decoder.
+    Peer("leansd-ov-fp32-tinyvae", "leansd openvino fp32, tiny VAE decoder", "leansd", "leansd", {**LEANSD_OV, "tiny_vae": True}),
+    Peer("leansd-ov-fp32-deepcache3-tinyvae", "leansd openvino fp32, deep cache every 3 steps, tiny VAE decoder", "leansd", "leansd",
+         {**LEANSD_OV, "deep_cache": 3, "tiny_vae": True}),
 ]
 
 

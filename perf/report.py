@@ -78,7 +78,8 @@ SHORT = {
     "cold_s": "start → 1st image", "warm_image_s": "image (warm)", "unet_step_s": "UNet step", "text_encoder_s": "text encoder",
     "vae_decode_s": "VAE decode", "peak_rss_mb": "peak RSS",
 }  # fmt: skip
-BUSY_LOAD = 1.0  # 1-minute load average above which a row is marked as measured on a busy machine
+BUSY_LOAD = 1.0  # 1-minute load average above which a row is marked as measured on a busy machine (older runs)
+BUSY_OTHER_CORES = 0.2  # average cores used by other processes during a row above which it is marked busy
 
 
 def _fmt(value, scale, fmt) -> str:
@@ -92,7 +93,9 @@ def _status(peer: dict) -> str:
 
 
 def results_table(data: dict) -> list[str]:
-    headers = ["configuration"] + [m[1] for m in METRICS] + ["image Δ vs reference: max abs / PSNR dB", "load avg", "status"]
+    by_cpu = any(p.get("other_cpu_cores") is not None for p in data["peers"])
+    headers = ["configuration"] + [m[1] for m in METRICS] + ["image Δ vs reference: max abs / PSNR dB",
+                                                             "other work (cores)" if by_cpu else "load avg", "status"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for peer in data["peers"]:
         r = peer.get("result") or {}
@@ -100,11 +103,17 @@ def results_table(data: dict) -> list[str]:
         diff = peer.get("max_abs_diff")
         psnr = peer.get("psnr_db")
         diff_text = "–" if diff is None else f"{diff:.1e} / " + ("∞" if psnr is None else f"{psnr:.1f}")
-        load = peer.get("loadavg")
+        busy = _other(peer.get("other_cpu_cores")) if by_cpu else _load(peer.get("loadavg"))
         lines.append(
-            "| " + " | ".join([peer["label"]] + values + [diff_text, _load(load), _status(peer)]) + " |"
+            "| " + " | ".join([peer["label"]] + values + [diff_text, busy, _status(peer)]) + " |"
         )
     return lines
+
+
+def _other(cores) -> str:
+    if cores is None:
+        return "–"
+    return f"**{cores:.2f}** (busy)" if cores > BUSY_OTHER_CORES else f"{cores:.2f}"
 
 
 def _load(load) -> str:
@@ -205,8 +214,15 @@ def render(data: dict) -> str:
             "> say little about the full model, whose compute is dominated by wide convolutions and attention.",
             "",
         ]
+    others = [p["other_cpu_cores"] for p in data["peers"] if p.get("other_cpu_cores") is not None]
     loads = [p["loadavg"] for p in data["peers"] if p.get("loadavg") is not None] + [data["loadavg_start"], data["loadavg_end"]]
-    if max(loads) > BUSY_LOAD:
+    if others and max(others) > BUSY_OTHER_CORES:
+        out += [
+            f"> **Busy machine.** Other processes used up to {max(others):.2f} cores on average while a configuration ran",
+            "> (rows marked busy). Their timings are inflated, PyTorch's OpenMP threads most of all. Memory figures are not affected.",
+            "",
+        ]
+    elif not others and max(loads) > BUSY_LOAD:
         out += [
             f"> **Busy machine.** Other jobs shared the CPU during this run (1-minute load average up to {max(loads):.1f} on",
             f"> {data['machine'].get('logical_cpus')} CPUs). Timings are inflated by different amounts from row to row, PyTorch's",
@@ -216,6 +232,8 @@ def render(data: dict) -> str:
     out += [
         f"Written by `perf/bench.py` on {data['finished']} (run started {data['started']}).",
         "",
+        *([f"Rows come from {len(data['runs'])} consecutive runs on this machine (`--add-to`), each listed under Commands.", ""]
+          if len(data.get("runs") or []) > 1 else []),
         "## Setup",
         "",
         f"- **Machine:** {m.get('cpu_model', 'unknown CPU')}; {m.get('logical_cpus')} logical CPUs"
@@ -223,8 +241,11 @@ def render(data: dict) -> str:
         f" {m.get('ram_gb', '?')} GB RAM; ISA: {', '.join(k for k, v in m.get('isa', {}).items() if v) or 'unknown'};"
         f" not present: {', '.join(k for k, v in m.get('isa', {}).items() if not v) or 'none'}; {m.get('platform')}; Python {m.get('python')}.",
         f"- **Load average** (1 min) at start {data['loadavg_start']:.2f}, at the end {data['loadavg_end']:.2f};"
-        " each row shows it at the moment its process started. Above 1.0 (marked busy) other work"
-        " shared the CPU and the timings are inflated.",
+        + (" `other work` is the CPU time the rest of the machine used while a configuration ran (all processes' busy time from"
+           " /proc/stat minus the configuration's own), in cores: about 0 on an idle machine; above"
+           f" {BUSY_OTHER_CORES} a row is marked busy."
+           if others else " each row shows it at the moment its process started. Above 1.0 (marked busy) other work"
+           " shared the CPU and the timings are inflated."),
         f"- **Model:** {cfg['description']}. Seed {cfg.get('seed', 0)}; parameters: {data.get('source', {}).get('params', '?')}.",
         f"- **Generation:** {run['height']}×{run['width']}, {run['steps']} steps of the model's scheduler (PNDM, which calls the"
         f" UNet {data.get('unet_calls_per_image', '?')} times), guidance {run['guidance_scale']} (UNet batch 2), seed 0, one prompt, fp32.",
@@ -243,7 +264,8 @@ def render(data: dict) -> str:
         "",
         f"`image Δ vs reference`: the first image (values in [0, 1]) against {data.get('image_reference', 'diffusers PyTorch fp32')}'s"
         " for the same seed: a wiring check for exact modes, the quality cost for approximate ones (int8, deep cache)."
-        " `–`: not measured.",
+        " Rows with the tiny VAE decoder decode with a different network (TAESD's architecture, random weights here), so their"
+        " Δ says nothing about quality: with real weights TAESD's fidelity is its authors' to state. `–`: not measured.",
         "",
         "### Ratios (1.00× = the best configuration in each column; lower is better)",
         "",
@@ -262,7 +284,8 @@ def render(data: dict) -> str:
         "## Commands",
         "",
         "```bash",
-        data["command"],
+        *([data["command"]] if len(data.get("runs") or []) < 2 else
+          [f"{run['command']}    # {run['started']}: {', '.join(run['peers'])}" for run in data["runs"]]),
         "```",
         "",
         f"The model is built by `{data.get('source', {}).get('command', 'python perf/build_model.py CONFIG SRC')}`, then exported with:",

@@ -79,10 +79,12 @@ class LeansdPeer:
             num_threads=opts.get("num_threads"),
             cache_dir=opts.get("cache_dir"),
             deep_cache=opts.get("deep_cache"),
+            tiny_vae=bool(opts.get("tiny_vae")),
         )
         self.load_s = time.perf_counter() - t0
         self.low_memory = bool(opts.get("low_memory"))
         self.deep_cache = int(opts.get("deep_cache") or 1)
+        self.decoder = self.pipe.tiny_vae_decoder if opts.get("tiny_vae") else self.pipe.vae_decoder
         if self.deep_cache > 1:
             # One call per step, whether it refreshes the deep features or reuses them.
             self.unet_timer = CallTimer(self.pipe._predict)
@@ -134,7 +136,7 @@ class LeansdPeer:
         return (
             lambda: pipe.text_encoder.encode(ids),
             unet,
-            lambda: pipe.vae_decoder.decode(latents),
+            lambda: self.decoder.decode(latents),
         )
 
     def release(self, component: str) -> None:
@@ -143,7 +145,7 @@ class LeansdPeer:
             if component == "unet":
                 self.pipe.unet.release()
             else:
-                {"text_encoder": self.pipe.text_encoder, "vae_decoder": self.pipe.vae_decoder}[component].session.release()
+                {"text_encoder": self.pipe.text_encoder, "vae_decoder": self.decoder}[component].session.release()
 
 
 class DiffusersLikePeer:

@@ -31,6 +31,7 @@ def export_model(
     precisions: str | Sequence[str] = "fp32",
     force_int8: bool = False,
     deep_cache: bool = False,
+    tiny_vae: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Export a Stable Diffusion 1.x/2.x model to a leansd model folder and return the folder's path.
 
@@ -58,6 +59,9 @@ def export_model(
             text encoder) or keeping fp32 (the VAE parts).
         deep_cache: also write the UNet cut in two (`unet_deep/`, `unet_shallow/`, fp32) so the runtime can reuse
             deep features across steps (`leansd.load(..., deep_cache=N)`); see `leansd.export.deepcache`.
+        tiny_vae: a diffusers `AutoencoderTiny` folder (TAESD) to export beside the model's VAE as
+            `vae_decoder_tiny/` (fp32), for fast decoding and step previews (`leansd.load(..., tiny_vae=True)`);
+            it must decode this model's latents (same channels and scale factor).
 
     Raises:
         ExportError: a problem the user can fix (bad source, existing output, bad size ...), one line.
@@ -79,4 +83,5 @@ def export_model(
         precisions=precisions,
         force_int8=force_int8,
         deep_cache=deep_cache,
+        tiny_vae_source=tiny_vae,
     )

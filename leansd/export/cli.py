@@ -2,7 +2,7 @@
 
     sd-export SOURCE OUTPUT_DIR [--backend onnx|openvino|all] [--height H --width W --batch B]
               [--opset N] [--overwrite] [--tolerance T | --tolerance unet=T,vae_decoder=T]
-              [--precision fp32|fp32,int8] [--force-int8] [--deep-cache]
+              [--precision fp32|fp32,int8] [--force-int8] [--deep-cache] [--tiny-vae PATH]
 
 Exit status: 0 success; 2 a problem the message names (bad source, existing output, bad size, parity over
 the tolerance or an int8 model under its quality gate); 1 an unexpected failure (rerun with --verbose for the
@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write the UNet cut into a deep and a shallow part (fp32), so that sd-run --deep-cache N can reuse "
         "the deep features for N-1 of every N steps (DeepCache): faster steps at a small quality cost",
+    )
+    p.add_argument(
+        "--tiny-vae",
+        metavar="PATH",
+        help="also export this tiny VAE decoder (a diffusers AutoencoderTiny folder, e.g. a copy of madebyollin/taesd) for "
+        "fast decoding and step previews: sd-run --tiny-vae / --preview",
     )
     p.add_argument("--sd1-config", metavar="DIR", help="diffusers-layout config folder for single-file checkpoints (default: the SD 1.x configs shipped with leansd)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -129,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             precisions=args.precision,
             force_int8=args.force_int8,
             deep_cache=args.deep_cache,
+            tiny_vae=args.tiny_vae,
         )
     except ExportError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -19,14 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from leansd.export import deepcache
+from leansd.export import deepcache, tiny_vae
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 # Optional: the UNet cut in two for feature reuse across steps (`sd-export --deep-cache`, see `deepcache`).
 DEEP_CACHE_COMPONENTS = deepcache.PARTS
+# Optional: a user-supplied tiny VAE decoder (TAESD, `sd-export --tiny-vae`, see `tiny_vae`).
+TINY_VAE_COMPONENTS = (tiny_vae.COMPONENT,)
 # The PyTorch module each component is cut from.
 TORCH_MODULE = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae",
-                "unet_deep": "unet", "unet_shallow": "unet"}
+                "unet_deep": "unet", "unet_shallow": "unet", tiny_vae.COMPONENT: tiny_vae.MODULE}
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ IO: dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {
         (Tensor("sample", "float32", {0: "batch_size", 2: "sample_height", 3: "sample_width"}),),
     ),
 }
+IO[tiny_vae.COMPONENT] = IO["vae_decoder"]  # a drop-in decoder: same names, same ranges
 
 
 def input_names(component: str) -> list[str]:
@@ -116,6 +119,7 @@ class ModelInfo:
     bos_token_id: int
     eos_token_id: int
     deep_feature_channels: int = 0  # width of the UNet's cached deep features (`deepcache.feature_channels`)
+    tiny_vae_scaling_factor: float = 1.0  # what the pipeline divides latents by before the tiny decoder
 
     @classmethod
     def from_configs(cls, unet: dict[str, Any], vae: dict[str, Any], text_encoder: dict[str, Any]) -> ModelInfo:
@@ -174,6 +178,9 @@ def make_inputs(component: str, info: ModelInfo, *, batch: int, height: int, wid
         # What the pipeline feeds the decoder: unit-variance latents divided by the scaling factor.
         latents = rng.standard_normal((batch, info.latent_channels, h, w), dtype=np.float32)
         return {"latent_sample": (latents / info.scaling_factor).astype(np.float32)}
+    if component == tiny_vae.COMPONENT:
+        latents = rng.standard_normal((batch, info.latent_channels, h, w), dtype=np.float32)
+        return {"latent_sample": (latents / info.tiny_vae_scaling_factor).astype(np.float32)}
     raise ValueError(f"unknown component {component!r}")
 
 
@@ -230,7 +237,8 @@ def wrap(component: str, module: Any) -> Any:
 
     if component in DEEP_CACHE_COMPONENTS:
         return deepcache.wrap_deep(module) if component == "unet_deep" else deepcache.wrap_shallow(module)
-    kinds = {"text_encoder": TextEncoder, "unet": UNet, "vae_encoder": VaeEncoder, "vae_decoder": VaeDecoder}
+    kinds = {"text_encoder": TextEncoder, "unet": UNet, "vae_encoder": VaeEncoder, "vae_decoder": VaeDecoder,
+             tiny_vae.COMPONENT: VaeDecoder}  # AutoencoderTiny.decode takes and returns what AutoencoderKL's does
     return kinds[component](module).eval()
 
 
@@ -287,4 +295,5 @@ def _fixed_shapes(component: str, info: ModelInfo, batch: int = 1, height: int =
         },
         "vae_encoder": {"sample": [batch, info.vae_in_channels, height, width], "latent_parameters": [batch, 2 * c, h, w]},
         "vae_decoder": {"latent_sample": [batch, c, h, w], "sample": [batch, info.vae_out_channels, height, width]},
+        tiny_vae.COMPONENT: {"latent_sample": [batch, c, h, w], "sample": [batch, info.vae_out_channels, height, width]},
     }[component]

@@ -6,6 +6,7 @@ every component passed verification (see `layout.StagingFolder`).
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import shutil
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from leansd.export import components as comp
-from leansd.export import deepcache, layout, quantize, verify
+from leansd.export import deepcache, layout, quantize, tiny_vae, verify
 from leansd.export.errors import ExportError
 from leansd.export.onnx import DEFAULT_OPSET, export_onnx
 from leansd.export.openvino import XML, convert_openvino
@@ -93,6 +94,7 @@ def export(
     precisions: str | Sequence[str] = "fp32",
     force_int8: bool = False,
     deep_cache: bool = False,
+    tiny_vae_source: str | os.PathLike[str] | None = None,
 ) -> Path:
     """See `leansd.export.export_model`."""
     chosen = parse_backends(backends)
@@ -113,11 +115,22 @@ def export(
         if deep_cache:
             deepcache.check_supported(source.config("unet"))
         order = MODULE_ORDER_DEEP_CACHE if deep_cache else MODULE_ORDER
+        loaders = {}
+        if tiny_vae_source is not None:
+            tiny = tiny_vae.load(tiny_vae_source)  # small: load it now, so a bad path fails before the slow steps
+            tiny_vae.check_compatible(dict(tiny.config), source.config("vae"))
+            info = dataclasses.replace(info, tiny_vae_scaling_factor=float(tiny.config.get("scaling_factor", 1.0)))
+            order = (*order, (tiny_vae.MODULE, (tiny_vae.COMPONENT,)))
+            loaders[tiny_vae.MODULE] = lambda name: tiny
         names = [n for _, parts in order for n in parts]
         tolerances.update({n: tolerances["unet"] for n in comp.DEEP_CACHE_COMPONENTS})
+        tolerances[tiny_vae.COMPONENT] = tolerances["vae_decoder"]
         with layout.StagingFolder(target, overwrite=overwrite) as staging:
-            parity = _export_components(source, staging.path, info, chosen, static, int(opset), tolerances, progress, order)
+            parity = _export_components(source, staging.path, info, chosen, static, int(opset), tolerances, progress, order, loaders)
             _write_configs(source, staging.path)
+            if loaders:
+                tiny.save_config(staging.path / tiny_vae.COMPONENT)  # the runtime reads its scaling factor there
+                del loaders[tiny_vae.MODULE], tiny
             files = {n: {b: {"fp32": f"{n}/{quantize.FILES[b][0]}"} for b in chosen} for n in names}
             int8 = None
             if "int8" in wanted:
@@ -133,7 +146,7 @@ def export(
         source.close()
 
 
-def _export_components(source, root: Path, info, backends, static, opset, tolerances, progress, order=MODULE_ORDER) -> dict[str, Any]:
+def _export_components(source, root: Path, info, backends, static, opset, tolerances, progress, order=MODULE_ORDER, loaders=None) -> dict[str, Any]:
     from tqdm import tqdm
 
     per_component = 1 + (1 if "onnx" in backends else 0) + (2 if "openvino" in backends else 0)
@@ -144,7 +157,7 @@ def _export_components(source, root: Path, info, backends, static, opset, tolera
     try:
         for module_name, parts in order:
             bar.set_postfix_str(f"loading {module_name}")
-            module = source.load(module_name)
+            module = (loaders or {}).get(module_name, source.load)(module_name)
             traced = [_trace(name, module, root if "onnx" in backends else scratch, info, static, opset, bar) for name in parts]
             # The PyTorch weights are no longer needed: free them before ONNX Runtime and OpenVINO load theirs.
             del module

@@ -130,6 +130,10 @@ class ModelBundle:
         """The file of an optional component (the deep-cache UNet parts), or None when the folder has none."""
         return self._candidate(component, backend, precision, required=False)
 
+    def component_config(self, component: str) -> dict:
+        """A component folder's config.json (e.g. the tiny VAE decoder's scaling factor)."""
+        return _read_json(self.root / component / "config.json", f"{component} config")
+
     def has_component(self, component: str, backend: str) -> bool:
         return self._candidate(component, backend, "fp32", required=False) is not None
 

@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode images larger than the VAE's native size tile by tile (on with --low-memory)")
     p.add_argument("--deep-cache", type=int, default=None, metavar="N",
                    help="reuse the UNet's deep features for N-1 of every N steps (needs a folder exported with sd-export --deep-cache)")
+    p.add_argument("--tiny-vae", action="store_true",
+                   help="decode with the tiny VAE decoder (TAESD; needs a folder exported with sd-export --tiny-vae): much faster, a little less detail")
+    p.add_argument("--preview", type=Path, default=None, metavar="PNG",
+                   help="after every step, write the current estimate of the (first) image to this PNG, replaced in place "
+                   "(with the tiny VAE decoder when the folder has one)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     import secrets
 
     import leansd
-    from leansd.runtime.image import a1111_parameters, save_png
+    from leansd.runtime.image import a1111_parameters, save_png, unit_to_pil
 
     if args.num_images < 1:
         raise LeanSDError(f"--num-images must be at least 1, got {args.num_images}")
@@ -89,9 +94,17 @@ def run(args: argparse.Namespace) -> list[Path]:
     pipe = leansd.load(
         args.model, backend=args.backend, device=args.device, precision=args.precision,
         num_threads=args.threads, low_memory=args.low_memory, deep_cache=args.deep_cache,
-        vae_tiling=args.tiled_vae,
+        vae_tiling=args.tiled_vae, tiny_vae=args.tiny_vae,
     )
     pipe.show_progress = not args.quiet
+    callback = None
+    if args.preview is not None:
+        if args.preview.suffix.lower() != ".png" or not args.preview.parent.is_dir():
+            raise LeanSDError(f"--preview {args.preview} must be a .png file in an existing folder")
+
+        def callback(step: int, total: int, latents, denoised) -> None:
+            save_png(unit_to_pil(pipe.preview(denoised[:1]))[0], args.preview, overwrite=True)
+
     result = pipe(
         args.prompt,
         negative_prompt=args.negative_prompt,
@@ -104,6 +117,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         strength=args.strength,
         seed=seed,
         scheduler=args.scheduler,
+        callback=callback,
     )
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for k, (image, path) in enumerate(zip(result.images, paths)):
@@ -118,6 +132,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             "Batch size": args.num_images if args.num_images > 1 else None,
             "Batch pos": k if args.num_images > 1 else None,
             "Deep cache": pipe.deep_cache if pipe.deep_cache > 1 else None,
+            "VAE": "tiny (TAESD)" if pipe.tiny_vae else None,
             "Backend": f"leansd {leansd.__version__} {pipe.backend} {pipe.precision}",
         }
         save_png(image, path, a1111_parameters(args.prompt, args.negative_prompt, settings), overwrite=args.overwrite)

@@ -27,6 +27,7 @@ from leansd.runtime.rng import NoiseSource, TorchCompatibleGenerator
 from leansd.runtime.schedulers import get_scheduler
 from leansd.runtime.tokenizer import ClipTokenizer
 
+TINY_VAE = "vae_decoder_tiny"  # the optional TAESD decoder written by `sd-export --tiny-vae`
 # Called after every step with (step index, number of steps, latents, denoised estimate); return False to cancel.
 StepCallback = Callable[[int, int, np.ndarray, np.ndarray], "bool | None"]
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -58,7 +59,7 @@ class Pipeline:
 
     def __init__(
         self, bundle: ModelBundle, backend: str, options: SessionOptions, precision: str = "fp32", deep_cache: int | None = None,
-        vae_tiling: bool | None = None,
+        vae_tiling: bool | None = None, tiny_vae: bool = False,
     ):
         self.bundle = bundle
         self.backend = backend
@@ -82,13 +83,21 @@ class Pipeline:
         # Tiled decoding needs a decoder that takes any size; a static export fixes one.
         self.vae_tiling = (self.low_memory if vae_tiling is None else bool(vae_tiling)) and not bundle.static_shapes
         self.vae_decoder = VaeDecoder(session("vae_decoder"), bundle.vae_config)
+        # The tiny decoder is exported in fp32 only; an int8 variant of the rest still uses it.
+        tiny_path = bundle.optional_component_file(TINY_VAE, backend, precision) or bundle.optional_component_file(TINY_VAE, backend)
+        self.tiny_vae_decoder = (
+            None if tiny_path is None
+            else VaeDecoder(LazySession(lambda: backends.open_session(tiny_path, backend, options)), bundle.component_config(TINY_VAE))
+        )
+        self.tiny_vae = self._check_tiny_vae(tiny_vae)
         self.vae_encoder = (
             VaeEncoder(session("vae_encoder"), bundle.vae_config) if bundle.has_component("vae_encoder", backend) else None
         )
         if not self.low_memory:
             # Open everything now so bad files fail at load time, not halfway through a generation.
             unet_parts = (self.unet.deep, self.unet.shallow) if self.deep_cache > 1 else (self.unet.session,)
-            for lazy in (self.text_encoder.session, *unet_parts, self.vae_decoder.session):
+            decoder = self.tiny_vae_decoder if self.tiny_vae else self.vae_decoder
+            for lazy in (self.text_encoder.session, *unet_parts, decoder.session):
                 lazy.get()
 
     @property
@@ -120,6 +129,7 @@ class Pipeline:
         scheduler: str | None = None,
         callback: StepCallback | None = None,
         deep_cache: int | None = None,
+        tiny_vae: bool | None = None,
     ) -> PipelineOutput:
         """Generate images. `image` + `strength` switch to image-to-image. See README for every argument."""
         timings: dict[str, float] = {}
@@ -139,6 +149,7 @@ class Pipeline:
         if image is not None and not 0.0 < strength <= 1.0:
             raise InvalidInputError(f"strength must be in (0, 1], got {strength}")
         interval = self.deep_cache if deep_cache is None else self._check_deep_cache(deep_cache)
+        use_tiny = self.tiny_vae if tiny_vae is None else self._check_tiny_vae(tiny_vae)
         use_guidance = guidance > 1.0
         negatives = None
         if use_guidance:
@@ -202,11 +213,15 @@ class Pipeline:
         if output_type == "latent":
             images: list[Image.Image] | np.ndarray = latents
         else:
-            decoded = np.concatenate([self.vae_decoder.decode(latents[i : i + 1], tiled=self.vae_tiling) for i in range(batch)])
+            decoder = self.tiny_vae_decoder if use_tiny else self.vae_decoder
+            tiled = self.vae_tiling and not use_tiny  # the tiny decoder's activations are small at any size
+            decoded = np.concatenate([decoder.decode(latents[i : i + 1], tiled=tiled) for i in range(batch)])
             unit = decoded_to_unit(decoded)
             images = unit if output_type == "np" else unit_to_pil(unit)
         if self.low_memory:
             self.vae_decoder.session.release()
+            if self.tiny_vae_decoder is not None:
+                self.tiny_vae_decoder.session.release()
         timings["decode_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - start
         return PipelineOutput(images, seed, sched.name, steps, guidance, timings)
@@ -277,6 +292,26 @@ class Pipeline:
             )
         return int(interval)
 
+    def _check_tiny_vae(self, wanted: bool) -> bool:
+        if wanted and self.tiny_vae_decoder is None:
+            raise ModelFolderError(
+                f"{self.bundle.root} has no tiny VAE decoder for {self.backend}; export one with "
+                "sd-export SRC OUT --tiny-vae TAESD_FOLDER (a diffusers AutoencoderTiny), or leave tiny_vae off"
+            )
+        return bool(wanted)
+
+    def preview(self, latents: np.ndarray) -> np.ndarray:
+        """Decode latents quickly for display, e.g. the denoised estimate a step callback receives.
+
+        Uses the tiny VAE decoder when the folder has one (a fraction of a second even for SD 1.5 at 512x512),
+        else the model's own decoder. Returns float32 NHWC images in [0, 1].
+        """
+        decoder = self.tiny_vae_decoder or self.vae_decoder
+        latents = np.asarray(latents, dtype=np.float32)
+        if latents.ndim != 4 or latents.shape[1] != decoder.latent_channels:
+            raise InvalidInputError(f"preview takes latents of shape (batch, {decoder.latent_channels}, h, w), got {latents.shape}")
+        return decoded_to_unit(np.concatenate([decoder.decode(latents[i : i + 1]) for i in range(latents.shape[0])]))
+
     @property
     def splits_guidance(self) -> bool:
         """Low-memory mode runs the unconditional and conditional halves as two UNet calls of half the batch:
@@ -332,7 +367,7 @@ class Pipeline:
     def close(self) -> None:
         """Release every model session."""
         self.unet.release()
-        for component in (self.text_encoder, self.vae_decoder, self.vae_encoder):
+        for component in (self.text_encoder, self.vae_decoder, self.vae_encoder, self.tiny_vae_decoder):
             if component is not None:
                 component.session.release()
 
@@ -369,6 +404,7 @@ def load(
     cache_dir: str | Path | None = None,
     deep_cache: int | None = None,
     vae_tiling: bool | None = None,
+    tiny_vae: bool = False,
 ) -> Pipeline:
     """Load a model folder (None: the bundled default model) and return a ready `Pipeline`.
 
@@ -382,6 +418,9 @@ def load(
         with `sd-export --deep-cache`); None or 1 runs the whole UNet every step. Overridable per call.
     vae_tiling: decode images larger than the VAE's native size in overlapping tiles (as diffusers'
         `vae.enable_tiling()`), so decoding memory does not grow with the image; default: on in low-memory mode.
+    tiny_vae: decode the final images with the tiny VAE decoder (TAESD; needs a folder exported with
+        `sd-export --tiny-vae`): much faster, slightly less detailed. Overridable per call. `Pipeline.preview`
+        uses it for step previews whenever the folder has one.
     """
     if path is None:
         path = bundled_model_path()
@@ -392,4 +431,4 @@ def load(
     options = SessionOptions(
         device=device, num_threads=num_threads, low_memory=low_memory, cache_dir=Path(cache_dir) if cache_dir else None
     )
-    return Pipeline(bundle, chosen, options, precision=precision, deep_cache=deep_cache, vae_tiling=vae_tiling)
+    return Pipeline(bundle, chosen, options, precision=precision, deep_cache=deep_cache, vae_tiling=vae_tiling, tiny_vae=tiny_vae)
