@@ -329,6 +329,8 @@ class Bench:
         def image_path(row: dict) -> Path:  # rows kept from an earlier run (--add-to) live in that run's folder
             return (REPO / row["run_dir"] if row.get("run_dir") else self.run_dir) / row["name"] / "image.npy"
 
+        if not image_path(ref_row).is_file():  # an earlier run's folder may have been cleaned up
+            return
         ref = np.load(image_path(ref_row))
         for r in rows:
             path = image_path(r)

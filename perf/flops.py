@@ -70,11 +70,13 @@ def unet_report(config: dict, size: int, merge_ratio: float) -> dict:
     n_top_blocks = len(top_blocks)
     tokens = side * side
     width = config["unet"]["block_out_channels"][0]
-    # Scores (QK^T and AV) grow with tokens^2, projections with tokens: split the counted total accordingly.
-    scores = n_top_blocks * 2 * (2 * tokens * tokens * width)
+    # Scores (QK^T and AV, 2 x 2 N^2 C each image) grow with tokens^2, projections with tokens: split the counted
+    # total accordingly (the count includes both).
+    batch = x.shape[0]
+    scores = n_top_blocks * batch * 2 * (2 * tokens * tokens * width)
     projections = top_attn - scores
     keep = 1.0 - merge_ratio
-    merge_cost = n_top_blocks * 2 * (2 * (tokens * merge_ratio) * (tokens * keep) * width)  # bipartite similarity
+    merge_cost = n_top_blocks * batch * (2 * (tokens * merge_ratio) * (tokens * keep) * width)  # bipartite similarity
     after = projections * keep + scores * keep * keep + merge_cost
     saved = top_attn - after
     return {

@@ -24,11 +24,6 @@ from leansd.export import deepcache, tiny_vae
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 # Optional: the UNet cut in two for feature reuse across steps (`sd-export --deep-cache`, see `deepcache`).
 DEEP_CACHE_COMPONENTS = deepcache.PARTS
-# Optional: a user-supplied tiny VAE decoder (TAESD, `sd-export --tiny-vae`, see `tiny_vae`).
-TINY_VAE_COMPONENTS = (tiny_vae.COMPONENT,)
-# The PyTorch module each component is cut from.
-TORCH_MODULE = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae",
-                "unet_deep": "unet", "unet_shallow": "unet", tiny_vae.COMPONENT: tiny_vae.MODULE}
 
 
 @dataclass(frozen=True)
@@ -83,7 +78,8 @@ IO: dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {
         (Tensor("sample", "float32", {0: "batch_size", 2: "sample_height", 3: "sample_width"}),),
     ),
 }
-IO[tiny_vae.COMPONENT] = IO["vae_decoder"]  # a drop-in decoder: same names, same ranges
+# Optional: a user-supplied tiny VAE decoder (TAESD, `sd-export --tiny-vae`): a drop-in for the VAE decoder.
+IO[tiny_vae.COMPONENT] = IO["vae_decoder"]
 
 
 def input_names(component: str) -> list[str]:
@@ -174,13 +170,11 @@ def make_inputs(component: str, info: ModelInfo, *, batch: int, height: int, wid
         return feeds
     if component == "vae_encoder":
         return {"sample": rng.uniform(-1.0, 1.0, size=(batch, info.vae_in_channels, height, width)).astype(np.float32)}
-    if component == "vae_decoder":
-        # What the pipeline feeds the decoder: unit-variance latents divided by the scaling factor.
+    if component in ("vae_decoder", tiny_vae.COMPONENT):
+        # What the pipeline feeds a decoder: unit-variance latents divided by that decoder's scaling factor.
         latents = rng.standard_normal((batch, info.latent_channels, h, w), dtype=np.float32)
-        return {"latent_sample": (latents / info.scaling_factor).astype(np.float32)}
-    if component == tiny_vae.COMPONENT:
-        latents = rng.standard_normal((batch, info.latent_channels, h, w), dtype=np.float32)
-        return {"latent_sample": (latents / info.tiny_vae_scaling_factor).astype(np.float32)}
+        scale = info.scaling_factor if component == "vae_decoder" else info.tiny_vae_scaling_factor
+        return {"latent_sample": (latents / scale).astype(np.float32)}
     raise ValueError(f"unknown component {component!r}")
 
 
@@ -265,6 +259,8 @@ def concrete_shapes(component: str, info: ModelInfo, static: dict[str, int]) -> 
 
 
 def _fixed_shapes(component: str, info: ModelInfo, batch: int = 1, height: int = 0, width: int = 0) -> dict[str, list[int]]:
+    if component == tiny_vae.COMPONENT:
+        component = "vae_decoder"  # same inputs and outputs
     f = info.vae_scale_factor
     h, w = height // f, width // f
     c, seq = info.latent_channels, info.max_tokens
@@ -295,5 +291,4 @@ def _fixed_shapes(component: str, info: ModelInfo, batch: int = 1, height: int =
         },
         "vae_encoder": {"sample": [batch, info.vae_in_channels, height, width], "latent_parameters": [batch, 2 * c, h, w]},
         "vae_decoder": {"latent_sample": [batch, c, h, w], "sample": [batch, info.vae_out_channels, height, width]},
-        tiny_vae.COMPONENT: {"latent_sample": [batch, c, h, w], "sample": [batch, info.vae_out_channels, height, width]},
     }[component]
