@@ -32,6 +32,7 @@ def export_model(
     force_int8: bool = False,
     deep_cache: bool = False,
     tiny_vae: str | os.PathLike[str] | None = None,
+    unet_parts: int | None = None,
 ) -> Path:
     """Export a Stable Diffusion 1.x/2.x model to a leansd model folder and return the folder's path.
 
@@ -62,6 +63,11 @@ def export_model(
         tiny_vae: a diffusers `AutoencoderTiny` folder (TAESD) to export beside the model's VAE as
             `vae_decoder_tiny/` (fp32), for fast decoding and step previews (`leansd.load(..., tiny_vae=True)`);
             it must decode this model's latents (same channels and scale factor).
+        unet_parts: cut the ONNX UNet (fp32, and int8 when written) into this many consecutive parts that share
+            its weights file (`unet/model.parts.json`), for low-memory mode's weight streaming on onnxruntime
+            (`leansd.load(..., low_memory=True)`); each chain is verified like the whole file. None (default):
+            8 parts when the UNet keeps its weights in an external data file (models over 2 GB, like SD 1.5),
+            none for smaller ones; 0: no parts. See `leansd.export.streaming`.
 
     Raises:
         ExportError: a problem the user can fix (bad source, existing output, bad size ...), one line.
@@ -84,4 +90,5 @@ def export_model(
         force_int8=force_int8,
         deep_cache=deep_cache,
         tiny_vae_source=tiny_vae,
+        unet_parts=unet_parts,
     )

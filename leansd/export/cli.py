@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also export this tiny VAE decoder (a diffusers AutoencoderTiny folder, e.g. a copy of madebyollin/taesd) for "
         "fast decoding and step previews: sd-run --tiny-vae / --preview",
     )
+    p.add_argument(
+        "--unet-parts",
+        type=int,
+        metavar="N",
+        help="cut the ONNX UNet into N parts sharing its weights file, so that sd-run --low-memory on onnxruntime loads "
+        "one part at a time (weight streaming); default: 8 when the UNet is over 2 GB (SD 1.5 and up), else none; 0: none",
+    )
     p.add_argument("--sd1-config", metavar="DIR", help="diffusers-layout config folder for single-file checkpoints (default: the SD 1.x configs shipped with leansd)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="show library warnings and full tracebacks")
@@ -136,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             force_int8=args.force_int8,
             deep_cache=args.deep_cache,
             tiny_vae=args.tiny_vae,
+            unet_parts=args.unet_parts,
         )
     except ExportError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from leansd.export import components as comp
-from leansd.export import deepcache, layout, quantize, tiny_vae, verify
-from leansd.export.errors import ExportError
+from leansd.export import deepcache, layout, quantize, streaming, tiny_vae, verify
+from leansd.export.errors import ExportError, ParityError
 from leansd.export.onnx import DEFAULT_OPSET, export_onnx
 from leansd.export.openvino import XML, convert_openvino
 from leansd.export.sources import Source, copy_assets, optimum_model_index, resolve_source
@@ -29,6 +29,9 @@ MODULE_ORDER_DEEP_CACHE = (("text_encoder", ("text_encoder",)), ("unet", ("unet"
                            ("vae", ("vae_encoder", "vae_decoder")))
 CONFIG_FROM = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
 TRACE_SEED, VERIFY_SEED = 0, 1
+UNET_PARTS = "unet_parts"  # manifest entry of the UNet's streaming parts index (read by the runtime's low-memory mode)
+# The int8 parts run the same int8 arithmetic as the whole file; only summation order may differ.
+INT8_PARTS_TOLERANCE = 1e-4
 
 
 def parse_backends(backends: str | Sequence[str]) -> tuple[str, ...]:
@@ -95,8 +98,11 @@ def export(
     force_int8: bool = False,
     deep_cache: bool = False,
     tiny_vae_source: str | os.PathLike[str] | None = None,
+    unet_parts: int | None = None,
 ) -> Path:
     """See `leansd.export.export_model`."""
+    if unet_parts is not None and (int(unet_parts) < 0 or int(unet_parts) == 1):
+        raise ExportError(f"--unet-parts {unet_parts}: use 0 (no parts) or 2 and more")
     chosen = parse_backends(backends)
     wanted = quantize.parse_precisions(precisions)
     if "int8" in wanted:
@@ -126,12 +132,15 @@ def export(
         tolerances.update({n: tolerances["unet"] for n in comp.DEEP_CACHE_COMPONENTS})
         tolerances[tiny_vae.COMPONENT] = tolerances["vae_decoder"]
         with layout.StagingFolder(target, overwrite=overwrite) as staging:
-            parity = _export_components(source, staging.path, info, chosen, static, int(opset), tolerances, progress, order, loaders)
+            parity = _export_components(source, staging.path, info, chosen, static, int(opset), tolerances, progress, order, loaders,
+                                        unet_parts)
             _write_configs(source, staging.path)
             if loaders:
                 tiny.save_config(staging.path / tiny_vae.COMPONENT)  # the runtime reads its scaling factor there
                 del loaders[tiny_vae.MODULE], tiny
             files = {n: {b: {"fp32": f"{n}/{quantize.FILES[b][0]}"} for b in chosen} for n in names}
+            if UNET_PARTS in parity:
+                files[UNET_PARTS] = {"onnx": {"fp32": _relative(staging.path, streaming.index_path(staging.path / "unet" / "model.onnx"))}}
             int8 = None
             if "int8" in wanted:
                 int8 = _export_int8(staging.path, info, chosen, static, files, force_int8, progress)
@@ -140,13 +149,19 @@ def export(
                         files[name][backend]["int8"] = rel
                     parity[name] = {b: {**parity[name][b], **int8.parity[name][b]} for b in parity[name]}
                 parity["pipeline"] = int8.parity["pipeline"]
+                int8_unet = int8.components.get("unet", {}).get("onnx")
+                if UNET_PARTS in parity and int8_unet:
+                    index, parity[UNET_PARTS]["onnx"]["int8"] = _split_int8_unet(staging.path / int8_unet, info, static,
+                                                                                  _part_count((staging.path / files[UNET_PARTS]["onnx"]["fp32"])))
+                    files[UNET_PARTS]["onnx"]["int8"] = _relative(staging.path, index)
             _write_manifest(source, staging.path, info, files, static, int(opset), parity, int8, names)
             return staging.commit()
     finally:
         source.close()
 
 
-def _export_components(source, root: Path, info, backends, static, opset, tolerances, progress, order=MODULE_ORDER, loaders=None) -> dict[str, Any]:
+def _export_components(source, root: Path, info, backends, static, opset, tolerances, progress, order=MODULE_ORDER, loaders=None,
+                       unet_parts: int | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     per_component = 1 + (1 if "onnx" in backends else 0) + (2 if "openvino" in backends else 0)
@@ -164,6 +179,12 @@ def _export_components(source, root: Path, info, backends, static, opset, tolera
             gc.collect()
             for name, onnx_path, feeds, reference in traced:
                 parity[name] = _verify_and_convert(name, onnx_path, feeds, reference, root, backends, tolerances[name], bar)
+                if name == "unet" and "onnx" in backends:
+                    count = unet_parts if unet_parts is not None else (
+                        streaming.DEFAULT_PARTS if streaming.has_external_data(onnx_path) else 0)
+                    if count:
+                        bar.set_postfix_str(f"unet: {count} streaming parts")
+                        parity[UNET_PARTS] = {"onnx": {"fp32": _split_and_check(onnx_path, count, feeds, reference, tolerances[name])}}
     finally:
         bar.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -207,6 +228,49 @@ def _verify_and_convert(name, onnx_path: Path, feeds, reference, root: Path, bac
     if "onnx" not in backends:
         shutil.rmtree(onnx_path.parent, ignore_errors=True)
     return result
+
+
+def _split_and_check(onnx_path: Path, count: int, feeds, reference, tolerance: float) -> dict[str, Any]:
+    """Cut the ONNX UNet into parts and run them as the runtime's low-memory mode does; compare like the whole file."""
+    from leansd.runtime.backends import open_streamed_session
+
+    index = streaming.split(onnx_path, count)
+    session = open_streamed_session(index)
+    outputs = session.run({spec.name: feeds[spec.name] for spec in session.inputs})
+    parity = verify.measure(reference, outputs, tolerance)
+    if not parity.passed:
+        raise ParityError(
+            f"the UNet's {count} streaming parts differ from PyTorch by {parity.max_rel:.3g} (relative), over the tolerance "
+            f"{tolerance:g}, though the whole file passed; nothing was written. Export with --unet-parts 0 and report this"
+        )
+    return {**parity.to_json(), "parts": count}
+
+
+def _split_int8_unet(int8_path: Path, info, static, count: int) -> tuple[Path, dict[str, Any]]:
+    """Cut the int8 ONNX UNet like the fp32 one; the chain must give the whole int8 file's output."""
+    from leansd.runtime.backends import open_streamed_session
+
+    verify_at = {k: static[k] for k in ("batch", "height", "width")} if static else {
+        "batch": 1, "height": info.default_size, "width": info.default_size}
+    feeds = comp.make_inputs("unet", info, seed=VERIFY_SEED, **verify_at)
+    whole = verify.run_onnxruntime(int8_path, feeds)
+    index = streaming.split(int8_path, count)
+    session = open_streamed_session(index)
+    parity = verify.measure(whole, session.run({spec.name: feeds[spec.name] for spec in session.inputs}), INT8_PARTS_TOLERANCE)
+    if not parity.passed:
+        raise ParityError(f"the int8 UNet's streaming parts differ from the whole int8 file by {parity.max_rel:.3g} (relative); "
+                          "nothing was written. Export with --unet-parts 0 and report this")
+    return index, {**parity.to_json(), "parts": count, "reference": "the whole int8 file"}
+
+
+def _part_count(index: Path) -> int:
+    import json
+
+    return len(json.loads(index.read_text(encoding="utf-8"))["parts"])
+
+
+def _relative(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix()
 
 
 def _export_int8(root: Path, info, backends, static, files, force: bool, progress) -> quantize.Int8Result:

@@ -28,6 +28,7 @@ from leansd.runtime.schedulers import get_scheduler
 from leansd.runtime.tokenizer import ClipTokenizer
 
 TINY_VAE = "vae_decoder_tiny"  # the optional TAESD decoder written by `sd-export --tiny-vae`
+UNET_PARTS = "unet_parts"  # the index of the UNet's weight-streaming parts written by `sd-export` (ONNX)
 # Called after every step with (step index, number of steps, latents, denoised estimate); return False to cancel.
 StepCallback = Callable[[int, int, np.ndarray, np.ndarray], "bool | None"]
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -78,7 +79,7 @@ class Pipeline:
             return None if path is None else LazySession(lambda: backends.open_session(path, backend, options))
 
         self.text_encoder = TextEncoder(session("text_encoder"))
-        self.unet = UNet(session("unet"), bundle.unet_config, optional_session("unet_deep"), optional_session("unet_shallow"))
+        self.unet = UNet(self._unet_session(session), bundle.unet_config, optional_session("unet_deep"), optional_session("unet_shallow"))
         self.deep_cache = self._check_deep_cache(deep_cache)
         # Tiled decoding needs a decoder that takes any size; a static export fixes one.
         self.vae_tiling = (self.low_memory if vae_tiling is None else bool(vae_tiling)) and not bundle.static_shapes
@@ -99,6 +100,17 @@ class Pipeline:
             decoder = self.tiny_vae_decoder if self.tiny_vae else self.vae_decoder
             for lazy in (self.text_encoder.session, *unet_parts, decoder.session):
                 lazy.get()
+
+    def _unet_session(self, session: Callable[[str], LazySession]) -> LazySession:
+        """The whole UNet file; in low-memory mode on ONNX Runtime, its streamed parts when the export has them."""
+        self.streams_unet = False
+        if self.low_memory and self.backend == "onnxruntime":
+            index = self.bundle.optional_component_file(UNET_PARTS, self.backend, self.precision)
+            if index is not None and index.suffix == ".json":
+                options = self.options
+                self.streams_unet = True
+                return LazySession(lambda: backends.open_streamed_session(index, options))
+        return session("unet")
 
     @property
     def vae_scale_factor(self) -> int:

@@ -45,4 +45,12 @@ def open_session(path: Path, backend: str, options: SessionOptions | None = None
     return OpenVinoSession(Path(path), options)
 
 
-__all__ = ["Session", "SessionOptions", "TensorSpec", "installed_backends", "normalize_backend", "open_session", "BACKENDS"]
+def open_streamed_session(index: Path, options: SessionOptions | None = None) -> Session:
+    """Open a model that `sd-export` cut into parts (`<model>.parts.json`) for weight streaming on ONNX Runtime."""
+    normalize_backend("onnxruntime")  # raises the install hint when it is missing
+    from leansd.runtime.backends.streamed import StreamedOnnxSession
+
+    return StreamedOnnxSession(Path(index), options or SessionOptions())
+
+
+__all__ = ["Session", "SessionOptions", "TensorSpec", "installed_backends", "normalize_backend", "open_session", "open_streamed_session", "BACKENDS"]
