@@ -9,11 +9,12 @@ data file (same offsets), so they cost almost no disk. Weights stored inside the
 are copied into the part that uses them. An index, `<model>.parts.json`, lists the parts in order with the
 tensors each one takes and gives, and the whole model's inputs and outputs:
 
-    {"format": "leansd-onnx-parts", "format_version": 1, "model": "model.onnx",
+    {"format": "leansd-onnx-parts", "format_version": 1, "model": "model.onnx", "fused_attention": n,
      "inputs": [{"name", "dtype", "shape"}], "outputs": [...],
      "parts": [{"file": "model.part0.onnx", "inputs": [names], "outputs": [names], "weight_bytes": n}]}
 
-Cuts are placed by weight: nodes are taken in the graph's (topological) order and a new part starts when the
+The parts only ever run on ONNX Runtime, so their attention is rewritten into its fused operator
+(`leansd.export.attention`), which never materialises the attention score matrix. Cuts are placed by weight: nodes are taken in the graph's (topological) order and a new part starts when the
 current one would pass 1/N of the weights. Tensors that later parts still need (skip connections, the time
 embedding, the text states) are outputs of the part that makes them and inputs of every part that reads them.
 """
@@ -23,6 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from leansd.export import attention
 from leansd.export.errors import ExportError
 
 FORMAT = "leansd-onnx-parts"
@@ -74,8 +76,12 @@ def _spec(value_info: Any) -> dict[str, Any]:
     return {"name": value_info.name, "dtype": str(helper.tensor_dtype_to_np_dtype(tensor.elem_type)), "shape": shape}
 
 
-def split(model_path: Path, count: int = DEFAULT_PARTS) -> Path:
-    """Write `count` part files and their index next to `model_path`; return the index's path."""
+def split(model_path: Path, count: int = DEFAULT_PARTS, fuse_attention: bool = True) -> Path:
+    """Write `count` part files and their index next to `model_path`; return the index's path.
+
+    With `fuse_attention` (default), the parts use ONNX Runtime's fused attention operator (see
+    `leansd.export.attention`): they only ever run on ONNX Runtime, where it saves memory and time.
+    """
     import onnx
     from onnx import helper
 
@@ -85,8 +91,12 @@ def split(model_path: Path, count: int = DEFAULT_PARTS) -> Path:
     graph = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         raise ExportError(f"{model_path} has control-flow subgraphs, which cannot be split into parts; export without parts")
+    # Types first: shape inference does not know the fused operator, whose output keeps the replaced tensor's name.
     inferred = onnx.shape_inference.infer_shapes(model).graph
     elem_type = {v.name: v.type.tensor_type.elem_type for v in (*inferred.value_info, *inferred.input, *inferred.output)}
+    fused = attention.fuse_attention(graph) if fuse_attention else 0
+    if fused:
+        attention.add_domain(model)
     initializers = {t.name: t for t in graph.initializer}
     constants = {out: node for node in graph.node if node.op_type == "Constant" for out in node.output}
     nodes = [node for node in graph.node if node.op_type != "Constant"]
@@ -138,7 +148,7 @@ def split(model_path: Path, count: int = DEFAULT_PARTS) -> Path:
 
     index = index_path(model_path)
     index.write_text(json.dumps({
-        "format": FORMAT, "format_version": FORMAT_VERSION, "model": model_path.name,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "model": model_path.name, "fused_attention": fused,
         "inputs": [_spec(v) for v in graph.input if v.name not in initializers],
         "outputs": [_spec(v) for v in graph.output],
         "parts": entries,

@@ -57,6 +57,12 @@ def test_export_writes_verified_parts_and_records_them(exported_with_parts):
     assert rel == "unet/model.parts.json"
     index = json.loads((exported_with_parts / rel).read_text())
     assert len(index["parts"]) == PARTS
+    # Every attention (one Softmax each in the exported graph) became ONNX Runtime's fused operator.
+    softmaxes = [n for n in onnx.load(str(exported_with_parts / "unet" / "model.onnx")).graph.node if n.op_type == "Softmax"]
+    assert index["fused_attention"] == len(softmaxes) > 0
+    fused = [n for p in index["parts"] for n in onnx.load(str(exported_with_parts / "unet" / p["file"])).graph.node
+             if n.op_type == "MultiHeadAttention"]
+    assert len(fused) == len(softmaxes)
     for part in index["parts"]:
         assert (exported_with_parts / "unet" / part["file"]).is_file()
         assert part["weight_bytes"] > 0

@@ -4,8 +4,9 @@ Each call opens the parts one at a time, runs one and closes it before opening t
 weights are one part's rather than the whole model's (an SD 1.5 UNet: about 0.4 GB instead of 3.4 GB).
 Re-opening is cheap because the parts are opened the way that keeps ONNX Runtime from copying weights: the
 external data file is memory-mapped, graph rewrites that build new weight tensors (layout changes, constant
-folding into new initializers) are limited to the basic level, and weight pre-packing is off. The arithmetic
-is the same model's: results equal the whole file's (tested).
+folding into new initializers) are limited to the basic level, and weight pre-packing is off. The parts use
+ONNX Runtime's fused attention (blockwise, without the full score matrix); otherwise the arithmetic is the
+whole model's, and results equal the whole file's to float rounding (tested).
 """
 from __future__ import annotations
 
