@@ -231,24 +231,35 @@ def _verify_and_convert(name, onnx_path: Path, feeds, reference, root: Path, bac
 
 
 def _split_and_check(onnx_path: Path, count: int, feeds, reference, tolerance: float) -> dict[str, Any]:
-    """Cut the ONNX UNet into parts and run them as the runtime's low-memory mode does; compare like the whole file."""
+    """Cut the ONNX UNet into parts and run them as the runtime's low-memory mode does, and run the whole graph with
+    fused attention; compare both with PyTorch like model.onnx."""
     from leansd.runtime.backends import open_streamed_session
+    from leansd.runtime.backends.streamed import fused_whole_file
 
     index = streaming.split(onnx_path, count)
     session = open_streamed_session(index)
     outputs = session.run({spec.name: feeds[spec.name] for spec in session.inputs})
     parity = verify.measure(reference, outputs, tolerance)
+    result = {**parity.to_json(), "parts": count}
+    whole = fused_whole_file(index)
+    if whole is not None:
+        fused = verify.measure(reference, verify.run_onnxruntime(whole, feeds), tolerance)
+        result["whole_fused"] = fused.to_json()
+        if not fused.passed:
+            parity = fused
     if not parity.passed:
         raise ParityError(
-            f"the UNet's {count} streaming parts differ from PyTorch by {parity.max_rel:.3g} (relative), over the tolerance "
-            f"{tolerance:g}, though the whole file passed; nothing was written. Export with --unet-parts 0 and report this"
+            f"the UNet's ONNX Runtime files (streaming parts, fused attention) differ from PyTorch by {parity.max_rel:.3g} "
+            f"(relative), over the tolerance {tolerance:g}, though model.onnx passed; nothing was written. "
+            "Export with --unet-parts 0 and report this"
         )
-    return {**parity.to_json(), "parts": count}
+    return result
 
 
 def _split_int8_unet(int8_path: Path, info, static, count: int) -> tuple[Path, dict[str, Any]]:
-    """Cut the int8 ONNX UNet like the fp32 one; the chain must give the whole int8 file's output."""
+    """Cut the int8 ONNX UNet like the fp32 one; the chain and the fused whole graph must give the int8 file's output."""
     from leansd.runtime.backends import open_streamed_session
+    from leansd.runtime.backends.streamed import fused_whole_file
 
     verify_at = {k: static[k] for k in ("batch", "height", "width")} if static else {
         "batch": 1, "height": info.default_size, "width": info.default_size}
@@ -257,6 +268,9 @@ def _split_int8_unet(int8_path: Path, info, static, count: int) -> tuple[Path, d
     index = streaming.split(int8_path, count)
     session = open_streamed_session(index)
     parity = verify.measure(whole, session.run({spec.name: feeds[spec.name] for spec in session.inputs}), INT8_PARTS_TOLERANCE)
+    fused_path = fused_whole_file(index)
+    if parity.passed and fused_path is not None:
+        parity = verify.measure(whole, verify.run_onnxruntime(fused_path, feeds), INT8_PARTS_TOLERANCE)
     if not parity.passed:
         raise ParityError(f"the int8 UNet's streaming parts differ from the whole int8 file by {parity.max_rel:.3g} (relative); "
                           "nothing was written. Export with --unet-parts 0 and report this")

@@ -10,11 +10,13 @@ are copied into the part that uses them. An index, `<model>.parts.json`, lists t
 tensors each one takes and gives, and the whole model's inputs and outputs:
 
     {"format": "leansd-onnx-parts", "format_version": 1, "model": "model.onnx", "fused_attention": n,
-     "inputs": [{"name", "dtype", "shape"}], "outputs": [...],
+     "whole": "model.fused.onnx", "inputs": [{"name", "dtype", "shape"}], "outputs": [...],
      "parts": [{"file": "model.part0.onnx", "inputs": [names], "outputs": [names], "weight_bytes": n}]}
 
 The parts only ever run on ONNX Runtime, so their attention is rewritten into its fused operator
-(`leansd.export.attention`), which never materialises the attention score matrix. Cuts are placed by weight: nodes are taken in the graph's (topological) order and a new part starts when the
+(`leansd.export.attention`), which never materialises the attention score matrix; the whole graph with that
+rewrite is written too (`"whole"`, also sharing the weights file), for sessions that keep the model loaded.
+Cuts are placed by weight: nodes are taken in the graph's (topological) order and a new part starts when the
 current one would pass 1/N of the weights. Tensors that later parts still need (skip connections, the time
 embedding, the text states) are outputs of the part that makes them and inputs of every part that reads them.
 """
@@ -146,9 +148,14 @@ def split(model_path: Path, count: int = DEFAULT_PARTS, fuse_attention: bool = T
         entries.append({"file": file, "inputs": inputs, "outputs": outputs,
                         "weight_bytes": sum(_weight_bytes(initializers[w]) for w in weights)})
 
+    whole = None
+    if fused:
+        # The whole graph with fused attention, for ONNX Runtime sessions that keep the model loaded.
+        whole = f"{model_path.stem}.fused.onnx"
+        onnx.save(model, str(model_path.with_name(whole)))
     index = index_path(model_path)
     index.write_text(json.dumps({
-        "format": FORMAT, "format_version": FORMAT_VERSION, "model": model_path.name, "fused_attention": fused,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "model": model_path.name, "fused_attention": fused, "whole": whole,
         "inputs": [_spec(v) for v in graph.input if v.name not in initializers],
         "outputs": [_spec(v) for v in graph.output],
         "parts": entries,

@@ -102,14 +102,23 @@ class Pipeline:
                 lazy.get()
 
     def _unet_session(self, session: Callable[[str], LazySession]) -> LazySession:
-        """The whole UNet file; in low-memory mode on ONNX Runtime, its streamed parts when the export has them."""
+        """The UNet's session. On ONNX Runtime, an export's ONNX Runtime files when it has them: in low-memory mode
+        the streamed parts (one part's weights in memory at a time), else the whole graph with fused attention."""
         self.streams_unet = False
-        if self.low_memory and self.backend == "onnxruntime":
+        if self.backend == "onnxruntime":
             index = self.bundle.optional_component_file(UNET_PARTS, self.backend, self.precision)
             if index is not None and index.suffix == ".json":
                 options = self.options
-                self.streams_unet = True
-                return LazySession(lambda: backends.open_streamed_session(index, options))
+                if self.low_memory:
+                    self.streams_unet = True
+                    return LazySession(lambda: backends.open_streamed_session(index, options))
+                from leansd.runtime.backends.streamed import fused_whole_file
+
+                whole = fused_whole_file(index)
+                if whole is not None:
+                    if not whole.is_file():
+                        raise ModelFolderError(f"{whole} is missing; re-export the model with sd-export")
+                    return LazySession(lambda: backends.open_session(whole, "onnxruntime", options))
         return session("unet")
 
     @property

@@ -73,6 +73,9 @@ def test_export_writes_verified_parts_and_records_them(exported_with_parts):
     assert all(whole[n] < 1024 for n in set(names) if names.count(n) > 1)
     parity = manifest["parity"]["unet_parts"]["onnx"]["fp32"]
     assert parity["parts"] == PARTS and parity["max_rel"] <= 1e-3
+    # The whole graph with fused attention, for sessions that keep the UNet loaded, is verified too.
+    assert index["whole"] == "model.fused.onnx" and (exported_with_parts / "unet" / "model.fused.onnx").is_file()
+    assert parity["whole_fused"]["max_rel"] <= 1e-3
     assert "unet/model.part0.onnx" in manifest["files"]
 
 
@@ -101,8 +104,16 @@ def test_low_memory_generation_streams_the_unet_and_matches_diffusers(tiny_sd_di
     assert not pipe.unet.session.loaded  # released after the loop, like the whole-file UNet
 
 
+def test_normal_mode_on_onnxruntime_uses_the_fused_attention_graph(tiny_sd_dir, exported_with_parts):
+    kwargs = dict(prompt=PROMPT, num_inference_steps=4, guidance_scale=7.5, height=32, width=32)
+    expected = reference_images(reference_pipeline(tiny_sd_dir, "ddim"), seed=6, **kwargs)
+    pipe = leansd.load(exported_with_parts, backend="onnxruntime")
+    assert not pipe.streams_unet and pipe.unet.session.get().path.name == "model.fused.onnx"
+    got = pipe(**kwargs, seed=6, scheduler="ddim", output_type="np").images
+    assert float(np.abs(got - expected).max()) < 1e-4
+
+
 def test_streaming_is_only_used_where_it_applies(exported_with_parts, exported_tiny_sd):
-    assert not leansd.load(exported_with_parts, backend="onnxruntime").streams_unet  # not low-memory
     assert not leansd.load(exported_with_parts, backend="openvino", low_memory=True).streams_unet  # ORT only
     # A small model is exported without parts by default; low-memory mode then runs the whole file.
     manifest = json.loads((exported_tiny_sd / "leansd.json").read_text())
@@ -115,6 +126,9 @@ def test_a_missing_part_is_named(exported_with_parts, tmp_path):
     (broken / "unet" / "model.part1.onnx").unlink()
     with pytest.raises(ModelFolderError, match=r"model\.part1\.onnx is missing.*sd-export"):
         open_streamed_session(broken / "unet" / "model.parts.json", SessionOptions())
+    (broken / "unet" / "model.fused.onnx").unlink()
+    with pytest.raises(ModelFolderError, match=r"model\.fused\.onnx is missing"):
+        leansd.load(broken, backend="onnxruntime")
     (broken / "unet" / "model.parts.json").write_text("{not json")
     with pytest.raises(ModelFolderError, match="not a readable parts index"):
         open_streamed_session(broken / "unet" / "model.parts.json")

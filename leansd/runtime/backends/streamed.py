@@ -23,6 +23,15 @@ from leansd.runtime.errors import ModelFolderError
 FORMAT = "leansd-onnx-parts"
 
 
+def fused_whole_file(index: Path) -> Path | None:
+    """The whole model with fused attention that an index may name, for sessions that keep it loaded."""
+    try:
+        whole = json.loads(index.read_text(encoding="utf-8")).get("whole")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFolderError(f"{index} is not a readable parts index ({exc}); re-export the model with sd-export") from None
+    return None if not whole else index.parent / whole
+
+
 def _spec(entry: dict) -> TensorSpec:
     shape = entry.get("shape")
     return TensorSpec(entry["name"], None if shape is None else tuple(shape), np.dtype(entry["dtype"]))
