@@ -67,6 +67,12 @@ EXPORTS = {
             ("{tool:sd-export}", "{src}", "{out}", "--backend", "all", "--precision", "fp32,int8", "--force-int8", "--quiet"),
         ),
         Export(
+            "leansd-ort-int8",
+            "leansd sd-export, ONNX only, with int8 variants (dynamic int8) and the UNet's streaming parts",
+            # ONNX only: no OpenVINO calibration, so this export takes minutes where leansd-int8 takes hours.
+            ("{tool:sd-export}", "{src}", "{out}", "--backend", "onnx", "--precision", "fp32,int8", "--force-int8", "--quiet"),
+        ),
+        Export(
             "optimum-onnx",
             "Optimum ONNX export",
             ("{tool:optimum-cli}", "export", "onnx", "--model", "{src}", "--task", "text-to-image", "{out}"),
@@ -145,8 +151,16 @@ PEERS = [
         "leansd-ort-int8",
         "leansd onnxruntime int8 (dynamic)",
         "leansd",
-        "leansd-int8",
+        "leansd-ort-int8",
         {"backend": "onnxruntime", "precision": "int8"},
+        needs_precision="int8",
+    ),
+    Peer(
+        "leansd-ort-int8-lowmem",
+        "leansd onnxruntime int8 (dynamic), low_memory",
+        "leansd",
+        "leansd-ort-int8",
+        {"backend": "onnxruntime", "precision": "int8", "low_memory": True},
         needs_precision="int8",
     ),
     # Feature reuse: the deep UNet features refreshed every 3 steps (DeepCache's usual setting).
