@@ -44,10 +44,10 @@ def test_cli_rejects_an_unknown_precision_before_exporting(tmp_path, capsys, tin
 
 @pytest.fixture(scope="module")
 def int8_export(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model exported for both backends with int8 variants."""
+    """The tiny model exported for both backends with int8 variants, and the ONNX UNet's streaming parts."""
     from tests.export.fixtures import _export
 
-    return _export(tiny_sd_dir, tmp_path_factory.mktemp("int8") / "tiny-sd-int8", precisions=("fp32", "int8"))
+    return _export(tiny_sd_dir, tmp_path_factory.mktemp("int8") / "tiny-sd-int8", precisions=("fp32", "int8"), unet_parts=3)
 
 
 @needs_torch
@@ -208,3 +208,21 @@ def test_onnx_int8_reads_models_with_external_data(tiny_sd_dir, tmp_path):
     assert sorted(p.name for p in src.parent.iterdir()) == ["model.onnx", "model.onnx_data", "model_int8.onnx"]
     figures = q.compare(q.run_all("onnx", src, feeds), q.run_all("onnx", src.with_name("model_int8.onnx"), feeds))
     assert figures["psnr_db"] >= q.GATES["text_encoder"].min_psnr_db
+
+
+def test_int8_unet_streaming_parts_pass_the_int8_gate_and_run_in_low_memory_mode(int8_export):
+    import leansd
+
+    m = json.loads((int8_export / "leansd.json").read_text())
+    assert m["components"]["unet_parts"]["onnx"] == {"fp32": "unet/model.parts.json", "int8": "unet/model_int8.parts.json"}
+    entry = m["parity"]["unet_parts"]["onnx"]["int8"]
+    assert entry["parts"] == 3 and entry["psnr_db"] >= entry["min_psnr_db"] == q.GATES["unet"].min_psnr_db
+    assert entry["whole_fused_psnr_db"] >= entry["min_psnr_db"]
+    kwargs = dict(prompt="a red circle", num_inference_steps=3, height=32, width=32, seed=4, output_type="np")
+    low = leansd.load(int8_export, backend="onnxruntime", precision="int8", low_memory=True)
+    assert low.streams_unet
+    streamed = low(**kwargs).images
+    whole = leansd.load(int8_export, backend="onnxruntime", precision="int8")(**kwargs).images
+    # Two int8 executions (dynamic activation quantization, different kernels): close, not bit-equal.
+    psnr = 10 * np.log10(1.0 / float(np.mean((streamed - whole) ** 2)))
+    assert psnr >= 30, f"streamed int8 vs whole int8: {psnr:.1f} dB"
