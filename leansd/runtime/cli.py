@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, auto, or a backend device such as cuda, dml, gpu")
     p.add_argument("--precision", default="fp32", help="model variant: fp32 or int8 when the folder has it")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's choice)")
-    p.add_argument("--low-memory", action="store_true", help="load each model only while it is needed")
+    p.add_argument("--low-memory", action="store_true", help="load each model only while it is needed; on onnxruntime, stream the UNet weights part by part when the export has UNet parts (sd-export writes them for models over 2 GB)")
     p.add_argument("--tiled-vae", action="store_true", default=None,
                    help="decode images larger than the VAE's native size tile by tile (on with --low-memory)")
     p.add_argument("--deep-cache", type=int, default=None, metavar="N",
