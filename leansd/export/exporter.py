@@ -149,8 +149,8 @@ def export(
                 parity["pipeline"] = int8.parity["pipeline"]
                 int8_unet = int8.components.get("unet", {}).get("onnx")
                 if UNET_PARTS in parity and int8_unet:
-                    index, parity[UNET_PARTS]["onnx"]["int8"] = _split_int8_unet(staging.path / int8_unet, info, static,
-                                                                                  _part_count((staging.path / files[UNET_PARTS]["onnx"]["fp32"])))
+                    count = parity[UNET_PARTS]["onnx"]["fp32"]["parts"]
+                    index, parity[UNET_PARTS]["onnx"]["int8"] = _split_int8_unet(staging.path / int8_unet, info, static, count)
                     files[UNET_PARTS]["onnx"]["int8"] = _relative(staging.path, index)
             _write_manifest(source, staging.path, info, files, static, int(opset), parity, int8, names)
             return staging.commit()
@@ -193,18 +193,24 @@ def _trace(name, module, folder: Path, info, static, opset, bar):
     """Export one component to ONNX; return (name, file, verification inputs, PyTorch's outputs for them)."""
     wrapper = comp.wrap(name, module)
     if static:
-        trace = verify_at = {"batch": static["batch"], "height": static["height"], "width": static["width"]}
+        trace = {"batch": static["batch"], "height": static["height"], "width": static["width"]}
     else:
         h, w = comp.trace_size(name, info)
         trace = {"batch": 2, "height": h, "width": w}
-        verify_at = {"batch": 1, "height": info.default_size, "width": info.default_size}
-    feeds = comp.make_inputs(name, info, seed=VERIFY_SEED, **verify_at)
+    feeds = _verification_inputs(name, info, static)
     reference = verify.run_torch(name, wrapper, feeds)
     bar.set_postfix_str(f"{name}: ONNX export")
     onnx_path = folder / name / "model.onnx"
     export_onnx(name, wrapper, comp.make_inputs(name, info, seed=TRACE_SEED, **trace), onnx_path, opset=opset, dynamic=static is None)
     bar.update()
     return name, onnx_path, feeds, reference
+
+
+def _verification_inputs(name: str, info, static) -> dict:
+    """The inputs every exported file of a component is checked on: the static size, else one image at the model's size."""
+    at = {k: static[k] for k in ("batch", "height", "width")} if static else {
+        "batch": 1, "height": info.default_size, "width": info.default_size}
+    return comp.make_inputs(name, info, seed=VERIFY_SEED, **at)
 
 
 def _verify_and_convert(name, onnx_path: Path, feeds, reference, root: Path, backends, tolerance, bar) -> dict[str, Any]:
@@ -265,9 +271,7 @@ def _split_int8_unet(int8_path: Path, info, static, count: int) -> tuple[Path, d
     from leansd.runtime.backends import open_streamed_session
     from leansd.runtime.backends.streamed import fused_whole_file
 
-    verify_at = {k: static[k] for k in ("batch", "height", "width")} if static else {
-        "batch": 1, "height": info.default_size, "width": info.default_size}
-    feeds = comp.make_inputs("unet", info, seed=VERIFY_SEED, **verify_at)
+    feeds = _verification_inputs("unet", info, static)
     fp32 = verify.run_onnxruntime(int8_path.with_name("model.onnx"), feeds)
     gate = quantize.GATES["unet"].min_psnr_db
     index = streaming.split(int8_path, count)
@@ -288,12 +292,6 @@ def _split_int8_unet(int8_path: Path, info, static, count: int) -> tuple[Path, d
               "reference": "the fp32 model.onnx", "min_psnr_db": gate}
     result.update({f"{name}_psnr_db": m.psnr_db for name, m in measured.items() if name != "parts"})
     return index, result
-
-
-def _part_count(index: Path) -> int:
-    import json
-
-    return len(json.loads(index.read_text(encoding="utf-8"))["parts"])
 
 
 def _relative(root: Path, path: Path) -> str:

@@ -78,12 +78,9 @@ def _spec(value_info: Any) -> dict[str, Any]:
     return {"name": value_info.name, "dtype": str(helper.tensor_dtype_to_np_dtype(tensor.elem_type)), "shape": shape}
 
 
-def split(model_path: Path, count: int = DEFAULT_PARTS, fuse_attention: bool = True) -> Path:
-    """Write `count` part files and their index next to `model_path`; return the index's path.
-
-    With `fuse_attention` (default), the parts use ONNX Runtime's fused attention operator (see
-    `leansd.export.attention`): they only ever run on ONNX Runtime, where it saves memory and time.
-    """
+def split(model_path: Path, count: int = DEFAULT_PARTS) -> Path:
+    """Write `count` part files (and the whole graph with fused attention) and their index next to `model_path`;
+    return the index's path."""
     import onnx
     from onnx import helper
 
@@ -96,7 +93,7 @@ def split(model_path: Path, count: int = DEFAULT_PARTS, fuse_attention: bool = T
     # Types first: shape inference does not know the fused operator, whose output keeps the replaced tensor's name.
     inferred = onnx.shape_inference.infer_shapes(model).graph
     elem_type = {v.name: v.type.tensor_type.elem_type for v in (*inferred.value_info, *inferred.input, *inferred.output)}
-    fused = attention.fuse_attention(graph) if fuse_attention else 0
+    fused = attention.fuse_attention(graph)
     if fused:
         attention.add_domain(model)
     initializers = {t.name: t for t in graph.initializer}

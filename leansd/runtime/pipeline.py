@@ -107,7 +107,7 @@ class Pipeline:
         self.streams_unet = False
         if self.backend == "onnxruntime":
             index = self.bundle.optional_component_file(UNET_PARTS, self.backend, self.precision)
-            if index is not None and index.suffix == ".json":
+            if index is not None:
                 options = self.options
                 if self.low_memory:
                     self.streams_unet = True

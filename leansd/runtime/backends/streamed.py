@@ -23,12 +23,20 @@ from leansd.runtime.errors import ModelFolderError
 FORMAT = "leansd-onnx-parts"
 
 
-def fused_whole_file(index: Path) -> Path | None:
-    """The whole model with fused attention that an index may name, for sessions that keep it loaded."""
+def read_index(index: Path) -> dict:
+    """A `<model>.parts.json` written by sd-export; raises `ModelFolderError` naming the fix when it is not one."""
     try:
-        whole = json.loads(index.read_text(encoding="utf-8")).get("whole")
+        manifest = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelFolderError(f"{index} is not a readable parts index ({exc}); re-export the model with sd-export") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not manifest.get("parts"):
+        raise ModelFolderError(f"{index} is not a leansd parts index; re-export the model with sd-export")
+    return manifest
+
+
+def fused_whole_file(index: Path) -> Path | None:
+    """The whole model with fused attention that an index may name, for sessions that keep it loaded."""
+    whole = read_index(index).get("whole")
     return None if not whole else index.parent / whole
 
 
@@ -42,12 +50,7 @@ class StreamedOnnxSession(Session):
 
     def __init__(self, index: Path, options: SessionOptions):
         self.path = index
-        try:
-            manifest = json.loads(index.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelFolderError(f"{index} is not a readable parts index ({exc}); re-export the model with sd-export") from None
-        if manifest.get("format") != FORMAT or not manifest.get("parts"):
-            raise ModelFolderError(f"{index} is not a leansd parts index; re-export the model with sd-export")
+        manifest = read_index(index)
         self._parts = [(index.parent / p["file"], list(p["inputs"]), list(p["outputs"])) for p in manifest["parts"]]
         missing = [str(path) for path, _, _ in self._parts if not path.is_file()]
         if missing:
