@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode images larger than the VAE's native size tile by tile (on with --low-memory)")
     p.add_argument("--deep-cache", type=int, default=None, metavar="N",
                    help="reuse the UNet's deep features for N-1 of every N steps (needs a folder exported with sd-export --deep-cache)")
+    p.add_argument("--guidance-cutoff", type=float, default=1.0, metavar="F",
+                   help="stop classifier-free guidance after this fraction of the steps (e.g. 0.3): later steps cost half; "
+                   "1 (default) guides every step. With --deep-cache, features are then reused on the unguided steps only")
     p.add_argument("--tiny-vae", action="store_true",
                    help="decode with the tiny VAE decoder (TAESD; needs a folder exported with sd-export --tiny-vae): much faster, a little less detail")
     p.add_argument("--preview", type=Path, default=None, metavar="PNG",
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     pipe = leansd.load(
         args.model, backend=args.backend, device=args.device, precision=args.precision,
         num_threads=args.threads, low_memory=args.low_memory, deep_cache=args.deep_cache,
-        vae_tiling=args.tiled_vae, tiny_vae=args.tiny_vae,
+        vae_tiling=args.tiled_vae, tiny_vae=args.tiny_vae, guidance_cutoff=args.guidance_cutoff,
     )
     pipe.show_progress = not args.quiet
     callback = None
@@ -132,6 +135,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             "Batch size": args.num_images if args.num_images > 1 else None,
             "Batch pos": k if args.num_images > 1 else None,
             "Deep cache": pipe.deep_cache if pipe.deep_cache > 1 else None,
+            "CFG cutoff": pipe.guidance_cutoff if pipe.guidance_cutoff < 1 else None,
             "VAE": "tiny (TAESD)" if pipe.tiny_vae else None,
             "Backend": f"leansd {leansd.__version__} {pipe.backend} {pipe.precision}",
         }

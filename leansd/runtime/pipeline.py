@@ -60,7 +60,7 @@ class Pipeline:
 
     def __init__(
         self, bundle: ModelBundle, backend: str, options: SessionOptions, precision: str = "fp32", deep_cache: int | None = None,
-        vae_tiling: bool | None = None, tiny_vae: bool = False,
+        vae_tiling: bool | None = None, tiny_vae: bool = False, guidance_cutoff: float = 1.0,
     ):
         self.bundle = bundle
         self.backend = backend
@@ -81,6 +81,7 @@ class Pipeline:
         self.text_encoder = TextEncoder(session("text_encoder"))
         self.unet = UNet(self._unet_session(session), bundle.unet_config, optional_session("unet_deep"), optional_session("unet_shallow"))
         self.deep_cache = self._check_deep_cache(deep_cache)
+        self.guidance_cutoff = self._check_guidance_cutoff(guidance_cutoff)
         # Tiled decoding needs a decoder that takes any size; a static export fixes one.
         self.vae_tiling = (self.low_memory if vae_tiling is None else bool(vae_tiling)) and not bundle.static_shapes
         self.vae_decoder = VaeDecoder(session("vae_decoder"), bundle.vae_config)
@@ -151,6 +152,7 @@ class Pipeline:
         callback: StepCallback | None = None,
         deep_cache: int | None = None,
         tiny_vae: bool | None = None,
+        guidance_cutoff: float | None = None,
     ) -> PipelineOutput:
         """Generate images. `image` + `strength` switch to image-to-image. See README for every argument."""
         timings: dict[str, float] = {}
@@ -171,6 +173,7 @@ class Pipeline:
             raise InvalidInputError(f"strength must be in (0, 1], got {strength}")
         interval = self.deep_cache if deep_cache is None else self._check_deep_cache(deep_cache)
         use_tiny = self.tiny_vae if tiny_vae is None else self._check_tiny_vae(tiny_vae)
+        cutoff = self.guidance_cutoff if guidance_cutoff is None else self._check_guidance_cutoff(guidance_cutoff)
         use_guidance = guidance > 1.0
         negatives = None
         if use_guidance:
@@ -223,7 +226,7 @@ class Pipeline:
 
         # 5. Denoise.
         t0 = time.perf_counter()
-        latents = self._denoise(latents, embeddings, sched, plan, guidance, use_guidance, noise, callback, interval)
+        latents = self._denoise(latents, embeddings, sched, plan, guidance, use_guidance, noise, callback, interval, cutoff)
         if self.low_memory:
             self.unet.release()
         timings["denoise_s"] = time.perf_counter() - t0
@@ -313,6 +316,17 @@ class Pipeline:
             )
         return int(interval)
 
+    def _check_guidance_cutoff(self, cutoff: float) -> float:
+        """The fraction of steps after which guidance stops (1 = guide every step), after checking it."""
+        if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float, np.floating, np.integer)) or not 0.0 <= cutoff <= 1.0:
+            raise InvalidInputError(f"guidance_cutoff must be a fraction of the steps between 0 and 1 (1 = off), got {cutoff!r}")
+        if cutoff < 1.0 and (self.bundle.static_shapes or {}).get("unet_batch"):
+            raise InvalidInputError(
+                "this model was exported with static shapes, which fix the UNet's batch for guidance; "
+                "re-export it without --height/--width to stop guidance early, or leave guidance_cutoff at 1"
+            )
+        return float(cutoff)
+
     def _check_tiny_vae(self, wanted: bool) -> bool:
         if wanted and self.tiny_vae_decoder is None:
             raise ModelFolderError(
@@ -340,23 +354,34 @@ class Pipeline:
         UNet batch, so they keep one call."""
         return self.low_memory and not (self.bundle.static_shapes or {}).get("unet_batch")
 
-    def _predict(self, model_input, t, embeddings, step: int, interval: int, cache: dict) -> np.ndarray:
+    def _predict(
+        self, model_input, t, embeddings, step: int, interval: int, cache: dict, guided: bool = True, reuse: bool = True
+    ) -> np.ndarray:
         """The UNet's prediction for a step: one call, or one per guidance half in low-memory mode."""
-        if self.splits_guidance and model_input.shape[0] > 1 and model_input.shape[0] % 2 == 0:
+        if guided and self.splits_guidance and model_input.shape[0] > 1 and model_input.shape[0] % 2 == 0:
             halves = zip(np.split(model_input, 2), np.split(embeddings, 2))
-            return np.concatenate([self._predict_batch(x, t, e, step, interval, cache, k) for k, (x, e) in enumerate(halves)])
-        return self._predict_batch(model_input, t, embeddings, step, interval, cache, 0)
+            return np.concatenate([self._predict_batch(x, t, e, step, interval, cache, k, reuse) for k, (x, e) in enumerate(halves)])
+        return self._predict_batch(model_input, t, embeddings, step, interval, cache, 0, reuse)
 
-    def _predict_batch(self, model_input, t, embeddings, step: int, interval: int, cache: dict, key: int) -> np.ndarray:
-        """One UNet evaluation; with feature reuse, the deep features are refreshed every `interval` steps."""
+    def _predict_batch(self, model_input, t, embeddings, step: int, interval: int, cache: dict, key: int, reuse: bool = True) -> np.ndarray:
+        """One UNet evaluation. With feature reuse, the deep features are refreshed every `interval` steps, and on
+        every step where `reuse` is False (still through the two parts, so the whole UNet is never loaded besides)."""
         if interval <= 1:
             return self.unet.predict_noise(model_input, t, embeddings)
-        if step % interval == 0 or key not in cache:
+        if not reuse or step % interval == 0 or key not in cache:
             cache[key] = self.unet.deep_features(model_input, t, embeddings)
         return self.unet.predict_noise_from_features(model_input, t, embeddings, cache[key])
 
-    def _denoise(self, latents, embeddings, sched, plan, guidance, use_guidance, noise: NoiseSource, callback, interval: int = 1) -> np.ndarray:
+    def _denoise(
+        self, latents, embeddings, sched, plan, guidance, use_guidance, noise: NoiseSource, callback, interval: int = 1, cutoff: float = 1.0
+    ) -> np.ndarray:
         total = len(plan.timesteps)
+        # As diffusers' SDCFGCutoffCallback(cutoff_step_ratio=cutoff): guidance stops after step int(total * cutoff).
+        guided_steps = total if cutoff >= 1.0 else min(total, int(total * cutoff) + 1)
+        # When some steps are unguided, deep features are reused on those only: guidance multiplies the error of
+        # stale features by the guidance scale (on the bundled model, reuse every 3 steps on guided steps cost
+        # points of accuracy; on unguided steps, none).
+        reuse_when_guided = guided_steps == total
         state = None
         cache: dict[int, np.ndarray] = {}
         progress = None
@@ -366,11 +391,16 @@ class Pipeline:
             progress = tqdm(total=total, unit="step", leave=False, dynamic_ncols=True)
         try:
             for i, t in enumerate(plan.timesteps):
+                if use_guidance and i == guided_steps:
+                    # From here on the UNet sees the prompt alone: half the work per step.
+                    embeddings = np.split(embeddings, 2)[1]
+                    cache = self._conditional_features(cache)
+                guided = use_guidance and i < guided_steps
                 model_input = sched.scale_model_input(plan, i, latents).astype(np.float32, copy=False)
-                if use_guidance:
+                if guided:
                     model_input = np.concatenate([model_input, model_input])
-                prediction = self._predict(model_input, t, embeddings, i, interval, cache)
-                if use_guidance:
+                prediction = self._predict(model_input, t, embeddings, i, interval, cache, guided, reuse_when_guided or not guided)
+                if guided:
                     uncond, cond = np.split(prediction, 2)
                     prediction = uncond + np.float32(guidance) * (cond - uncond)
                 step_noise = noise.randn(latents.shape) if sched.uses_noise else None
@@ -384,6 +414,12 @@ class Pipeline:
             if progress is not None:
                 progress.close()
         return latents
+
+    def _conditional_features(self, cache: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """The cached deep features of the prompt's half, for the unguided steps (keyed as an unsplit call)."""
+        if self.splits_guidance:
+            return {0: cache[1]} if 1 in cache else {}
+        return {0: np.split(cache[0], 2)[1]} if 0 in cache else {}
 
     def close(self) -> None:
         """Release every model session."""
@@ -426,6 +462,7 @@ def load(
     deep_cache: int | None = None,
     vae_tiling: bool | None = None,
     tiny_vae: bool = False,
+    guidance_cutoff: float = 1.0,
 ) -> Pipeline:
     """Load a model folder (None: the bundled default model) and return a ready `Pipeline`.
 
@@ -442,6 +479,9 @@ def load(
     tiny_vae: decode the final images with the tiny VAE decoder (TAESD; needs a folder exported with
         `sd-export --tiny-vae`): much faster, slightly less detailed. Overridable per call. `Pipeline.preview`
         uses it for step previews whenever the folder has one.
+    guidance_cutoff: stop classifier-free guidance after this fraction of the steps (as diffusers'
+        `SDCFGCutoffCallback(cutoff_step_ratio=...)`): later steps run the UNet on the prompt alone, half the
+        work; 1 (default) guides every step. Overridable per call.
     """
     if path is None:
         path = bundled_model_path()
@@ -452,4 +492,7 @@ def load(
     options = SessionOptions(
         device=device, num_threads=num_threads, low_memory=low_memory, cache_dir=Path(cache_dir) if cache_dir else None
     )
-    return Pipeline(bundle, chosen, options, precision=precision, deep_cache=deep_cache, vae_tiling=vae_tiling, tiny_vae=tiny_vae)
+    return Pipeline(
+        bundle, chosen, options, precision=precision, deep_cache=deep_cache, vae_tiling=vae_tiling, tiny_vae=tiny_vae,
+        guidance_cutoff=guidance_cutoff,
+    )

@@ -148,11 +148,11 @@ def diffusers_generator(model_dir: str, steps: int, guidance: float, threads: in
 
 
 def leansd_generator(model_dir: str | None, backend: str, steps: int, guidance: float, precision: str = "fp32",
-                     deep_cache: int | None = None, scheduler: str | None = None) -> Generator:
+                     deep_cache: int | None = None, scheduler: str | None = None, guidance_cutoff: float = 1.0) -> Generator:
     """leansd's runtime on an exported model folder (`leansd.load(model_dir, backend=...)`; None: the bundled model)."""
     import leansd
 
-    pipe = leansd.load(model_dir, backend=backend, precision=precision, deep_cache=deep_cache)
+    pipe = leansd.load(model_dir, backend=backend, precision=precision, deep_cache=deep_cache, guidance_cutoff=guidance_cutoff)
 
     def generate(prompt: str, seed: int, negative_prompt: str | None = None) -> np.ndarray:
         kwargs = {"negative_prompt": negative_prompt} if negative_prompt else {}
@@ -165,8 +165,10 @@ def leansd_generator(model_dir: str | None, backend: str, steps: int, guidance: 
 
 def make_generator(backend: str, model_dir: str | None, steps: int, guidance: float, threads: int = 1, **leansd_options) -> Generator:
     if backend == "diffusers":
-        if leansd_options.get("precision", "fp32") != "fp32" or leansd_options.get("deep_cache") or leansd_options.get("scheduler"):
-            raise SystemExit("--precision, --deep-cache and --scheduler apply to the leansd backends only")
+        leansd_only = ("deep_cache", "scheduler")
+        if leansd_options.get("precision", "fp32") != "fp32" or leansd_options.get("guidance_cutoff", 1.0) != 1.0 or any(
+                leansd_options.get(k) for k in leansd_only):
+            raise SystemExit("--precision, --deep-cache, --guidance-cutoff and --scheduler apply to the leansd backends only")
         return diffusers_generator(model_dir or str(Path(__file__).resolve().parent / "weights"), steps, guidance, threads)
     if backend in ("onnxruntime", "openvino"):
         return leansd_generator(model_dir, backend, steps, guidance, **leansd_options)
@@ -343,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--precision", default="fp32", help="leansd backends: fp32 or int8")
     p.add_argument("--deep-cache", type=int, default=None, metavar="N", help="leansd backends: refresh deep UNet features every N steps")
+    p.add_argument("--guidance-cutoff", type=float, default=1.0, metavar="F",
+                   help="leansd backends: stop guidance after this fraction of the steps (1 = never)")
     p.add_argument("--scheduler", default=None, help="leansd backends: sampler (default: the model's)")
     p.add_argument("--seeds-per-prompt", type=int, default=2)
     p.add_argument("--seed-base", type=int, default=SEED_BASE)
@@ -356,9 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         generate, title = ground_truth_generator(), "Classifier on ground-truth images from data.py"
     else:
         generate = make_generator(args.backend, args.model, args.steps, args.guidance, args.threads,
-                                  precision=args.precision, deep_cache=args.deep_cache, scheduler=args.scheduler)
+                                  precision=args.precision, deep_cache=args.deep_cache, scheduler=args.scheduler,
+                                  guidance_cutoff=args.guidance_cutoff)
         variant = "" if args.backend == "diffusers" else f" {args.precision}"
         variant += f", deep cache every {args.deep_cache} steps" if args.deep_cache and args.deep_cache > 1 else ""
+        variant += f", guidance stops after {args.guidance_cutoff:g} of the steps" if args.guidance_cutoff < 1 else ""
         variant += f", {args.scheduler}" if args.scheduler else ""
         title = f"{args.backend}{variant}, {args.steps} steps, guidance {args.guidance}, {args.mode} prompts"
     cases = {"grammar": grammar_cases, "partial": partial_cases, "negative": negative_cases}[args.mode](
@@ -374,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": args.mode, "backend": None if args.validate else args.backend, "validate": args.validate,
         "model": None if args.validate else args.model, "steps": args.steps, "guidance_scale": args.guidance,
         "precision": args.precision, "deep_cache": args.deep_cache, "scheduler": args.scheduler,
+        "guidance_cutoff": args.guidance_cutoff,
         "seeds_per_prompt": args.seeds_per_prompt, "seed_base": args.seed_base, "seconds_per_image": round(per_image, 4),
     })
     print(table)
