@@ -68,9 +68,10 @@ EXPORTS = {
         ),
         Export(
             "leansd-ort-int8",
-            "leansd sd-export, ONNX only, with int8 variants (dynamic int8) and the UNet's streaming parts",
+            "leansd sd-export, ONNX only, with int8 variants (dynamic int8), the UNet's streaming parts and the deep-cache parts",
             # ONNX only: no OpenVINO calibration, so this export takes minutes where leansd-int8 takes hours.
-            ("{tool:sd-export}", "{src}", "{out}", "--backend", "onnx", "--precision", "fp32,int8", "--force-int8", "--quiet"),
+            ("{tool:sd-export}", "{src}", "{out}", "--backend", "onnx", "--precision", "fp32,int8", "--force-int8", "--deep-cache",
+             "--quiet"),
         ),
         Export(
             "optimum-onnx",
@@ -161,6 +162,25 @@ PEERS = [
         "leansd",
         "leansd-ort-int8",
         {"backend": "onnxruntime", "precision": "int8", "low_memory": True},
+        needs_precision="int8",
+    ),
+    # Guidance stops after 30 % of the steps (the rest run the UNet on the prompt alone, at batch 1); in the "fast"
+    # row the unguided steps also reuse the deep features, refreshed every 3 steps. Both keep the bundled model's
+    # evaluator at 100 % (models/shapes/README.md).
+    Peer(
+        "leansd-ort-int8-cutoff",
+        "leansd onnxruntime int8, guidance cutoff 0.3",
+        "leansd",
+        "leansd-ort-int8",
+        {"backend": "onnxruntime", "precision": "int8", "guidance_cutoff": 0.3},
+        needs_precision="int8",
+    ),
+    Peer(
+        "leansd-ort-int8-fast",
+        "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 3 unguided steps",
+        "leansd",
+        "leansd-ort-int8",
+        {"backend": "onnxruntime", "precision": "int8", "guidance_cutoff": 0.3, "deep_cache": 3},
         needs_precision="int8",
     ),
     # Feature reuse: the deep UNet features refreshed every 3 steps (DeepCache's usual setting).

@@ -80,6 +80,7 @@ class LeansdPeer:
             cache_dir=opts.get("cache_dir"),
             deep_cache=opts.get("deep_cache"),
             tiny_vae=bool(opts.get("tiny_vae")),
+            guidance_cutoff=float(opts.get("guidance_cutoff", 1.0)),
         )
         self.load_s = time.perf_counter() - t0
         self.low_memory = bool(opts.get("low_memory"))

@@ -8,11 +8,13 @@ on CPU (flash attention), which on an SD 1.5 UNet call measured 1 GB lower peak 
 (perf/README.md). The scale is the operator's default, 1/sqrt(head size), which is the one diffusers uses.
 
 Only the exact exported pattern is rewritten; anything else is left as it is. The result runs on ONNX Runtime
-only (OpenVINO does not read `com.microsoft` operators), so the exporter applies it to runtime-only files
-(the weight-streaming parts), never to the `model.onnx` OpenVINO is converted from.
+only (OpenVINO does not read `com.microsoft` operators), so the exporter applies it to files only ONNX Runtime
+reads (the weight-streaming parts, the deep-cache parts after their OpenVINO conversion), never to the UNet's
+`model.onnx`, which OpenVINO and Optimum read.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 MS_DOMAIN = "com.microsoft"
@@ -112,3 +114,16 @@ def add_domain(model: Any) -> None:
 
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def fuse_file(path: Path) -> int:
+    """Rewrite the attention of the ONNX file at `path` in place (weights in an external data file stay where they
+    are); return how many attention blocks were fused."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    fused = fuse_attention(model.graph)
+    if fused:
+        add_domain(model)
+        onnx.save(model, str(path))
+    return fused

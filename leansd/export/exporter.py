@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from leansd.export import components as comp
-from leansd.export import deepcache, layout, quantize, streaming, tiny_vae, verify
+from leansd.export import attention, deepcache, layout, quantize, streaming, tiny_vae, verify
 from leansd.export.errors import ExportError, ParityError
 from leansd.export.onnx import DEFAULT_OPSET, export_onnx
 from leansd.export.openvino import XML, convert_openvino
@@ -148,6 +148,9 @@ def export(
                     parity[name] = {b: {**parity[name][b], **int8.parity[name][b]} for b in parity[name]}
                 parity["pipeline"] = int8.parity["pipeline"]
                 int8_unet = int8.components.get("unet", {}).get("onnx")
+                if "onnx" in chosen:
+                    for part in (n for n in names if n in comp.DEEP_CACHE_COMPONENTS):
+                        files[part]["onnx"]["int8"], parity[part]["onnx"]["int8"] = _deep_cache_int8(staging.path, part, info, static, force_int8)
                 if UNET_PARTS in parity and int8_unet:
                     count = parity[UNET_PARTS]["onnx"]["fp32"]["parts"]
                     index, parity[UNET_PARTS]["onnx"]["int8"] = _split_int8_unet(staging.path / int8_unet, info, static, count)
@@ -177,6 +180,8 @@ def _export_components(source, root: Path, info, backends, static, opset, tolera
             gc.collect()
             for name, onnx_path, feeds, reference in traced:
                 parity[name] = _verify_and_convert(name, onnx_path, feeds, reference, root, backends, tolerances[name], bar)
+                if name in comp.DEEP_CACHE_COMPONENTS and "onnx" in backends:
+                    parity[name]["onnx"]["fp32"]["fused_attention"] = _fuse_and_check(name, onnx_path, feeds, reference, tolerances[name])
                 if name == "unet" and "onnx" in backends:
                     count = unet_parts if unet_parts is not None else (
                         streaming.DEFAULT_PARTS if streaming.has_external_data(onnx_path) else 0)
@@ -258,6 +263,41 @@ def _split_and_check(onnx_path: Path, count: int, feeds, reference, tolerance: f
             "Export with --unet-parts 0 and report this"
         )
     return result
+
+
+def _fuse_and_check(name: str, onnx_path: Path, feeds, reference, tolerance: float) -> dict[str, Any]:
+    """Give a deep-cache part (read only by ONNX Runtime, and already converted to OpenVINO) fused attention, and
+    check it against PyTorch again."""
+    fused = attention.fuse_file(onnx_path)
+    parity = verify.check(name, "onnx", onnx_path, feeds, reference, tolerance) if fused else None
+    return {"blocks": fused, **({"max_rel": parity.max_rel, "psnr_db": parity.psnr_db} if parity else {})}
+
+
+def _deep_cache_int8(root: Path, part: str, info, static, force: bool) -> tuple[str, dict[str, Any]]:
+    """The ONNX int8 variant of a deep-cache part (dynamic int8, as the UNet), held to the UNet's int8 gate.
+
+    The deep part is compared with its fp32 file; the shallow part is compared with its fp32 file on the int8
+    deep part's features, i.e. the whole int8 chain against the fp32 chain, which is what a generation runs.
+    """
+    fp32_name, int8_name = quantize.FILES["onnx"]
+    src, dst = root / part / fp32_name, root / part / int8_name
+    quantize.onnx_dynamic_int8(src, dst)
+    feeds = _verification_inputs("unet", info, static)
+    if part == deepcache.PARTS[1]:
+        deep = root / deepcache.PARTS[0]
+        feeds = {**feeds, "deep_features": verify.run_onnxruntime(deep / fp32_name, feeds)["deep_features"]}
+        int8_feeds = {**feeds, "deep_features": verify.run_onnxruntime(deep / int8_name, feeds)["deep_features"]}
+    else:
+        int8_feeds = feeds
+    measured = verify.measure(verify.run_onnxruntime(src, feeds), verify.run_onnxruntime(dst, int8_feeds), 1.0)
+    gate = quantize.GATES["unet"].min_psnr_db
+    passed = measured.psnr_db >= gate
+    if not passed and not force:
+        raise ParityError(
+            f"the int8 {part} reaches {measured.psnr_db} dB against fp32, under the UNet's {gate:g} dB gate; nothing was written. "
+            "Export fp32 only, or pass --force-int8 to keep int8 files below the gate")
+    entry = {k: v for k, v in measured.to_json().items() if k != "tolerance"}
+    return f"{part}/{int8_name}", {**entry, "min_psnr_db": gate, "passed": passed, "uses": "int8", "method": quantize.method(part, "onnx")}
 
 
 def _split_int8_unet(int8_path: Path, info, static, count: int) -> tuple[Path, dict[str, Any]]:

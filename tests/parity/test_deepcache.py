@@ -131,3 +131,15 @@ def test_bad_intervals_and_folders_without_parts(pipes, exported_tiny_sd):
     plain = leansd.load(exported_tiny_sd, backend="onnxruntime")
     with pytest.raises(ModelFolderError, match="sd-export --deep-cache"):
         plain(PROMPT, num_inference_steps=2, height=32, width=32, deep_cache=2)
+
+
+def test_onnx_parts_use_fused_attention(exported_tiny_sd_deepcache):
+    import onnx
+
+    manifest = json.loads((exported_tiny_sd_deepcache / "leansd.json").read_text())
+    for part in deepcache.PARTS:
+        ops = [n.op_type for n in onnx.load(str(exported_tiny_sd_deepcache / part / "model.onnx")).graph.node]
+        fused = manifest["parity"][part]["onnx"]["fp32"]["fused_attention"]
+        assert ops.count("MultiHeadAttention") == fused["blocks"] and "Softmax" not in ops
+        if fused["blocks"]:
+            assert fused["max_rel"] <= 1e-3  # checked against PyTorch again after the rewrite
