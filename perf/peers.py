@@ -183,6 +183,14 @@ PEERS = [
         {"backend": "onnxruntime", "precision": "int8", "guidance_cutoff": 0.3, "deep_cache": 3},
         needs_precision="int8",
     ),
+    Peer(
+        "leansd-ort-int8-fast-lowmem",
+        "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 3 unguided steps, low_memory",
+        "leansd",
+        "leansd-ort-int8",
+        {"backend": "onnxruntime", "precision": "int8", "guidance_cutoff": 0.3, "deep_cache": 3, "low_memory": True},
+        needs_precision="int8",
+    ),
     # Feature reuse: the deep UNet features refreshed every 3 steps (DeepCache's usual setting).
     Peer("leansd-ov-fp32-deepcache3", "leansd openvino fp32, deep cache every 3 steps", "leansd", "leansd", {**LEANSD_OV, "deep_cache": 3}),
     Peer("leansd-ort-fp32-deepcache3", "leansd onnxruntime fp32, deep cache every 3 steps", "leansd", "leansd", {**LEANSD_ORT, "deep_cache": 3}),

@@ -237,6 +237,16 @@ def negative_cases(seeds_per_prompt: int, seed_base: int) -> list[dict]:
     return cases
 
 
+def psnr_against(images: np.ndarray, reference_npz: Path) -> dict:
+    """PSNR (dB, 8-bit peak) of each image against the same case's image in an earlier run's --save-images file."""
+    reference = np.load(reference_npz)["images"]
+    if reference.shape != images.shape:
+        raise SystemExit(f"{reference_npz} holds images of shape {reference.shape}, this run {images.shape}: not the same cases")
+    mse = ((images.astype(np.float64) - reference.astype(np.float64)) ** 2).reshape(len(images), -1).mean(axis=1)
+    psnr = 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
+    return {"median_db": round(float(np.median(psnr)), 2), "min_db": round(float(psnr.min()), 2), "n": len(psnr)}
+
+
 def run_cases(generate: Generator, cases: list[dict], progress: bool = True,
               keep_images: int = 0) -> tuple[list[dict], list[np.ndarray], float]:
     from tqdm import tqdm
@@ -352,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed-base", type=int, default=SEED_BASE)
     p.add_argument("--threads", type=int, default=1, help="torch threads for the diffusers backend")
     p.add_argument("--out", default=None, help="folder for results.json, results.md and a sample grid")
+    p.add_argument("--save-images", type=Path, default=None, metavar="NPZ",
+                   help="also write every generated image (uint8) to this .npz, for --psnr-against")
+    p.add_argument("--psnr-against", type=Path, default=None, metavar="NPZ",
+                   help="images of another run of the same cases (--save-images): report how far this run's images are "
+                   "from them (PSNR per image, in dB), e.g. a fast mode against exact fp32")
     args = p.parse_args(argv)
 
     if args.validate:
@@ -369,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         title = f"{args.backend}{variant}, {args.steps} steps, guidance {args.guidance}, {args.mode} prompts"
     cases = {"grammar": grammar_cases, "partial": partial_cases, "negative": negative_cases}[args.mode](
         args.seeds_per_prompt, args.seed_base)
-    rows, images, per_image = run_cases(generate, cases, keep_images=168 * args.seeds_per_prompt)
+    keep = len(cases) if args.save_images or args.psnr_against else 168 * args.seeds_per_prompt
+    rows, images, per_image = run_cases(generate, cases, keep_images=keep)
     if args.mode == "negative":
         summary = summarize_negative(rows)
         table = markdown_negative(summary, title)
@@ -383,6 +399,12 @@ def main(argv: list[str] | None = None) -> int:
         "guidance_cutoff": args.guidance_cutoff,
         "seeds_per_prompt": args.seeds_per_prompt, "seed_base": args.seed_base, "seconds_per_image": round(per_image, 4),
     })
+    if args.save_images:
+        np.savez_compressed(args.save_images, images=np.stack(images))
+    if args.psnr_against:
+        summary["psnr_against"] = psnr_against(np.stack(images), args.psnr_against)
+        table += (f"\nImages against {args.psnr_against.name} (same prompts and seeds): PSNR median "
+                  f"{summary['psnr_against']['median_db']} dB, lowest {summary['psnr_against']['min_db']} dB\n")
     print(table)
     if args.out:
         out = Path(args.out)

@@ -56,6 +56,17 @@ def test_static_graphs_run_at_their_shape(static_export, tiny_sd_dir):
         assert_close(got, torch_outputs(c, models, feeds))
 
 
+def test_static_export_refuses_a_guidance_cutoff(static_export):
+    import leansd
+    from leansd.runtime.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="static shapes.*guidance_cutoff"):
+        leansd.load(static_export, backend="openvino", guidance_cutoff=0.5)
+    pipe = leansd.load(static_export, backend="openvino")
+    with pytest.raises(InvalidInputError, match="static shapes.*guidance_cutoff"):
+        pipe("a red circle", num_inference_steps=2, guidance_cutoff=0.3)
+
+
 # --- single-file checkpoints -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
