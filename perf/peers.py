@@ -184,6 +184,22 @@ PEERS = [
         needs_precision="int8",
     ),
     Peer(
+        "leansd-ort-int8-fast-dc5",
+        "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 5 unguided steps",
+        "leansd",
+        "leansd-ort-int8",
+        {"backend": "onnxruntime", "precision": "int8", "guidance_cutoff": 0.3, "deep_cache": 5},
+        needs_precision="int8",
+    ),
+    Peer(
+        "leansd-ort-int8-fast-dc5-lowmem",
+        "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 5 unguided steps, low_memory",
+        "leansd",
+        "leansd-ort-int8",
+        {"backend": "onnxruntime", "precision": "int8", "guidance_cutoff": 0.3, "deep_cache": 5, "low_memory": True},
+        needs_precision="int8",
+    ),
+    Peer(
         "leansd-ort-int8-fast-lowmem",
         "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 3 unguided steps, low_memory",
         "leansd",
