@@ -114,6 +114,12 @@ class Peer:
 LEANSD_ORT = {"backend": "onnxruntime", "precision": "fp32"}
 LEANSD_OV = {"backend": "openvino", "precision": "fp32"}
 
+
+def ort_int8(name: str, label: str, **options) -> "Peer":
+    """A leansd onnxruntime int8 row on the ONNX-only int8 export, with extra runtime options."""
+    return Peer(name, label, "leansd", "leansd-ort-int8", {"backend": "onnxruntime", "precision": "int8", **options},
+                needs_precision="int8")
+
 PEERS = [
     Peer("diffusers-pt-fp32", "diffusers PyTorch fp32", "diffusers", None),
     Peer("optimum-ort-fp32", "Optimum ONNX Runtime fp32", "optimum-ort", "optimum-onnx"),
@@ -148,65 +154,20 @@ PEERS = [
         {"backend": "openvino", "precision": "int8"},
         needs_precision="int8",
     ),
-    Peer(
-        "leansd-ort-int8",
-        "leansd onnxruntime int8 (dynamic)",
-        "leansd",
-        "leansd-ort-int8",
-        {"backend": "onnxruntime", "precision": "int8"},
-        needs_precision="int8",
-    ),
-    Peer(
-        "leansd-ort-int8-lowmem",
-        "leansd onnxruntime int8 (dynamic), low_memory",
-        "leansd",
-        "leansd-ort-int8",
-        {"backend": "onnxruntime", "precision": "int8", "low_memory": True},
-        needs_precision="int8",
-    ),
+    ort_int8("leansd-ort-int8", "leansd onnxruntime int8 (dynamic)"),
+    ort_int8("leansd-ort-int8-lowmem", "leansd onnxruntime int8 (dynamic), low_memory", low_memory=True),
     # Guidance stops after 30 % of the steps (the rest run the UNet on the prompt alone, at batch 1); in the "fast"
-    # row the unguided steps also reuse the deep features, refreshed every 3 steps. Both keep the bundled model's
-    # evaluator at 100 % (models/shapes/README.md).
-    Peer(
-        "leansd-ort-int8-cutoff",
-        "leansd onnxruntime int8, guidance cutoff 0.3",
-        "leansd",
-        "leansd-ort-int8",
-        {"backend": "onnxruntime", "precision": "int8", "guidance_cutoff": 0.3},
-        needs_precision="int8",
-    ),
-    Peer(
-        "leansd-ort-int8-fast",
-        "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 3 unguided steps",
-        "leansd",
-        "leansd-ort-int8",
-        {"backend": "onnxruntime", "precision": "int8", "guidance_cutoff": 0.3, "deep_cache": 3},
-        needs_precision="int8",
-    ),
-    Peer(
-        "leansd-ort-int8-fast-dc5",
-        "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 5 unguided steps",
-        "leansd",
-        "leansd-ort-int8",
-        {"backend": "onnxruntime", "precision": "int8", "guidance_cutoff": 0.3, "deep_cache": 5},
-        needs_precision="int8",
-    ),
-    Peer(
-        "leansd-ort-int8-fast-dc5-lowmem",
-        "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 5 unguided steps, low_memory",
-        "leansd",
-        "leansd-ort-int8",
-        {"backend": "onnxruntime", "precision": "int8", "guidance_cutoff": 0.3, "deep_cache": 5, "low_memory": True},
-        needs_precision="int8",
-    ),
-    Peer(
-        "leansd-ort-int8-fast-lowmem",
-        "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 3 unguided steps, low_memory",
-        "leansd",
-        "leansd-ort-int8",
-        {"backend": "onnxruntime", "precision": "int8", "guidance_cutoff": 0.3, "deep_cache": 3, "low_memory": True},
-        needs_precision="int8",
-    ),
+    # rows the unguided steps also reuse the deep features, refreshed every 3 or 5 steps. All keep the bundled
+    # model's evaluator at 100 % (models/shapes/README.md).
+    ort_int8("leansd-ort-int8-cutoff", "leansd onnxruntime int8, guidance cutoff 0.3", guidance_cutoff=0.3),
+    ort_int8("leansd-ort-int8-fast", "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 3 unguided steps",
+             guidance_cutoff=0.3, deep_cache=3),
+    ort_int8("leansd-ort-int8-fast-dc5", "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 5 unguided steps",
+             guidance_cutoff=0.3, deep_cache=5),
+    ort_int8("leansd-ort-int8-fast-dc5-lowmem", "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 5 unguided steps, low_memory",
+             guidance_cutoff=0.3, deep_cache=5, low_memory=True),
+    ort_int8("leansd-ort-int8-fast-lowmem", "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 3 unguided steps, low_memory",
+             guidance_cutoff=0.3, deep_cache=3, low_memory=True),
     # Feature reuse: the deep UNet features refreshed every 3 steps (DeepCache's usual setting).
     Peer("leansd-ov-fp32-deepcache3", "leansd openvino fp32, deep cache every 3 steps", "leansd", "leansd", {**LEANSD_OV, "deep_cache": 3}),
     Peer("leansd-ort-fp32-deepcache3", "leansd onnxruntime fp32, deep cache every 3 steps", "leansd", "leansd", {**LEANSD_ORT, "deep_cache": 3}),

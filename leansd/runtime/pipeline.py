@@ -362,7 +362,7 @@ class Pipeline:
         self, model_input, t, embeddings, step: int, interval: int, cache: dict, guided: bool = True, reuse: bool = True
     ) -> np.ndarray:
         """The UNet's prediction for a step: one call, or one per guidance half in low-memory mode."""
-        if guided and self.splits_guidance and model_input.shape[0] > 1 and model_input.shape[0] % 2 == 0:
+        if guided and self.splits_guidance:
             halves = zip(np.split(model_input, 2), np.split(embeddings, 2))
             return np.concatenate([self._predict_batch(x, t, e, step, interval, cache, k, reuse) for k, (x, e) in enumerate(halves)])
         return self._predict_batch(model_input, t, embeddings, step, interval, cache, 0, reuse)

@@ -165,9 +165,8 @@ def leansd_generator(model_dir: str | None, backend: str, steps: int, guidance: 
 
 def make_generator(backend: str, model_dir: str | None, steps: int, guidance: float, threads: int = 1, **leansd_options) -> Generator:
     if backend == "diffusers":
-        leansd_only = ("deep_cache", "scheduler")
-        if leansd_options.get("precision", "fp32") != "fp32" or leansd_options.get("guidance_cutoff", 1.0) != 1.0 or any(
-                leansd_options.get(k) for k in leansd_only):
+        leansd_defaults = {"precision": "fp32", "deep_cache": None, "scheduler": None, "guidance_cutoff": 1.0}
+        if any(leansd_options.get(k, default) != default for k, default in leansd_defaults.items()):
             raise SystemExit("--precision, --deep-cache, --guidance-cutoff and --scheduler apply to the leansd backends only")
         return diffusers_generator(model_dir or str(Path(__file__).resolve().parent / "weights"), steps, guidance, threads)
     if backend in ("onnxruntime", "openvino"):

@@ -67,8 +67,12 @@ def test_unsupported_unet_is_refused():
         deepcache.check_supported({"block_out_channels": [32, 64], "layers_per_block": 1, "addition_embed_type": "text_time"})
 
 
-def cached_reference_pipeline(folder, interval: int):
-    """diffusers' pipeline whose UNet computes deep features every `interval` calls and reuses them between."""
+def cached_reference_pipeline(folder, interval: int, guided_steps: int = 0):
+    """diffusers' pipeline whose UNet computes deep features every `interval` calls and reuses them between.
+
+    The first `guided_steps` calls refresh them every time (leansd reuses features on unguided steps only when
+    guidance stops early); when the batch halves at the cutoff, the prompt's half of the features is kept.
+    """
     pipe = reference_pipeline(folder)
     twin = copy.deepcopy(pipe.unet)  # the split modules call this copy, so patching pipe.unet cannot recurse
     deep, shallow = deepcache.wrap_deep(twin), deepcache.wrap_shallow(twin)
@@ -76,10 +80,14 @@ def cached_reference_pipeline(folder, interval: int):
 
     def forward(sample, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
-        if state["calls"] % interval == 0:
-            state["features"] = deep(sample, t, encoder_hidden_states)
+        step, features = state["calls"], state["features"]
         state["calls"] += 1
-        out = shallow(sample, t, encoder_hidden_states, state["features"])
+        if features is not None and features.shape[0] != sample.shape[0]:
+            features = features.chunk(2)[1]
+        if step < guided_steps or step % interval == 0 or features is None:
+            features = deep(sample, t, encoder_hidden_states)
+        state["features"] = features
+        out = shallow(sample, t, encoder_hidden_states, features)
         return (out,) if not return_dict else type("Out", (), {"sample": out})()
 
     pipe.unet.forward = forward

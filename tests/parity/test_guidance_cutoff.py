@@ -7,8 +7,6 @@ steps (against diffusers' UNet following that schedule in PyTorch).
 """
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 
@@ -16,8 +14,8 @@ pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 
 import leansd  # noqa: E402
-from leansd.export import deepcache  # noqa: E402
 from leansd.runtime.errors import InvalidInputError  # noqa: E402
+from tests.parity.test_deepcache import cached_reference_pipeline  # noqa: E402
 from tests.parity.test_pipeline import TOLERANCE, reference_images, reference_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.needs_torch
@@ -82,36 +80,11 @@ def test_cutoff_with_batches_and_negative_prompts(tiny_sd_dir, exported_tiny_sd,
     assert batches == per_guided_step * guided + [4] * (steps - guided)
 
 
-def cached_cutoff_reference(folder, interval: int, guided: int):
-    """diffusers' pipeline whose UNet runs whole (through the two parts) on guided steps and, on the unguided ones,
-    refreshes its deep features every `interval` steps, keeping the prompt's half of the last guided features."""
-    pipe = reference_pipeline(folder)
-    twin = copy.deepcopy(pipe.unet)
-    deep, shallow = deepcache.wrap_deep(twin), deepcache.wrap_shallow(twin)
-    state = {"step": 0, "features": None}
-
-    def forward(sample, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
-        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
-        step = state["step"]
-        state["step"] += 1
-        features = state["features"]
-        if features is not None and features.shape[0] != sample.shape[0]:
-            features = features.chunk(2)[1]
-        if step < guided or step % interval == 0 or features is None:
-            features = deep(sample, t, encoder_hidden_states)
-        state["features"] = features
-        out = shallow(sample, t, encoder_hidden_states, features)
-        return (out,) if not return_dict else type("Out", (), {"sample": out})()
-
-    pipe.unet.forward = forward
-    return pipe
-
-
 @pytest.mark.parametrize("low_memory", [False, True])
 def test_feature_reuse_on_the_unguided_steps_only(tiny_sd_dir, exported_tiny_sd_deepcache, low_memory):
     steps, ratio, interval = 8, 0.3, 3
     kwargs = dict(prompt=PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=32, width=32)
-    reference = cached_cutoff_reference(tiny_sd_dir, interval, guided_steps(steps, ratio))
+    reference = cached_reference_pipeline(tiny_sd_dir, interval, guided_steps(steps, ratio))
     expected = reference_images(reference, seed=6, callback_on_step_end=cutoff_callback(ratio),
                                 callback_on_step_end_tensor_inputs=["prompt_embeds"], **kwargs)
     no_reuse = reference_images(reference_pipeline(tiny_sd_dir), seed=6, callback_on_step_end=cutoff_callback(ratio),
