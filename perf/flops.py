@@ -6,7 +6,8 @@ Counts with PyTorch's `FlopCounterMode` on the `meta` device (no weights, no ari
 machine), for one guided step (UNet batch 2) at the configured size. It answers three questions the
 benchmark alone cannot:
 
-- the best speed-up feature reuse (DeepCache) can give: N whole UNets against one deep part and N shallow parts;
+- the best speed-up feature reuse (DeepCache) can give: N whole UNets against one deep part (the whole UNet
+  with its features as a second output) and N - 1 shallow parts;
 - what token merging (ToMe for SD) could save: the self-attention work at the highest resolution, where it
   merges tokens, and the upper bound on the UNet's speed-up if that work shrank as ToMe's merge ratio says;
 - how much a tiny VAE decoder (TAESD, `AutoencoderTiny` with its published defaults) saves over the KL decoder.
@@ -50,16 +51,8 @@ def unet_report(config: dict, size: int, merge_ratio: float) -> dict:
         t = torch.empty(2)
         context = torch.empty(2, 77, unet.config.cross_attention_dim)
         total, modules = count(lambda *a: unet(*a).sample, x, t, context)
-        layers = len(unet.up_blocks[-1].resnets) - 1
         features = torch.empty(2, deepcache.feature_channels(dict(unet.config)), side, side)
         shallow_total, _ = count(deepcache.wrap_shallow(unet), x, t, context, features)
-
-    # The deep part stops where its features are read (the exported graph drops what follows; eager PyTorch
-    # does not): the whole UNet less the last up block's layers from the reading one on and the output head.
-    last = len(config["unet"]["up_block_types"]) - 1
-    after = re.compile(rf"(^|\.)(up_blocks\.{last}\.(resnets|attentions)\.(\d+)|conv_out)$")
-    dropped = sum(f for name, f in modules.items() if (m := after.search(name)) and (m.group(4) is None or int(m.group(4)) >= layers - 1))
-    deep_total = total - dropped
 
     # Self-attention (attn1) of the blocks at the highest resolution (the first down and last up block),
     # where ToMe for SD merges tokens.
@@ -82,10 +75,10 @@ def unet_report(config: dict, size: int, merge_ratio: float) -> dict:
     return {
         "size": size,
         "unet_tflop": total / 1e12,
-        "deep_tflop": deep_total / 1e12,
+        "deep_tflop": total / 1e12,  # the deep part is the whole UNet with a second output
         "shallow_tflop": shallow_total / 1e12,
         "shallow_share": shallow_total / total,
-        "deep_cache_bound": {n: total * n / (deep_total + n * shallow_total) for n in (2, 3, 5)},
+        "deep_cache_bound": {n: total * n / (total + (n - 1) * shallow_total) for n in (2, 3, 5)},
         "top_self_attention_tflop": top_attn / 1e12,
         "top_self_attention_share": top_attn / total,
         "top_self_attention_blocks": n_top_blocks,

@@ -126,8 +126,8 @@ class LeansdPeer:
         latents = sample[:1].copy()
         if self.deep_cache > 1:
             def unet():
-                features = pipe.unet.deep_features(sample, 500, emb2)
-                for _ in range(self.deep_cache):
+                _, features = pipe.unet.predict_noise_and_features(sample, 500, emb2)
+                for _ in range(self.deep_cache - 1):
                     pipe.unet.predict_noise_from_features(sample, 500, emb2, features)
         else:
             fn = self.unet_timer.fn

@@ -58,7 +58,10 @@ IO: dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {
             Tensor("timestep", "float32", {0: "timestep_batch"}),
             Tensor("encoder_hidden_states", "float32", {0: "batch_size", 1: "sequence_length"}),
         ),
-        (Tensor("deep_features", "float32", {0: "batch_size", 2: "height", 3: "width"}),),
+        (
+            Tensor("out_sample", "float32", {0: "batch_size", 2: "height", 3: "width"}),
+            Tensor("deep_features", "float32", {0: "batch_size", 2: "height", 3: "width"}),
+        ),
     ),
     "unet_shallow": (
         (
@@ -280,6 +283,7 @@ def _fixed_shapes(component: str, info: ModelInfo, batch: int = 1, height: int =
             "sample": [2 * batch, info.unet_in_channels, h, w],
             "timestep": [2 * batch],
             "encoder_hidden_states": [2 * batch, seq, info.cross_attention_dim],
+            "out_sample": [2 * batch, c, h, w],
             "deep_features": [2 * batch, info.deep_feature_channels, h, w],
         },
         "unet_shallow": {

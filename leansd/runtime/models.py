@@ -64,8 +64,8 @@ class UNet:
     """The denoiser: noisy latents, timestep and text embeddings -> predicted noise (or v, per the model).
 
     With the deep-cache parts of an export (`sd-export --deep-cache`), it can also return the UNet's deep
-    features (`deep_features`) and predict from cached ones (`predict_noise_from_features`), which runs only
-    the shallow layers.
+    features with its prediction (`predict_noise_and_features`) and predict from cached ones
+    (`predict_noise_from_features`), which runs only the shallow layers.
     """
 
     def __init__(self, session: LazySession, config: dict, deep: LazySession | None = None, shallow: LazySession | None = None):
@@ -86,9 +86,18 @@ class UNet:
         out = session.run(_unet_feeds(session, sample, timestep, encoder_hidden_states))
         return next(iter(out.values())) if "out_sample" not in out else out["out_sample"]
 
-    def deep_features(self, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray) -> np.ndarray:
+    def predict_noise_and_features(
+        self, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The whole UNet's prediction and its deep features, for `predict_noise_from_features` on later steps."""
         session = self._part(self.deep)
-        return session.run(_unet_feeds(session, sample, timestep, encoder_hidden_states))["deep_features"]
+        out = session.run(_unet_feeds(session, sample, timestep, encoder_hidden_states))
+        if "out_sample" not in out:
+            raise ModelFolderError(
+                f"{session.path} is a deep-cache part from an older sd-export (features only); "
+                "re-export the model with sd-export --deep-cache"
+            )
+        return out["out_sample"], out["deep_features"]
 
     def predict_noise_from_features(
         self, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray, deep_features: np.ndarray

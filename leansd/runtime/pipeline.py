@@ -369,11 +369,13 @@ class Pipeline:
 
     def _predict_batch(self, model_input, t, embeddings, step: int, interval: int, cache: dict, key: int, reuse: bool = True) -> np.ndarray:
         """One UNet evaluation. With feature reuse, the deep features are refreshed every `interval` steps, and on
-        every step where `reuse` is False (still through the two parts, so the whole UNet is never loaded besides)."""
+        every step where `reuse` is False (by the deep part, a whole UNet with the features as a second output, so
+        the plain UNet is never loaded besides)."""
         if interval <= 1:
             return self.unet.predict_noise(model_input, t, embeddings)
         if not reuse or step % interval == 0 or key not in cache:
-            cache[key] = self.unet.deep_features(model_input, t, embeddings)
+            prediction, cache[key] = self.unet.predict_noise_and_features(model_input, t, embeddings)
+            return prediction
         return self.unet.predict_noise_from_features(model_input, t, embeddings, cache[key])
 
     def _denoise(

@@ -1,15 +1,16 @@
 """Feature reuse across steps (DeepCache): the split UNet against diffusers' UNet, and whole generations
 against diffusers' pipeline running the same caching schedule in PyTorch.
 
-1. `unet_shallow(x, unet_deep(x)) == UNet(x)` in PyTorch, for the tiny test UNet and for an SD 1.5-shaped
-   one (two layers per block, attention in the first block), at sizes that are and are not multiples of the
-   upsampling factor: the cut loses nothing.
+1. `unet_deep(x)` returns `UNet(x)` and the features from which `unet_shallow` gives `UNet(x)` again, in
+   PyTorch, for the tiny test UNet and for an SD 1.5-shaped one (two layers per block, attention in the first
+   block), at sizes that are and are not multiples of the upsampling factor: the cut loses nothing.
 2. The exported parts run by leansd, with deep features refreshed every N steps, give the images diffusers
    gives when its UNet follows the same schedule (full UNet at steps 0, N, 2N..., cached features between).
 """
 from __future__ import annotations
 
 import copy
+import shutil
 import json
 
 import numpy as np
@@ -53,9 +54,10 @@ def test_shallow_of_deep_equals_the_unet(tiny_sd_dir, which, side):
     for t in (torch.tensor([981.0]), torch.tensor([3.5, 500.0])):
         with torch.no_grad():
             expected = unet(x, t, context).sample
-            features = deepcache.wrap_deep(unet)(x, t, context)
+            whole, features = deepcache.wrap_deep(unet)(x, t, context)
             got = deepcache.wrap_shallow(unet)(x, t, context, features)
         assert features.shape[1] == deepcache.feature_channels(dict(unet.config))
+        torch.testing.assert_close(whole, expected, rtol=0, atol=0)  # the deep part is the UNet itself
         err = float((got - expected).abs().max())
         assert err <= 1e-5 * float(expected.abs().max()), err
 
@@ -85,9 +87,10 @@ def cached_reference_pipeline(folder, interval: int, guided_steps: int = 0):
         if features is not None and features.shape[0] != sample.shape[0]:
             features = features.chunk(2)[1]
         if step < guided_steps or step % interval == 0 or features is None:
-            features = deep(sample, t, encoder_hidden_states)
+            out, features = deep(sample, t, encoder_hidden_states)  # a refresh is the whole UNet
+        else:
+            out = shallow(sample, t, encoder_hidden_states, features)
         state["features"] = features
-        out = shallow(sample, t, encoder_hidden_states, features)
         return (out,) if not return_dict else type("Out", (), {"sample": out})()
 
     pipe.unet.forward = forward
@@ -151,3 +154,20 @@ def test_onnx_parts_use_fused_attention(exported_tiny_sd_deepcache):
         assert ops.count("MultiHeadAttention") == fused["blocks"] and "Softmax" not in ops
         if fused["blocks"]:
             assert fused["max_rel"] <= 1e-3  # checked against PyTorch again after the rewrite
+
+
+def test_a_features_only_deep_part_asks_for_a_re_export(exported_tiny_sd_deepcache, tmp_path):
+    """Exports before the deep part returned the UNet's prediction too: a one-line error, not a KeyError."""
+    import onnx
+
+    folder = tmp_path / "old"
+    shutil.copytree(exported_tiny_sd_deepcache, folder)
+    path = folder / "unet_deep" / "model.onnx"
+    model = onnx.load(str(path))
+    kept = [o for o in model.graph.output if o.name != "out_sample"]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    onnx.save(model, str(path))
+    pipe = leansd.load(folder, backend="onnxruntime", deep_cache=2)
+    with pytest.raises(ModelFolderError, match="older sd-export.*re-export the model with sd-export --deep-cache"):
+        pipe(PROMPT, num_inference_steps=2, height=32, width=32)
