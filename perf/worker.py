@@ -178,7 +178,9 @@ class DiffusersLikePeer:
             pipe = cls.from_pretrained(spec["folder"])
         else:
             # What Optimum Intel's documentation recommends for CPU: load, reshape to the static size, compile.
-            pipe = cls.from_pretrained(spec["folder"], compile=False)
+            # With a cache folder, OpenVINO keeps the compiled models there (Optimum Intel's `ov_config`).
+            ov_config = {"CACHE_DIR": opts["cache_dir"]} if opts.get("cache_dir") else None
+            pipe = cls.from_pretrained(spec["folder"], compile=False, **({"ov_config": ov_config} if ov_config else {}))
             if opts.get("static", True):
                 pipe.reshape(batch_size=1, height=run["height"], width=run["width"], num_images_per_prompt=1)
             pipe.compile()

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, help="onnxruntime or openvino (default: what is installed)")
     p.add_argument("--device", default="cpu", help="cpu, auto, or a backend device such as cuda, dml, gpu")
     p.add_argument("--precision", default="fp32", help="model variant: fp32 or int8 when the folder has it")
+    p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                   help="keep optimized/compiled models here so later runs start faster (about one copy of each model file)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's choice)")
     p.add_argument("--low-memory", action="store_true", help="load each model only while it is needed; on onnxruntime, stream the UNet weights part by part when the export has UNet parts (sd-export writes them for models over 2 GB)")
     p.add_argument("--tiled-vae", action="store_true", default=None,
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     paths = output_paths(args.output, args.num_images, seed, args.overwrite)
     pipe = leansd.load(
         args.model, backend=args.backend, device=args.device, precision=args.precision,
-        num_threads=args.threads, low_memory=args.low_memory, deep_cache=args.deep_cache,
+        num_threads=args.threads, cache_dir=args.cache_dir, low_memory=args.low_memory, deep_cache=args.deep_cache,
         vae_tiling=args.tiled_vae, tiny_vae=args.tiny_vae, guidance_cutoff=args.guidance_cutoff,
     )
     pipe.show_progress = not args.quiet

@@ -477,7 +477,9 @@ def load(
         backend device name ("cuda", "dml", "gpu"...).
     precision: "fp32" or another variant the folder holds (see its leansd.json).
     low_memory: load each model only while it is needed and release it afterwards.
-    cache_dir: OpenVINO compiled-model cache, so later runs start faster.
+    cache_dir: a folder where the first run keeps its compiled (OpenVINO) or optimized (ONNX Runtime on CPU)
+        models, so later runs start in about a second per model instead of re-optimizing; it holds about one
+        copy of each model file used.
     deep_cache: reuse the UNet's deep features for N-1 of every N steps (DeepCache; needs a folder exported
         with `sd-export --deep-cache`); None or 1 runs the whole UNet every step. Overridable per call.
     vae_tiling: decode images larger than the VAE's native size in overlapping tiles (as diffusers'

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from leansd.runtime.backends import graph_cache
 from leansd.runtime.backends.session import Session, SessionOptions, TensorSpec
 from leansd.runtime.errors import BackendError, ModelFolderError
 
@@ -44,6 +45,15 @@ def choose_providers(device: str) -> list[str]:
     return [wanted, "CPUExecutionProvider"]
 
 
+def _session(source: Path, path: Path, so: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    """Open `path` (the model file `source` or its optimized copy); a failure names `source`."""
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFolderError(f"{source} is not a loadable ONNX model ({first}); re-export it with sd-export") from None
+
+
 def _spec(arg) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in arg.shape) if arg.shape is not None else None
     return TensorSpec(arg.name, shape, np.dtype(_ONNX_TYPES.get(arg.type, np.float32)))
@@ -54,27 +64,57 @@ class OnnxRuntimeSession(Session):
         self.path = path
         if not path.is_file():
             raise ModelFolderError(f"model file {path} is missing; re-export the model with sd-export")
+        self._options = options
+        providers = choose_providers(options.device)
+        self.opened_from = path  # the optimized copy instead, when a cache entry was used
+        self._session = self._open(path, providers, options.cache_dir)
+        self.device = self._session.get_providers()[0]
+        self.inputs = [_spec(a) for a in self._session.get_inputs()]
+        self.outputs = [_spec(a) for a in self._session.get_outputs()]
+
+    def _session_options(self, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.SessionOptions:
         so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.graph_optimization_level = level
         so.log_severity_level = 3
-        if options.num_threads:
-            so.intra_op_num_threads = options.num_threads
+        if self._options.num_threads:
+            so.intra_op_num_threads = self._options.num_threads
         # The memory pattern recorded on a first call makes the second call of the same shape ask the arena for
         # one large block, which the arena (already cut into per-tensor chunks) cannot reuse: SD 1.5's VAE decoder
         # grew by 0.9 GB more on its second 512x512 decode. Off, the arena is reused; UNet calls measured no slower.
         so.enable_mem_pattern = False
-        if options.low_memory:
+        if self._options.low_memory:
             # The CPU arena keeps peak activations allocated between calls; without it memory is returned.
             so.enable_cpu_mem_arena = False
-        providers = choose_providers(options.device)
+        return so
+
+    def _open(self, path: Path, providers: list[str], cache_dir: Path | None) -> ort.InferenceSession:
+        """A session for `path`; with a cache folder (CPU only), from the graph an earlier process optimized, or
+        optimizing it now and saving the result for the next one (see `graph_cache`)."""
+        if cache_dir is None or providers != ["CPUExecutionProvider"]:
+            return _session(path, path, self._session_options(), providers)
+        entry = graph_cache.lookup(path, cache_dir, ort.__version__)
+        if entry.ready:
+            try:  # optimized before it was saved: open it as it is
+                session = _session(path, entry.model, self._session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL), providers)
+                self.opened_from = entry.model
+                return session
+            except ModelFolderError:
+                entry.discard()  # a damaged entry: rebuild it below
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelFolderError(f"{path} is not a loadable ONNX model ({first}); re-export it with sd-export") from None
-        self.device = self._session.get_providers()[0]
-        self.inputs = [_spec(a) for a in self._session.get_inputs()]
-        self.outputs = [_spec(a) for a in self._session.get_outputs()]
+            stage = entry.staging()
+        except OSError:  # the cache folder cannot be written: run without it
+            return _session(path, path, self._session_options(), providers)
+        so = self._session_options()
+        so.optimized_model_filepath = str(stage / graph_cache.MODEL)
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", graph_cache.DATA)
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        try:
+            session = _session(path, path, so, providers)
+        except ModelFolderError:  # the model, or saving its optimized graph (a full disk), failed: try without saving
+            entry.abandon(stage)
+            return _session(path, path, self._session_options(), providers)
+        entry.commit(stage)
+        return session
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.outputs]

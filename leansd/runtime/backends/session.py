@@ -25,7 +25,8 @@ class SessionOptions:
 
     device: "cpu", "gpu", "auto" (a GPU when the backend offers one) or a backend's own device name.
     num_threads: intra-op threads; None lets the backend choose (physical cores).
-    cache_dir: where OpenVINO keeps compiled blobs so later runs start fast (None: no cache).
+    cache_dir: where later runs find work done by earlier ones (None: no cache): OpenVINO's compiled blobs,
+        ONNX Runtime's optimized graphs on CPU (`graph_cache`).
     static_shapes: OpenVINO reshapes the model to the first input shapes it sees and recompiles on change.
     low_memory: ask the backend not to keep memory arenas between calls.
     """
