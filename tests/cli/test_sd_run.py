@@ -86,3 +86,18 @@ def test_console_script_is_installed():
     exe = shutil.which("sd-run") or str(Path(sys.executable).with_name("sd-run"))
     result = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--init-image" in result.stdout
+
+
+def test_cache_dir_is_filled_once_and_reused(tmp_path, cli_model):
+    args = ("a red circle", "--model", str(cli_model), "--backend", "onnxruntime", "--steps", "2", "--seed", "1",
+            "--cache-dir", "cache", "-q", "--overwrite")
+    first = sd_run(*args, "-o", "first.png", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    entries = sorted((tmp_path / "cache" / "onnxruntime").iterdir())
+    assert entries and all((e / "key.json").is_file() for e in entries)
+    written = [(e / "key.json").stat().st_mtime_ns for e in entries]
+    second = sd_run(*args, "-o", "second.png", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert sorted((tmp_path / "cache" / "onnxruntime").iterdir()) == entries
+    assert [(e / "key.json").stat().st_mtime_ns for e in entries] == written  # read, not rewritten
+    assert (tmp_path / "first.png").read_bytes() == (tmp_path / "second.png").read_bytes()
