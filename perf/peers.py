@@ -135,6 +135,8 @@ PEERS = [
         {"static": True},
         opt_in="--hybrid",
     ),
+    Peer("optimum-ov-hybrid-cached", "Optimum Intel OpenVINO hybrid int8 (NNCF), static, compile cache warm (2nd process)",
+         "optimum-ov", "optimum-ov-hybrid", {"static": True, "cache_dir": "@fresh"}, prime=True, opt_in="--hybrid"),
     Peer("leansd-ort-fp32", "leansd onnxruntime fp32", "leansd", "leansd", LEANSD_ORT),
     Peer("leansd-ov-fp32", "leansd openvino fp32", "leansd", "leansd", LEANSD_OV),
     Peer("leansd-ort-fp32-lowmem", "leansd onnxruntime fp32, low_memory", "leansd", "leansd", {**LEANSD_ORT, "low_memory": True}),
