@@ -75,8 +75,8 @@ class Pipeline:
             return LazySession(lambda: backends.open_session(path, backend, opts))
 
         # The VAE runs once per image with the largest activations of the pipeline (about 1 GB at 512x512 for
-        # SD 1.5): without an arena they are returned after each decode instead of being held by the process.
-        transient = replace(options, low_memory=True)
+        # SD 1.5): they are returned after each decode instead of being held by the process between images.
+        transient = replace(options, release_after_run=True)
 
         def optional_session(component: str) -> LazySession | None:
             path = bundle.optional_component_file(component, backend, precision)

@@ -29,6 +29,8 @@ class SessionOptions:
         ONNX Runtime's optimized graphs on CPU (`graph_cache`).
     static_shapes: OpenVINO reshapes the model to the first input shapes it sees and recompiles on change.
     low_memory: ask the backend not to keep memory arenas between calls.
+    release_after_run: keep the memory arena during a call but return its memory after each call (ONNX Runtime's
+        arena shrinkage; for models that run rarely with large activations, such as the VAE).
     """
 
     device: str = "cpu"
@@ -36,6 +38,7 @@ class SessionOptions:
     cache_dir: Path | None = None
     static_shapes: bool = True
     low_memory: bool = False
+    release_after_run: bool = False
     extra: dict = field(default_factory=dict)
 
 

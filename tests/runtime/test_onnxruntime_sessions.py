@@ -1,5 +1,6 @@
-"""ONNX Runtime's optimized-graph cache (`cache_dir`): a later load opens the saved graphs and gives the same
-images; a changed, damaged or unwritable cache never gives a wrong result or an error."""
+"""ONNX Runtime sessions: the optimized-graph cache (`cache_dir`: a later load opens the saved graphs and gives
+the same images; a changed, damaged or unwritable cache never gives a wrong result or an error) and the VAE's
+arena, returned after each call."""
 from __future__ import annotations
 
 import os
@@ -83,3 +84,14 @@ def test_an_unwritable_cache_folder_is_skipped(tmp_path, plain_images):
     not_a_folder.write_text("a file where the cache folder would go")
     pipe = leansd.load(backend="onnxruntime", cache_dir=not_a_folder)
     np.testing.assert_array_equal(pipe(**KWARGS).images, plain_images)
+
+
+def test_vae_sessions_return_their_arena_after_each_call(plain_images):
+    """Normal mode: the VAE keeps an arena during a decode and shrinks it after; low-memory mode has no arena."""
+    pipe = leansd.load(backend="onnxruntime")
+    session = pipe.vae_decoder.session.get()
+    assert session._run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    assert pipe.unet.session.get()._run_options is None  # the UNet runs every step: it keeps its arena
+    np.testing.assert_array_equal(pipe(**KWARGS).images, plain_images)
+    low = leansd.load(backend="onnxruntime", low_memory=True)
+    assert low.vae_decoder.session.get()._run_options is None
