@@ -115,10 +115,10 @@ LEANSD_ORT = {"backend": "onnxruntime", "precision": "fp32"}
 LEANSD_OV = {"backend": "openvino", "precision": "fp32"}
 
 
-def ort_int8(name: str, label: str, **options) -> "Peer":
+def ort_int8(name: str, label: str, prime: bool = False, **options) -> "Peer":
     """A leansd onnxruntime int8 row on the ONNX-only int8 export, with extra runtime options."""
     return Peer(name, label, "leansd", "leansd-ort-int8", {"backend": "onnxruntime", "precision": "int8", **options},
-                needs_precision="int8")
+                needs_precision="int8", prime=prime)
 
 PEERS = [
     Peer("diffusers-pt-fp32", "diffusers PyTorch fp32", "diffusers", None),
@@ -168,11 +168,9 @@ PEERS = [
              guidance_cutoff=0.3, deep_cache=3),
     ort_int8("leansd-ort-int8-fast-dc5", "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 5 unguided steps",
              guidance_cutoff=0.3, deep_cache=5),
-    Peer("leansd-ort-int8-fast-dc5-cached",
-         "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 5 unguided steps, optimized-graph cache warm (2nd process)",
-         "leansd", "leansd-ort-int8",
-         {"backend": "onnxruntime", "precision": "int8", "guidance_cutoff": 0.3, "deep_cache": 5, "cache_dir": "@fresh"},
-         needs_precision="int8", prime=True),
+    ort_int8("leansd-ort-int8-fast-dc5-cached",
+             "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 5 unguided steps, optimized-graph cache warm (2nd process)",
+             prime=True, guidance_cutoff=0.3, deep_cache=5, cache_dir="@fresh"),
     ort_int8("leansd-ort-int8-fast-dc5-lowmem", "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 5 unguided steps, low_memory",
              guidance_cutoff=0.3, deep_cache=5, low_memory=True),
     ort_int8("leansd-ort-int8-fast-lowmem", "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 3 unguided steps, low_memory",

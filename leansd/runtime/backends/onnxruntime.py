@@ -73,7 +73,7 @@ class OnnxRuntimeSession(Session):
             # 512x512 VAE decode 14.7 s against 19.3 s without it) and is shrunk when the call ends.
             self._run_options = ort.RunOptions()
             self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        self._session = self._open(path, providers, options.cache_dir)
+        self._session = self._open(path, providers)
         self.device = self._session.get_providers()[0]
         self.inputs = [_spec(a) for a in self._session.get_inputs()]
         self.outputs = [_spec(a) for a in self._session.get_outputs()]
@@ -93,12 +93,12 @@ class OnnxRuntimeSession(Session):
             so.enable_cpu_mem_arena = False
         return so
 
-    def _open(self, path: Path, providers: list[str], cache_dir: Path | None) -> ort.InferenceSession:
+    def _open(self, path: Path, providers: list[str]) -> ort.InferenceSession:
         """A session for `path`; with a cache folder (CPU only), from the graph an earlier process optimized, or
         optimizing it now and saving the result for the next one (see `graph_cache`)."""
-        if cache_dir is None or providers != ["CPUExecutionProvider"]:
+        if self._options.cache_dir is None or providers != ["CPUExecutionProvider"]:
             return _session(path, path, self._session_options(), providers)
-        entry = graph_cache.lookup(path, cache_dir, ort.__version__)
+        entry = graph_cache.lookup(path, self._options.cache_dir, ort.__version__)
         if entry.ready:
             try:  # optimized before it was saved: open it as it is
                 session = _session(path, entry.model, self._session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL), providers)
