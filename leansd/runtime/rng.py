@@ -9,29 +9,40 @@ is exactly that call). How torch draws float32 normals on the CPU (ATen `normal_
 * 16 or more values: every value first becomes a uniform float `(draw & 0xffffff) * 2**-24`; then Box-Muller
   runs on blocks of 16 (`u1 = 1 - data[j]`, `u2 = data[j + 8]`, cosine into slot j, sine into slot j + 8).
   When the count is not a multiple of 16, 16 fresh uniforms are drawn and the last 16 values recomputed.
-  The transform is float32 arithmetic, and which code does it depends on the CPU torch picked:
+  The transform is float32 arithmetic, and which code does it depends on the CPU capability torch picked
+  (`detect_kernel()` works that out without torch; see its docstring):
 
-  - ``kernel="avx2"`` (the default): x86-64 CPUs whose best ISA torch uses is AVX2. torch evaluates log, sin and
-    cos with the Cephes-derived polynomials of `avx_mathfun.h`, compiled (on Linux, by GCC) with multiply-adds
-    fused into FMAs. We replay those exact float32 operations, with exactly rounded FMAs, so the result is
-    bit-identical (measured on millions of values).
-  - ``kernel="generic"``: every other CPU (x86-64 with AVX-512, ARM including Apple Silicon). torch calls the C
-    library's `logf`, `sinf`, `cosf`, which are not correctly rounded and differ between C libraries; we use
-    correctly rounded results, which match glibc for about 98.5 % of values and stay within 3 float32 ulps
-    (< 4e-7 absolute) of the rest.
+  - ``kernel="avx2"``: x86-64 CPUs with AVX2 and FMA, *including AVX-512 ones*: `normal_stub` is registered
+    with `REGISTER_DISPATCH`, which leaves the AVX-512 slot empty, so ATen's dispatcher falls back to the AVX2
+    kernel (libtorch_cpu.so has no AVX-512 `normal_kernel`). torch evaluates log, sin and cos with the
+    Cephes-derived polynomials of `avx_mathfun.h`, compiled (on Linux, by GCC) with multiply-adds fused into
+    FMAs (the argument reduction of sin/cos included). We replay those exact float32 operations, with exactly
+    rounded FMAs: bit-identical (checked on 4e7 values; an AVX-512 CPU runs the very same code).
+  - ``kernel="generic"``: the scalar `NormalFill16` (x86-64 forced to ATEN_CPU_CAPABILITY=default or without
+    AVX2, ARM including Apple Silicon): `radius = sqrtf(-2 * logf(u1))`, `theta = (float)(2 * pi * (double)u2)`,
+    `radius * cos`, `radius * sin` in float32, with GCC merging sinf and cosf into one `sincosf` call. Those C
+    library functions are not correctly rounded and differ between C libraries, so we call the very functions
+    of the process's C library through ctypes (glibc picks the same FMA variant for us as for torch):
+    bit-identical with glibc (checked on x86-64). Without C library math we fall back to correctly rounded float64,
+    which stays within 3 float32 ulps of glibc.
 * Fewer than 16 values: a scalar double-precision Box-Muller on 53-bit uniforms built from pairs of draws; the
   sine half of each pair is cached in the generator and returned by the next such call (torch keeps that cache
   across calls, even across larger draws in between). Rounding to float32 makes this exact in practice.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import operator
+import os
+import platform
 import secrets
-from typing import Literal, Protocol, runtime_checkable
+from typing import Callable, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["NoiseSource", "TorchCompatibleGenerator", "NumpyGenerator", "make_noise_source"]
+__all__ = ["NoiseSource", "TorchCompatibleGenerator", "NumpyGenerator", "detect_kernel", "make_noise_source"]
 
 Kernel = Literal["avx2", "generic"]
 
@@ -144,9 +155,9 @@ def _sincos_avx2(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     j = (x * _FOUR_OVER_PI).astype(np.int32)  # truncation, like cvttps
     j = (j + 1) & ~1
     y = j.astype(_F32)
-    # Extended-precision reduction x - y * pi/4 in three parts; each product is exact, so FMA or not agrees.
+    # Extended-precision reduction x - y * pi/4 in three parts, each fused (y * DP3 is not exact in float32).
     for dp in _DP:
-        x = x + y * dp
+        x = _fma(y, dp, x)
     sin_negative = (j & 4) != 0
     cos_negative = (~(j - 2) & 4) != 0
     use_sin_poly = (j & 2) == 0
@@ -167,11 +178,35 @@ def _box_muller_avx2(u1: np.ndarray, u2: np.ndarray) -> tuple[np.ndarray, np.nda
     return radius * cos, radius * sin
 
 
+@functools.cache
+def _libm() -> tuple[Callable[..., float], Callable[..., None]] | None:
+    """The C library's `logf` and `sincosf`, the functions torch's generic kernel calls; None where not found."""
+    name = ctypes.util.find_library("m")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+        logf, sincosf = lib.logf, lib.sincosf  # AttributeError where lib is None or lacks them
+    except (OSError, AttributeError):
+        return None
+    logf.argtypes, logf.restype = [ctypes.c_float], ctypes.c_float
+    sincosf.argtypes, sincosf.restype = [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p], None
+    return logf, sincosf
+
+
 def _box_muller_generic(u1: np.ndarray, u2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # float32 C code: each libm call and each operation rounds to float32; we round correctly rounded float64.
-    radius = np.sqrt(_F32(-2) * np.log(u1.astype(_F64)).astype(_F32))
-    theta = (2.0 * np.pi * u2.astype(_F64)).astype(_F32).astype(_F64)  # torch: float(2.0f * pi<double> * u2)
-    return radius * np.cos(theta).astype(_F32), radius * np.sin(theta).astype(_F32)
+    # torch: float(2.0f * pi<double> * u2), in double, rounded once to float.
+    theta = (2.0 * np.pi * u2.astype(_F64)).astype(_F32)
+    libm = _libm()
+    if libm is None:  # correctly rounded float64 results instead of the C library's (within 3 ulps of glibc)
+        log = np.log(u1.astype(_F64)).astype(_F32)
+        sin, cos = (f(theta.astype(_F64)).astype(_F32) for f in (np.sin, np.cos))
+    else:  # one ctypes call per value and function: ~5 ms for a 4x64x64 latent, ~20 ms for 4x128x128
+        logf, sincosf = libm
+        log = np.array(list(map(logf, u1.ravel().tolist())), dtype=_F32).reshape(u1.shape)
+        sin, cos = np.empty_like(theta), np.empty_like(theta)
+        n, ps, pc = theta.size, sin.ctypes.data, cos.ctypes.data
+        list(map(sincosf, theta.ravel().tolist(), range(ps, ps + 4 * n, 4), range(pc, pc + 4 * n, 4)))
+    radius = np.sqrt(_F32(-2) * log)
+    return radius * cos, radius * sin
 
 
 _BOX_MULLER = {"avx2": _box_muller_avx2, "generic": _box_muller_generic}
@@ -186,15 +221,62 @@ def _normal_blocks(uniform: np.ndarray, kernel: Kernel) -> np.ndarray:
     return np.concatenate([cos, sin], axis=1).reshape(-1) + _F32(0)
 
 
+_ENV_CAPABILITIES = {"avx512": "AVX512", "avx2": "AVX2", "default": "DEFAULT"}
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str] | None:
+    """The x86 feature flags the Linux kernel reports in /proc/cpuinfo; None where there is no such file."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
+
+
+def _x86_capability() -> str | None:
+    """What `torch.backends.cpu.get_cpu_capability()` returns on this machine, without torch; None off x86-64.
+
+    ATen's `compute_cpu_capability`: a valid ATEN_CPU_CAPABILITY ("avx512", "avx2", "default") wins; else
+    AVX512 with AVX512VL+BW+DQ and FMA, AVX2 with AVX2 and FMA, DEFAULT otherwise. Without /proc/cpuinfo
+    (Windows, macOS) we assume AVX2, which x86-64 CPUs have had since 2013-2015 (an AVX-512 CPU runs the same
+    normal kernel anyway); a pure-Python CPUID is not available.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    forced = _ENV_CAPABILITIES.get(os.environ.get("ATEN_CPU_CAPABILITY", ""))
+    if forced is not None:
+        return forced
+    flags = _cpu_flags()
+    if flags is None:
+        return "AVX2"
+    if {"avx512vl", "avx512bw", "avx512dq", "fma"} <= flags:
+        return "AVX512"
+    return "AVX2" if {"avx2", "fma"} <= flags else "DEFAULT"
+
+
+def detect_kernel() -> Kernel:
+    """The kernel torch's `randn` runs on this CPU: "avx2" on x86-64 with AVX2 or AVX-512, else "generic".
+
+    AVX-512 CPUs run the AVX2 kernel because torch registers no AVX-512 `normal_kernel` (see module docstring).
+    """
+    return "avx2" if _x86_capability() in ("AVX2", "AVX512") else "generic"
+
+
 class TorchCompatibleGenerator:
     """`torch.Generator("cpu").manual_seed(seed)` + `torch.randn(..., dtype=torch.float32)`, in numpy.
 
     Successive `randn` calls continue one stream, as successive `torch.randn` calls on one generator do.
-    `kernel` picks which torch CPU code to reproduce (see the module docstring): "avx2" (the default,
-    bit-identical to torch on x86-64 CPUs without AVX-512) or "generic" (AVX-512 and ARM CPUs, within 3 ulps).
+    `kernel` picks which torch CPU code to reproduce (see the module docstring): "avx2" (x86-64 CPUs with AVX2
+    or AVX-512) or "generic" (everything else); None (the default) picks the one torch uses here, `detect_kernel()`.
     """
 
-    def __init__(self, seed: int, kernel: Kernel = "avx2") -> None:
+    def __init__(self, seed: int, kernel: Kernel | None = None) -> None:
+        if kernel is None:
+            kernel = detect_kernel()
         if kernel not in _BOX_MULLER:
             raise ValueError(f"kernel must be one of {', '.join(_BOX_MULLER)}, got {kernel!r}")
         self.seed = _check_seed(seed)
