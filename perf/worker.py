@@ -85,19 +85,23 @@ class LeansdPeer:
         self.load_s = time.perf_counter() - t0
         self.low_memory = bool(opts.get("low_memory"))
         self.deep_cache = int(opts.get("deep_cache") or 1)
-        self.decoder = self.pipe.tiny_vae_decoder if opts.get("tiny_vae") else self.pipe.vae_decoder
+        self.num_threads = opts.get("num_threads")
+        models = self.pipe.models
+        self.decoder = models.tiny_vae_decoder if opts.get("tiny_vae") else models.vae_decoder
         if self.deep_cache > 1:
             # One call per step, whether it refreshes the deep features or reuses them.
-            self.unet_timer = CallTimer(self.pipe._predict)
-            self.pipe._predict = self.unet_timer
+            from leansd.runtime import denoiser
+
+            self.unet_timer = timer = CallTimer(denoiser.DenoiserRun.predict)
+            denoiser.DenoiserRun.predict = lambda run, *args: timer(run, *args)
         else:
-            self.unet_timer = CallTimer(self.pipe.unet.predict_noise)
-            self.pipe.unet.predict_noise = self.unet_timer
+            self.unet_timer = CallTimer(self.pipe.unet.predict)
+            self.pipe.unet.predict = self.unet_timer
         # The timed UNet "step" of a deep-cache row is one refresh cycle (1 full + N-1 shallow calls) / N.
         self.unet_divisor = self.deep_cache
 
     def threads(self) -> dict:
-        return {"num_threads": self.pipe.options.num_threads or "backend default"}
+        return {"num_threads": self.num_threads or "backend default"}
 
     def image(self, run: dict, seed: int):
         out = self.pipe(
@@ -114,11 +118,13 @@ class LeansdPeer:
     def micro(self, run: dict):
         """(text encoder, UNet, VAE decode) callables on fixed inputs, as the pipeline feeds them."""
         np, pipe = self.np, self.pipe
-        ids = pipe.tokenizer([PROMPT])
-        emb = pipe.text_encoder.encode(ids)
+        prompt_encoder, denoiser = pipe.models.prompt_encoder, pipe.models.denoiser
+        text_encoder = prompt_encoder.encoders[0]
+        ids = prompt_encoder.tokenizers[0]([PROMPT])
+        emb = text_encoder.encode(ids).hidden
         if self.low_memory:
-            pipe.text_encoder.session.release()
-        emb2 = np.concatenate([emb, emb])
+            text_encoder.session.close()
+        emb2 = {"encoder_hidden_states": np.concatenate([emb, emb])}
         f = pipe.vae_scale_factor
         rng = np.random.default_rng(0)
         shape = (2, pipe.unet.in_channels, run["height"] // f, run["width"] // f)
@@ -126,16 +132,16 @@ class LeansdPeer:
         latents = sample[:1].copy()
         if self.deep_cache > 1:
             def unet():
-                _, features = pipe.unet.predict_noise_and_features(sample, 500, emb2)
+                features = denoiser.deep.predict(sample, 500, emb2)["deep_features"]
                 for _ in range(self.deep_cache - 1):
-                    pipe.unet.predict_noise_from_features(sample, 500, emb2, features)
+                    denoiser.shallow.predict(sample, 500, {**emb2, "deep_features": features})
         else:
             fn = self.unet_timer.fn
 
             def unet():
                 return fn(sample, 500, emb2)
         return (
-            lambda: pipe.text_encoder.encode(ids),
+            lambda: text_encoder.encode(ids),
             unet,
             lambda: self.decoder.decode(latents),
         )
@@ -143,10 +149,13 @@ class LeansdPeer:
     def release(self, component: str) -> None:
         """In low-memory mode only one model is loaded at a time, during the component timings too."""
         if self.low_memory:
+            models = self.pipe.models
             if component == "unet":
-                self.pipe.unet.release()
+                for unet in (models.denoiser.unet, models.denoiser.deep, models.denoiser.shallow):
+                    if unet is not None:
+                        unet.session.close()
             else:
-                {"text_encoder": self.pipe.text_encoder, "vae_decoder": self.decoder}[component].session.release()
+                {"text_encoder": models.prompt_encoder.encoders[0], "vae_decoder": self.decoder}[component].session.close()
 
 
 class DiffusersLikePeer:

@@ -21,8 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 from leansd.export.errors import ExportError
+from leansd.runtime.manifest import UNET_DEEP, UNET_SHALLOW
 
-PARTS = ("unet_deep", "unet_shallow")
+PARTS = (UNET_DEEP, UNET_SHALLOW)
 
 
 def check_supported(config: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from leansd.export.errors import ExportError, ParityError
 from leansd.export.onnx import DEFAULT_OPSET, export_onnx
 from leansd.export.openvino import XML, convert_openvino
 from leansd.export.sources import Source, copy_assets, optimum_model_index, resolve_source
+from leansd.runtime.manifest import UNET_PARTS, fused_whole_file
 
 BACKENDS = ("onnx", "openvino")
 # Torch modules in export order, with the components cut from each; one module is in memory at a time.
@@ -29,7 +30,6 @@ MODULE_ORDER_DEEP_CACHE = (("text_encoder", ("text_encoder",)), ("unet", ("unet"
                            ("vae", ("vae_encoder", "vae_decoder")))
 CONFIG_FROM = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
 TRACE_SEED, VERIFY_SEED = 0, 1
-UNET_PARTS = "unet_parts"  # manifest entry of the UNet's streaming parts index (read by the runtime's low-memory mode)
 
 
 def parse_backends(backends: str | Sequence[str]) -> tuple[str, ...]:
@@ -243,7 +243,6 @@ def _split_and_check(onnx_path: Path, count: int, feeds, reference, tolerance: f
     """Cut the ONNX UNet into parts and run them as the runtime's low-memory mode does, and run the whole graph with
     fused attention; compare both with PyTorch like model.onnx."""
     from leansd.runtime.backends import open_streamed_session
-    from leansd.runtime.backends.streamed import fused_whole_file
 
     index = streaming.split(onnx_path, count)
     session = open_streamed_session(index)
@@ -309,7 +308,6 @@ def _split_int8_unet(int8_path: Path, info, static, count: int) -> tuple[Path, d
     file instead, like the int8 file itself, and must pass the UNet's int8 gate (`quantize.GATES`).
     """
     from leansd.runtime.backends import open_streamed_session
-    from leansd.runtime.backends.streamed import fused_whole_file
 
     feeds = _verification_inputs("unet", info, static)
     fp32 = verify.run_onnxruntime(int8_path.with_name("model.onnx"), feeds)

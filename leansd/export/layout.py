@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from leansd.export.errors import ExportError
+from leansd.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST  # noqa: F401 (the exporter's names for them)
 
-MANIFEST = "leansd.json"
-FORMAT = "leansd-model"
-FORMAT_VERSION = 1
 # Where temporary folders live: next to the output, so the final rename stays on one file system.
 _TMP_TAG = ".leansd-tmp-"
 _OLD_TAG = ".leansd-old-"

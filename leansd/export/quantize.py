@@ -146,19 +146,6 @@ class _RecordingSession:
         return result
 
 
-class _RecordingLazySession:
-    """Stands in for a pipeline component's lazy session and records every call made through it."""
-
-    def __init__(self, lazy: Any, inputs: list, outputs: list) -> None:
-        self._lazy, self._inputs, self._outputs = lazy, inputs, outputs
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._lazy, name)
-
-    def get(self) -> _RecordingSession:
-        return _RecordingSession(self._lazy.get(), self._inputs, self._outputs)
-
-
 @dataclass(frozen=True)
 class RunPlan:
     """How the recorded generations run: image size, images per call (a static export's batch) and steps."""
@@ -174,13 +161,18 @@ def record(root: Path, backend: str, precision: str, prompts: Sequence[str], see
 
     Prompts go `plan.batch` at a time (a static export's batch); group i uses seed `seed + i`.
     """
-    import leansd
+    from leansd.runtime.backends import SessionOptions
+    from leansd.runtime.bundle import ModelBundle
+    from leansd.runtime.loader import assemble
+    from leansd.runtime.memory import MemoryPolicy
 
     rec = Recording()
-    pipe = leansd.load(root, backend=RUNTIME_BACKEND[backend], precision=precision)
+
+    def recorded(component: str, session: Any) -> Any:
+        return _RecordingSession(session, rec.inputs[component], rec.outputs[component]) if component in rec.inputs else session
+
+    pipe = assemble(ModelBundle.open(root), RUNTIME_BACKEND[backend], precision, SessionOptions(), MemoryPolicy(), hook=recorded)
     try:
-        for name, wrapper in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet), ("vae_decoder", pipe.vae_decoder)):
-            wrapper.session = _RecordingLazySession(wrapper.session, rec.inputs[name], rec.outputs[name])
         for i in range(0, len(prompts), plan.batch):
             group = [prompts[(i + j) % len(prompts)] for j in range(plan.batch)]
             out = pipe(group, num_inference_steps=plan.steps, guidance_scale=GUIDANCE, height=plan.height, width=plan.width,

@@ -28,15 +28,9 @@ from typing import Any
 
 from leansd.export import attention
 from leansd.export.errors import ExportError
+from leansd.runtime.manifest import PARTS_FORMAT, PARTS_FORMAT_VERSION, parts_index_path as index_path  # noqa: F401
 
-FORMAT = "leansd-onnx-parts"
-FORMAT_VERSION = 1
 DEFAULT_PARTS = 8
-
-
-def index_path(model_path: Path) -> Path:
-    """`unet/model.onnx` -> `unet/model.parts.json`."""
-    return model_path.with_name(f"{model_path.stem}.parts.json")
 
 
 def has_external_data(model_path: Path) -> bool:
@@ -152,7 +146,7 @@ def split(model_path: Path, count: int = DEFAULT_PARTS) -> Path:
         onnx.save(model, str(model_path.with_name(whole)))
     index = index_path(model_path)
     index.write_text(json.dumps({
-        "format": FORMAT, "format_version": FORMAT_VERSION, "model": model_path.name, "fused_attention": fused, "whole": whole,
+        "format": PARTS_FORMAT, "format_version": PARTS_FORMAT_VERSION, "model": model_path.name, "fused_attention": fused, "whole": whole,
         "inputs": [_spec(v) for v in graph.input if v.name not in initializers],
         "outputs": [_spec(v) for v in graph.output],
         "parts": entries,

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from leansd.export.errors import ExportError
+from leansd.runtime.manifest import TINY_VAE_DECODER
 
-COMPONENT = "vae_decoder_tiny"
+COMPONENT = TINY_VAE_DECODER
 MODULE = "vae_tiny"
 
 

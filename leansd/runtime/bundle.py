@@ -9,9 +9,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from leansd.runtime import manifest as names
 from leansd.runtime.errors import ModelFolderError
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 # File each backend looks for in a component folder when there is no manifest (Optimum's names).
 DEFAULT_FILES = {"onnxruntime": "model.onnx", "openvino": "openvino_model.xml"}
 _MANIFEST_BACKEND = {"onnxruntime": "onnx", "openvino": "openvino"}
@@ -44,11 +44,11 @@ class ModelBundle:
         if not root.is_dir():
             raise ModelFolderError(f"{root} is a file, not a model folder; export it first: sd-export {root} OUTPUT_DIR")
         manifest = None
-        if (root / "leansd.json").is_file():
-            manifest = _read_json(root / "leansd.json", "manifest")
-            if manifest.get("format") != "leansd-model":
-                raise ModelFolderError(f"{root / 'leansd.json'} is not a leansd manifest; re-export the model with sd-export")
-            if int(manifest.get("format_version", 0)) > 1:
+        if (root / names.MANIFEST).is_file():
+            manifest = _read_json(root / names.MANIFEST, "manifest")
+            if manifest.get("format") != names.FORMAT:
+                raise ModelFolderError(f"{root / names.MANIFEST} is not a leansd manifest; re-export the model with sd-export")
+            if int(manifest.get("format_version", 0)) > names.FORMAT_VERSION:
                 raise ModelFolderError(f"{root} was written by a newer leansd (format {manifest['format_version']}); upgrade leansd")
         elif not (root / "model_index.json").is_file():
             raise ModelFolderError(
@@ -63,8 +63,10 @@ class ModelBundle:
         return cls(root, manifest, scheduler, unet, vae)
 
     @property
-    def prediction_type(self) -> str:
-        return str(self.scheduler_config.get("prediction_type", "epsilon"))
+    def pipeline_class(self) -> str:
+        """The diffusers pipeline class the folder was exported from (`model_index.json`), or "" when unknown."""
+        path = self.root / "model_index.json"
+        return str(_read_json(path, "pipeline index").get("_class_name") or "") if path.is_file() else ""
 
     def defaults(self) -> dict:
         """Generation defaults the model recommends (steps, guidance, size), from the manifest."""
@@ -77,11 +79,6 @@ class ModelBundle:
     def backends_present(self) -> list[str]:
         """Backends for which the UNet file exists."""
         return [b for b in DEFAULT_FILES if self._candidate("unet", b, "fp32", required=False) is not None]
-
-    def precisions(self, component: str, backend: str) -> list[str]:
-        if self.manifest is None:
-            return ["fp32"]
-        return sorted(self.manifest.get("components", {}).get(component, {}).get(_MANIFEST_BACKEND[backend], {}))
 
     def _candidate(self, component: str, backend: str, precision: str, required: bool = True) -> Path | None:
         path = self._find(component, backend, precision, required=required and backend != "openvino")

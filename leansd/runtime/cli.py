@@ -4,8 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from leansd.runtime.errors import LeanSDError
+
+if TYPE_CHECKING:
+    from leansd.runtime.settings import StepCallback
 
 # How AUTOMATIC1111-style tools name each sampler in the `parameters` chunk.
 SAMPLER_LABELS = {
@@ -84,11 +88,37 @@ def output_paths(output: Path | None, count: int, seed: int, overwrite: bool) ->
     return paths
 
 
+def progress_callback(quiet: bool, preview: Path | None, pipe) -> StepCallback | None:
+    """The step callback of a run: a progress bar on stderr, and the preview PNG rewritten after each step."""
+    if preview is not None and (preview.suffix.lower() != ".png" or not preview.parent.is_dir()):
+        raise LeanSDError(f"--preview {preview} must be a .png file in an existing folder")
+    if quiet and preview is None:
+        return None
+    from tqdm import tqdm
+
+    from leansd.runtime.image import save_png, unit_to_pil
+
+    bar: list = []
+
+    def callback(step: int, total: int, latents, denoised) -> None:
+        if not quiet:
+            if not bar:
+                bar.append(tqdm(total=total, unit="step", leave=False, dynamic_ncols=True))
+            bar[0].update(1)
+            if step + 1 == total:
+                bar[0].close()
+        if preview is not None:
+            save_png(unit_to_pil(pipe.preview(denoised[:1]))[0], preview, overwrite=True)
+
+    return callback
+
+
 def run(args: argparse.Namespace) -> list[Path]:
     import secrets
 
-    import leansd
-    from leansd.runtime.image import a1111_parameters, save_png, unit_to_pil
+    from leansd.runtime.image import a1111_parameters, save_png
+    from leansd.runtime.loader import load
+    from leansd.runtime.version import __version__
 
     if args.num_images < 1:
         raise LeanSDError(f"--num-images must be at least 1, got {args.num_images}")
@@ -96,20 +126,11 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise LeanSDError(f"--strength must be in (0, 1], got {args.strength}")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     paths = output_paths(args.output, args.num_images, seed, args.overwrite)
-    pipe = leansd.load(
+    pipe = load(
         args.model, backend=args.backend, device=args.device, precision=args.precision,
         num_threads=args.threads, cache_dir=args.cache_dir, low_memory=args.low_memory, deep_cache=args.deep_cache,
         vae_tiling=args.tiled_vae, tiny_vae=args.tiny_vae, guidance_cutoff=args.guidance_cutoff,
     )
-    pipe.show_progress = not args.quiet
-    callback = None
-    if args.preview is not None:
-        if args.preview.suffix.lower() != ".png" or not args.preview.parent.is_dir():
-            raise LeanSDError(f"--preview {args.preview} must be a .png file in an existing folder")
-
-        def callback(step: int, total: int, latents, denoised) -> None:
-            save_png(unit_to_pil(pipe.preview(denoised[:1]))[0], args.preview, overwrite=True)
-
     result = pipe(
         args.prompt,
         negative_prompt=args.negative_prompt,
@@ -122,8 +143,9 @@ def run(args: argparse.Namespace) -> list[Path]:
         strength=args.strength,
         seed=seed,
         scheduler=args.scheduler,
-        callback=callback,
+        callback=progress_callback(args.quiet, args.preview, pipe),
     )
+    used = result.settings
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for k, (image, path) in enumerate(zip(result.images, paths)):
         settings = {
@@ -136,10 +158,10 @@ def run(args: argparse.Namespace) -> list[Path]:
             "Denoising strength": args.strength if args.init_image is not None else None,
             "Batch size": args.num_images if args.num_images > 1 else None,
             "Batch pos": k if args.num_images > 1 else None,
-            "Deep cache": pipe.deep_cache if pipe.deep_cache > 1 else None,
-            "CFG cutoff": pipe.guidance_cutoff if pipe.guidance_cutoff < 1 else None,
-            "VAE": "tiny (TAESD)" if pipe.tiny_vae else None,
-            "Backend": f"leansd {leansd.__version__} {pipe.backend} {pipe.precision}",
+            "Deep cache": used.deep_cache if used.deep_cache > 1 else None,
+            "CFG cutoff": used.guidance_cutoff if used.guidance_cutoff < 1 else None,
+            "VAE": "tiny (TAESD)" if used.tiny_vae else None,
+            "Backend": f"leansd {__version__} {pipe.backend} {pipe.precision}",
         }
         save_png(image, path, a1111_parameters(args.prompt, args.negative_prompt, settings), overwrite=args.overwrite)
         print(path)
@@ -155,13 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except LeanSDError as exc:
-        print(f"sd-run: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        from leansd.runtime.schedulers.common import UnsupportedSchedulerOption
-
-        if not isinstance(exc, UnsupportedSchedulerOption):
-            raise  # anything else is a bug: keep its traceback
         print(f"sd-run: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,4 +19,4 @@ class InvalidInputError(LeanSDError, ValueError):
 
 
 class Cancelled(LeanSDError):
-    """Raised when a step callback asks to stop the generation."""
+    """A step callback returned False: the generation stopped and returned nothing (`leansd.Cancelled`)."""

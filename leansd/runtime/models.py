@@ -5,34 +5,13 @@ channels) and adapts to the exporter's input names and dtypes by reading its ses
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
-from leansd.runtime.backends import Session
+from leansd.runtime.backends import LazySession, Session
 from leansd.runtime.errors import ModelFolderError
-
-
-class LazySession:
-    """Opens a session on first use and can release it, so low-memory mode keeps one model loaded at a time."""
-
-    def __init__(self, opener: Callable[[], Session]):
-        self._opener = opener
-        self._session: Session | None = None
-
-    def get(self) -> Session:
-        if self._session is None:
-            self._session = self._opener()
-        return self._session
-
-    @property
-    def loaded(self) -> bool:
-        return self._session is not None
-
-    def release(self) -> None:
-        if self._session is not None:
-            self._session.close()
-            self._session = None
 
 
 def _first_input(session: Session, names: tuple[str, ...], component: str) -> str:
@@ -45,80 +24,67 @@ def _first_input(session: Session, names: tuple[str, ...], component: str) -> st
     )
 
 
+@dataclass(frozen=True)
+class EncodedText:
+    """A text encoder's output for a batch of prompts: per-token hidden states, and the pooled embedding when the
+    model exports one (SDXL's second encoder: `text_embeds`)."""
+
+    hidden: np.ndarray
+    pooled: np.ndarray | None = None
+
+
 class TextEncoder:
-    """CLIP text encoder: token ids -> per-token hidden states."""
+    """CLIP text encoder: token ids -> hidden states of the last layer, or of an earlier one (`hidden_states.N`
+    outputs, as SDXL's penultimate layer or clip skip need; -2 is the penultimate)."""
 
     def __init__(self, session: LazySession):
         self.session = session
 
-    def encode(self, input_ids: np.ndarray) -> np.ndarray:
-        session = self.session.get()
-        outputs = session.run({_first_input(session, ("input_ids",), "text encoder"): input_ids})
-        hidden = outputs.get("last_hidden_state")
-        if hidden is None:  # some exports name it differently; the hidden states are the 3-D output
-            hidden = next(v for v in outputs.values() if v.ndim == 3)
-        return hidden.astype(np.float32, copy=False)
+    def encode(self, input_ids: np.ndarray, layer: int = -1) -> EncodedText:
+        with self.session.use() as session:
+            outputs = session.run({_first_input(session, ("input_ids",), "text encoder"): input_ids})
+        if layer == -1:
+            hidden = outputs.get("last_hidden_state")
+            if hidden is None:  # some exports name it differently; the hidden states are the 3-D output
+                hidden = next(v for v in outputs.values() if v.ndim == 3)
+        else:
+            layers = sorted((k for k in outputs if k.startswith("hidden_states.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+            if len(layers) < -layer:
+                raise ModelFolderError(
+                    f"{session.path} does not output the hidden states of layer {layer}; re-export it with sd-export"
+                )
+            hidden = outputs[layers[layer]]
+        pooled = outputs.get("text_embeds", outputs.get("pooler_output"))
+        return EncodedText(hidden.astype(np.float32, copy=False), None if pooled is None else pooled.astype(np.float32, copy=False))
 
 
 class UNet:
-    """The denoiser: noisy latents, timestep and text embeddings -> predicted noise (or v, per the model).
+    """The denoiser network (or a part of it): noisy latents, timestep and conditioning -> its outputs.
 
-    With the deep-cache parts of an export (`sd-export --deep-cache`), it can also return the UNet's deep
-    features with its prediction (`predict_noise_and_features`) and predict from cached ones
-    (`predict_noise_from_features`), which runs only the shallow layers.
+    The feed is built from the inputs the model declares: `sample`, `timestep` (in the dtype and shape the
+    export chose), and each other input taken by name from `inputs` (text hidden states, and whatever else a
+    model takes: pooled text embeddings, time ids, class labels, cached deep features).
     """
 
-    def __init__(self, session: LazySession, config: dict, deep: LazySession | None = None, shallow: LazySession | None = None):
+    def __init__(self, session: LazySession, config: dict):
         self.session = session
-        self.deep = deep
-        self.shallow = shallow
         self.in_channels = int(config.get("in_channels", 4))
         self.sample_size = config.get("sample_size", 64)
         if config.get("time_cond_proj_dim") is not None:
             raise ModelFolderError("this UNet needs a guidance embedding (time_cond_proj_dim), which leansd does not support yet")
 
-    @property
-    def can_reuse_features(self) -> bool:
-        return self.deep is not None and self.shallow is not None
-
-    def predict_noise(self, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray) -> np.ndarray:
-        session = self.session.get()
-        out = session.run(_unet_feeds(session, sample, timestep, encoder_hidden_states))
-        return next(iter(out.values())) if "out_sample" not in out else out["out_sample"]
-
-    def predict_noise_and_features(
-        self, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The whole UNet's prediction and its deep features, for `predict_noise_from_features` on later steps."""
-        session = self._part(self.deep)
-        out = session.run(_unet_feeds(session, sample, timestep, encoder_hidden_states))
-        if "out_sample" not in out:
-            raise ModelFolderError(
-                f"{session.path} is a deep-cache part from an older sd-export (features only); "
-                "re-export the model with sd-export --deep-cache"
-            )
-        return out["out_sample"], out["deep_features"]
-
-    def predict_noise_from_features(
-        self, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray, deep_features: np.ndarray
-    ) -> np.ndarray:
-        session = self._part(self.shallow)
-        feeds = _unet_feeds(session, sample, timestep, encoder_hidden_states)
-        feeds["deep_features"] = deep_features
-        return session.run(feeds)["out_sample"]
-
-    def release(self) -> None:
-        for lazy in (self.session, self.deep, self.shallow):
-            if lazy is not None:
-                lazy.release()
-
-    def _part(self, lazy: LazySession | None) -> Session:
-        if lazy is None:
-            raise ModelFolderError("this model folder has no deep-cache UNet parts; re-export it with sd-export --deep-cache")
-        return lazy.get()
+    def predict(self, sample: np.ndarray, timestep: float, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model's outputs by name (the prediction is `out_sample` in leansd's and Optimum's exports)."""
+        with self.session.use() as session:
+            return session.run(_unet_feeds(session, sample, timestep, inputs))
 
 
-def _unet_feeds(session: Session, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray) -> dict[str, np.ndarray]:
+def prediction(outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The noise (or v) prediction among a UNet's outputs."""
+    return outputs["out_sample"] if "out_sample" in outputs else next(iter(outputs.values()))
+
+
+def _unet_feeds(session: Session, sample: np.ndarray, timestep: float, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     spec = session.input("timestep")
     # Exports differ: (batch,) or a scalar; int64 or float32. Feed what the model declares.
     if spec.shape is not None and len(spec.shape) == 0:
@@ -126,9 +92,15 @@ def _unet_feeds(session: Session, sample: np.ndarray, timestep: float, encoder_h
     else:
         t = np.full((sample.shape[0],), timestep, dtype=np.float64).astype(spec.dtype)
     feeds = {"sample": sample, "timestep": t}
-    # The shallow UNet part of a model with no attention in its first and last blocks has no text input.
-    if session.has_input("encoder_hidden_states"):
-        feeds["encoder_hidden_states"] = encoder_hidden_states
+    for spec in session.inputs:
+        if spec.name in feeds:
+            continue
+        if spec.name not in inputs:
+            raise ModelFolderError(
+                f"{session.path}: the UNet takes an input {spec.name!r} that this pipeline does not provide "
+                f"(it provides {sorted(inputs)}); this kind of model is not supported yet"
+            )
+        feeds[spec.name] = inputs[spec.name]
     return feeds
 
 
@@ -161,8 +133,8 @@ class VaeDecoder:
         return self._run(scaled)
 
     def _run(self, scaled: np.ndarray) -> np.ndarray:
-        session = self.session.get()
-        out = session.run({_first_input(session, ("latent_sample",), "VAE decoder"): scaled})
+        with self.session.use() as session:
+            out = session.run({_first_input(session, ("latent_sample",), "VAE decoder"): scaled})
         return out.get("sample", next(iter(out.values())))
 
     def _decode_tiled(self, scaled: np.ndarray, tile: int) -> np.ndarray:
@@ -205,8 +177,8 @@ class VaeEncoder:
         self.latent_channels = int(vae_config.get("latent_channels", 4))
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        session = self.session.get()
-        out = session.run({_first_input(session, ("sample",), "VAE encoder"): images})
+        with self.session.use() as session:
+            out = session.run({_first_input(session, ("sample",), "VAE encoder"): images})
         if "latent_parameters" in out or len(out) == 1 and next(iter(out.values())).shape[1] == 2 * self.latent_channels:
             moments = out.get("latent_parameters", next(iter(out.values())))
             mean, logvar = np.split(moments, 2, axis=1)

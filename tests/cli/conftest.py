@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from leansd.runtime.pipeline import bundled_model_path
+from leansd.runtime.loader import bundled_model_path
 
 
 @pytest.fixture(scope="session")

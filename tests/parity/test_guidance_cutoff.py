@@ -70,8 +70,8 @@ def test_cutoff_with_batches_and_negative_prompts(tiny_sd_dir, exported_tiny_sd,
                                 callback_on_step_end_tensor_inputs=["prompt_embeds"], **kwargs)
     pipe = leansd.load(exported_tiny_sd, backend="onnxruntime", low_memory=low_memory)
     batches = []
-    original = pipe.unet.predict_noise
-    pipe.unet.predict_noise = lambda x, t, e: batches.append(x.shape[0]) or original(x, t, e)
+    original = pipe.unet.predict
+    pipe.unet.predict = lambda x, t, inputs: batches.append(x.shape[0]) or original(x, t, inputs)
     got = pipe(**kwargs, seed=2, scheduler="ddim", guidance_cutoff=ratio, output_type="np").images
     err = float(np.abs(got - expected).max())
     assert err < TOLERANCE, f"low_memory={low_memory}: max-abs {err:.2e}"

@@ -46,4 +46,4 @@ def test_optimum_onnx_export_gives_diffusers_images(tiny_sd_dir, optimum_onnx_di
     # OpenVINO reads the ONNX files of an ONNX-only folder directly.
     pipe = leansd.load(optimum_onnx_dir, backend=backend)
     got = pipe(**kwargs, seed=9, scheduler=scheduler, output_type="np").images
-    assert float(np.abs(got - expected).max()) < 1e-2
+    assert float(np.abs(got - expected).max()) < 1e-4

@@ -97,7 +97,7 @@ def test_low_memory_generation_streams_the_unet_and_matches_diffusers(tiny_sd_di
     kwargs = dict(prompt=PROMPT, num_inference_steps=4, guidance_scale=7.5, height=32, width=32)
     expected = reference_images(reference_pipeline(tiny_sd_dir, scheduler), seed=5, **kwargs)
     pipe = leansd.load(exported_with_parts, backend="onnxruntime", low_memory=True)
-    assert pipe.streams_unet
+    assert pipe.unet.session.open().path.name == "model.parts.json"  # streamed: the parts index
     got = pipe(**kwargs, seed=5, scheduler=scheduler, output_type="np").images
     err = float(np.abs(got - expected).max())
     assert err < 1e-4, f"{scheduler}: max-abs {err:.2e}"
@@ -108,17 +108,17 @@ def test_normal_mode_on_onnxruntime_uses_the_fused_attention_graph(tiny_sd_dir, 
     kwargs = dict(prompt=PROMPT, num_inference_steps=4, guidance_scale=7.5, height=32, width=32)
     expected = reference_images(reference_pipeline(tiny_sd_dir, "ddim"), seed=6, **kwargs)
     pipe = leansd.load(exported_with_parts, backend="onnxruntime")
-    assert not pipe.streams_unet and pipe.unet.session.get().path.name == "model.fused.onnx"
+    assert pipe.unet.session.open().path.name == "model.fused.onnx"
     got = pipe(**kwargs, seed=6, scheduler="ddim", output_type="np").images
     assert float(np.abs(got - expected).max()) < 1e-4
 
 
 def test_streaming_is_only_used_where_it_applies(exported_with_parts, exported_tiny_sd):
-    assert not leansd.load(exported_with_parts, backend="openvino", low_memory=True).streams_unet  # ORT only
+    assert leansd.load(exported_with_parts, backend="openvino", low_memory=True).unet.session.open().path.name == "model.onnx"  # ORT only
     # A small model is exported without parts by default; low-memory mode then runs the whole file.
     manifest = json.loads((exported_tiny_sd / "leansd.json").read_text())
     assert "unet_parts" not in manifest["components"]
-    assert not leansd.load(exported_tiny_sd, backend="onnxruntime", low_memory=True).streams_unet
+    assert leansd.load(exported_tiny_sd, backend="onnxruntime", low_memory=True).unet.session.open().path.name == "model.onnx"
 
 
 def test_a_missing_part_is_named(exported_with_parts, tmp_path):

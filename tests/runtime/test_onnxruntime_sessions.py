@@ -11,7 +11,7 @@ import pytest
 
 import leansd
 from leansd.runtime.backends import graph_cache
-from leansd.runtime.pipeline import bundled_model_path
+from leansd.runtime.loader import bundled_model_path
 
 pytestmark = pytest.mark.skipif(
     not (bundled_model_path() / "leansd.json").is_file(), reason="the bundled default model is not in this checkout"
@@ -23,9 +23,9 @@ KWARGS = dict(prompt="a red circle on a blue background", num_inference_steps=2,
 
 def opened_from(pipe) -> dict[str, object]:
     return {
-        "text_encoder": pipe.text_encoder.session.get().opened_from,
-        "unet": pipe.unet.session.get().opened_from,
-        "vae_decoder": pipe.vae_decoder.session.get().opened_from,
+        "text_encoder": pipe.models.prompt_encoder.encoders[0].session.open().opened_from,
+        "unet": pipe.unet.session.open().opened_from,
+        "vae_decoder": pipe.models.vae_decoder.session.open().opened_from,
     }
 
 
@@ -61,10 +61,10 @@ def test_a_changed_model_file_replaces_its_entry(tmp_path, plain_images):
     onnx_file = next((model / "unet").glob("*.onnx"))
     os.utime(onnx_file, ns=(onnx_file.stat().st_atime_ns, onnx_file.stat().st_mtime_ns + 10**9))  # as a re-export would
     pipe = leansd.load(model, backend="onnxruntime", cache_dir=cache)
-    assert not str(pipe.unet.session.get().opened_from).startswith(str(cache))  # re-optimized, not the stale copy
+    assert not str(pipe.unet.session.open().opened_from).startswith(str(cache))  # re-optimized, not the stale copy
     assert entries(cache) == before  # same source path: its entry was replaced, not added to
     again = leansd.load(model, backend="onnxruntime", cache_dir=cache)
-    assert str(again.unet.session.get().opened_from).startswith(str(cache))
+    assert str(again.unet.session.open().opened_from).startswith(str(cache))
     np.testing.assert_array_equal(again(**KWARGS).images, plain_images)
 
 
@@ -89,9 +89,9 @@ def test_an_unwritable_cache_folder_is_skipped(tmp_path, plain_images):
 def test_vae_sessions_return_their_arena_after_each_call(plain_images):
     """Normal mode: the VAE keeps an arena during a decode and shrinks it after; low-memory mode has no arena."""
     pipe = leansd.load(backend="onnxruntime")
-    session = pipe.vae_decoder.session.get()
+    session = pipe.models.vae_decoder.session.open()
     assert session._run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
-    assert pipe.unet.session.get()._run_options is None  # the UNet runs every step: it keeps its arena
+    assert pipe.unet.session.open()._run_options is None  # the UNet runs every step: it keeps its arena
     np.testing.assert_array_equal(pipe(**KWARGS).images, plain_images)
     low = leansd.load(backend="onnxruntime", low_memory=True)
-    assert low.vae_decoder.session.get()._run_options is None
+    assert low.models.vae_decoder.session.open()._run_options is None

@@ -1,14 +1,20 @@
 """The backend boundary: a `Session` runs one model file with onnxruntime or openvino.
 
 Component wrappers only see `Session`: named inputs and outputs with shapes and dtypes, and `run`.
+`component_opener` is where a backend picks which file of a model folder runs a component (the whole
+graph, the one with fused attention, the streamed parts, an int8 variant): nothing above this layer names
+a backend.
 """
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
-from leansd.runtime.backends.session import Session, SessionOptions, TensorSpec
-from leansd.runtime.errors import BackendError
+from leansd.runtime import manifest
+from leansd.runtime.backends.session import LazySession, Session, SessionOptions, TensorSpec
+from leansd.runtime.bundle import ModelBundle
+from leansd.runtime.errors import BackendError, ModelFolderError
 
 BACKENDS = ("onnxruntime", "openvino")
 # Accepted spellings for each backend (the exporter's names and short ones).
@@ -53,4 +59,24 @@ def open_streamed_session(index: Path, options: SessionOptions | None = None) ->
     return StreamedOnnxSession(Path(index), options or SessionOptions())
 
 
-__all__ = ["Session", "SessionOptions", "TensorSpec", "installed_backends", "normalize_backend", "open_session", "open_streamed_session", "BACKENDS"]
+def component_opener(
+    bundle: ModelBundle, component: str, backend: str, precision: str, options: SessionOptions, required: bool = True
+) -> Callable[[], Session] | None:
+    """How to open `component` of `bundle` (None when it is optional and absent). On ONNX Runtime, a UNet cut
+    into parts runs streamed in low-memory mode (one part's weights in memory at a time) and otherwise as the
+    whole graph with fused attention that the parts index names."""
+    if backend == "onnxruntime" and component == manifest.UNET:
+        index = bundle.optional_component_file(manifest.UNET_PARTS, backend, precision)
+        if index is not None:
+            if options.low_memory:
+                return lambda: open_streamed_session(index, options)
+            whole = manifest.fused_whole_file(index)
+            if whole is not None:
+                if not whole.is_file():
+                    raise ModelFolderError(f"{whole} is missing; re-export the model with sd-export")
+                return lambda: open_session(whole, backend, options)
+    path = bundle.component_file(component, backend, precision) if required else bundle.optional_component_file(component, backend, precision)
+    return None if path is None else (lambda: open_session(path, backend, options))
+
+
+__all__ = ["LazySession", "component_opener", "Session", "SessionOptions", "TensorSpec", "installed_backends", "normalize_backend", "open_session", "open_streamed_session", "BACKENDS"]

@@ -1,10 +1,11 @@
 """OpenVINO sessions: read the IR, reshape to static input shapes, compile.
 
-Static shapes make OpenVINO markedly faster on CPU, so by default the model is reshaped to the shapes of
-the first call and recompiled only when they change.
+Static shapes make OpenVINO markedly faster on CPU, so the model is reshaped to the shapes of the first call
+and recompiled only when they change.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +59,8 @@ class OpenVinoSession(Session):
         self.outputs = [_spec(p) for p in self._model.outputs]
         self._compiled = None
         self._compiled_shapes: dict[str, tuple[int, ...]] | None = None
-        if not options.static_shapes:
-            self._compile()
+        # One infer request and one compiled shape: calls from several threads take turns.
+        self._lock = threading.Lock()
 
     def _config(self) -> dict:
         config = {"PERFORMANCE_HINT": "LATENCY"}
@@ -78,17 +79,14 @@ class OpenVinoSession(Session):
         self._request = self._compiled.create_infer_request()
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._options.static_shapes:
+        with self._lock:
             shapes = {name: array.shape for name, array in feeds.items()}
             if shapes != self._compiled_shapes:
                 self._model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
                 self._compile()
                 self._compiled_shapes = shapes
-        result = self._request.infer(feeds, share_inputs=True)
-        out = {}
-        for port, spec in zip(self._compiled.outputs, self.outputs):
-            out[spec.name] = np.array(result[port], copy=True)
-        return out
+            result = self._request.infer(feeds, share_inputs=True)
+            return {spec.name: np.array(result[port], copy=True) for port, spec in zip(self._compiled.outputs, self.outputs)}
 
     def close(self) -> None:
         self._compiled = None

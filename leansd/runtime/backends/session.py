@@ -1,8 +1,11 @@
 """What every backend session offers, and the input checks they share."""
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +30,6 @@ class SessionOptions:
     num_threads: intra-op threads; None lets the backend choose (physical cores).
     cache_dir: where later runs find work done by earlier ones (None: no cache): OpenVINO's compiled blobs,
         ONNX Runtime's optimized graphs on CPU (`graph_cache`).
-    static_shapes: OpenVINO reshapes the model to the first input shapes it sees and recompiles on change.
     low_memory: ask the backend not to keep memory arenas between calls.
     release_after_run: keep the memory arena during a call but return its memory after each call (ONNX Runtime's
         arena shrinkage; for models that run rarely with large activations, such as the VAE).
@@ -36,10 +38,8 @@ class SessionOptions:
     device: str = "cpu"
     num_threads: int | None = None
     cache_dir: Path | None = None
-    static_shapes: bool = True
     low_memory: bool = False
     release_after_run: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 class Session(ABC):
@@ -95,3 +95,67 @@ class Session(ABC):
 
     def close(self) -> None:
         """Release the backend's memory. The session cannot run afterwards."""
+
+
+class LazySession:
+    """A model file opened on first use, safe to share between threads.
+
+    `use()` lends the session for one piece of work (opening it if needed); `hold()` keeps it from being closed
+    across many (a stage of a generation). A `transient` session (low-memory mode) is closed as soon as nobody
+    uses or holds it, so only the models of the stages running now stay in memory, whatever the threads do.
+    """
+
+    def __init__(self, opener: Callable[[], Session], transient: bool = False):
+        self._opener = opener
+        self._session: Session | None = None
+        self._users = 0
+        self._lock = threading.Lock()
+        self.transient = transient
+
+    @property
+    def loaded(self) -> bool:
+        return self._session is not None
+
+    def open(self) -> Session:
+        """Open the model now (load time: a bad file fails before any generation starts)."""
+        with self._lock:
+            if self._session is None:
+                self._session = self._opener()
+            return self._session
+
+    @contextmanager
+    def use(self) -> Iterator[Session]:
+        with self._lock:
+            if self._session is None:
+                self._session = self._opener()
+            self._users += 1
+            session = self._session
+        try:
+            yield session
+        finally:
+            self._leave()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        with self._lock:
+            self._users += 1
+        try:
+            yield
+        finally:
+            self._leave()
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self.transient and self._users == 0:
+                self._close()
+
+    def close(self) -> None:
+        """Release the model now (it reopens on next use)."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None

@@ -10,7 +10,6 @@ whole model's, and results equal the whole file's to float rounding (tested).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,25 +18,7 @@ import onnxruntime as ort
 from leansd.runtime.backends.onnxruntime import choose_providers
 from leansd.runtime.backends.session import Session, SessionOptions, TensorSpec
 from leansd.runtime.errors import ModelFolderError
-
-FORMAT = "leansd-onnx-parts"
-
-
-def read_index(index: Path) -> dict:
-    """A `<model>.parts.json` written by sd-export; raises `ModelFolderError` naming the fix when it is not one."""
-    try:
-        manifest = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFolderError(f"{index} is not a readable parts index ({exc}); re-export the model with sd-export") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not manifest.get("parts"):
-        raise ModelFolderError(f"{index} is not a leansd parts index; re-export the model with sd-export")
-    return manifest
-
-
-def fused_whole_file(index: Path) -> Path | None:
-    """The whole model with fused attention that an index may name, for sessions that keep it loaded."""
-    whole = read_index(index).get("whole")
-    return None if not whole else index.parent / whole
+from leansd.runtime.manifest import read_parts_index
 
 
 def _spec(entry: dict) -> TensorSpec:
@@ -50,7 +31,7 @@ class StreamedOnnxSession(Session):
 
     def __init__(self, index: Path, options: SessionOptions):
         self.path = index
-        manifest = read_index(index)
+        manifest = read_parts_index(index)
         self._parts = [(index.parent / p["file"], list(p["inputs"]), list(p["outputs"])) for p in manifest["parts"]]
         missing = [str(path) for path, _, _ in self._parts if not path.is_file()]
         if missing:

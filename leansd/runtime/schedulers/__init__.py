@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -51,18 +52,19 @@ class Scheduler:
 
     name: str  # diffusers class name
     config: Any  # the algorithm module's Config
-    uses_noise: bool  # step() wants a fresh noise array (drawn like diffusers' randn_tensor) every step
-    order: int = 1  # diffusers' `scheduler.order`, used by img2img to slice timesteps
-    eta: float = 0.0  # DDIM only: amount of fresh noise per step
+    eta: float = 0.0  # fresh noise per step, for the schedulers whose plan() takes it (DDIM)
 
     @property
     def _module(self) -> ModuleType:
         return _MODULES[self.name]
 
+    @property
+    def uses_noise(self) -> bool:
+        """step() wants a fresh noise array (drawn like diffusers' randn_tensor) every step."""
+        return self._module.uses_noise(self.eta)
+
     def plan(self, num_inference_steps: int, strength: float = 1.0) -> Plan:
-        if self.name == ddim.NAME:
-            return ddim.plan(self.config, num_inference_steps, strength, eta=self.eta)
-        return self._module.plan(self.config, num_inference_steps, strength)
+        return self._module.plan(self.config, num_inference_steps, strength, **({"eta": self.eta} if self.eta else {}))
 
     def scale_model_input(self, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
         return self._module.scale_model_input(self.config, plan, i, sample)
@@ -102,6 +104,7 @@ def get_scheduler(name: str | None, config: Mapping[str, Any], eta: float = 0.0)
     else:
         raise UnsupportedSchedulerOption(f"unknown scheduler {name!r}; choose one of: " + ", ".join(scheduler_names()))
     module = _MODULES[class_name]
+    if eta and "eta" not in inspect.signature(module.plan).parameters:
+        raise UnsupportedSchedulerOption(f"eta={eta!r} does not apply to {class_name}; leave eta at 0 or use the ddim scheduler")
     cfg = config_from_dict(module.Config, config, **overrides)
-    uses_noise = class_name in (euler_ancestral.NAME, lcm.NAME) or (class_name == ddim.NAME and eta > 0)
-    return Scheduler(name=class_name, config=cfg, uses_noise=uses_noise, order=1, eta=float(eta))
+    return Scheduler(name=class_name, config=cfg, eta=float(eta))

@@ -13,14 +13,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from leansd.runtime.errors import InvalidInputError
+
 C = TypeVar("C")
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
 
 
-class UnsupportedSchedulerOption(ValueError):
-    """A scheduler config key holds a value leansd does not implement (or an unknown scheduler name)."""
+class UnsupportedSchedulerOption(InvalidInputError):
+    """A scheduler config key or option holds a value leansd does not implement (or an unknown scheduler name),
+    or a step count the scheduler cannot plan."""
 
 
 def require(key: str, value: Any, supported: Iterable[Any]) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 from .common import (
     Plan,
     StepResult,
+    UnsupportedSchedulerOption,
     alpha_plan,
     as_f64,
     check_common,
@@ -51,9 +52,14 @@ class Config:
         require_flag_off(self, "thresholding")
 
 
+def uses_noise(eta: float = 0.0) -> bool:
+    """With eta > 0 every step adds fresh noise."""
+    return eta > 0
+
+
 def plan(config: Config, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0) -> Plan:
     if num_inference_steps > config.num_train_timesteps:
-        raise ValueError(f"num_inference_steps {num_inference_steps} exceeds num_train_timesteps {config.num_train_timesteps}")
+        raise UnsupportedSchedulerOption(f"DDIM cannot take {num_inference_steps} steps: at most num_train_timesteps ({config.num_train_timesteps}); use fewer steps")
     steps = spaced_timesteps(config.timestep_spacing, config.num_train_timesteps, num_inference_steps, config.steps_offset)
     return alpha_plan(config, np.round(steps).astype(np.int64), num_inference_steps, strength, eta=float(eta))
 

@@ -102,6 +102,10 @@ def _timesteps(config: Config, acp: np.ndarray, n: int) -> np.ndarray:
     return steps.astype(np.int64)
 
 
+def uses_noise(eta: float = 0.0) -> bool:
+    return False
+
+
 def plan(config: Config, num_inference_steps: int, strength: float = 1.0) -> Plan:
     acp = alphas_cumprod(config, zero_snr_floor=True)
     timesteps = _timesteps(config, acp, num_inference_steps)

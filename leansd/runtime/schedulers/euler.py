@@ -111,6 +111,10 @@ def sigma_plan(
     )
 
 
+def uses_noise(eta: float = 0.0) -> bool:
+    return False
+
+
 def plan(config: Config, num_inference_steps: int, strength: float = 1.0) -> Plan:
     return sigma_plan(
         config, num_inference_steps, strength, config.sigma_min, config.sigma_max, config.final_sigmas_type == "sigma_min"

@@ -35,6 +35,11 @@ class Config:
         require("timestep_spacing", self.timestep_spacing, ("linspace", "leading", "trailing"))
 
 
+def uses_noise(eta: float = 0.0) -> bool:
+    """Every step takes fresh noise."""
+    return True
+
+
 def plan(config: Config, num_inference_steps: int, strength: float = 1.0) -> Plan:
     return euler.sigma_plan(config, num_inference_steps, strength)
 

@@ -58,6 +58,11 @@ def _schedule(config: Config, n: int) -> np.ndarray:
     return origin[picks].astype(np.int64)
 
 
+def uses_noise(eta: float = 0.0) -> bool:
+    """Every step takes fresh noise."""
+    return True
+
+
 def plan(config: Config, num_inference_steps: int, strength: float = 1.0) -> Plan:
     return alpha_plan(config, _schedule(config, num_inference_steps), num_inference_steps, strength)
 

@@ -40,6 +40,10 @@ class Config:
         euler.check_sigma_flags(self)
 
 
+def uses_noise(eta: float = 0.0) -> bool:
+    return False
+
+
 def plan(config: Config, num_inference_steps: int, strength: float = 1.0) -> Plan:
     return euler.sigma_plan(config, num_inference_steps, strength, zero_snr_floor=False)
 

@@ -59,6 +59,10 @@ def _schedules(config: Config, n: int) -> tuple[np.ndarray, np.ndarray]:
     return prk, ascending[:-3][::-1].copy()
 
 
+def uses_noise(eta: float = 0.0) -> bool:
+    return False
+
+
 def plan(config: Config, num_inference_steps: int, strength: float = 1.0) -> Plan:
     prk, plms = _schedules(config, num_inference_steps)
     schedule = np.concatenate([prk, plms]).astype(np.int64)

@@ -1,0 +1,129 @@
+"""`load()`: a model folder -> a ready `Pipeline`.
+
+Reads the bundle, picks the backend, asks the backend layer how to open each component (it chooses the
+files), wraps each in its one-verb model class, and picks the pipeline for the folder's kind of model.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from leansd.runtime import backends
+from leansd.runtime import manifest as names
+from leansd.runtime.backends import LazySession, Session, SessionOptions
+from leansd.runtime.bundle import ModelBundle
+from leansd.runtime.conditioning import PromptEncoder
+from leansd.runtime.denoiser import Denoiser
+from leansd.runtime.errors import BackendError, ModelFolderError
+from leansd.runtime.memory import MemoryPolicy
+from leansd.runtime.models import TextEncoder, UNet, VaeDecoder, VaeEncoder
+from leansd.runtime.pipeline import Models, Pipeline
+from leansd.runtime.settings import GenerationSettings
+from leansd.runtime.tokenizer import ClipTokenizer
+
+# Diffusers pipelines whose folders need a task leansd does not run yet (they would load as text-to-image).
+_NOT_YET = ("Inpaint", "Depth2Img", "Upscale", "XL", "InstructPix2Pix", "ControlNet")
+# Called with (component, session) when a session opens; returns the session to use (e.g. one that records calls).
+SessionHook = Callable[[str, Session], Session]
+
+
+def bundled_model_path() -> Path:
+    """Where the default model installed with leansd lives."""
+    return Path(__file__).resolve().parents[1] / "bundled" / "shapes"
+
+
+def choose_backend(bundle: ModelBundle, backend: str | None) -> str:
+    """The backend asked for, or the first installed one that the folder has files for."""
+    if backend is not None:
+        return backends.normalize_backend(backend)
+    installed = backends.installed_backends()
+    present = bundle.backends_present()
+    for candidate in installed:
+        if candidate in present:
+            return candidate
+    if not installed:
+        raise BackendError("no backend is installed: pip install 'leansd[onnxruntime]' or 'leansd[openvino]'")
+    raise ModelFolderError(
+        f"{bundle.root} has models for {', '.join(present) or 'no backend'} but only {', '.join(installed)} is installed; "
+        "install the matching backend or re-export the model"
+    )
+
+
+def load(
+    path: str | Path | None = None,
+    backend: str | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+    *,
+    num_threads: int | None = None,
+    low_memory: bool = False,
+    cache_dir: str | Path | None = None,
+    **defaults: Any,
+) -> Pipeline:
+    """Load a model folder (None: the bundled default model) and return a ready `Pipeline`.
+
+    backend: "onnxruntime", "openvino", or None for the first installed one the folder has files for.
+    device: "cpu", "auto" (a GPU execution provider / OpenVINO GPU when available, else CPU), or a
+        backend device name ("cuda", "dml", "gpu"...).
+    precision: "fp32" or another variant the folder holds (see its leansd.json).
+    low_memory: load each model only while it is needed; see `leansd.runtime.memory` for all it changes.
+    cache_dir: a folder where the first run keeps its compiled (OpenVINO) or optimized (ONNX Runtime on CPU)
+        models, so later runs start in about a second per model instead of re-optimizing; it holds about one
+        copy of each model file used.
+    defaults: generation settings every call starts from (any field of `GenerationSettings`), e.g.
+        deep_cache=3 (reuse the UNet's deep features for 2 of every 3 steps; needs `sd-export --deep-cache`),
+        guidance_cutoff=0.3, tiny_vae=True (needs `sd-export --tiny-vae`), vae_tiling=True, scheduler="euler_a",
+        num_inference_steps=20. A call overrides them.
+    """
+    if path is None:
+        path = bundled_model_path()
+        if not path.is_dir():
+            raise ModelFolderError("the bundled default model is not installed in this copy of leansd; pass a model folder")
+    bundle = ModelBundle.open(path)
+    chosen = choose_backend(bundle, backend)
+    options = SessionOptions(device=device, num_threads=num_threads, cache_dir=Path(cache_dir) if cache_dir else None)
+    settings = GenerationSettings().merged(**defaults)
+    return assemble(bundle, chosen, precision, options, MemoryPolicy(low_memory), settings)
+
+
+def assemble(
+    bundle: ModelBundle, backend: str, precision: str, options: SessionOptions, memory: MemoryPolicy,
+    defaults: GenerationSettings = GenerationSettings(), hook: SessionHook | None = None,
+) -> Pipeline:
+    """The pipeline for `bundle` on `backend`. `hook` sees every session as it opens (tools that record calls)."""
+    kind = bundle.pipeline_class
+    if any(tag in kind for tag in _NOT_YET):
+        raise ModelFolderError(f"{bundle.root} holds a {kind}, which leansd does not run yet; it runs text-to-image models")
+    options = memory.session_options(options)
+
+    def lazy(component: str, required: bool = True, component_options: SessionOptions = options,
+             variant: str = precision) -> LazySession | None:
+        opener = backends.component_opener(bundle, component, backend, variant, component_options, required)
+        if opener is None:
+            return None
+        return memory.lazy(opener if hook is None else (lambda: hook(component, opener())))
+
+    # The VAE runs once per image with the largest activations of the pipeline (about 1 GB at 512x512 for
+    # SD 1.5): they are returned after each call instead of being held by the process between images.
+    transient = replace(options, release_after_run=True)
+    unet_config = bundle.unet_config
+    deep, shallow = lazy(names.UNET_DEEP, required=False), lazy(names.UNET_SHALLOW, required=False)
+    denoiser = Denoiser(
+        UNet(lazy(names.UNET), unet_config),
+        UNet(deep, unet_config) if deep else None,
+        UNet(shallow, unet_config) if shallow else None,
+        split_guidance=memory.split_guidance(bool((bundle.static_shapes or {}).get("unet_batch"))),
+    )
+    # The tiny decoder is exported in fp32 only; an int8 variant of the rest still uses it.
+    tiny = lazy(names.TINY_VAE_DECODER, required=False) or lazy(names.TINY_VAE_DECODER, required=False, variant="fp32")
+    encoder = lazy(names.VAE_ENCODER, component_options=transient) if bundle.has_component(names.VAE_ENCODER, backend) else None
+    models = Models(
+        prompt_encoder=PromptEncoder([ClipTokenizer.from_folder(bundle.root / "tokenizer")], [TextEncoder(lazy(names.TEXT_ENCODER))]),
+        denoiser=denoiser,
+        vae_decoder=VaeDecoder(lazy(names.VAE_DECODER, component_options=transient), bundle.vae_config),
+        vae_encoder=VaeEncoder(encoder, bundle.vae_config) if encoder else None,
+        tiny_vae_decoder=VaeDecoder(tiny, bundle.component_config(names.TINY_VAE_DECODER)) if tiny else None,
+    )
+    return Pipeline(bundle, backend, precision, models, memory, defaults)

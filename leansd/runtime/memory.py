@@ -1,0 +1,51 @@
+"""How a pipeline spends memory: every low-memory decision in one object.
+
+Normal mode opens every model at load (a bad file fails before any generation) and keeps it. Low-memory
+mode (`low_memory=True`):
+- opens each model only for the stage that runs it (text encoding, denoising, decoding) and releases it when
+  no generation in any thread is in that stage;
+- turns the backends' memory arenas off and lets ONNX Runtime stream the UNet's weights part by part;
+- runs classifier-free guidance as two UNet calls of half the batch (half the activations; same numbers);
+- decodes images larger than the VAE's native size in tiles (unless told otherwise).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+
+from leansd.runtime.backends import LazySession, Session, SessionOptions
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    low_memory: bool = False
+
+    def session_options(self, options: SessionOptions) -> SessionOptions:
+        return replace(options, low_memory=self.low_memory)
+
+    def lazy(self, opener: Callable[[], Session]) -> LazySession:
+        """A session that this policy opens and releases."""
+        return LazySession(opener, transient=self.low_memory)
+
+    def preload(self, *sessions: LazySession) -> None:
+        """At load: open what every generation needs now, unless models are opened per stage."""
+        if not self.low_memory:
+            for session in sessions:
+                session.open()
+
+    @contextmanager
+    def stage(self, *sessions: LazySession | None) -> Iterator[None]:
+        """Keep `sessions` open (once opened) while a stage runs; in low-memory mode they are released after it."""
+        with ExitStack() as stack:
+            for session in sessions:
+                if session is not None:
+                    stack.enter_context(session.hold())
+            yield
+
+    def split_guidance(self, fixed_unet_batch: bool) -> bool:
+        """Two UNet calls per guided step; static exports fix the UNet's batch, so they keep one call."""
+        return self.low_memory and not fixed_unet_batch
+
+    def vae_tiling(self, wanted: bool | None) -> bool:
+        return self.low_memory if wanted is None else bool(wanted)

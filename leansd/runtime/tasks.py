@@ -1,0 +1,84 @@
+"""Tasks differ only in how a generation starts: the size it takes, how much of the schedule it runs, the
+initial latents and any conditioning the UNet needs beyond the prompt. The loop, the schedulers, guidance and
+decoding are shared (`leansd.runtime.pipeline`).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from leansd.runtime.conditioning import Conditioning
+from leansd.runtime.errors import InvalidInputError, ModelFolderError
+from leansd.runtime.image import image_to_model_input, load_image, unit_array_to_model_input
+from leansd.runtime.schedulers import Plan
+
+if TYPE_CHECKING:
+    from leansd.runtime.pipeline import Generation
+
+
+class TextToImage:
+    """Start from noise (or the caller's `latents`), scaled to the scheduler's first noise level."""
+
+    strength = 1.0
+
+    def size(self) -> tuple[int, int] | None:
+        """(height, width) the task implies when the call gives none; None: the model's default."""
+        return None
+
+    def prepare(self, gen: "Generation", plan: Plan, cond: Conditioning) -> tuple[np.ndarray, Conditioning]:
+        """The initial latents, and the conditioning with whatever the task adds."""
+        sigma = np.float32(plan.init_noise_sigma)
+        if gen.settings.latents is None:
+            return (gen.noise.randn(gen.latent_shape) * sigma).astype(np.float32), cond
+        latents = np.asarray(gen.settings.latents, dtype=np.float32)
+        if latents.shape != gen.latent_shape:
+            raise InvalidInputError(f"latents have shape {latents.shape}, expected {gen.latent_shape} for this batch and size")
+        return (latents * sigma).astype(np.float32), cond
+
+
+class ImageToImage(TextToImage):
+    """Start from an image: encode it, sample the latent distribution, noise it to the plan's first timestep."""
+
+    def __init__(self, image: Any, strength: float):
+        self.strength = strength
+        self.image = load_image(image) if not isinstance(image, np.ndarray) else image
+        if isinstance(self.image, np.ndarray):
+            self.image = self.image.astype(np.float32) / (255.0 if self.image.dtype == np.uint8 else 1.0)
+            if self.image.ndim not in (3, 4) or self.image.shape[-1] != 3:
+                raise InvalidInputError(f"init image array has shape {self.image.shape}; pass HxWx3 or NxHxWx3 in [0, 1]")
+
+    def size(self) -> tuple[int, int]:
+        if isinstance(self.image, np.ndarray):
+            return tuple(self.image.shape[-3:-1])  # type: ignore[return-value]
+        return self.image.size[1], self.image.size[0]
+
+    def prepare(self, gen: "Generation", plan: Plan, cond: Conditioning) -> tuple[np.ndarray, Conditioning]:
+        encoder = gen.pipe.vae_encoder
+        if encoder is None:
+            raise ModelFolderError(
+                f"{gen.pipe.bundle.root} has no vae_encoder for {gen.pipe.backend}; re-export the model to use an init image"
+            )
+        if isinstance(self.image, np.ndarray):
+            pixels = unit_array_to_model_input(self.image)
+            if pixels.shape[-2:] != (gen.height, gen.width):
+                raise InvalidInputError(
+                    f"init image array is {pixels.shape[-1]}x{pixels.shape[-2]} but the output size is {gen.width}x{gen.height}; "
+                    "resize it or pass a PIL image"
+                )
+        else:
+            pixels = image_to_model_input(self.image, gen.width, gen.height)
+        mean, logvar = encoder.encode(pixels)
+        # diffusers samples the posterior (latent_dist.sample(generator)) before drawing the start noise.
+        sample = mean + np.exp(0.5 * logvar) * gen.noise.randn(mean.shape)
+        init = (encoder.scaling_factor * (sample - encoder.shift_factor)).astype(np.float32)
+        batch = gen.latent_shape[0]
+        if batch % init.shape[0]:
+            raise InvalidInputError(f"{init.shape[0]} init images cannot be spread over a batch of {batch}; pass one image or one per output")
+        init = np.concatenate([init] * (batch // init.shape[0]))
+        return gen.scheduler.add_noise(plan, init, gen.noise.randn(init.shape)).astype(np.float32), cond
+
+
+def task_for(image: Any, strength: float) -> TextToImage:
+    """The task of a call on a Stable Diffusion text-to-image model: image-to-image when it gives an image."""
+    return TextToImage() if image is None else ImageToImage(image, strength)

@@ -1,0 +1,2 @@
+"""The version of leansd (recorded in exported folders and in each PNG's parameters)."""
+__version__ = "0.1.0"
