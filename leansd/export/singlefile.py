@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from leansd.export.errors import ExportError
-from leansd.export.sources import Source, check_folder
+from leansd.export.diffusers_folder import Source, check_folder
 
 # Shipped inside the package so an installed leansd converts single files offline.
 CONFIGS = Path(__file__).resolve().parent / "configs"

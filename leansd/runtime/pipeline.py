@@ -30,7 +30,7 @@ from leansd.runtime.models import UNet, VaeDecoder, VaeEncoder
 from leansd.runtime.rng import TorchCompatibleGenerator
 from leansd.runtime.schedulers import get_scheduler
 from leansd.runtime.settings import GenerationSettings, as_prompt_list
-from leansd.runtime.tasks import task_for
+from leansd.runtime.tasks import Start, task_for
 
 
 @dataclass
@@ -181,7 +181,10 @@ class Generation:
         with self._timed("text_encoder_s"), pipe.memory.stage(*(e.session for e in encoder.encoders)):
             cond = encoder.condition(self.prompts, self.negatives, s.num_images_per_prompt)
         with self._timed("prepare_s"):
-            latents, cond = self.task.prepare(self, self.plan, cond)
+            start_at = Start(self.plan, self.scheduler, self.noise, self.latent_shape, self.height, self.width, s.latents,
+                             models.vae_encoder, f"{pipe.bundle.root} has no vae_encoder for {pipe.backend}; "
+                             "re-export the model to use an init image")
+            latents, cond = self.task.prepare(start_at, cond)
         unets = models.denoiser.models(s.deep_cache)
         with self._timed("denoise_s"), pipe.memory.stage(*(u.session for u in unets)):
             run = models.denoiser.start(self.guidance, s.deep_cache)

@@ -1,11 +1,12 @@
 """Feature reuse across steps (DeepCache): the split UNet against diffusers' UNet, and whole generations
-against diffusers' pipeline running the same caching schedule in PyTorch.
+against diffusers' pipeline cached by the DeepCache package (the paper authors' code, independent of leansd's).
 
 1. `unet_deep(x)` returns `UNet(x)` and the features from which `unet_shallow` gives `UNet(x)` again, in
    PyTorch, for the tiny test UNet and for an SD 1.5-shaped one (two layers per block, attention in the first
    block), at sizes that are and are not multiples of the upsampling factor: the cut loses nothing.
-2. The exported parts run by leansd, with deep features refreshed every N steps, give the images diffusers
-   gives when its UNet follows the same schedule (full UNet at steps 0, N, 2N..., cached features between).
+2. The cut is DeepCache's: `unet_shallow` on features of one call gives DeepCache's reuse step on the next.
+3. The exported parts run by leansd, with deep features refreshed every N steps, give the images diffusers
+   gives when DeepCache caches its UNet on the same schedule (full UNet at steps 0, N, 2N..., cached between).
 """
 from __future__ import annotations
 
@@ -62,6 +63,33 @@ def test_shallow_of_deep_equals_the_unet(tiny_sd_dir, which, side):
         assert err <= 1e-5 * float(expected.abs().max()), err
 
 
+@pytest.mark.parametrize("which", ["tiny", "sd15_shaped"])
+@pytest.mark.parametrize("side", [16, 13])
+def test_shallow_part_is_deepcaches_reuse_step(tiny_sd_dir, which, side):
+    """The cut is where DeepCache cuts: features from one call, shallow layers on another input give DeepCache's
+    reuse step (the generation tests cover the tiny UNet's one-layer blocks only)."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet").eval() if which == "tiny" else sd15_shaped_unet()
+    g = torch.Generator().manual_seed(side)
+    first, second = (torch.randn(2, unet.config.in_channels, side, side, generator=g) for _ in range(2))
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    t1, t2 = torch.tensor([981.0, 961.0]), torch.tensor([901.0, 881.0])
+    with torch.no_grad():
+        _, features = deepcache.wrap_deep(unet)(first, t1, context)
+        got = deepcache.wrap_shallow(unet)(second, t2, context, features)
+        whole = unet(second, t2, context).sample
+        reference = deepcache_reference(SimpleNamespace(unet=copy.deepcopy(unet)), interval=2).unet
+        reference(first, t1, context)
+        expected = reference(second, t2, context).sample
+    scale = float(expected.abs().max())
+    assert float((expected - whole).abs().max()) > 1e-2 * scale  # the reuse step is not the whole UNet
+    err = float((got - expected).abs().max())
+    assert err <= 1e-5 * scale, err
+
+
 def test_unsupported_unet_is_refused():
     from leansd.export.errors import ExportError
 
@@ -69,32 +97,67 @@ def test_unsupported_unet_is_refused():
         deepcache.check_supported({"block_out_channels": [32, 64], "layers_per_block": 1, "addition_embed_type": "text_time"})
 
 
-def cached_reference_pipeline(folder, interval: int, guided_steps: int = 0):
-    """diffusers' pipeline whose UNet computes deep features every `interval` calls and reuses them between.
+# The reference cache is the DeepCache authors' own (PyPI `DeepCache`, requirements/dev.txt), not leansd's split:
+# `DeepCacheSDHelper` patches diffusers' UNet module by module, replaying cached block outputs on reuse steps.
+# Its branch 1 (cache_layer_id 1 of cache_block_id 0) recomputes conv_in, the first layer of the first down block
+# and the last two layers of the last up block: leansd's cut (branch 0 would recompute the last up layer only).
+DEEPCACHE_BRANCH = 1
 
-    The first `guided_steps` calls refresh them every time (leansd reuses features on unguided steps only when
-    guidance stops early); when the batch halves at the cutoff, the prompt's half of the features is kept.
+
+def deepcache_reference(pipe, interval: int, guided_steps: int = 0):
+    """Patch `pipe.unet` (`pipe` needs only a `unet`) with DeepCache: whole at calls 0, N, 2N..., reuse between.
+
+    The first `guided_steps` calls run whole every time (leansd reuses features on unguided steps only when
+    guidance stops early); when the batch halves at the cutoff, the prompt's half of the cache is kept.
     """
-    pipe = reference_pipeline(folder)
-    twin = copy.deepcopy(pipe.unet)  # the split modules call this copy, so patching pipe.unet cannot recurse
-    deep, shallow = deepcache.wrap_deep(twin), deepcache.wrap_shallow(twin)
-    state = {"calls": 0, "features": None}
+    helper_cls = pytest.importorskip("DeepCache").DeepCacheSDHelper
 
-    def forward(sample, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
-        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
-        step, features = state["calls"], state["features"]
-        state["calls"] += 1
-        if features is not None and features.shape[0] != sample.shape[0]:
-            features = features.chunk(2)[1]
-        if step < guided_steps or step % interval == 0 or features is None:
-            out, features = deep(sample, t, encoder_hidden_states)  # a refresh is the whole UNet
-        else:
-            out = shallow(sample, t, encoder_hidden_states, features)
-        state["features"] = features
-        return (out,) if not return_dict else type("Out", (), {"sample": out})()
+    class Helper(helper_cls):
+        """DeepCache's helper, stepping by UNet calls (as leansd does) instead of looking the timestep up in
+        `scheduler.timesteps` (PNDM's PLMS list repeats one timestep), and running guided calls whole."""
 
-    pipe.unet.forward = forward
+        def reset_states(self):
+            super().reset_states()
+            self.calls = 0
+
+        def wrap_unet_forward(self):
+            self.function_dict["unet_forward"] = forward = self.pipe.unet.forward
+
+            def counted(sample, *args, **kwargs):
+                self.cur_timestep, self.calls = self.calls, self.calls + 1
+                if any(_batch(cached) != sample.shape[0] for cached in self.cached_output.values()):
+                    self.cached_output = {key: _prompt_half(cached) for key, cached in self.cached_output.items()}
+                return forward(sample, *args, **kwargs)
+
+            self.pipe.unet.forward = counted
+
+        def is_skip_step(self, block_i, layer_i, blocktype="down"):
+            # The parent's first call fixes the schedule's origin (start_timestep): it must see call 0.
+            skip = super().is_skip_step(block_i, layer_i, blocktype)
+            return skip and self.cur_timestep >= guided_steps
+
+    helper = Helper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=DEEPCACHE_BRANCH)
+    helper.enable()
     return pipe
+
+
+def cached_reference_pipeline(folder, interval: int, guided_steps: int = 0):
+    """diffusers' pipeline with its UNet cached by DeepCache on leansd's schedule (see `deepcache_reference`)."""
+    return deepcache_reference(reference_pipeline(folder), interval, guided_steps)
+
+
+def _batch(cached) -> int:
+    return cached.shape[0] if isinstance(cached, torch.Tensor) else _batch(cached[0])
+
+
+def _prompt_half(cached):
+    """A cached block output (a tensor, or tuples of them) cut to the guided batch's second (prompt) half."""
+    if isinstance(cached, torch.Tensor):
+        return cached.chunk(2)[1]
+    if type(cached) in (tuple, list):
+        return type(cached)(_prompt_half(c) for c in cached)
+    raise TypeError(f"unexpected cached output {type(cached).__name__}")
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +183,30 @@ def test_generation_with_feature_reuse_matches_diffusers(tiny_sd_dir, pipes, sch
     reference.scheduler = reference_pipeline(tiny_sd_dir, scheduler).scheduler
     expected = reference_images(reference, seed=11, **kwargs)
     plain = reference_images(reference_pipeline(tiny_sd_dir, scheduler), seed=11, **kwargs)
-    assert float(np.abs(expected - plain).max()) > 1e-3  # the cache changes the result, so the check below means something
+    assert float(np.abs(expected - plain).max()) > 1e-2  # the cache changes the result 100 times the tolerance
     for backend, pipe in pipes.items():
         got = pipe(**kwargs, seed=11, scheduler=scheduler, deep_cache=interval, output_type="np").images
         err = float(np.abs(got - expected).max())
-        assert err < 1e-2, f"{backend}, every {interval} steps, {scheduler}: max-abs {err:.2e}"
+        assert err < 1e-4, f"{backend}, every {interval} steps, {scheduler}: max-abs {err:.2e}"
+
+
+@pytest.mark.parametrize("interval", [3, 4])
+def test_first_unguided_step_reuses_the_prompts_half(tiny_sd_dir, pipes, interval):
+    """Guidance stops after step 1 of 8, so step 2 reuses features cached on the guided batch: its prompt half."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    steps, ratio = 8, 0.2  # guided steps 0 and 1 (int(8 * 0.2) + 1), each refreshing the cache
+    kwargs = dict(prompt=PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=32, width=32)
+    cutoff = dict(callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=ratio))
+    reference = cached_reference_pipeline(tiny_sd_dir, interval, guided_steps=int(steps * ratio) + 1)
+    reference.scheduler = reference_pipeline(tiny_sd_dir, "dpm++2m").scheduler
+    expected = reference_images(reference, seed=4, **cutoff, **kwargs)
+    plain = reference_images(reference_pipeline(tiny_sd_dir, "dpm++2m"), seed=4, **cutoff, **kwargs)
+    assert float(np.abs(expected - plain).max()) > 3e-3  # the cache changes the result 30 times the tolerance
+    for backend, pipe in pipes.items():
+        got = pipe(**kwargs, seed=4, scheduler="dpm++2m", deep_cache=interval, guidance_cutoff=ratio, output_type="np").images
+        err = float(np.abs(got - expected).max())
+        assert err < 1e-4, f"{backend}, every {interval} steps: max-abs {err:.2e}"
 
 
 def test_interval_one_is_the_plain_unet(pipes):
