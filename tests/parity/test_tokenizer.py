@@ -2,17 +2,26 @@
 
 References: `CLIPTokenizerFast` (fast), and the slow `CLIPTokenizer` that diffusers' pipelines load, in both of
 its modes: with `ftfy` installed (slow+ftfy) and without it (slow-no-ftfy, a BERT-style cleaner; we build it by
-hiding ftfy from the import).
+hiding ftfy from the import). `ftfy` is pinned in requirements/dev.txt: where transformers is installed and ftfy
+is not, the tests that need the slow+ftfy reference fail (rather than quietly comparing with three references);
+where transformers is missing (the runtime-only environment) the comparisons are skipped.
 
 Findings (pinned below, nothing xfailed):
 * We equal fast on every input of the corpus, for SD 1.x and SD 2.x configs, with and without `tokenizer.json`.
 * On ordinary prompts (`AGREED`, 60+ prompts: punctuation, contractions, accents, emoji, CJK, Arabic, numbers,
-  whitespace runs, over-long prompts...) all four agree.
+  whitespace runs, over-long prompts...) all four agree. ftfy's `fix_text` leaves all but four of them
+  unchanged; it does change those four (`FTFY_TOKEN_NEUTRAL`: NFC composition, CR LF and U+2028 to LF,
+  ideographic space to space), but in ways that give the same tokens.
 * `DIVERGENT` lists inputs where a slow mode differs from fast (and from us), with the reason:
   slow+ftfy unescapes HTML entities, straightens curly quotes, unfolds ligatures and full-width forms, repairs
-  mojibake and deletes control characters; slow-no-ftfy deletes control/format characters (zero-width joiners
-  of emoji sequences, soft hyphens, zero-width spaces) and splits CJK ideographs into one word each; both slow
-  modes lowercase a word-final capital sigma to `ς` where fast gives `σ`.
+  mojibake and deletes control characters, terminal escapes and byte-order marks; slow-no-ftfy deletes
+  control/format characters (zero-width joiners of emoji sequences, soft hyphens, zero-width spaces, BOMs) and
+  splits CJK ideographs into one word each; both slow modes lowercase a word-final capital sigma to `ς` where
+  fast gives `σ`.
+* Every difference from slow+ftfy is ftfy's text repair and nothing else, except that sigma: on every prompt
+  of the corpus, our ids for `ftfy.fix_text(prompt)` equal slow+ftfy's ids for `prompt`
+  (`test_ftfy_explains_every_difference_from_slow_ftfy`). leansd does not run ftfy itself (it matches the
+  fast tokenizer, which does not either).
 """
 from __future__ import annotations
 
@@ -98,6 +107,7 @@ AGREED = [
     "new\nlines\n\nand\r\ncrlf",
     "   leading and trailing   ",
     "nbsp\u00a0here and ideographic\u3000space",
+    "line\u2028separator",
     # special tokens written in the prompt
     "<|endoftext|> hello <|startoftext|>",
     "hello<|ENDOFTEXT|>world",
@@ -105,8 +115,8 @@ AGREED = [
     "",
     "   ",
     # longer than 77 tokens
-    "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen "
-    "eighteen nineteen twenty twenty-one twenty-two twenty-three twenty-four twenty-five twenty-six twenty-seven",
+    ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen "
+     "eighteen nineteen twenty twenty-one twenty-two twenty-three twenty-four twenty-five twenty-six twenty-seven"),
     ", ".join(["a beautiful landscape with mountains"] * 20),
     "photo " * 100,
 ]
@@ -122,6 +132,8 @@ DIVERGENT = {
     "ｶﾀｶﾅ half-width": (True, False, "ftfy widens half-width katakana"),
     "Ã©tÃ© mojibake": (True, False, "ftfy repairs mojibake"),
     "a\x1cb and c\x07d": (True, True, "both slow modes delete control characters"),
+    "\x1b[31mred\x1b[0m circle": (True, True, "ftfy deletes terminal escapes, no-ftfy the ESC characters only"),
+    "byte\ufefforder mark": (True, True, "both slow modes delete a byte-order mark"),
     "family 👨\u200d👩\u200d👧 and 🏳️\u200d🌈": (False, True, "no-ftfy deletes zero-width joiners"),
     "soft\u00adhyphen zero\u200bwidth": (False, True, "no-ftfy deletes format characters"),
     "一只可爱的猫在草地上": (False, True, "no-ftfy makes each CJK ideograph a word"),
@@ -131,12 +143,37 @@ DIVERGENT = {
     "Ὀδυσσεύς": (False, False, "lowercase final sigma is kept by all"),
 }
 
+# The prompts of AGREED that ftfy's fix_text changes, and why the tokens are the same anyway.
+FTFY_TOKEN_NEUTRAL = {
+    "e\u0301 (decomposed) and é (composed)": "ftfy composes to NFC; fast (and we) normalize to NFC too",
+    "new\nlines\n\nand\r\ncrlf": "ftfy turns CR LF into LF; both are whitespace between words",
+    "nbsp\u00a0here and ideographic\u3000space": "ftfy turns the ideographic space into a space; both split words",
+    "line\u2028separator": "ftfy turns U+2028 into LF; both are whitespace between words",
+}
+# The divergences from slow+ftfy that ftfy's text repair does not explain.
+NOT_FTFY = {"ΟΔΟΣ ΚΑΙ ΦΩΣ in Athens"}
+
 
 # ---- reference tokenizers ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def transformers():
     return pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def ftfy(transformers):
+    """ftfy, which the slow+ftfy reference needs: a test failure (not a skip) where transformers is installed
+    without it, so that reference cannot silently drop out of the comparison."""
+    try:
+        import ftfy as module
+    except ImportError:
+        module = None
+    if module is None:
+        pytest.fail("ftfy is not installed, so transformers' slow CLIPTokenizer cannot be checked in its ftfy mode "
+                    "(the mode diffusers' pipelines use when ftfy is present): pip install -r requirements/dev.txt",
+                    pytrace=False)
+    return module
 
 
 def _save_folder(transformers, path: Path, *, fast: bool = False, **kwargs) -> Path:
@@ -162,21 +199,16 @@ def _slow_without_ftfy(transformers, folder: Path):
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
-def refs(request, transformers, tmp_path_factory):
+def refs(request, transformers, ftfy, tmp_path_factory):
     """(our tokenizer, {reference name: transformers tokenizer}) for an SD 1.x or SD 2.x style folder."""
     pad = {"sd1": "<|endoftext|>", "sd2": "!"}[request.param]
     folder = _save_folder(transformers, tmp_path_factory.mktemp(request.param), pad_token=pad)
     found = {
         "fast": transformers.CLIPTokenizerFast.from_pretrained(str(folder)),
         "slow-no-ftfy": _slow_without_ftfy(transformers, folder),
+        "slow+ftfy": transformers.CLIPTokenizer.from_pretrained(str(folder)),
     }
-    try:
-        import ftfy  # noqa: F401
-
-        found["slow+ftfy"] = transformers.CLIPTokenizer.from_pretrained(str(folder))
-        assert found["slow+ftfy"].fix_text is not None
-    except ImportError:
-        pass  # without ftfy installed that reference does not exist
+    assert found["slow+ftfy"].fix_text is ftfy.fix_text
     return ClipTokenizer.from_folder(folder), found
 
 
@@ -189,6 +221,11 @@ def _ref_ids(tokenizer, prompts: list[str], max_length: int = 77) -> np.ndarray:
 
 def test_corpus_is_varied_enough():
     assert len(AGREED) >= 60 and len(set(AGREED)) == len(AGREED)
+    assert set(FTFY_TOKEN_NEUTRAL) <= set(AGREED) and NOT_FTFY <= set(DIVERGENT)
+
+
+def test_every_reference_is_built(refs):
+    assert set(refs[1]) == {"fast", "slow+ftfy", "slow-no-ftfy"}
 
 
 def test_equals_every_reference_on_ordinary_prompts(refs):
@@ -207,11 +244,30 @@ def test_divergences_are_exactly_the_documented_ones(refs):
     got = ours(prompts)
     np.testing.assert_array_equal(got, _ref_ids(references["fast"], prompts))
     for name, column in (("slow+ftfy", 0), ("slow-no-ftfy", 1)):
-        if name not in references:
-            continue
         differs = (got != _ref_ids(references[name], prompts)).any(axis=1)
         for prompt, flag in zip(prompts, differs):
             assert bool(flag) == DIVERGENT[prompt][column], f"{name} on {prompt!r}: {DIVERGENT[prompt][2]}"
+
+
+def test_ftfy_changes_exactly_the_documented_prompts(ftfy):
+    """Where fix_text is the identity the slow+ftfy reference sees the same text as we do; where it is not, the
+    prompt is listed, either as token-neutral (in AGREED) or as a divergence from slow+ftfy."""
+    changed = {p for p in AGREED + list(DIVERGENT) if ftfy.fix_text(p) != p}
+    assert changed & set(AGREED) == set(FTFY_TOKEN_NEUTRAL)
+    assert changed - set(AGREED) == {p for p, (vs_ftfy, _, _) in DIVERGENT.items() if vs_ftfy} - NOT_FTFY
+
+
+def test_ftfy_explains_every_difference_from_slow_ftfy(refs, ftfy):
+    """Our ids for the ftfy-repaired prompt equal slow+ftfy's for the raw prompt on the whole corpus, but for
+    the word-final capital sigma (`NOT_FTFY`), which is a lowercasing difference, not a text repair."""
+    ours, references = refs
+    prompts = [p for p in AGREED + list(DIVERGENT) if p not in NOT_FTFY]
+    expected = _ref_ids(references["slow+ftfy"], prompts)
+    got = ours([ftfy.fix_text(p) for p in prompts])
+    rows = [prompts[i] for i in np.nonzero((got != expected).any(axis=1))[0]]
+    assert not rows, f"slow+ftfy differs from us on ftfy-repaired {rows}"
+    sigma = list(NOT_FTFY)
+    assert (ours([ftfy.fix_text(p) for p in sigma]) != _ref_ids(references["slow+ftfy"], sigma)).any(axis=1).all()
 
 
 def test_tokenizer_json_folder_gives_the_same_ids(transformers, tmp_path):
