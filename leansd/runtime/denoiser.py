@@ -38,10 +38,6 @@ class Guidance:
         steps = total_steps if cutoff >= 1.0 else min(total_steps, int(total_steps * cutoff) + 1)
         return cls(scale, steps, total_steps)
 
-    @property
-    def enabled(self) -> bool:
-        return self.guided_steps > 0
-
     def guides(self, step: int) -> bool:
         return step < self.guided_steps
 
@@ -51,9 +47,6 @@ class Guidance:
         # stale features by the guidance scale (on the bundled model, reuse every 3 steps on guided steps cost
         # points of accuracy; on unguided steps, none).
         return self.guided_steps == self.total_steps
-
-    def combine(self, uncond: np.ndarray, cond: np.ndarray) -> np.ndarray:
-        return uncond + np.float32(self.scale) * (cond - uncond)
 
 
 class WholeUNet:
@@ -98,10 +91,6 @@ class Denoiser:
     shallow: UNet | None = None
     split_guidance: bool = False
 
-    @property
-    def can_reuse_features(self) -> bool:
-        return self.deep is not None and self.shallow is not None
-
     def start(self, guidance: Guidance, deep_cache: int = 1) -> "DenoiserRun":
         if deep_cache > 1:
             assert self.deep is not None and self.shallow is not None, "deep_cache > 1 needs the deep-cache parts"
@@ -130,4 +119,4 @@ class DenoiserRun:
         else:
             batched = cond.sample(np.concatenate([latents, latents]))
             uncond, positive = np.split(self.evaluate(batched, t, cond.half("both"), step, "both", reuse), 2)
-        return self.guidance.combine(uncond, positive)
+        return uncond + np.float32(self.guidance.scale) * (positive - uncond)

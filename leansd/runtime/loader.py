@@ -96,7 +96,7 @@ def assemble(
     kind = bundle.pipeline_class
     if any(tag in kind for tag in _NOT_YET):
         raise ModelFolderError(f"{bundle.root} holds a {kind}, which leansd does not run yet; it runs text-to-image models")
-    options = memory.session_options(options)
+    options = replace(options, low_memory=memory.low_memory)  # arenas off; ONNX Runtime streams a UNet cut in parts
 
     def lazy(component: str, required: bool = True, component_options: SessionOptions = options,
              variant: str = precision) -> LazySession | None:

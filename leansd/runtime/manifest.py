@@ -18,7 +18,6 @@ TEXT_ENCODER = "text_encoder"
 UNET = "unet"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
-COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
 TINY_VAE_DECODER = "vae_decoder_tiny"  # TAESD, written by `sd-export --tiny-vae`
 UNET_DEEP = "unet_deep"  # the whole UNet that also returns its deep features (`sd-export --deep-cache`)
 UNET_SHALLOW = "unet_shallow"  # the UNet's outermost layers, fed cached deep features

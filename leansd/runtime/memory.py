@@ -12,17 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from leansd.runtime.backends import LazySession, Session, SessionOptions
+from leansd.runtime.backends import LazySession, Session
 
 
 @dataclass(frozen=True)
 class MemoryPolicy:
     low_memory: bool = False
-
-    def session_options(self, options: SessionOptions) -> SessionOptions:
-        return replace(options, low_memory=self.low_memory)
 
     def lazy(self, opener: Callable[[], Session]) -> LazySession:
         """A session that this policy opens and releases."""

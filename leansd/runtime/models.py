@@ -104,22 +104,24 @@ def _unet_feeds(session: Session, sample: np.ndarray, timestep: float, inputs: M
     return feeds
 
 
-def vae_scale_factor(vae_config: dict) -> int:
-    """2 ** (number of VAE blocks - 1), as diffusers derives it."""
-    return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
-
-
-class VaeDecoder:
-    """Latents (as the UNet sees them) -> images in [-1, 1], NCHW; whole, or tile by tile for large images."""
-
-    TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour, as diffusers' AutoencoderKL tiling
+class _Vae:
+    """The VAE config fields both halves need: latent scaling, channels, and the scale factor 2 ** (blocks - 1)."""
 
     def __init__(self, session: LazySession, vae_config: dict):
         self.session = session
         self.scaling_factor = float(vae_config.get("scaling_factor", 0.18215))
         self.shift_factor = float(vae_config.get("shift_factor") or 0.0)
-        self.scale_factor = vae_scale_factor(vae_config)
         self.latent_channels = int(vae_config.get("latent_channels", 4))
+        self.scale_factor = 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+
+class VaeDecoder(_Vae):
+    """Latents (as the UNet sees them) -> images in [-1, 1], NCHW; whole, or tile by tile for large images."""
+
+    TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour, as diffusers' AutoencoderKL tiling
+
+    def __init__(self, session: LazySession, vae_config: dict):
+        super().__init__(session, vae_config)
         size = vae_config.get("sample_size", 512)
         self.tile_size = int(size[0] if isinstance(size, (list, tuple)) else size)  # pixels; latents: / scale_factor
 
@@ -167,14 +169,8 @@ def _blend(before: np.ndarray, current: np.ndarray, extent: int, axis: int) -> N
         current[dst] = before[src] * (1 - w) + current[dst] * w
 
 
-class VaeEncoder:
+class VaeEncoder(_Vae):
     """Images in [-1, 1], NCHW -> the latent distribution's mean and log-variance."""
-
-    def __init__(self, session: LazySession, vae_config: dict):
-        self.session = session
-        self.scaling_factor = float(vae_config.get("scaling_factor", 0.18215))
-        self.shift_factor = float(vae_config.get("shift_factor") or 0.0)
-        self.latent_channels = int(vae_config.get("latent_channels", 4))
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self.session.use() as session:

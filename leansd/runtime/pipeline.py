@@ -30,7 +30,7 @@ from leansd.runtime.models import UNet, VaeDecoder, VaeEncoder
 from leansd.runtime.rng import TorchCompatibleGenerator
 from leansd.runtime.schedulers import get_scheduler
 from leansd.runtime.settings import GenerationSettings, as_prompt_list
-from leansd.runtime.tasks import Start, task_for
+from leansd.runtime.tasks import ImageToImage, Start, TextToImage
 
 
 @dataclass
@@ -59,6 +59,12 @@ class Models:
     vae_encoder: VaeEncoder | None = None
     tiny_vae_decoder: VaeDecoder | None = None
 
+    def sessions(self) -> list:
+        """Every model session of the pipeline."""
+        d = self.denoiser
+        wrappers = (*self.prompt_encoder.encoders, d.unet, d.deep, d.shallow, self.vae_decoder, self.vae_encoder, self.tiny_vae_decoder)
+        return [w.session for w in wrappers if w is not None]
+
 
 class Pipeline:
     """Text-to-image and image-to-image over one model folder and one backend. Build it with `leansd.load()`."""
@@ -79,16 +85,8 @@ class Pipeline:
         return self.models.denoiser.unet
 
     @property
-    def vae_encoder(self) -> VaeEncoder | None:
-        return self.models.vae_encoder
-
-    @property
     def vae_scale_factor(self) -> int:
         return self.models.vae_decoder.scale_factor
-
-    @property
-    def low_memory(self) -> bool:
-        return self.memory.low_memory
 
     def default_size(self) -> tuple[int, int]:
         """(height, width): the static export size, else the model's recommendation, else UNet size x VAE factor."""
@@ -118,11 +116,8 @@ class Pipeline:
 
     def close(self) -> None:
         """Release every model session (they reopen if the pipeline is called again)."""
-        m = self.models
-        unets = (m.denoiser.unet, m.denoiser.deep, m.denoiser.shallow)
-        for wrapper in (*m.prompt_encoder.encoders, *unets, m.vae_decoder, m.vae_encoder, m.tiny_vae_decoder):
-            if wrapper is not None:
-                wrapper.session.close()
+        for session in self.models.sessions():
+            session.close()
 
     def _decoder(self, settings: GenerationSettings) -> VaeDecoder:
         return self.models.tiny_vae_decoder if settings.tiny_vae and self.models.tiny_vae_decoder else self.models.vae_decoder
@@ -130,7 +125,7 @@ class Pipeline:
     def _checked(self, s: GenerationSettings) -> GenerationSettings:
         """Settings checked against what this model folder can do."""
         where = f"{self.bundle.root} has no"
-        if s.deep_cache > 1 and not self.models.denoiser.can_reuse_features:
+        if s.deep_cache > 1 and None in (self.models.denoiser.deep, self.models.denoiser.shallow):
             raise ModelFolderError(
                 f"{where} {self.precision} deep-cache UNet parts for {self.backend}; "
                 "re-export it with sd-export --deep-cache, or leave deep_cache off"
@@ -158,14 +153,14 @@ class Generation:
         self.prompts = as_prompt_list(s.prompt, "prompt")
         self.steps = int(s.num_inference_steps or defaults.get("num_inference_steps", 50))
         self.guidance_scale = float(s.guidance_scale if s.guidance_scale is not None else defaults.get("guidance_scale", 7.5))
-        self.task = task_for(s.image, s.strength)
+        self.task = TextToImage() if s.image is None else ImageToImage(s.image, s.strength)
         self.height, self.width = self._size()
         self.scheduler = get_scheduler(s.scheduler, pipe.bundle.scheduler_config, eta=s.eta)
         self.plan = self.scheduler.plan(self.steps, self.task.strength)
         if len(self.plan.timesteps) == 0:
             raise InvalidInputError(f"strength {s.strength} with {self.steps} steps leaves no denoising step; raise strength or steps")
         self.guidance = Guidance.plan(self.guidance_scale, s.guidance_cutoff, len(self.plan.timesteps))
-        self.negatives = self._negatives() if self.guidance.enabled else None
+        self.negatives = self._negatives() if self.guidance.guided_steps else None
         self.seed = s.seed
         if s.generator is None:
             self.seed = secrets.randbelow(2**32) if s.seed is None else int(s.seed)

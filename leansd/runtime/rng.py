@@ -56,17 +56,13 @@ class NoiseSource(Protocol):
 
     def randn(self, shape: tuple[int, ...]) -> np.ndarray:
         """Return a float32 array of `shape` with standard-normal values."""
-        ...
 
 
 def _check_seed(seed: int) -> int:
     """Validate a seed the way torch's `manual_seed` does and return it as an unsigned 64-bit value."""
-    if isinstance(seed, bool):
-        raise TypeError("seed must be an integer, got a bool")
-    try:
-        value = operator.index(seed)
-    except TypeError:
-        raise TypeError(f"seed must be an integer, got {type(seed).__name__}") from None
+    if isinstance(seed, bool) or not hasattr(type(seed), "__index__"):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    value = operator.index(seed)
     if not -(2**63) <= value < 2**64:
         raise ValueError(f"seed {value} is out of range: torch accepts seeds in [-2**63, 2**64)")
     return value % 2**64
@@ -75,17 +71,13 @@ def _check_seed(seed: int) -> int:
 def _mt19937(seed: int) -> np.random.MT19937:
     """numpy's MT19937 holding the state torch's mt19937 has after `manual_seed(seed)`.
 
-    Both are the reference Mersenne Twister, so `random_raw()` then yields torch's 32-bit stream. We set the
-    key ourselves (reference `init_genrand` on the low 32 bits, as torch does) because numpy's own seeding hashes
-    the seed; `pos = 624` makes the first draw regenerate the state, as torch's `left_ = 1` does.
+    Both are the reference Mersenne Twister, so `random_raw()` then yields torch's 32-bit stream. `MT19937(seed)`
+    hashes the seed, but the legacy `RandomState` seeds a 32-bit integer with the reference `init_genrand`, as
+    torch does with the seed's low 32 bits (numpy keeps that stream frozen), and leaves `pos = 624`, so the first
+    draw regenerates the state, as torch's `left_ = 1` does. We copy that state.
     """
-    key = [0] * 624
-    s = key[0] = seed & 0xFFFFFFFF
-    for i in range(1, 624):
-        s = (1812433253 * (s ^ (s >> 30)) + i) & 0xFFFFFFFF
-        key[i] = s
     bitgen = np.random.MT19937()
-    bitgen.state = {"bit_generator": "MT19937", "state": {"key": np.array(key, dtype=np.uint32), "pos": 624}}
+    bitgen.state = np.random.RandomState(seed & 0xFFFFFFFF).get_state(legacy=False)
     return bitgen
 
 
@@ -221,9 +213,6 @@ def _normal_blocks(uniform: np.ndarray, kernel: Kernel) -> np.ndarray:
     return np.concatenate([cos, sin], axis=1).reshape(-1) + _F32(0)
 
 
-_ENV_CAPABILITIES = {"avx512": "AVX512", "avx2": "AVX2", "default": "DEFAULT"}
-
-
 @functools.cache
 def _cpu_flags() -> frozenset[str] | None:
     """The x86 feature flags the Linux kernel reports in /proc/cpuinfo; None where there is no such file."""
@@ -247,9 +236,9 @@ def _x86_capability() -> str | None:
     """
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
-    forced = _ENV_CAPABILITIES.get(os.environ.get("ATEN_CPU_CAPABILITY", ""))
-    if forced is not None:
-        return forced
+    forced = os.environ.get("ATEN_CPU_CAPABILITY", "")
+    if forced in ("avx512", "avx2", "default"):
+        return forced.upper()
     flags = _cpu_flags()
     if flags is None:
         return "AVX2"
@@ -275,8 +264,7 @@ class TorchCompatibleGenerator:
     """
 
     def __init__(self, seed: int, kernel: Kernel | None = None) -> None:
-        if kernel is None:
-            kernel = detect_kernel()
+        kernel = detect_kernel() if kernel is None else kernel
         if kernel not in _BOX_MULLER:
             raise ValueError(f"kernel must be one of {', '.join(_BOX_MULLER)}, got {kernel!r}")
         self.seed = _check_seed(seed)
@@ -313,12 +301,10 @@ class TorchCompatibleGenerator:
         n = int(np.prod(shape, dtype=np.int64))
         if n < 16:
             return np.array([self._scalar_normal() for _ in range(n)], dtype=_F32).reshape(shape)
-        out = np.empty(n, dtype=_F32)
-        full = n - n % 16
-        out[:full] = _normal_blocks(self._uniform24(n)[:full], self.kernel)
-        if full != n:
+        out = _normal_blocks(self._uniform24(n)[: n - n % 16], self.kernel)
+        if n % 16:
             # torch draws 16 fresh uniforms and overwrites the last 16 values (overlapping the last block).
-            out[n - 16 :] = _normal_blocks(self._uniform24(16), self.kernel)
+            out = np.concatenate([out[: n - 16], _normal_blocks(self._uniform24(16), self.kernel)])
         return out.reshape(shape)
 
 
@@ -337,17 +323,13 @@ class NumpyGenerator:
         return self._rng.standard_normal(shape, dtype=_F32)
 
 
-def make_noise_source(
-    seed: int | None = None, kind: Literal["torch", "numpy"] = "torch"
-) -> TorchCompatibleGenerator | NumpyGenerator:
+def make_noise_source(seed: int | None = None,
+                      kind: Literal["torch", "numpy"] = "torch") -> TorchCompatibleGenerator | NumpyGenerator:
     """The noise source for `seed` ("torch": diffusers' images; "numpy": faster, leansd-only).
 
     With `seed=None` a random 32-bit seed is chosen; it is readable afterwards as `.seed`, so it can be recorded.
     """
-    if seed is None:
-        seed = secrets.randbelow(2**32)
-    if kind == "torch":
-        return TorchCompatibleGenerator(seed)
-    if kind == "numpy":
-        return NumpyGenerator(seed)
-    raise ValueError(f"noise kind must be 'torch' or 'numpy', got {kind!r}")
+    generators = {"torch": TorchCompatibleGenerator, "numpy": NumpyGenerator}
+    if kind not in generators:
+        raise ValueError(f"noise kind must be 'torch' or 'numpy', got {kind!r}")
+    return generators[kind](secrets.randbelow(2**32) if seed is None else seed)

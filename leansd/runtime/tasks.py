@@ -91,7 +91,3 @@ class ImageToImage(TextToImage):
         init = np.concatenate([init] * (batch // init.shape[0]))
         return start.scheduler.add_noise(start.plan, init, start.noise.randn(init.shape)).astype(np.float32), cond
 
-
-def task_for(image: Any, strength: float) -> TextToImage:
-    """The task of a call on a Stable Diffusion text-to-image model: image-to-image when it gives an image."""
-    return TextToImage() if image is None else ImageToImage(image, strength)

@@ -62,28 +62,27 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _token_text(value: Any) -> str | None:
-    """A special token as transformers saves it: a plain string or an AddedToken dict with `content`."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    return None
+def _special_tokens(config: dict[str, Any]) -> dict[str, str]:
+    """The special tokens a config names, as transformers saves them: plain strings or AddedToken dicts."""
+    found = {}
+    for key in _DEFAULT_SPECIALS:
+        value = config.get(key)
+        text = value.get("content") if isinstance(value, dict) else value
+        if isinstance(text, str) and text:
+            found[key] = text
+    return found
 
 
 def _clip_pipeline(tokenizer: Tokenizer) -> Tokenizer:
     """Attach CLIP's normaliser and pre-tokeniser (as transformers' CLIPTokenizerFast has them)."""
-    tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            # Keep the matches, drop what lies between them (whitespace).
-            pre_tokenizers.Split(Regex(_CLIP_WORDS), behavior="removed", invert=True),
-            # Map every UTF-8 byte to its printable stand-in, as the vocabulary spells tokens.
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                                 normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        # Keep the matches, drop what lies between them (whitespace).
+        pre_tokenizers.Split(Regex(_CLIP_WORDS), behavior="removed", invert=True),
+        # Map every UTF-8 byte to its printable stand-in, as the vocabulary spells tokens.
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     return tokenizer
 
 
@@ -115,8 +114,7 @@ class ClipTokenizer:
         specials = [t for t in dict.fromkeys((bos_token, eos_token, unk_token, pad_token)) if t]
         missing = [t for t in specials if tokenizer.token_to_id(t) is None]
         if missing:
-            names = ", ".join(map(repr, missing))
-            raise ModelFolderError(f"the tokenizer vocabulary lacks the special token(s) {names}")
+            raise ModelFolderError(f"the tokenizer vocabulary lacks the special token(s) {', '.join(map(repr, missing))}")
         # transformers matches special tokens written inside a prompt before BPE (so an SD 2.x prompt's "!" is the
         # pad id 0, not the word-final "!</w>"); registering them does the same here. `normalized` lets
         # "<|ENDOFTEXT|>" match too, as the slow tokenizer's lowercasing does.
@@ -139,8 +137,7 @@ class ClipTokenizer:
                                   fuse_unk=False, unk_token=kwargs.get("unk_token", _DEFAULT_SPECIALS["unk_token"]))
         except Exception as exc:  # the library reports malformed files with a bare Exception
             raise ModelFolderError(f"cannot read the tokenizer files {vocab} and {merges}: {exc}") from exc
-        params = _DEFAULT_SPECIALS | kwargs
-        return cls(_clip_pipeline(Tokenizer(model)), **params)
+        return cls(_clip_pipeline(Tokenizer(model)), **(_DEFAULT_SPECIALS | kwargs))
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "ClipTokenizer":
@@ -155,12 +152,7 @@ class ClipTokenizer:
             raise MissingTokenizerFile(f"tokenizer folder {folder} is missing: the model folder is incomplete")
         config = _read_json(folder / "tokenizer_config.json")
         special_map = _read_json(folder / "special_tokens_map.json")
-        specials = dict(_DEFAULT_SPECIALS)
-        for source in (config, special_map):
-            for key in specials:
-                text = _token_text(source.get(key))
-                if text:
-                    specials[key] = text
+        specials = _DEFAULT_SPECIALS | _special_tokens(config) | _special_tokens(special_map)
         length = config.get("model_max_length")
         if not isinstance(length, int) or isinstance(length, bool) or not 2 <= length <= _MAX_SANE_LENGTH:
             length = DEFAULT_MAX_LENGTH

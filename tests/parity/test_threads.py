@@ -47,10 +47,7 @@ def test_concurrent_generations_equal_single_threaded_ones(exported_tiny_sd_deep
     # The jobs really differ (otherwise equality above would prove less).
     assert len({a.tobytes() for a in alone}) == len(JOBS)
     if low_memory:  # every model was released once the last generation left its stage
-        models = pipe.models
-        sessions = (*[e.session for e in models.prompt_encoder.encoders], models.denoiser.unet.session,
-                    models.denoiser.deep.session, models.denoiser.shallow.session, models.vae_decoder.session)
-        assert not any(s.loaded for s in sessions)
+        assert not any(s.loaded for s in pipe.models.sessions())
 
 
 def test_a_call_leaves_the_pipeline_unchanged_and_errors_are_leansd_errors(exported_tiny_sd):

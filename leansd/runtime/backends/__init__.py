@@ -33,8 +33,7 @@ def normalize_backend(name: str) -> str:
         raise BackendError(f"unknown backend {name!r}: choose onnxruntime or openvino")
     backend = _BACKEND_NAMES[key]
     if importlib.util.find_spec(backend) is None:
-        extra = "onnxruntime" if backend == "onnxruntime" else "openvino"
-        raise BackendError(f"backend {backend} is not installed: pip install 'leansd[{extra}]'")
+        raise BackendError(f"backend {backend} is not installed: pip install 'leansd[{backend}]'")
     return backend
 
 

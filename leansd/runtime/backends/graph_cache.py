@@ -48,10 +48,6 @@ def _source_files(path: Path) -> dict[str, list[int]]:
     return stats
 
 
-def entry_key(path: Path, ort_version: str) -> dict:
-    return {"source": str(path.resolve()), "onnxruntime": ort_version, "cpu": _cpu_identity(), "files": _source_files(path)}
-
-
 @dataclass
 class CacheEntry:
     """Where a source model's optimized copy lives; `ready` when it was written by an earlier session."""
@@ -75,13 +71,13 @@ class CacheEntry:
         if not (stage / MODEL).is_file():
             self.abandon(stage)
             return
-        (stage / _KEY).write_text(json.dumps(self.key, indent=1))
         old = self.folder.with_name(f"{self.folder.name}.{uuid.uuid4().hex[:8]}.old")
         try:
+            (stage / _KEY).write_text(json.dumps(self.key, indent=1))
             if self.folder.exists():
                 os.replace(self.folder, old)
             os.replace(stage, self.folder)
-        except OSError:  # another process published first, or the folder is not writable: keep what is there
+        except OSError:  # a full disk, another process published first, or a read-only folder: keep what is there
             self.abandon(stage)
         shutil.rmtree(old, ignore_errors=True)
 
@@ -96,9 +92,9 @@ class CacheEntry:
 
 def lookup(path: Path, cache_dir: Path, ort_version: str) -> CacheEntry:
     """The cache entry for a source model file, ready or to be written."""
-    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:20]
-    folder = Path(cache_dir).expanduser() / "onnxruntime" / digest
-    key = entry_key(path, ort_version)
+    source = str(path.resolve())
+    folder = Path(cache_dir).expanduser() / "onnxruntime" / hashlib.sha256(source.encode()).hexdigest()[:20]
+    key = {"source": source, "onnxruntime": ort_version, "cpu": _cpu_identity(), "files": _source_files(path)}
     try:
         ready = json.loads((folder / _KEY).read_text()) == key and (folder / MODEL).is_file()
     except (OSError, ValueError):

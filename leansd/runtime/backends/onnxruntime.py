@@ -10,16 +10,9 @@ from leansd.runtime.backends import graph_cache
 from leansd.runtime.backends.session import Session, SessionOptions, TensorSpec
 from leansd.runtime.errors import BackendError, ModelFolderError
 
-_ONNX_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
+_ONNX_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+               "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 # GPU-capable execution providers, in the order "auto" tries them.
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider")
 _DEVICE_PROVIDERS = {"cuda": "CUDAExecutionProvider", "rocm": "ROCMExecutionProvider", "dml": "DmlExecutionProvider", "directml": "DmlExecutionProvider", "coreml": "CoreMLExecutionProvider"}
@@ -31,27 +24,40 @@ def choose_providers(device: str) -> list[str]:
     device = device.lower()
     if device == "cpu":
         return ["CPUExecutionProvider"]
+    gpu = [p for p in _GPU_PROVIDERS if p in available]
     if device == "auto":
-        gpu = [p for p in _GPU_PROVIDERS if p in available]
         return gpu[:1] + ["CPUExecutionProvider"]
-    wanted = _DEVICE_PROVIDERS.get(device, device if device.endswith("ExecutionProvider") else None)
-    if device == "gpu":
-        wanted = next((p for p in _GPU_PROVIDERS if p in available), None)
-    if wanted is None or wanted not in available:
-        raise BackendError(
-            f"device {device!r} is not available in this onnxruntime (providers: {', '.join(available)}); "
-            "use --device cpu or auto, or install onnxruntime-gpu / onnxruntime-directml"
-        )
+    wanted = next(iter(gpu), None) if device == "gpu" else _DEVICE_PROVIDERS.get(device)
+    if wanted not in available:
+        raise BackendError(f"device {device!r} is not available in this onnxruntime (providers: {', '.join(available)}); "
+                           "use --device cpu or auto, or install onnxruntime-gpu / onnxruntime-directml")
     return [wanted, "CPUExecutionProvider"]
 
 
-def _session(source: Path, path: Path, so: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
-    """Open `path` (the model file `source` or its optimized copy); a failure names `source`."""
+def session_options(options: SessionOptions, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.SessionOptions:
+    """ONNX Runtime's options for `options`, at graph optimization `level`."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.log_severity_level = 3
+    if options.num_threads:
+        so.intra_op_num_threads = options.num_threads
+    # The memory pattern recorded on a first call makes the second call of the same shape ask the arena for
+    # one large block, which the arena (already cut into per-tensor chunks) cannot reuse: SD 1.5's VAE decoder
+    # grew by 0.9 GB more on its second 512x512 decode. Off, the arena is reused; UNet calls measured no slower.
+    so.enable_mem_pattern = False
+    if options.low_memory:
+        # The CPU arena keeps peak activations allocated between calls; without it memory is returned.
+        so.enable_cpu_mem_arena = False
+    return so
+
+
+def inference_session(path: Path, so: ort.SessionOptions, providers: list[str], source: Path | None = None) -> ort.InferenceSession:
+    """Open the ONNX file `path` (the copy of model file `source`, if given); a failure names the model file."""
     try:
         return ort.InferenceSession(str(path), sess_options=so, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFolderError(f"{source} is not a loadable ONNX model ({first}); re-export it with sd-export") from None
+        raise ModelFolderError(f"{source or path} is not a loadable ONNX model ({first}); re-export the model with sd-export") from None
 
 
 def _spec(arg) -> TensorSpec:
@@ -59,68 +65,51 @@ def _spec(arg) -> TensorSpec:
     return TensorSpec(arg.name, shape, np.dtype(_ONNX_TYPES.get(arg.type, np.float32)))
 
 
+def _open(path: Path, options: SessionOptions, providers: list[str]) -> tuple[ort.InferenceSession, Path]:
+    """A session for `path` and the file it was opened from. With a cache folder (CPU only) that is the graph an
+    earlier process optimized, or `path`, optimized now and saved for the next process (see `graph_cache`)."""
+    if options.cache_dir is None or providers != ["CPUExecutionProvider"]:
+        return inference_session(path, session_options(options), providers), path
+    entry = graph_cache.lookup(path, options.cache_dir, ort.__version__)
+    if entry.ready:
+        try:  # optimized before it was saved: open it as it is
+            as_saved = session_options(options, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+            return inference_session(entry.model, as_saved, providers, source=path), entry.model
+        except ModelFolderError:
+            entry.discard()  # a damaged entry: rebuild it below
+    try:
+        stage = entry.staging()
+    except OSError:  # the cache folder cannot be written: run without it
+        return inference_session(path, session_options(options), providers), path
+    so = session_options(options)
+    so.optimized_model_filepath = str(stage / graph_cache.MODEL)
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", graph_cache.DATA)
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        session = inference_session(path, so, providers)
+    except ModelFolderError:  # the model, or saving its optimized graph (a full disk), failed: try without saving
+        entry.abandon(stage)
+        return inference_session(path, session_options(options), providers), path
+    entry.commit(stage)
+    return session, path
+
+
 class OnnxRuntimeSession(Session):
     def __init__(self, path: Path, options: SessionOptions):
         self.path = path
         if not path.is_file():
             raise ModelFolderError(f"model file {path} is missing; re-export the model with sd-export")
-        self._options = options
-        providers = choose_providers(options.device)
-        self.opened_from = path  # the optimized copy instead, when a cache entry was used
         self._run_options = None
         if options.release_after_run and not options.low_memory:
             # The arena serves the call (reusing freed blocks, instead of fresh pages for every large tensor: SD 1.5's
             # 512x512 VAE decode 14.7 s against 19.3 s without it) and is shrunk when the call ends.
             self._run_options = ort.RunOptions()
             self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        self._session = self._open(path, providers)
+        # opened_from: the optimized copy instead of `path`, when a cache entry was used.
+        self._session, self.opened_from = _open(path, options, choose_providers(options.device))
         self.device = self._session.get_providers()[0]
         self.inputs = [_spec(a) for a in self._session.get_inputs()]
         self.outputs = [_spec(a) for a in self._session.get_outputs()]
-
-    def _session_options(self, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.SessionOptions:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = level
-        so.log_severity_level = 3
-        if self._options.num_threads:
-            so.intra_op_num_threads = self._options.num_threads
-        # The memory pattern recorded on a first call makes the second call of the same shape ask the arena for
-        # one large block, which the arena (already cut into per-tensor chunks) cannot reuse: SD 1.5's VAE decoder
-        # grew by 0.9 GB more on its second 512x512 decode. Off, the arena is reused; UNet calls measured no slower.
-        so.enable_mem_pattern = False
-        if self._options.low_memory:
-            # The CPU arena keeps peak activations allocated between calls; without it memory is returned.
-            so.enable_cpu_mem_arena = False
-        return so
-
-    def _open(self, path: Path, providers: list[str]) -> ort.InferenceSession:
-        """A session for `path`; with a cache folder (CPU only), from the graph an earlier process optimized, or
-        optimizing it now and saving the result for the next one (see `graph_cache`)."""
-        if self._options.cache_dir is None or providers != ["CPUExecutionProvider"]:
-            return _session(path, path, self._session_options(), providers)
-        entry = graph_cache.lookup(path, self._options.cache_dir, ort.__version__)
-        if entry.ready:
-            try:  # optimized before it was saved: open it as it is
-                session = _session(path, entry.model, self._session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL), providers)
-                self.opened_from = entry.model
-                return session
-            except ModelFolderError:
-                entry.discard()  # a damaged entry: rebuild it below
-        try:
-            stage = entry.staging()
-        except OSError:  # the cache folder cannot be written: run without it
-            return _session(path, path, self._session_options(), providers)
-        so = self._session_options()
-        so.optimized_model_filepath = str(stage / graph_cache.MODEL)
-        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", graph_cache.DATA)
-        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        try:
-            session = _session(path, path, so, providers)
-        except ModelFolderError:  # the model, or saving its optimized graph (a full disk), failed: try without saving
-            entry.abandon(stage)
-            return _session(path, path, self._session_options(), providers)
-        entry.commit(stage)
-        return session
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.outputs]

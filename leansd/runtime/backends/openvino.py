@@ -5,6 +5,7 @@ and recompiled only when they change.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 
@@ -14,14 +15,11 @@ import openvino as ov
 from leansd.runtime.backends.session import Session, SessionOptions, TensorSpec
 from leansd.runtime.errors import BackendError, ModelFolderError
 
-_CORE: ov.Core | None = None
 
-
+@functools.cache
 def core() -> ov.Core:
-    global _CORE
-    if _CORE is None:
-        _CORE = ov.Core()
-    return _CORE
+    """The process's one OpenVINO runtime core, created on first use."""
+    return ov.Core()
 
 
 def choose_device(device: str) -> str:
@@ -53,8 +51,15 @@ class OpenVinoSession(Session):
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelFolderError(f"{path} is not a readable OpenVINO IR ({first}); re-export it with sd-export") from None
-        self._options = options
         self.device = choose_device(options.device)
+        self._config = {"PERFORMANCE_HINT": "LATENCY"}
+        if options.num_threads:
+            self._config["INFERENCE_NUM_THREADS"] = options.num_threads
+        if options.cache_dir is not None:
+            self._config["CACHE_DIR"] = str(options.cache_dir)
+        if self.device == "CPU":
+            # Keep fp32 numerics on CPUs that would otherwise pick bf16 (parity with the reference).
+            self._config["INFERENCE_PRECISION_HINT"] = "f32"
         self.inputs = [_spec(p) for p in self._model.inputs]
         self.outputs = [_spec(p) for p in self._model.outputs]
         self._compiled = None
@@ -62,28 +67,14 @@ class OpenVinoSession(Session):
         # One infer request and one compiled shape: calls from several threads take turns.
         self._lock = threading.Lock()
 
-    def _config(self) -> dict:
-        config = {"PERFORMANCE_HINT": "LATENCY"}
-        if self._options.num_threads:
-            config["INFERENCE_NUM_THREADS"] = self._options.num_threads
-        if self._options.cache_dir is not None:
-            config["CACHE_DIR"] = str(self._options.cache_dir)
-        if self.device == "CPU":
-            # Keep fp32 numerics on CPUs that would otherwise pick bf16 (parity with the reference).
-            config["INFERENCE_PRECISION_HINT"] = "f32"
-        return config
-
-    def _compile(self) -> None:
-        self._compiled = None  # free the old compiled model before building the next one
-        self._compiled = core().compile_model(self._model, self.device, self._config())
-        self._request = self._compiled.create_infer_request()
-
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
             shapes = {name: array.shape for name, array in feeds.items()}
             if shapes != self._compiled_shapes:
                 self._model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
-                self._compile()
+                self._compiled = None  # free the old compiled model before building the next one
+                self._compiled = core().compile_model(self._model, self.device, self._config)
+                self._request = self._compiled.create_infer_request()
                 self._compiled_shapes = shapes
             result = self._request.infer(feeds, share_inputs=True)
             return {spec.name: np.array(result[port], copy=True) for port, spec in zip(self._compiled.outputs, self.outputs)}

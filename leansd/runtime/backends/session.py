@@ -117,7 +117,7 @@ class LazySession:
         return self._session is not None
 
     def open(self) -> Session:
-        """Open the model now (load time: a bad file fails before any generation starts)."""
+        """The open session (opened now if it is not), e.g. at load time so a bad file fails before any generation."""
         with self._lock:
             if self._session is None:
                 self._session = self._opener()
@@ -125,15 +125,8 @@ class LazySession:
 
     @contextmanager
     def use(self) -> Iterator[Session]:
-        with self._lock:
-            if self._session is None:
-                self._session = self._opener()
-            self._users += 1
-            session = self._session
-        try:
-            yield session
-        finally:
-            self._leave()
+        with self.hold():
+            yield self.open()
 
     @contextmanager
     def hold(self) -> Iterator[None]:
@@ -142,13 +135,10 @@ class LazySession:
         try:
             yield
         finally:
-            self._leave()
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._users -= 1
-            if self.transient and self._users == 0:
-                self._close()
+            with self._lock:
+                self._users -= 1
+                if self.transient and self._users == 0:
+                    self._close()
 
     def close(self) -> None:
         """Release the model now (it reopens on next use)."""

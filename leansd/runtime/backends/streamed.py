@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from leansd.runtime.backends.onnxruntime import choose_providers
+from leansd.runtime.backends.onnxruntime import choose_providers, inference_session, session_options
 from leansd.runtime.backends.session import Session, SessionOptions, TensorSpec
 from leansd.runtime.errors import ModelFolderError
 from leansd.runtime.manifest import read_parts_index
@@ -39,21 +39,12 @@ class StreamedOnnxSession(Session):
         self.inputs = [_spec(e) for e in manifest["inputs"]]
         self.outputs = [_spec(e) for e in manifest["outputs"]]
         # After its last reader has run, an intermediate tensor is dropped.
-        self._last_reader: dict[str, int] = {}
-        for k, (_, names, _) in enumerate(self._parts):
-            for name in names:
-                self._last_reader[name] = k
+        self._last_reader = {name: k for k, (_, names, _) in enumerate(self._parts) for name in names}
         self._providers = choose_providers(options.device)
         self.device = self._providers[0]
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.enable_cpu_mem_arena = False
-        so.enable_mem_pattern = False
-        so.add_session_config_entry("session.disable_prepacking", "1")
-        if options.num_threads:
-            so.intra_op_num_threads = options.num_threads
-        self._session_options = so
+        self._session_options = session_options(options, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+        self._session_options.enable_cpu_mem_arena = False
+        self._session_options.add_session_config_entry("session.disable_prepacking", "1")
 
     @property
     def part_count(self) -> int:
@@ -63,15 +54,11 @@ class StreamedOnnxSession(Session):
         wanted = {spec.name for spec in self.outputs}
         tensors = dict(feeds)
         for k, (path, inputs, outputs) in enumerate(self._parts):
-            try:
-                part = ort.InferenceSession(str(path), sess_options=self._session_options, providers=self._providers)
-            except Exception as exc:  # onnxruntime raises its own exception types for bad files
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ModelFolderError(f"{path} is not a loadable model part ({first}); re-export the model with sd-export") from None
+            part = inference_session(path, self._session_options, self._providers)
             results = part.run(outputs, {name: tensors[name] for name in inputs})
             del part  # its weights leave memory before the next part maps its own
             tensors.update(zip(outputs, results))
             for name in inputs:
                 if self._last_reader[name] == k and name not in wanted:
                     del tensors[name]
-        return {name: tensors[name] for name in (spec.name for spec in self.outputs)}
+        return {spec.name: tensors[spec.name] for spec in self.outputs}

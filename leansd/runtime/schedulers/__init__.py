@@ -95,16 +95,11 @@ def get_scheduler(name: str | None, config: Mapping[str, Any], eta: float = 0.0)
         name = config.get("_class_name")
         if name is None:
             raise UnsupportedSchedulerOption("the scheduler config has no _class_name; name a scheduler: " + ", ".join(scheduler_names()))
-    overrides: dict[str, Any] = {}
-    if name in _MODULES:
-        class_name = name
-    elif name.lower() in SCHEDULER_ALIASES:
-        class_name = SCHEDULER_ALIASES[name.lower()]
-        overrides = _ALIAS_OVERRIDES.get(name.lower(), {})
-    else:
+    class_name = name if name in _MODULES else SCHEDULER_ALIASES.get(name.lower())
+    if class_name is None:
         raise UnsupportedSchedulerOption(f"unknown scheduler {name!r}; choose one of: " + ", ".join(scheduler_names()))
     module = _MODULES[class_name]
     if eta and "eta" not in inspect.signature(module.plan).parameters:
         raise UnsupportedSchedulerOption(f"eta={eta!r} does not apply to {class_name}; leave eta at 0 or use the ddim scheduler")
-    cfg = config_from_dict(module.Config, config, **overrides)
+    cfg = config_from_dict(module.Config, config, **_ALIAS_OVERRIDES.get(name.lower(), {}))
     return Scheduler(name=class_name, config=cfg, eta=float(eta))

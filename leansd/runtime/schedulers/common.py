@@ -1,4 +1,6 @@
-"""Shared scheduler pieces: noise schedules, timestep spacing, sigma helpers, the Plan and StepResult records.
+"""Shared scheduler pieces: config checks, the Plan and StepResult records, noise schedules, timestep spacing,
+and what the two families share: the schedulers on the alphas_cumprod table (DDIM, PNDM, LCM) and those that
+step in sigma (Euler, Euler ancestral, LMS; DPM-Solver builds its sigmas the same way).
 
 Everything here is plain numpy. Schedule tables are rebuilt the way diffusers builds them in float32
 (torch's float32 ``linspace`` and ``cumprod``), held as float64 so the per-step arithmetic runs in
@@ -18,7 +20,7 @@ from leansd.runtime.errors import InvalidInputError
 C = TypeVar("C")
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-SPACINGS = ("leading", "trailing", "linspace")
+SPACINGS = ("linspace", "leading", "trailing")
 
 
 class UnsupportedSchedulerOption(InvalidInputError):
@@ -40,6 +42,24 @@ def require_flag_off(config: Any, *keys: str) -> None:
     for key in keys:
         if getattr(config, key):
             require(key, getattr(config, key), (False,))
+
+
+def check_common(config: Any, prediction_types: tuple[str, ...], spacings: tuple[str, ...] | None = SPACINGS) -> None:
+    """Checks every Config runs first: trained_betas stored as a tuple (hashable, immutable), else a known beta
+    schedule; the prediction type; the timestep spacing (unless `spacings` is None); and, for the Configs that
+    have these options, no beta sigmas and not both Karras and exponential sigmas."""
+    if config.trained_betas is not None:
+        if not isinstance(config.trained_betas, tuple):
+            object.__setattr__(config, "trained_betas", tuple(float(b) for b in np.asarray(config.trained_betas).ravel()))
+    else:
+        require("beta_schedule", config.beta_schedule, BETA_SCHEDULES)
+    require("prediction_type", config.prediction_type, prediction_types)
+    if spacings is not None:
+        require("timestep_spacing", config.timestep_spacing, spacings)
+    if getattr(config, "use_beta_sigmas", False):
+        require_flag_off(config, "use_beta_sigmas")
+    if getattr(config, "use_karras_sigmas", False) and getattr(config, "use_exponential_sigmas", False):
+        raise UnsupportedSchedulerOption("use_karras_sigmas and use_exponential_sigmas cannot both be true; choose one")
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,13 +102,6 @@ def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
     return np.where(idx < steps // 2, low, high)
 
 
-def _cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)], dtype=np.float32)
-
-
 def betas(config: Any) -> np.ndarray:
     """The float32 beta table of a config (trained_betas wins over beta_schedule, as in diffusers)."""
     n = config.num_train_timesteps
@@ -99,25 +112,14 @@ def betas(config: Any) -> np.ndarray:
     if config.beta_schedule == "scaled_linear":
         root = torch_linspace_f32(config.beta_start**0.5, config.beta_end**0.5, n)
         return root * root
-    if config.beta_schedule == "squaredcos_cap_v2":
-        return _cosine_betas(n)
-    require("beta_schedule", config.beta_schedule, BETA_SCHEDULES)
-    raise AssertionError  # unreachable
+    # squaredcos_cap_v2 (the Config checked the name): Nichol & Dhariwal's cosine alpha-bar, betas capped at 0.999
+    alpha_bar = [math.cos((i / n + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(n + 1)]
+    return np.array([min(1 - alpha_bar[i + 1] / alpha_bar[i], 0.999) for i in range(n)], dtype=np.float32)
 
 
 def _cumprod_f32(alphas: np.ndarray) -> np.ndarray:
     # torch accumulates a float32 cumprod in double and rounds each output to float32
     return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
-
-
-def _rescale_zero_terminal_snr(b: np.ndarray) -> np.ndarray:
-    """Shift and scale sqrt(alphas_cumprod) so the last timestep has zero SNR (float32 like diffusers)."""
-    root = np.sqrt(_cumprod_f32(np.float32(1.0) - b))
-    first, last = root[0], root[-1]
-    root = (root - last) * (first / (first - last))
-    bar = root * root
-    alphas = np.concatenate([bar[:1], bar[1:] / bar[:-1]])
-    return (np.float32(1.0) - alphas).astype(np.float32)
 
 
 def alphas_cumprod(config: Any, zero_snr_floor: bool = False) -> np.ndarray:
@@ -127,24 +129,20 @@ def alphas_cumprod(config: Any, zero_snr_floor: bool = False) -> np.ndarray:
     """
     b = betas(config)
     rescale = getattr(config, "rescale_betas_zero_snr", False)
-    if rescale:
-        b = _rescale_zero_terminal_snr(b)
+    if rescale:  # shift and scale sqrt(alphas_cumprod) so the last timestep has zero SNR (in float32, like diffusers)
+        root = np.sqrt(_cumprod_f32(np.float32(1.0) - b))
+        first, last = root[0], root[-1]
+        root = (root - last) * (first / (first - last))
+        bar = root * root
+        b = np.float32(1.0) - np.concatenate([bar[:1], bar[1:] / bar[:-1]])
     acp = _cumprod_f32(np.float32(1.0) - b)
     if rescale and zero_snr_floor:
         acp[-1] = 2.0**-24
     return acp.astype(np.float64)
 
 
-def sigma_table(acp: np.ndarray) -> np.ndarray:
-    """sqrt((1 - acp) / acp) per training timestep, float32 values (ascending in t)."""
-    a = acp.astype(np.float32)
-    ratio = (np.float32(1.0) - a) / a
-    return np.sqrt(ratio.astype(np.float64)).astype(np.float32)
-
-
 def spaced_timesteps(spacing: str, num_train: int, n: int, steps_offset: int) -> np.ndarray:
     """Descending timesteps as float64, unrounded for 'linspace' (each scheduler rounds/casts its own way)."""
-    require("timestep_spacing", spacing, SPACINGS)
     if spacing == "linspace":
         return np.linspace(0, num_train - 1, n)[::-1].copy()
     if spacing == "leading":
@@ -152,16 +150,62 @@ def spaced_timesteps(spacing: str, num_train: int, n: int, steps_offset: int) ->
     return np.round(np.arange(num_train, 0, -num_train / n)) - 1.0
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
-    """Karras et al. (2022) noise levels: evenly spaced in sigma**(1/rho)."""
-    ramp = np.linspace(0, 1, n)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
+def make_plan(schedule: np.ndarray, num_inference_steps: int, strength: float, **fields: Any) -> Plan:
+    """A Plan over the whole `schedule` whose timesteps start where diffusers' img2img pipeline starts for `strength`."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    start = max(num_inference_steps - init_timestep, 0)
+    return Plan(timesteps=schedule[start:], num_inference_steps=num_inference_steps, begin_index=start, schedule=schedule, **fields)
 
 
-def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
-    """Noise levels evenly spaced in log sigma."""
-    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+def split_prediction(
+    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha: float, sigma: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(clean-sample estimate, noise estimate) from a model output, for sample = alpha * clean + sigma * noise."""
+    if prediction_type == "epsilon":
+        return (sample - sigma * model_output) / alpha, model_output
+    if prediction_type == "sample":
+        return model_output, (sample - alpha * model_output) / sigma
+    return alpha * sample - sigma * model_output, alpha * model_output + sigma * sample  # v_prediction
+
+
+# Schedulers that step on the alphas_cumprod table (DDIM, PNDM, LCM): integer timesteps, unit initial noise,
+# the sample fed to the UNet as it is.
+
+
+def alpha_plan(config: Any, schedule: np.ndarray, num_inference_steps: int, strength: float, **extra: Any) -> Plan:
+    """The plan over `schedule`, with the alpha used past the last timestep."""
+    acp = alphas_cumprod(config)
+    final = 1.0 if config.set_alpha_to_one else float(acp[0])
+    return make_plan(schedule, num_inference_steps, strength, init_noise_sigma=1.0, alphas_cumprod=acp, final_alpha_cumprod=final, **extra)
+
+
+def alpha_at(plan: Plan, t: int) -> float:
+    """alphas_cumprod at training timestep t; the final alpha before timestep 0."""
+    return float(plan.alphas_cumprod[t]) if t >= 0 else plan.final_alpha_cumprod
+
+
+def unscaled_model_input(config: Any, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
+    return sample
+
+
+def alpha_add_noise(config: Any, plan: Plan, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    a = alpha_at(plan, int(plan.timesteps[0]))
+    return f32(a**0.5 * as_f64(original) + (1 - a) ** 0.5 * as_f64(noise))
+
+
+# Schedulers that step in sigma (Euler, Euler ancestral, LMS; DPM-Solver builds its sigmas from the same pieces):
+# their sample is clean + sigma * noise, and sigma_table turns the training schedule into noise levels.
+
+
+def sigma_table(acp: np.ndarray) -> np.ndarray:
+    """sqrt((1 - acp) / acp) per training timestep, float32 values (ascending in t)."""
+    a = acp.astype(np.float32)
+    ratio = (np.float32(1.0) - a) / a
+    return np.sqrt(ratio.astype(np.float64)).astype(np.float32)
 
 
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
@@ -174,36 +218,61 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return (1 - w) * low + w * (low + 1)
 
 
-def img2img_start(num_inference_steps: int, strength: float, order: int = 1) -> int:
-    """Index of the first schedule entry used for a given strength, as diffusers' img2img pipeline computes it."""
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
-    if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
-    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
-    return max(num_inference_steps - init_timestep, 0) * order
+def sigma_schedule(
+    config: Any, timesteps: np.ndarray, table: np.ndarray, n: int, sigma_min: float | None = None, sigma_max: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sigmas, timesteps): the sigmas at `timesteps`, interpolated from the training `table`, plus the final sigma,
+    as float32. With Karras or exponential sigmas, n new noise levels from sigma_max down to sigma_min (default: the
+    interpolated ends) replace them, and the timesteps become the fractional ones those levels map back to."""
+    sigmas = np.interp(timesteps, np.arange(len(table)), table)
+    karras = getattr(config, "use_karras_sigmas", False)
+    if karras or getattr(config, "use_exponential_sigmas", False):
+        lo = sigma_min if sigma_min is not None else float(sigmas[-1])
+        hi = sigma_max if sigma_max is not None else float(sigmas[0])
+        if karras:  # Karras et al. (2022): evenly spaced in sigma ** (1 / rho)
+            rho = 7.0
+            ramp = np.linspace(0, 1, n)
+            lo_root, hi_root = lo ** (1 / rho), hi ** (1 / rho)
+            sigmas = (hi_root + ramp * (lo_root - hi_root)) ** rho
+        else:  # evenly spaced in log sigma
+            sigmas = np.exp(np.linspace(math.log(hi), math.log(lo), n))
+        timesteps = sigma_to_t(sigmas, np.log(table))
+    final = float(table[0]) if getattr(config, "final_sigmas_type", "zero") == "sigma_min" else 0.0
+    return np.concatenate([sigmas, [final]]).astype(np.float32), timesteps
 
 
-def alpha_plan(config: Any, schedule: np.ndarray, num_inference_steps: int, strength: float, **extra: Any) -> Plan:
-    """The plan of a scheduler that steps on the alphas_cumprod table (DDIM, PNDM, LCM): integer timesteps,
-    unit initial noise, truncated for img2img, and the alpha used past the last timestep."""
-    acp = alphas_cumprod(config)
-    start = img2img_start(num_inference_steps, strength)
-    return Plan(
-        timesteps=schedule[start:],
-        init_noise_sigma=1.0,
-        num_inference_steps=num_inference_steps,
-        begin_index=start,
-        schedule=schedule,
-        alphas_cumprod=acp,
-        final_alpha_cumprod=1.0 if config.set_alpha_to_one else float(acp[0]),
-        **extra,
-    )
+def sigma_plan(config: Any, num_inference_steps: int, strength: float = 1.0) -> Plan:
+    """The plan of Euler, Euler ancestral and LMS: timesteps spaced over the training range, float32 like
+    diffusers'. Options a Config lacks take diffusers' defaults."""
+    n = num_inference_steps
+    acp = alphas_cumprod(config, zero_snr_floor=True)
+    steps = spaced_timesteps(config.timestep_spacing, config.num_train_timesteps, n, config.steps_offset)
+    sigma_range = getattr(config, "sigma_min", None), getattr(config, "sigma_max", None)
+    sigmas, timesteps = sigma_schedule(config, steps.astype(np.float32), sigma_table(acp), n, *sigma_range)
+    if getattr(config, "timestep_type", "discrete") == "continuous" and config.prediction_type == "v_prediction":
+        timesteps = np.float32(0.25) * np.log(sigmas[:-1])
+    peak = sigmas.max()
+    init_sigma = peak if config.timestep_spacing in ("linspace", "trailing") else np.sqrt(peak * peak + np.float32(1.0))
+    sigmas64 = sigmas.astype(np.float64)
+    return make_plan(timesteps.astype(np.float32), n, strength, init_noise_sigma=float(init_sigma), sigmas=sigmas64, alphas_cumprod=acp)
 
 
-def unscaled_model_input(config: Any, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
-    """Schedulers on the alphas_cumprod table feed the UNet the sample as it is."""
-    return sample
+def sigma_scale_model_input(config: Any, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
+    sigma = plan.sigmas[plan.begin_index + i]
+    return f32(as_f64(sample) / (sigma**2 + 1) ** 0.5)
+
+
+def sigma_add_noise(config: Any, plan: Plan, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    return f32(as_f64(original) + as_f64(noise) * plan.sigmas[plan.begin_index])
+
+
+def sigma_denoise(prediction_type: str, model_output: np.ndarray, sample: np.ndarray, sigma: float) -> np.ndarray:
+    """Clean-sample estimate from a model output at noise level sigma (sample in sigma scale)."""
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+    return model_output  # "sample" / "original_sample"
 
 
 def config_from_dict(cls: type[C], raw: Mapping[str, Any], **overrides: Any) -> C:
@@ -217,15 +286,6 @@ def config_from_dict(cls: type[C], raw: Mapping[str, Any], **overrides: Any) -> 
     kwargs = {k: v for k, v in raw.items() if k in names and k not in defaults_used}
     kwargs.update(overrides)
     return cls(**kwargs)
-
-
-def check_common(config: Any) -> None:
-    """Checks every Config shares: the beta schedule, and trained_betas stored as a tuple (hashable, immutable)."""
-    if config.trained_betas is not None:
-        if not isinstance(config.trained_betas, tuple):
-            object.__setattr__(config, "trained_betas", tuple(float(b) for b in np.asarray(config.trained_betas).ravel()))
-    else:
-        require("beta_schedule", config.beta_schedule, BETA_SCHEDULES)
 
 
 def as_f64(x: Any) -> np.ndarray:

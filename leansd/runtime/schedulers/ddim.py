@@ -13,18 +13,19 @@ from .common import (
     Plan,
     StepResult,
     UnsupportedSchedulerOption,
+    alpha_add_noise,
+    alpha_at,
     alpha_plan,
     as_f64,
     check_common,
     f32,
-    require,
     require_flag_off,
     spaced_timesteps,
+    split_prediction,
     unscaled_model_input,
 )
 
 NAME = "DDIMScheduler"
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,7 @@ class Config:
     rescale_betas_zero_snr: bool = False
 
     def __post_init__(self) -> None:
-        check_common(self)
-        require("prediction_type", self.prediction_type, PREDICTION_TYPES)
-        require("timestep_spacing", self.timestep_spacing, ("leading", "trailing", "linspace"))
+        check_common(self, ("epsilon", "sample", "v_prediction"))
         require_flag_off(self, "thresholding")
 
 
@@ -65,37 +64,17 @@ def plan(config: Config, num_inference_steps: int, strength: float = 1.0, eta: f
 
 
 scale_model_input = unscaled_model_input
-
-
-def split_prediction(
-    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha_prod: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(clean-sample estimate, noise estimate) from a model output at a timestep with this alpha_cumprod."""
-    a, b = alpha_prod**0.5, (1 - alpha_prod) ** 0.5
-    if prediction_type == "epsilon":
-        return (sample - b * model_output) / a, model_output
-    if prediction_type == "sample":
-        return model_output, (sample - a * model_output) / b
-    return a * sample - b * model_output, a * model_output + b * sample  # v_prediction
+add_noise = alpha_add_noise
 
 
 def step(
-    config: Config,
-    plan: Plan,
-    i: int,
-    model_output: np.ndarray,
-    sample: np.ndarray,
-    state: Any = None,
-    noise: np.ndarray | None = None,
+    config: Config, plan: Plan, i: int, model_output: np.ndarray, sample: np.ndarray, state: Any = None, noise: np.ndarray | None = None
 ) -> StepResult:
     t = int(plan.timesteps[i])
-    # diffusers always steps back by num_train // N, whatever the spacing
-    prev_t = t - config.num_train_timesteps // plan.num_inference_steps
-    acp = plan.alphas_cumprod
-    a_t = float(acp[t])
-    a_prev = float(acp[prev_t]) if prev_t >= 0 else plan.final_alpha_cumprod
+    prev_t = t - config.num_train_timesteps // plan.num_inference_steps  # diffusers' step back, whatever the spacing
+    a_t, a_prev = alpha_at(plan, t), alpha_at(plan, prev_t)
     x = as_f64(sample)
-    x0, eps = split_prediction(config.prediction_type, as_f64(model_output), x, a_t)
+    x0, eps = split_prediction(config.prediction_type, as_f64(model_output), x, a_t**0.5, (1 - a_t) ** 0.5)
     if config.clip_sample:
         x0 = np.clip(x0, -config.clip_sample_range, config.clip_sample_range)
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
@@ -106,8 +85,3 @@ def step(
             raise ValueError("DDIM with eta > 0 needs a noise array at every step")
         prev = prev + std * as_f64(noise)
     return StepResult(f32(prev), f32(x0), None)
-
-
-def add_noise(config: Config, plan: Plan, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    a = float(plan.alphas_cumprod[int(plan.timesteps[0])])
-    return f32(a**0.5 * as_f64(original) + (1 - a) ** 0.5 * as_f64(noise))

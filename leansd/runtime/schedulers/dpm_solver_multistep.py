@@ -16,18 +16,17 @@ import numpy as np
 from .common import (
     Plan,
     StepResult,
-    UnsupportedSchedulerOption,
     alphas_cumprod,
     as_f64,
     check_common,
-    exponential_sigmas,
     f32,
-    img2img_start,
-    karras_sigmas,
+    make_plan,
     require,
     require_flag_off,
+    sigma_schedule,
     sigma_table,
-    sigma_to_t,
+    split_prediction,
+    unscaled_model_input,
 )
 
 NAME = "DPMSolverMultistepScheduler"
@@ -65,22 +64,18 @@ class Config:
     time_shift_type: str = "exponential"
 
     def __post_init__(self) -> None:
-        check_common(self)
         # diffusers silently maps the DEIS / UniPC names it inherits from compatible configs
         if self.algorithm_type == "deis":
             object.__setattr__(self, "algorithm_type", "dpmsolver++")
         if self.solver_type in ("logrho", "bh1", "bh2"):
             object.__setattr__(self, "solver_type", "midpoint")
+        check_common(self, ("epsilon", "v_prediction", "sample"))
         require("algorithm_type", self.algorithm_type, ("dpmsolver++",))
         require("solver_type", self.solver_type, ("midpoint", "heun"))
         require("solver_order", self.solver_order, (1, 2, 3))
-        require("prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample"))
-        require("timestep_spacing", self.timestep_spacing, ("linspace", "leading", "trailing"))
         require("final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
         require("variance_type", self.variance_type, (None,))
-        require_flag_off(self, "thresholding", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting")
-        if self.use_karras_sigmas and self.use_exponential_sigmas:
-            raise UnsupportedSchedulerOption("use_karras_sigmas and use_exponential_sigmas cannot both be true; choose one")
+        require_flag_off(self, "thresholding", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting")
 
 
 class State(NamedTuple):
@@ -89,6 +84,7 @@ class State(NamedTuple):
 
 
 def _timesteps(config: Config, acp: np.ndarray, n: int) -> np.ndarray:
+    """Descending integer timesteps, spaced over the training timesteps whose half log-SNR is not below lambda_min_clipped."""
     t_train = config.num_train_timesteps
     alpha, sigma = np.sqrt(acp), np.sqrt(1 - acp)
     lambdas = (np.log(alpha) - np.log(sigma)).astype(np.float32)
@@ -108,34 +104,17 @@ def uses_noise(eta: float = 0.0) -> bool:
 
 def plan(config: Config, num_inference_steps: int, strength: float = 1.0) -> Plan:
     acp = alphas_cumprod(config, zero_snr_floor=True)
-    timesteps = _timesteps(config, acp, num_inference_steps)
     table = sigma_table(acp)
-    log_table = np.log(table)
-    if config.use_karras_sigmas or config.use_exponential_sigmas:
-        make = karras_sigmas if config.use_karras_sigmas else exponential_sigmas
-        sigmas = make(float(table[0]), float(table[-1]), num_inference_steps)
-        steps = sigma_to_t(sigmas, log_table)
-        if config.use_karras_sigmas and config.beta_schedule != "squaredcos_cap_v2":
-            steps = steps.round()
-        timesteps = steps.astype(np.int64)
-    else:
-        sigmas = np.interp(timesteps, np.arange(len(table)), table)
-    last = float(table[0]) if config.final_sigmas_type == "sigma_min" else 0.0
-    sigmas32 = np.concatenate([sigmas, [last]]).astype(np.float32)
-    start = img2img_start(num_inference_steps, strength)
-    return Plan(
-        timesteps=timesteps[start:],
-        init_noise_sigma=1.0,
-        num_inference_steps=num_inference_steps,
-        begin_index=start,
-        schedule=timesteps,
-        sigmas=sigmas32.astype(np.float64),
-        alphas_cumprod=acp,
-    )
+    timesteps = _timesteps(config, acp, num_inference_steps)
+    # Karras / exponential sigmas span the whole training table here (Euler's span its planned timesteps)
+    sigmas, steps = sigma_schedule(config, timesteps, table, num_inference_steps, float(table[0]), float(table[-1]))
+    if config.use_karras_sigmas and config.beta_schedule != "squaredcos_cap_v2":
+        steps = steps.round()
+    schedule = steps.astype(np.int64)
+    return make_plan(schedule, num_inference_steps, strength, init_noise_sigma=1.0, sigmas=sigmas.astype(np.float64), alphas_cumprod=acp)
 
 
-def scale_model_input(config: Config, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
-    return sample
+scale_model_input = unscaled_model_input
 
 
 def _alpha_sigma(sigma: float) -> tuple[float, float]:
@@ -148,15 +127,6 @@ def _lambda(sigma: float) -> float:
     """Half log-SNR; +inf at sigma 0 (the final step lands on the clean sample)."""
     alpha, sig = _alpha_sigma(sigma)
     return math.inf if sig == 0 else math.log(alpha) - math.log(sig)
-
-
-def _clean_estimate(config: Config, model_output: np.ndarray, sample: np.ndarray, sigma: float) -> np.ndarray:
-    alpha, sig = _alpha_sigma(sigma)
-    if config.prediction_type == "epsilon":
-        return (sample - sig * model_output) / alpha
-    if config.prediction_type == "v_prediction":
-        return alpha * sample - sig * model_output
-    return model_output
 
 
 def _update(config: Config, sig: np.ndarray, k: int, order: int, x: np.ndarray, m: list[np.ndarray]) -> np.ndarray:
@@ -182,19 +152,13 @@ def _update(config: Config, sig: np.ndarray, k: int, order: int, x: np.ndarray, 
 
 
 def step(
-    config: Config,
-    plan: Plan,
-    i: int,
-    model_output: np.ndarray,
-    sample: np.ndarray,
-    state: State | None = None,
-    noise: np.ndarray | None = None,
+    config: Config, plan: Plan, i: int, model_output: np.ndarray, sample: np.ndarray, state: Any = None, noise: np.ndarray | None = None
 ) -> StepResult:
     st = state if state is not None else State((), 0)
     k = plan.begin_index + i
     n = len(plan.schedule)  # diffusers counts the steps it planned, not the ones asked for
     x = as_f64(sample)
-    x0 = _clean_estimate(config, as_f64(model_output), x, plan.sigmas[k])
+    x0, _ = split_prediction(config.prediction_type, as_f64(model_output), x, *_alpha_sigma(plan.sigmas[k]))
     outputs = (st.outputs + (f32(x0),))[-config.solver_order :]
     short = config.lower_order_final and n < 15
     final_first = k == n - 1 and (config.euler_at_final or short or config.final_sigmas_type == "zero")
@@ -206,8 +170,7 @@ def step(
     else:
         order = 3
     prev = _update(config, plan.sigmas, k, order, x, [as_f64(o) for o in outputs])
-    new_state = State(outputs, min(st.lower_order_nums + 1, config.solver_order))
-    return StepResult(f32(prev), f32(x0), new_state)
+    return StepResult(f32(prev), f32(x0), State(outputs, min(st.lower_order_nums + 1, config.solver_order)))
 
 
 def add_noise(config: Config, plan: Plan, original: np.ndarray, noise: np.ndarray) -> np.ndarray:

@@ -11,8 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import euler
-from .common import Plan, StepResult, as_f64, check_common, f32, require
+from .common import Plan, StepResult, as_f64, check_common, f32, sigma_add_noise, sigma_denoise, sigma_plan, sigma_scale_model_input
 
 NAME = "EulerAncestralDiscreteScheduler"
 
@@ -30,9 +29,7 @@ class Config:
     rescale_betas_zero_snr: bool = False
 
     def __post_init__(self) -> None:
-        check_common(self)
-        require("prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
-        require("timestep_spacing", self.timestep_spacing, ("linspace", "leading", "trailing"))
+        check_common(self, ("epsilon", "v_prediction"))
 
 
 def uses_noise(eta: float = 0.0) -> bool:
@@ -40,29 +37,20 @@ def uses_noise(eta: float = 0.0) -> bool:
     return True
 
 
-def plan(config: Config, num_inference_steps: int, strength: float = 1.0) -> Plan:
-    return euler.sigma_plan(config, num_inference_steps, strength)
-
-
-scale_model_input = euler.scale_model_input
-add_noise = euler.add_noise
+plan = sigma_plan
+scale_model_input = sigma_scale_model_input
+add_noise = sigma_add_noise
 
 
 def step(
-    config: Config,
-    plan: Plan,
-    i: int,
-    model_output: np.ndarray,
-    sample: np.ndarray,
-    state: Any = None,
-    noise: np.ndarray | None = None,
+    config: Config, plan: Plan, i: int, model_output: np.ndarray, sample: np.ndarray, state: Any = None, noise: np.ndarray | None = None
 ) -> StepResult:
     if noise is None:
         raise ValueError("Euler ancestral needs a noise array at every step")
     k = plan.begin_index + i
     sigma, sigma_next = plan.sigmas[k], plan.sigmas[k + 1]
     x = as_f64(sample)
-    x0 = euler.denoise(config.prediction_type, as_f64(model_output), x, sigma)
+    x0 = sigma_denoise(config.prediction_type, as_f64(model_output), x, sigma)
     sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
     sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
     derivative = (x - x0) / sigma

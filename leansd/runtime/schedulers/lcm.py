@@ -12,8 +12,19 @@ from typing import Any
 
 import numpy as np
 
-from .common import Plan, StepResult, alpha_plan, as_f64, check_common, f32, require, require_flag_off, unscaled_model_input
-from .ddim import split_prediction
+from .common import (
+    Plan,
+    StepResult,
+    alpha_add_noise,
+    alpha_at,
+    alpha_plan,
+    as_f64,
+    check_common,
+    f32,
+    require_flag_off,
+    split_prediction,
+    unscaled_model_input,
+)
 
 NAME = "LCMScheduler"
 SIGMA_DATA = 0.5
@@ -40,22 +51,8 @@ class Config:
     rescale_betas_zero_snr: bool = False
 
     def __post_init__(self) -> None:
-        check_common(self)
-        require("prediction_type", self.prediction_type, ("epsilon", "sample", "v_prediction"))
+        check_common(self, ("epsilon", "sample", "v_prediction"), spacings=None)  # spacing is unused, as in diffusers
         require_flag_off(self, "thresholding")
-
-
-def _schedule(config: Config, n: int) -> np.ndarray:
-    original = config.original_inference_steps
-    if original > config.num_train_timesteps:
-        raise ValueError(f"original_inference_steps {original} exceeds num_train_timesteps {config.num_train_timesteps}")
-    if n > config.num_train_timesteps or n > original:
-        raise ValueError(f"num_inference_steps {n} cannot exceed original_inference_steps {original} for LCM")
-    k = config.num_train_timesteps // original
-    origin = (np.arange(1, original + 1) * k - 1)[::-1]
-    # n evenly spaced picks from the distillation schedule, starting at its highest timestep
-    picks = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
-    return origin[picks].astype(np.int64)
 
 
 def uses_noise(eta: float = 0.0) -> bool:
@@ -64,49 +61,41 @@ def uses_noise(eta: float = 0.0) -> bool:
 
 
 def plan(config: Config, num_inference_steps: int, strength: float = 1.0) -> Plan:
-    return alpha_plan(config, _schedule(config, num_inference_steps), num_inference_steps, strength)
+    n, original = num_inference_steps, config.original_inference_steps
+    if original > config.num_train_timesteps:
+        raise ValueError(f"original_inference_steps {original} exceeds num_train_timesteps {config.num_train_timesteps}")
+    if n > config.num_train_timesteps or n > original:
+        raise ValueError(f"num_inference_steps {n} cannot exceed original_inference_steps {original} for LCM")
+    k = config.num_train_timesteps // original
+    origin = (np.arange(1, original + 1) * k - 1)[::-1]
+    # n evenly spaced picks from the distillation schedule, starting at its highest timestep
+    picks = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
+    return alpha_plan(config, origin[picks].astype(np.int64), n, strength)
 
 
 scale_model_input = unscaled_model_input
-
-
-def boundary_scalings(config: Config, t: int) -> tuple[float, float]:
-    """(c_skip, c_out): how much of the sample and of the model's estimate make the consistency output."""
-    scaled = t * config.timestep_scaling
-    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
-    c_out = scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
-    return c_skip, c_out
+add_noise = alpha_add_noise
 
 
 def step(
-    config: Config,
-    plan: Plan,
-    i: int,
-    model_output: np.ndarray,
-    sample: np.ndarray,
-    state: Any = None,
-    noise: np.ndarray | None = None,
+    config: Config, plan: Plan, i: int, model_output: np.ndarray, sample: np.ndarray, state: Any = None, noise: np.ndarray | None = None
 ) -> StepResult:
     k = plan.begin_index + i
     t = int(plan.schedule[k])
-    prev_t = int(plan.schedule[k + 1]) if k + 1 < len(plan.schedule) else t
-    acp = plan.alphas_cumprod
-    a_t = float(acp[t])
-    a_prev = float(acp[prev_t]) if prev_t >= 0 else plan.final_alpha_cumprod
+    a_t = alpha_at(plan, t)
     x = as_f64(sample)
-    x0, _ = split_prediction(config.prediction_type, as_f64(model_output), x, a_t)
+    x0, _ = split_prediction(config.prediction_type, as_f64(model_output), x, a_t**0.5, (1 - a_t) ** 0.5)
     if config.clip_sample:
         x0 = np.clip(x0, -config.clip_sample_range, config.clip_sample_range)
-    c_skip, c_out = boundary_scalings(config, t)
+    # the consistency-model boundary conditions: at t = 0 the output is the sample itself
+    scaled = t * config.timestep_scaling
+    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
     denoised = c_out * x0 + c_skip * x
     if k == plan.num_inference_steps - 1:
         return StepResult(f32(denoised), f32(denoised), None)
     if noise is None:
         raise ValueError("LCM needs a noise array at every step but the last")
+    a_prev = alpha_at(plan, int(plan.schedule[k + 1]))
     prev = a_prev**0.5 * denoised + (1 - a_prev) ** 0.5 * as_f64(noise)
     return StepResult(f32(prev), f32(denoised), None)
-
-
-def add_noise(config: Config, plan: Plan, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    a = float(plan.alphas_cumprod[int(plan.timesteps[0])])
-    return f32(a**0.5 * as_f64(original) + (1 - a) ** 0.5 * as_f64(noise))

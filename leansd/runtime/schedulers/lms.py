@@ -11,8 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import euler
-from .common import Plan, StepResult, as_f64, check_common, f32, require
+from .common import Plan, StepResult, as_f64, check_common, f32, sigma_add_noise, sigma_denoise, sigma_plan, sigma_scale_model_input
 
 NAME = "LMSDiscreteScheduler"
 ORDER = 4  # diffusers' default `order` argument of step(), which pipelines never change
@@ -34,22 +33,16 @@ class Config:
     steps_offset: int = 0
 
     def __post_init__(self) -> None:
-        check_common(self)
-        require("prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample"))
-        require("timestep_spacing", self.timestep_spacing, ("linspace", "leading", "trailing"))
-        euler.check_sigma_flags(self)
+        check_common(self, ("epsilon", "v_prediction", "sample"))
 
 
 def uses_noise(eta: float = 0.0) -> bool:
     return False
 
 
-def plan(config: Config, num_inference_steps: int, strength: float = 1.0) -> Plan:
-    return euler.sigma_plan(config, num_inference_steps, strength, zero_snr_floor=False)
-
-
-scale_model_input = euler.scale_model_input
-add_noise = euler.add_noise
+plan = sigma_plan
+scale_model_input = sigma_scale_model_input
+add_noise = sigma_add_noise
 
 
 def lms_coefficient(sigmas: np.ndarray, k: int, order: int, j: int) -> float:
@@ -64,18 +57,12 @@ def lms_coefficient(sigmas: np.ndarray, k: int, order: int, j: int) -> float:
 
 
 def step(
-    config: Config,
-    plan: Plan,
-    i: int,
-    model_output: np.ndarray,
-    sample: np.ndarray,
-    state: Any = None,
-    noise: np.ndarray | None = None,
+    config: Config, plan: Plan, i: int, model_output: np.ndarray, sample: np.ndarray, state: Any = None, noise: np.ndarray | None = None
 ) -> StepResult:
     k = plan.begin_index + i
     sigma = plan.sigmas[k]
     x = as_f64(sample)
-    x0 = euler.denoise(config.prediction_type, as_f64(model_output), x, sigma)
+    x0 = sigma_denoise(config.prediction_type, as_f64(model_output), x, sigma)
     derivatives = (tuple(state or ()) + (f32((x - x0) / sigma),))[-ORDER:]
     # the order follows the global step index, so an img2img start may pair a 4th-order coefficient
     # with the single derivative it has: diffusers does exactly that

@@ -13,11 +13,21 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .common import Plan, StepResult, alpha_plan, as_f64, check_common, f32, require, spaced_timesteps, unscaled_model_input
-from .ddim import split_prediction
+from .common import (
+    Plan,
+    StepResult,
+    alpha_add_noise,
+    alpha_at,
+    alpha_plan,
+    as_f64,
+    check_common,
+    f32,
+    spaced_timesteps,
+    split_prediction,
+    unscaled_model_input,
+)
 
 NAME = "PNDMScheduler"
-PRK_ORDER = 4
 
 
 @dataclass(frozen=True)
@@ -34,9 +44,7 @@ class Config:
     steps_offset: int = 0
 
     def __post_init__(self) -> None:
-        check_common(self)
-        require("prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
-        require("timestep_spacing", self.timestep_spacing, ("leading", "trailing", "linspace"))
+        check_common(self, ("epsilon", "v_prediction"))
 
 
 class State(NamedTuple):
@@ -45,49 +53,46 @@ class State(NamedTuple):
     cur_model_output: Any  # Runge-Kutta running sum (0 when empty)
 
 
-def _schedules(config: Config, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(PRK timesteps, PLMS timesteps), both descending int64."""
-    spaced = spaced_timesteps(config.timestep_spacing, config.num_train_timesteps, n, config.steps_offset)
-    ascending = np.round(spaced[::-1]).astype(np.int64)
-    if config.skip_prk_steps:
-        # the second-highest timestep is visited twice: once for the warm-up step, once to finish it
-        plms = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
-        return np.zeros(0, np.int64), plms.copy()
-    half = config.num_train_timesteps // n // 2
-    pairs = np.repeat(ascending[-PRK_ORDER:], 2) + np.tile(np.array([0, half]), PRK_ORDER)
-    prk = np.repeat(pairs[:-1], 2)[1:-1][::-1].copy()
-    return prk, ascending[:-3][::-1].copy()
-
-
 def uses_noise(eta: float = 0.0) -> bool:
     return False
 
 
 def plan(config: Config, num_inference_steps: int, strength: float = 1.0) -> Plan:
-    prk, plms = _schedules(config, num_inference_steps)
-    schedule = np.concatenate([prk, plms]).astype(np.int64)
-    return alpha_plan(config, schedule, num_inference_steps, strength, prk_steps=len(prk))
+    n = num_inference_steps
+    spaced = spaced_timesteps(config.timestep_spacing, config.num_train_timesteps, n, config.steps_offset)
+    ascending = np.round(spaced[::-1]).astype(np.int64)
+    if config.skip_prk_steps:
+        prk = np.zeros(0, np.int64)
+        # the second-highest timestep is visited twice: once for the warm-up step, once to finish it
+        plms = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
+    else:
+        # Runge-Kutta stages at the four highest timesteps and half a step below each, then PLMS on the rest
+        half = config.num_train_timesteps // n // 2
+        pairs = np.repeat(ascending[-4:], 2) + np.tile(np.array([0, half]), 4)
+        prk = np.repeat(pairs[:-1], 2)[1:-1][::-1]
+        plms = ascending[:-3][::-1]
+    return alpha_plan(config, np.concatenate([prk, plms]).astype(np.int64), n, strength, prk_steps=len(prk))
 
 
 scale_model_input = unscaled_model_input
+add_noise = alpha_add_noise
 
 
 def _prev_sample(config: Config, plan: Plan, sample: np.ndarray, t: int, prev_t: int, eps: np.ndarray) -> np.ndarray:
     """Move `sample` from timestep t to prev_t along the noise estimate (PNDM's transfer formula)."""
-    a_t = float(plan.alphas_cumprod[t])
-    a_prev = float(plan.alphas_cumprod[prev_t]) if prev_t >= 0 else plan.final_alpha_cumprod
-    if config.prediction_type == "v_prediction":
+    a_t, a_prev = alpha_at(plan, t), alpha_at(plan, prev_t)
+    if config.prediction_type == "v_prediction":  # the noise estimate a v-prediction implies
         eps = a_t**0.5 * eps + (1 - a_t) ** 0.5 * sample
     denom = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
     return (a_prev / a_t) ** 0.5 * sample - (a_prev - a_t) * eps / denom
 
 
-def _step_prk(config: Config, plan: Plan, c: int, t: int, out: np.ndarray, x: np.ndarray, st: State) -> tuple[np.ndarray, State]:
+def _step_prk(config: Config, plan: Plan, i: int, t: int, out: np.ndarray, x: np.ndarray, st: State) -> tuple[np.ndarray, State]:
     half = config.num_train_timesteps // plan.num_inference_steps // 2
-    prev_t = t - (0 if c % 2 else half)
-    base_t = int(plan.schedule[c // 4 * 4])  # every stage of a Runge-Kutta step starts from its first timestep
+    prev_t = t - (0 if i % 2 else half)
+    base_t = int(plan.schedule[i // 4 * 4])  # every stage of a Runge-Kutta step starts from its first timestep
     ets, cur_sample, acc = st
-    phase = c % 4
+    phase = i % 4
     if phase == 0:
         acc, ets, cur_sample = acc + out / 6, ets + (out,), x
     elif phase in (1, 2):
@@ -98,18 +103,18 @@ def _step_prk(config: Config, plan: Plan, c: int, t: int, out: np.ndarray, x: np
     return _prev_sample(config, plan, start, base_t, prev_t, out), State(ets, cur_sample, acc)
 
 
-def _step_plms(config: Config, plan: Plan, c: int, t: int, out: np.ndarray, x: np.ndarray, st: State) -> tuple[np.ndarray, State]:
+def _step_plms(config: Config, plan: Plan, i: int, t: int, out: np.ndarray, x: np.ndarray, st: State) -> tuple[np.ndarray, State]:
     ratio = config.num_train_timesteps // plan.num_inference_steps
     ets, cur_sample, acc = st
     prev_t = t - ratio
-    if c != 1:
+    if i != 1:
         ets = ets[-3:] + (out,)
     else:  # second call of the warm-up: finish the step that started one ratio higher
         prev_t, t = t, t + ratio
     e = [as_f64(v) for v in ets]
-    if len(e) == 1 and c == 0:
+    if len(e) == 1 and i == 0:
         cur_sample = f32(x)
-    elif len(e) == 1 and c == 1:
+    elif len(e) == 1 and i == 1:
         out, x, cur_sample = (out + e[-1]) / 2, as_f64(cur_sample), None
     elif len(e) == 2:
         out = (3 * e[-1] - e[-2]) / 2
@@ -121,13 +126,7 @@ def _step_plms(config: Config, plan: Plan, c: int, t: int, out: np.ndarray, x: n
 
 
 def step(
-    config: Config,
-    plan: Plan,
-    i: int,
-    model_output: np.ndarray,
-    sample: np.ndarray,
-    state: State | None = None,
-    noise: np.ndarray | None = None,
+    config: Config, plan: Plan, i: int, model_output: np.ndarray, sample: np.ndarray, state: Any = None, noise: np.ndarray | None = None
 ) -> StepResult:
     st = state if state is not None else State((), None, 0)
     t = int(plan.timesteps[i])
@@ -136,12 +135,7 @@ def step(
         prev, st = _step_prk(config, plan, i, t, out, x, st)
     else:
         prev, st = _step_plms(config, plan, i, t, out, x, st)
-    st = State(tuple(f32(e) for e in st.ets), st.cur_sample, st.cur_model_output)
     # diffusers reports no clean-sample estimate for PNDM; give the one this UNet call implies
-    denoised, _ = split_prediction(config.prediction_type, out, x, float(plan.alphas_cumprod[t]))
-    return StepResult(f32(prev), f32(denoised), st)
-
-
-def add_noise(config: Config, plan: Plan, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    a = float(plan.alphas_cumprod[int(plan.timesteps[0])])
-    return f32(a**0.5 * as_f64(original) + (1 - a) ** 0.5 * as_f64(noise))
+    a_t = alpha_at(plan, t)
+    denoised, _ = split_prediction(config.prediction_type, out, x, a_t**0.5, (1 - a_t) ** 0.5)
+    return StepResult(f32(prev), f32(denoised), st._replace(ets=tuple(f32(e) for e in st.ets)))
