@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from leansd.runtime.errors import BackendError, Cancelled, InvalidInputError, LeanSDError, ModelFolderError
+from leansd.runtime.errors import BackendError, Cancelled, InvalidInputError, LeanSDError, LeanSDWarning, ModelFolderError
 from leansd.runtime.version import __version__
 
 __all__ = [
     "load", "Pipeline", "PipelineOutput", "GenerationSettings", "LeanSDError", "Cancelled", "InvalidInputError",
-    "ModelFolderError", "BackendError", "__version__",
+    "ModelFolderError", "BackendError", "LeanSDWarning", "__version__",
 ]
 
 if TYPE_CHECKING:

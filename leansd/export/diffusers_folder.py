@@ -57,27 +57,143 @@ class Source:
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ExportError(f"cannot read '{path}' ({exc.__class__.__name__}); the model folder is incomplete or damaged") from None
+    if not isinstance(data, dict):
+        kind = "null" if data is None else {bool: "boolean", str: "string", list: "list"}.get(type(data), "number")
+        raise ExportError(f"'{path}' holds a JSON {kind}, not an object; the model folder is damaged (re-save it with save_pretrained)")
+    return data
+
+
+# What sd-export exports, said in every refusal of another kind of model.
+SUPPORTED = "it exports text-to-image Stable Diffusion 1.x/2.x models (StableDiffusionPipeline folders; img2img runs from the same export)"
+
+# Pipelines for a task sd-export does not export, by a part of model_index.json's `_class_name` (diffusers' spelling;
+# the first match names the task).
+UNSUPPORTED_PIPELINES = (
+    ("XL", "SDXL"),
+    ("Upscale", "an upscaler"),
+    ("Depth2Img", "depth-to-image"),
+    ("InstructPix2Pix", "instruct-pix2pix image editing"),
+    ("Inpaint", "inpainting"),
+    ("ControlNet", "ControlNet"),
+    ("Adapter", "T2I-Adapter"),
+    ("UnCLIP", "unCLIP image variations"),
+    ("GLIGEN", "GLIGEN grounded generation"),
+    ("LDM3D", "RGB + depth (LDM3D)"),
+    ("LatentConsistency", "a latent consistency model"),
+)
+
+# Input channels beyond the latents, in the UNets of the tasks that add them (as diffusers' pipelines concatenate them).
+EXTRA_CHANNELS = {
+    5: "inpainting: latents + mask + masked image",
+    4: "image editing such as instruct-pix2pix: latents + the input image's latents",
+    3: "the x4 upscaler: latents + the low-resolution image",
+    1: "depth-to-image: latents + depth map",
+}
+
+# UNet options a text-to-image SD 1.x/2.x UNet leaves unset, and what setting them means.
+UNET_EXTRAS = {
+    "class_embed_type": "class-conditioned, as unCLIP is",
+    "num_class_embeds": "class-conditioned, as the x4 upscaler is on its noise level",
+    "addition_embed_type": "takes added embeddings, as SDXL does",
+    "time_cond_proj_dim": "takes a guidance embedding, as latent consistency models do",
+    "encoder_hid_dim_type": "projects its conditioning first",
+}
+
+# Keys of the component configs the exporter reads: the JSON type each must have, and those it cannot do without.
+CONFIG_TYPES = {
+    "unet": {"in_channels": int, "out_channels": int, "sample_size": int, "cross_attention_dim": int, "up_block_types": list,
+             "block_out_channels": list},
+    "vae": {"block_out_channels": list, "latent_channels": int, "in_channels": int, "out_channels": int, "scaling_factor": float},
+    "text_encoder": {"hidden_size": int, "vocab_size": int, "max_position_embeddings": int},
+}
+CONFIG_REQUIRED = {"unet": ("up_block_types", "cross_attention_dim"), "vae": ("block_out_channels",),
+                   "text_encoder": ("hidden_size", "vocab_size")}
+_TYPE_NAMES = {int: "an integer", float: "a number", list: "a list"}
+
+
+def _refuse(path: Path, what: str) -> ExportError:
+    return ExportError(f"'{path}' {what}, which sd-export does not support; {SUPPORTED}")
+
+
+def check_pipeline_class(path: Path, index: dict[str, Any]) -> None:
+    """Refuse a pipeline whose class names a task sd-export does not export (upscaler, inpainting, SDXL...)."""
+    name = index.get("_class_name")
+    if not isinstance(name, str):
+        return
+    for tag, task in UNSUPPORTED_PIPELINES:
+        if tag in name:
+            raise _refuse(path, f"holds a {name} ({task})")
+
+
+def check_configs(path: Path) -> None:
+    """Refuse a UNet or VAE built for another task than text-to-image (checked by the configs, since folders are
+    often re-saved under the plain pipeline class), and configs sd-export cannot read."""
+    configs = {name: read_json(path / name / "config.json") for name in CONFIG_TYPES if (path / name / "config.json").is_file()}
+    for name, types in CONFIG_TYPES.items():
+        for key, kind in types.items():
+            value = configs.get(name, {}).get(key)
+            ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
+            if value is not None and not ok:
+                raise ExportError(
+                    f"'{path / name / 'config.json'}': '{key}' is {json.dumps(value)[:40]}, not {_TYPE_NAMES[kind]}; "
+                    "the config is damaged (re-save the model with save_pretrained)"
+                )
+    unet, vae = configs.get("unet", {}), configs.get("vae", {})
+    latent = vae.get("latent_channels") or 4
+    channels = unet.get("in_channels") or 4
+    if channels != latent:
+        task = EXTRA_CHANNELS.get(channels - latent) if latent == 4 else None
+        raise _refuse(path, f"has a UNet with {channels} input channels, not the VAE's {latent} latent channels"
+                            f"{f' ({task})' if task else ''}")
+    if (unet.get("out_channels") or latent) != latent:
+        raise _refuse(path, f"has a UNet with {unet['out_channels']} output channels, not the VAE's {latent} latent channels")
+    for key, meaning in UNET_EXTRAS.items():
+        if unet.get(key) is not None:
+            raise _refuse(path, f"has a UNet with {key}={json.dumps(unet[key])} ({meaning})")
+    if unet.get("attention_type") not in (None, "default"):
+        raise _refuse(path, f"has a UNet with attention_type={json.dumps(unet['attention_type'])} (gated attention, as GLIGEN)")
+    for key in ("in_channels", "out_channels"):
+        if (vae.get(key) or 3) != 3:
+            raise _refuse(path, f"has a VAE with {key}={vae[key]}, not 3 (RGB images)")
+    for name, config in configs.items():
+        absent = [key for key in CONFIG_REQUIRED[name] if key not in config]
+        if absent:
+            raise ExportError(
+                f"'{path / name / 'config.json'}' has no '{absent[0]}'; the config is damaged (re-save the model with save_pretrained)"
+            )
 
 
 def check_folder(path: Path) -> None:
-    """Raise unless `path` holds the configs of a Stable Diffusion 1.x/2.x diffusers pipeline."""
+    """Raise unless `path` holds the configs of a Stable Diffusion 1.x/2.x diffusers pipeline for text-to-image.
+
+    Reads configs only (no weights): a model sd-export does not support is refused before anything is loaded or written.
+    """
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise ExportError(f"'{path}' has no model_index.json, so it is not a diffusers model folder; pass a Stable Diffusion folder or checkpoint file")
     index = read_json(index_file)
-    if index.get("text_encoder_2", [None])[0] is not None or index.get("transformer", [None])[0] is not None:
-        raise ExportError(f"'{path}' is a {index.get('_class_name', 'diffusers')} model; sd-export supports Stable Diffusion 1.x/2.x (UNet + one CLIP text encoder)")
+    check_pipeline_class(path, index)
+
+    def component(name: str) -> list:
+        entry = index.get(name)
+        return entry if isinstance(entry, list) and len(entry) == 2 else [None, None]
+
+    if component("transformer")[0] is not None:
+        raise _refuse(path, f"has a transformer instead of a UNet ({index.get('_class_name') or 'a diffusers pipeline'})")
+    if component("text_encoder_2")[0] is not None:
+        raise _refuse(path, "has a second text encoder (text_encoder_2, as SDXL)")
     for name, classes in EXPECTED.items():
-        entry = index.get(name) or [None, None]
+        entry = component(name)
         if entry[0] is None or (classes is not None and entry[1] not in classes):
             found = entry[1] or "nothing"
             raise ExportError(
                 f"'{path}' is not a Stable Diffusion 1.x/2.x model: its '{name}' is {found}"
                 f"{'' if classes is None else ' (expected ' + ' or '.join(sorted(classes)) + ')'}; pass a StableDiffusionPipeline folder"
             )
+    check_configs(path)
     missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
     if missing:
         raise ExportError(f"'{path}' lacks {', '.join(missing)}; the diffusers folder is incomplete (re-save it with save_pretrained)")

@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from leansd.export.diffusers_folder import EXTRA_CHANNELS, Source, check_configs, check_folder, check_pipeline_class, read_json
 from leansd.export.errors import ExportError
-from leansd.export.diffusers_folder import Source, check_folder
 
 # Shipped inside the package so an installed leansd converts single files offline.
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -68,10 +68,12 @@ def check_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], config: Pat
     if missing:
         raise ExportError(f"'{path}' is not an SD 1.x checkpoint in the original layout (no '{missing[0]}'); pass an SD 1.x .ckpt/.safetensors or a diffusers folder")
     unet = json.loads((config / "unet" / "config.json").read_text())
-    if shapes[UNET_IN][1] != unet["in_channels"]:
+    channels = shapes[UNET_IN][1]
+    if channels != unet["in_channels"]:
+        task = EXTRA_CHANNELS.get(channels - unet["in_channels"])
         raise ExportError(
-            f"'{path}' has a UNet with {shapes[UNET_IN][1]} input channels, the SD 1.x config {unet['in_channels']} "
-            "(inpainting models are not supported); pass a text-to-image SD 1.x checkpoint"
+            f"'{path}' has a UNet with {channels} input channels, the SD 1.x config {unet['in_channels']}"
+            f"{f' ({task})' if task else ''}, which sd-export does not support; pass a text-to-image SD 1.x checkpoint"
         )
     context = {s[1] for k, s in shapes.items() if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")}
     if context and context != {unet["cross_attention_dim"]}:
@@ -83,6 +85,9 @@ def assemble_config(config: Path | None) -> Path:
     src = Path(config) if config is not None else SD1_CONFIG
     if not (src / "model_index.json").is_file():
         raise ExportError(f"no SD 1.x configs at '{src}' (model_index.json missing); reinstall leansd from its source tree or pass a config folder")
+    # The kind of model, checked where the user's configs are (so that a refusal names that folder, not the copy).
+    check_pipeline_class(src, read_json(src / "model_index.json"))
+    check_configs(src)
     out = Path(tempfile.mkdtemp(prefix="leansd-sd1-config-"))
     try:
         shutil.copyfile(src / "model_index.json", out / "model_index.json")

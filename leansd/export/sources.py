@@ -60,26 +60,37 @@ def folder_source(path: Path, *, spec: str, kind: str) -> Source:
 
 
 def hub_source(repo_id: str) -> Source:
-    """Download the configs and fp32 weights of a Hub repo (or take them from the local cache)."""
+    """The configs of a Hub repo, checked before any weights are fetched; then its fp32 weights (each from the local
+    cache when it is there, else downloaded)."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - a dependency of diffusers
         raise ExportError(f"'{repo_id}' is not a local folder and huggingface_hub is missing; pass a local diffusers folder") from None
     patterns = ["model_index.json", "*/config.json", "scheduler/*.json", "tokenizer/*"]
     weights = ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]
-    for local_only in (True, False):
+    configs = ["model_index.json", *REQUIRED_FILES]
+
+    def snapshot(allow: list[str], wanted: list[str]) -> Path:
+        """The repo's files matching `allow`: the cached copy when it has all of `wanted`, else a download."""
         try:
-            folder = Path(snapshot_download(repo_id, allow_patterns=patterns + weights, local_files_only=local_only))
+            folder = Path(snapshot_download(repo_id, allow_patterns=allow, local_files_only=True))
+            if all((folder / w).is_file() for w in wanted):
+                return folder
+        except Exception:  # noqa: BLE001, S110 - not cached (or not all of it): download
+            pass
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=allow, local_files_only=False))
         except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated repo, network: one message
-            if local_only:
-                continue
             reason = "no network access" if _is_offline(exc) else exc.__class__.__name__
             raise ExportError(
                 f"cannot download '{repo_id}' from the Hugging Face Hub ({reason}); pass a local diffusers folder or a .ckpt/.safetensors file instead"
             ) from None
-        if all((folder / w).is_file() for w in weights):
-            return folder_source(folder, spec=repo_id, kind="hub")
-    raise ExportError(f"'{repo_id}' on the Hub has no fp32 safetensors weights for unet, vae and text_encoder; download it with diffusers and pass the folder")
+
+    check_folder(snapshot(patterns, configs))  # an unsupported kind of model is refused before gigabytes of weights
+    folder = snapshot(patterns + weights, weights)
+    if not all((folder / w).is_file() for w in weights):
+        raise ExportError(f"'{repo_id}' on the Hub has no fp32 safetensors weights for unet, vae and text_encoder; download it with diffusers and pass the folder")
+    return folder_source(folder, spec=repo_id, kind="hub")
 
 
 def _is_offline(exc: BaseException) -> bool:

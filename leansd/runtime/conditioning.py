@@ -10,10 +10,12 @@ that some tasks append to the latents (inpainting masks, depth).
 from __future__ import annotations
 
 from collections.abc import Sequence
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from leansd.runtime.errors import LeanSDWarning
 from leansd.runtime.models import TextEncoder
 from leansd.runtime.tokenizer import ClipTokenizer
 
@@ -61,6 +63,12 @@ class PromptEncoder:
 
     def encode(self, prompts: list[str], repeat: int = 1) -> Inputs:
         """UNet inputs for `prompts`, each repeated `repeat` times next to itself (as diffusers batches images)."""
+        for prompt in dict.fromkeys(prompts):
+            tokenizer = self.tokenizers[0]
+            count, room = len(tokenizer.encode(prompt)), tokenizer.max_length - 2
+            if count > room:
+                warnings.warn(f"a prompt has {count} tokens; the text encoder reads the first {room} and ignores the rest "
+                              f"({prompt[:40]!r}...): shorten it", LeanSDWarning, stacklevel=2)
         outputs = [encoder.encode(tokenizer(prompts), self.layer) for tokenizer, encoder in zip(self.tokenizers, self.encoders)]
         hidden = outputs[0].hidden if len(outputs) == 1 else np.concatenate([o.hidden for o in outputs], axis=-1)
         inputs = {"encoder_hidden_states": np.repeat(hidden, repeat, axis=0)}

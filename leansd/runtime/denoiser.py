@@ -90,6 +90,8 @@ class Denoiser:
     deep: UNet | None = None
     shallow: UNet | None = None
     split_guidance: bool = False
+    fused_attention: bool = False  # the UNet's files compute attention blockwise (no score matrices in memory)
+    streamed_bytes: int = 0  # weights a low-memory generation opens while denoising (0: loaded at load time)
 
     def start(self, guidance: Guidance, deep_cache: int = 1) -> "DenoiserRun":
         if deep_cache > 1:

@@ -18,5 +18,13 @@ class InvalidInputError(LeanSDError, ValueError):
     """An argument has a value the pipeline cannot use (wrong shape, size, range...)."""
 
 
+class InsufficientMemoryError(LeanSDError):
+    """A generation would need more memory than the machine has available (checked before it starts)."""
+
+
 class Cancelled(LeanSDError):
     """A step callback returned False: the generation stopped and returned nothing (`leansd.Cancelled`)."""
+
+
+class LeanSDWarning(UserWarning):
+    """Something was done differently from what was asked (e.g. a prompt cut at the text encoder's length)."""

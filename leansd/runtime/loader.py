@@ -96,6 +96,10 @@ def assemble(
     kind = bundle.pipeline_class
     if any(tag in kind for tag in _NOT_YET):
         raise ModelFolderError(f"{bundle.root} holds a {kind}, which leansd does not run yet; it runs text-to-image models")
+    channels, latent = bundle.unet_config.get("in_channels", 4), bundle.vae_config.get("latent_channels", 4)
+    if channels != latent:
+        raise ModelFolderError(f"{bundle.root}: its UNet takes {channels} input channels, not the VAE's {latent} latent channels "
+                               "(an inpainting, depth or upscaling model), which leansd does not run yet; it runs text-to-image models")
     options = replace(options, low_memory=memory.low_memory)  # arenas off; ONNX Runtime streams a UNet cut in parts
 
     def lazy(component: str, required: bool = True, component_options: SessionOptions = options,
@@ -114,7 +118,8 @@ def assemble(
         UNet(lazy(names.UNET), unet_config),
         UNet(deep, unet_config) if deep else None,
         UNet(shallow, unet_config) if shallow else None,
-        split_guidance=memory.split_guidance(bool((bundle.static_shapes or {}).get("unet_batch"))),
+        memory.split_guidance(bool((bundle.static_shapes or {}).get("unet_batch"))),
+        *backends.unet_weights(bundle, backend, precision, memory.low_memory),
     )
     # The tiny decoder is exported in fp32 only; an int8 variant of the rest still uses it.
     tiny = lazy(names.TINY_VAE_DECODER, required=False) or lazy(names.TINY_VAE_DECODER, required=False, variant="fp32")

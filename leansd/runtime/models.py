@@ -108,7 +108,7 @@ class _Vae:
     """The VAE config fields both halves need: latent scaling, channels, and the scale factor 2 ** (blocks - 1)."""
 
     def __init__(self, session: LazySession, vae_config: dict):
-        self.session = session
+        self.session, self.config = session, vae_config
         self.scaling_factor = float(vae_config.get("scaling_factor", 0.18215))
         self.shift_factor = float(vae_config.get("shift_factor") or 0.0)
         self.latent_channels = int(vae_config.get("latent_channels", 4))

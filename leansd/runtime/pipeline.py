@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from leansd.runtime import budget
 from leansd.runtime.bundle import ModelBundle
 from leansd.runtime.conditioning import PromptEncoder
 from leansd.runtime.denoiser import Denoiser, Guidance
-from leansd.runtime.errors import InvalidInputError, ModelFolderError
+from leansd.runtime.errors import InsufficientMemoryError, InvalidInputError, ModelFolderError
 from leansd.runtime.image import decoded_to_unit, unit_to_pil
 from leansd.runtime.loop import denoise
 from leansd.runtime.memory import MemoryPolicy
@@ -172,6 +173,9 @@ class Generation:
     def run(self) -> PipelineOutput:
         pipe, models, s = self.pipe, self.pipe.models, self.settings
         start = time.perf_counter()
+        available = budget.available_bytes() if s.memory_check else None
+        if available is not None and self.memory_estimate().peak > available:
+            raise InsufficientMemoryError(budget.describe(self.memory_estimate(), available))
         encoder = models.prompt_encoder
         with self._timed("text_encoder_s"), pipe.memory.stage(*(e.session for e in encoder.encoders)):
             cond = encoder.condition(self.prompts, self.negatives, s.num_images_per_prompt)
@@ -190,12 +194,29 @@ class Generation:
         self.timings["total_s"] = time.perf_counter() - start
         return PipelineOutput(images, self.seed, self.scheduler.name, self.steps, self.guidance_scale, self.timings, s)
 
+    def memory_estimate(self) -> budget.MemoryEstimate:
+        """What this generation needs beyond what is loaded (see `leansd.runtime.budget`)."""
+        pipe, d = self.pipe, self.pipe.models.denoiser
+        batch, _, h, w = self.latent_shape
+        unet_batch = 2 * batch if self.guidance.guided_steps and not d.split_guidance else batch
+        unet = budget.unet_elements(pipe.bundle.unet_config, unet_batch, h, w, d.fused_attention) * 4 * budget.UNET_FACTOR
+        decoder = pipe._decoder(self.settings)
+        if self._tiled(decoder):
+            tile = decoder.tile_size // decoder.scale_factor
+            h, w = min(h, tile), min(w, tile)
+        images = batch * self.height * self.width * 3 * 4 * 2  # float images and their 8-bit copies, all kept
+        decode = budget.vae_elements(decoder.config, h, w) * 4 * budget.VAE_FACTOR + images
+        return budget.MemoryEstimate(int(unet), int(decode), d.streamed_bytes)
+
+    def _tiled(self, decoder: VaeDecoder) -> bool:
+        # The tiny decoder's activations are small at any size; a static export's decoder takes one size only.
+        return (self.pipe.memory.vae_tiling(self.settings.vae_tiling) and decoder is self.pipe.models.vae_decoder
+                and not self.pipe.bundle.static_shapes)
+
     def _decode(self, latents: np.ndarray) -> list[Image.Image] | np.ndarray:
         """Decode one image at a time, to keep the VAE's activations small."""
         decoder = self.pipe._decoder(self.settings)
-        # The tiny decoder's activations are small at any size; a static export's decoder takes one size only.
-        tiled = (self.pipe.memory.vae_tiling(self.settings.vae_tiling) and decoder is self.pipe.models.vae_decoder
-                 and not self.pipe.bundle.static_shapes)
+        tiled = self._tiled(decoder)
         with self.pipe.memory.stage(decoder.session):
             decoded = np.concatenate([decoder.decode(latents[i : i + 1], tiled=tiled) for i in range(latents.shape[0])])
         unit = decoded_to_unit(decoded)
@@ -224,8 +245,8 @@ class Generation:
         height, width = int(s.height or default_h), int(s.width or default_w)
         for name, value in (("height", height), ("width", width)):
             if value % factor:
-                lower, upper = max(factor, value - value % factor), value - value % factor + factor
-                raise InvalidInputError(f"{name} {value} is not a positive multiple of {factor} (this model's VAE factor); use {lower} or {upper}")
+                near = " or ".join(str(v) for v in sorted({max(factor, value - value % factor), value - value % factor + factor}))
+                raise InvalidInputError(f"{name} {value} is not a positive multiple of {factor} (this model's VAE factor); use {near}")
         static = self.pipe.bundle.static_shapes
         if static and (static.get("height"), static.get("width")) != (height, width):
             raise InvalidInputError(

@@ -6,6 +6,7 @@ model folder (sizes, optional parts) run in the pipeline.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
@@ -38,6 +39,7 @@ class GenerationSettings:
     deep_cache: reuse the UNet's deep features for N-1 of every N steps (1 = off).
     guidance_cutoff: stop guidance after this fraction of the steps (1 = guide every step).
     tiny_vae: decode with the tiny VAE decoder. vae_tiling: decode large images in tiles (None: in low-memory mode).
+    memory_check: refuse a generation that clearly needs more memory than is available (`leansd.runtime.budget`).
     """
 
     prompt: str | Sequence[str] | None = None
@@ -60,6 +62,7 @@ class GenerationSettings:
     guidance_cutoff: float = 1.0
     tiny_vae: bool = False
     vae_tiling: bool | None = None
+    memory_check: bool = True
 
     def merged(self, **overrides: Any) -> "GenerationSettings":
         """These settings with `overrides` (None values keep the default), checked."""
@@ -71,23 +74,28 @@ class GenerationSettings:
 
     def checked(self) -> "GenerationSettings":
         """Raise `InvalidInputError` naming the first setting that cannot be used."""
-        _whole("num_inference_steps", self.num_inference_steps, 1, optional=True)
-        _whole("num_images_per_prompt", self.num_images_per_prompt, 1)
-        _whole("deep_cache", self.deep_cache, 1, hint=" (1 = off)")
-        for name in ("height", "width"):
-            _whole(name, getattr(self, name), 1, optional=True)
-        if self.output_type not in OUTPUT_TYPES:
-            raise InvalidInputError(f"output_type {self.output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+        _whole("num_inference_steps", self.num_inference_steps, optional=True)
+        _whole("num_images_per_prompt", self.num_images_per_prompt)
+        _whole("deep_cache", self.deep_cache, hint=" (1 = off)")
+        _whole("height", self.height, optional=True)
+        _whole("width", self.width, optional=True)
+        _whole("seed", self.seed, 0, 2**64 - 1, optional=True, hint=" (None for a random one)")
+        _number("guidance_scale", self.guidance_scale, 0.0, optional=True, hint=" (1 or less: no guidance)")
+        _number("eta", self.eta, 0.0)
+        _number("guidance_cutoff", self.guidance_cutoff, 0.0, 1.0, hint=" (1 = guide every step)", what="a fraction of the steps")
         if self.image is not None and not (_real(self.strength) and 0.0 < self.strength <= 1.0):
             raise InvalidInputError(f"strength must be in (0, 1], got {self.strength!r}")
-        if not (_real(self.guidance_cutoff) and 0.0 <= self.guidance_cutoff <= 1.0):
-            raise InvalidInputError(f"guidance_cutoff must be a fraction of the steps between 0 and 1 (1 = off), got {self.guidance_cutoff!r}")
-        if self.guidance_scale is not None and not _real(self.guidance_scale):
-            raise InvalidInputError(f"guidance_scale must be a number, got {self.guidance_scale!r}")
-        if not (_real(self.eta) and self.eta >= 0):
-            raise InvalidInputError(f"eta must be a number >= 0, got {self.eta!r}")
-        if self.callback is not None and not callable(self.callback):
-            raise InvalidInputError(f"callback must be callable, got {type(self.callback).__name__}")
+        if self.output_type not in OUTPUT_TYPES:
+            raise InvalidInputError(f"output_type {self.output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+        if self.scheduler is not None and not isinstance(self.scheduler, str):
+            raise InvalidInputError(f"scheduler must be a name such as 'euler_a' or a diffusers class name, got {self.scheduler!r:.60}")
+        for name in ("callback", "generator"):
+            value = getattr(self, name)
+            if value is not None and not (callable(value) if name == "callback" else callable(getattr(value, "randn", None))):
+                raise InvalidInputError(f"{name} must be {'callable' if name == 'callback' else 'an object with randn(shape)'}, got {type(value).__name__}")
+        _finite("latents", self.latents)
+        if isinstance(self.image, np.ndarray):
+            _finite("image", self.image)
         return self
 
 
@@ -95,11 +103,30 @@ def _real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _whole(name: str, value: Any, minimum: int, optional: bool = False, hint: str = "") -> None:
+def _whole(name: str, value: Any, low: int = 1, high: int | None = None, optional: bool = False, hint: str = "") -> None:
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise InvalidInputError(f"{name} must be a whole number >= {minimum}{hint}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise InvalidInputError(f"{name} must be a whole number {bound}{hint}, got {value!r:.60}")
+
+
+def _number(name: str, value: Any, low: float, high: float | None = None, optional: bool = False, hint: str = "",
+            what: str = "a finite number") -> None:
+    if value is None and optional:
+        return
+    if not (_real(value) and math.isfinite(value) and value >= low and (high is None or value <= high)):
+        bound = f"from {low:g} to {high:g}" if high is not None else f">= {low:g}"
+        raise InvalidInputError(f"{name} must be {what} {bound}{hint}, got {value!r:.60}")
+
+
+def _finite(name: str, value: Any) -> None:
+    """Arrays from callers: real numbers, all finite (NaN would silently give a garbage image)."""
+    if value is None:
+        return
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiub" or not np.isfinite(array).all():
+        raise InvalidInputError(f"{name} must be an array of finite real numbers; it has {array.dtype} values or NaN/inf in it")
 
 
 def as_prompt_list(prompt: Any, what: str) -> list[str]:

@@ -58,8 +58,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFolderError(f"{path} is not valid JSON ({exc}); the model folder is damaged") from exc
-    return data if isinstance(data, dict) else {}
+        raise ModelFolderError(f"{path} is not valid JSON ({exc}); the model folder is damaged: re-export the model with sd-export") from exc
+    if not isinstance(data, dict):
+        kind = "null" if data is None else {bool: "boolean", str: "string", list: "list"}.get(type(data), "number")
+        raise ModelFolderError(f"{path} holds a JSON {kind}, not an object; the model folder is damaged: re-export the model with sd-export")
+    return data
 
 
 def _special_tokens(config: dict[str, Any]) -> dict[str, str]:

@@ -17,6 +17,11 @@ from leansd.runtime.errors import InvalidInputError
 
 
 class FakeTokenizer:
+    max_length = 77
+
+    def encode(self, prompt):
+        return list(range(len(prompt)))
+
     def __call__(self, prompts):
         return np.array([[len(p), 0] for p in prompts], dtype=np.int64)
 

@@ -58,6 +58,18 @@ def open_streamed_session(index: Path, options: SessionOptions | None = None) ->
     return StreamedOnnxSession(Path(index), options or SessionOptions())
 
 
+def unet_weights(bundle: ModelBundle, backend: str, precision: str, low_memory: bool) -> tuple[bool, int]:
+    """(whether the UNet's files compute attention fused, the bytes of weights one UNet call maps in low-memory
+    mode). ONNX Runtime runs a UNet cut into parts with fused attention, whole or streamed one part at a time."""
+    index = bundle.optional_component_file(manifest.UNET_PARTS, backend, precision) if backend == "onnxruntime" else None
+    if not low_memory:
+        return index is not None, 0
+    path = bundle.component_file(manifest.UNET, backend, precision)
+    data = [p for p in path.parent.glob(f"{path.stem}*") if p.suffix in (".onnx_data", ".bin", ".data")]
+    size = sum(p.stat().st_size for p in data) or path.stat().st_size
+    return index is not None, size // (len(manifest.read_parts_index(index)["parts"]) if index is not None else 1)
+
+
 def component_opener(
     bundle: ModelBundle, component: str, backend: str, precision: str, options: SessionOptions, required: bool = True
 ) -> Callable[[], Session] | None:

@@ -8,6 +8,7 @@ float64; samples leave the schedulers as float32.
 """
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
@@ -26,6 +27,11 @@ SPACINGS = ("linspace", "leading", "trailing")
 class UnsupportedSchedulerOption(InvalidInputError):
     """A scheduler config key or option holds a value leansd does not implement (or an unknown scheduler name),
     or a step count the scheduler cannot plan."""
+
+
+class SchedulerConfigTypeError(UnsupportedSchedulerOption):
+    """A scheduler config value has the wrong type (a string where a number belongs...): the config is damaged,
+    whichever scheduler reads it."""
 
 
 def require(key: str, value: Any, supported: Iterable[Any]) -> None:
@@ -279,13 +285,100 @@ def config_from_dict(cls: type[C], raw: Mapping[str, Any], **overrides: Any) -> 
     """Build a Config the way diffusers' `from_config` picks constructor arguments from a saved dict.
 
     Keys the class does not know are ignored. Keys listed in `_use_default_values` were defaults of the
-    class that wrote the dict, so they are dropped and this class's own defaults apply instead.
+    class that wrote the dict, so they are dropped and this class's own defaults apply instead. Each value
+    taken must have the type of the field's default (`SchedulerConfigTypeError` names the key otherwise), so
+    the schedulers can trust their Config.
     """
-    defaults_used = set(raw.get("_use_default_values") or ())
-    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    kwargs = {k: v for k, v in raw.items() if k in names and k not in defaults_used}
+    if not isinstance(raw, Mapping):
+        raise SchedulerConfigTypeError(
+            f"a scheduler config must be a mapping of option names to values (a JSON object), not {_shown(raw)}; "
+            "pass a diffusers scheduler config"
+        )
+    used = raw.get("_use_default_values") or ()
+    if not isinstance(used, (list, tuple)) or not all(isinstance(k, str) for k in used):
+        raise SchedulerConfigTypeError(
+            f"scheduler config key '_use_default_values' is {_shown(used)}, expected a list of key names; "
+            "correct it, or remove the key"
+        )
+    defaults_used = set(used)
+    kwargs = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name in raw and f.name not in defaults_used:
+            kwargs[f.name] = _checked_value(f, raw[f.name])
     kwargs.update(overrides)
     return cls(**kwargs)
+
+
+# What a Config field accepts, by the type of its default (or its annotation, when the default is None).
+_EXPECTED = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
+             "betas": "a list of numbers (one beta per training timestep)"}
+
+
+def _field_kind(f: Any) -> tuple[str | None, bool]:
+    """(kind of value, whether None is accepted) for a Config field."""
+    annotation = str(f.type)
+    if f.name == "trained_betas":
+        return "betas", True
+    default = f.default
+    if default is None:  # the annotation says what a given value must be
+        kind = next((k for k in ("bool", "float", "int", "str") if k in annotation.split(" | ")), None)
+        return kind, True
+    # bool before int (a bool is an int); diffusers treats a null flag as off, so flags accept null
+    kind = next((k for k, t in (("bool", bool), ("int", int), ("float", float), ("str", str)) if isinstance(default, t)), None)
+    return kind, kind == "bool" or "None" in annotation
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _checked_value(f: Any, value: Any) -> Any:
+    """`value` for Config field `f`, raising SchedulerConfigTypeError when its type is wrong (an integral float
+    for an integer field is taken as that integer)."""
+    kind, nullable = _field_kind(f)
+    if kind is None or (value is None and nullable):
+        return value
+    ok = False
+    if kind == "bool":
+        ok = isinstance(value, (bool, np.bool_))
+    elif kind == "int":
+        if _is_number(value) and float(value).is_integer():
+            return int(value)
+    elif kind == "float":
+        ok = _is_number(value)
+    elif kind == "str":
+        ok = isinstance(value, str)
+    elif kind == "betas":
+        ok = isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(_is_number(b) for b in np.ravel(np.asarray(value, dtype=object)))
+    if ok:
+        return value
+    expected = ("true, false or null" if kind == "bool" else _EXPECTED[kind] + " or null") if nullable else _EXPECTED[kind]
+    fix = "remove the key to use beta_schedule" if kind == "betas" else f"remove the key for the default ({json.dumps(f.default)})"
+    raise SchedulerConfigTypeError(f"scheduler config key {f.name!r} is {_shown(value)}, expected {expected}; correct it, or {fix}")
+
+
+def _kind(value: Any) -> str:
+    """A value's JSON type name, as a user would say it."""
+    if value is None:
+        return "null"
+    for t, name in ((bool, "boolean"), (str, "string"), (int, "number"), (float, "number"), (Mapping, "object"), (list, "list"), (tuple, "list")):
+        if isinstance(value, t):
+            return name
+    return type(value).__name__
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """`value` as it would appear in the JSON file, shortened, with its type: `"many" (a string)`."""
+    if value is None:
+        return "null"
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    kind = _kind(value)
+    return f"{text} ({'an' if kind[0] in 'aeiou' else 'a'} {kind})"
 
 
 def as_f64(x: Any) -> np.ndarray:

@@ -16,6 +16,7 @@ import numpy as np
 from .common import (
     Plan,
     StepResult,
+    UnsupportedSchedulerOption,
     alpha_add_noise,
     alpha_at,
     alpha_plan,
@@ -67,6 +68,11 @@ def plan(config: Config, num_inference_steps: int, strength: float = 1.0) -> Pla
         plms = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
     else:
         # Runge-Kutta stages at the four highest timesteps and half a step below each, then PLMS on the rest
+        if n < 4:
+            raise UnsupportedSchedulerOption(
+                f"PNDM with Runge-Kutta warm-up (skip_prk_steps=False) needs at least 4 steps, got {n}; "
+                "use more steps or the plms scheduler (skip_prk_steps=True)"
+            )
         half = config.num_train_timesteps // n // 2
         pairs = np.repeat(ascending[-4:], 2) + np.tile(np.array([0, half]), 4)
         prk = np.repeat(pairs[:-1], 2)[1:-1][::-1]

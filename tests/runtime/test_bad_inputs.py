@@ -1,0 +1,114 @@
+"""Every bad argument of the Python API gets a `LeanSDError` with a one-line message naming it, before any work.
+
+Runs on the bundled model (torch-free). A fuzz test throws random values of every setting at the pipeline and
+accepts only two outcomes: an image, or a `LeanSDError`.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import leansd
+from leansd import InvalidInputError, LeanSDError, LeanSDWarning
+from leansd.runtime.errors import InsufficientMemoryError
+from leansd.runtime.loader import bundled_model_path
+
+pytestmark = pytest.mark.skipif(not (bundled_model_path() / "leansd.json").is_file(), reason="no bundled model")
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return leansd.load(backend="onnxruntime", num_inference_steps=2)
+
+
+BAD = [
+    (dict(seed=2**64), "seed must be a whole number from 0 to 18446744073709551615"),
+    (dict(seed=-5), "seed must be a whole number from 0"),
+    (dict(seed=True), "seed must be a whole number"),
+    (dict(seed=1.5), "seed must be a whole number"),
+    (dict(num_inference_steps=2.7), "num_inference_steps must be a whole number >= 1"),
+    (dict(num_inference_steps=0), "num_inference_steps must be a whole number >= 1"),
+    (dict(num_images_per_prompt=True), "num_images_per_prompt must be a whole number"),
+    (dict(guidance_scale=math.inf), "guidance_scale must be a finite number >= 0"),
+    (dict(guidance_scale=math.nan), "guidance_scale must be a finite number >= 0"),
+    (dict(guidance_scale=-1.0), "guidance_scale must be a finite number >= 0"),
+    (dict(width=0), "width must be a whole number >= 1"),
+    (dict(width=-64), "width must be a whole number >= 1"),
+    (dict(height=33), "height 33 is not a positive multiple of"),
+    (dict(prompt=None), "prompt must be a string or a non-empty list of strings"),
+    (dict(prompt=123), "prompt must be a string or a non-empty list of strings"),
+    (dict(prompt=[]), "prompt must be a string or a non-empty list of strings"),
+    (dict(negative_prompt=5, guidance_scale=7.5), "negative_prompt must be a string"),
+    (dict(scheduler=123), "scheduler must be a name"),
+    (dict(scheduler="no-such"), "unknown scheduler 'no-such'"),
+    (dict(scheduler="ddim", num_inference_steps=1001), "DDIM cannot take 1001 steps"),
+    (dict(scheduler="pndm", num_inference_steps=1), "needs at least 4 steps"),
+    (dict(scheduler="euler", eta=0.5), "eta=0.5 does not apply to EulerDiscreteScheduler"),
+    (dict(eta=math.inf), "eta must be a finite number >= 0"),
+    (dict(guidance_cutoff=math.nan), "guidance_cutoff must be a fraction of the steps"),
+    (dict(latents=np.full((1, 4, 16, 16), np.nan, np.float32)), "latents must be an array of finite real numbers"),
+    (dict(latents=np.zeros((1, 4, 16, 16), np.complex64)), "latents must be an array of finite real numbers"),
+    (dict(image=np.full((64, 64, 3), np.nan, np.float32)), "image must be an array of finite real numbers"),
+    (dict(image=np.zeros((64, 64, 3), np.float32), strength=math.nan), "strength must be in \\(0, 1\\]"),
+    (dict(output_type="jpeg"), "output_type 'jpeg' is not one of"),
+    (dict(callback=5), "callback must be callable"),
+    (dict(generator=object()), "generator must be an object with randn"),
+    (dict(steps=20), "unknown option\\(s\\) steps"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_argument_is_named(pipe, kwargs, message):
+    kwargs = {"prompt": PROMPT, **kwargs}
+    with pytest.raises(LeanSDError, match=message) as err:
+        pipe(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_defaults_are_refused_at_load():
+    with pytest.raises(InvalidInputError, match="guidance_scale must be a finite number"):
+        leansd.load(backend="onnxruntime", guidance_scale=math.nan)
+
+
+def test_a_size_that_cannot_fit_is_refused_before_anything_is_allocated(pipe):
+    with pytest.raises(InsufficientMemoryError, match=r"needs about .* GB more memory .* GB is available; .*--low-memory") as err:
+        pipe(PROMPT, width=100_000, height=100_000)
+    assert "\n" not in str(err.value)
+    with pytest.raises(InsufficientMemoryError):
+        pipe(PROMPT, num_images_per_prompt=100_000)
+
+
+def test_a_prompt_over_the_text_encoders_length_is_warned_about(pipe):
+    with pytest.warns(LeanSDWarning, match="a prompt has 120 tokens; the text encoder reads the first 75"):
+        pipe("a red circle " * 40, output_type="latent")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe(PROMPT, output_type="latent")
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+ANY = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
+                st.text(max_size=12), st.lists(st.text(max_size=8), max_size=3), st.complex_numbers())
+SMALL = st.one_of(ANY, st.integers(1, 3), st.sampled_from([0.0, 0.5, 1.0, 7.5]))
+SIZES = st.one_of(ANY, st.sampled_from([16, 32, 48, 64]))
+
+
+@hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
+@hypothesis.given(
+    prompt=st.one_of(ANY, st.text(max_size=30)), negative_prompt=ANY, num_inference_steps=SMALL, guidance_scale=SMALL,
+    num_images_per_prompt=st.one_of(ANY, st.integers(1, 2)), height=SIZES, width=SIZES, seed=ANY, scheduler=st.one_of(
+        ANY, st.sampled_from(["ddim", "pndm", "euler_a", "lms", "lcm", "dpm++2m_karras"])), eta=SMALL, strength=SMALL,
+    guidance_cutoff=SMALL, deep_cache=SMALL, tiny_vae=ANY, output_type=st.one_of(ANY, st.sampled_from(["latent", "np"])),
+)
+def test_fuzzed_arguments_give_an_image_or_a_leansd_error(pipe, **kwargs):
+    try:
+        out = pipe(**kwargs)
+    except LeanSDError as exc:
+        assert "\n" not in str(exc) and str(exc)
+        return
+    assert len(out.images) >= 1
