@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--unet-only", action="store_true", help="stop before decoding (output_type='latent'): the UNet's peak alone")
     args = p.parse_args()
     gib = 2**30
-    print(f"| model | backend | mode | size | images | loaded GB | measured peak - loaded GB | estimate GB (UNet / decode / weights) | estimate / measured |")
+    print("| model | backend | mode | size | images | loaded GB | measured peak - loaded GB | estimate GB (UNet / decode / weights) | estimate / measured |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         spec = {"model": args.model, "backend": args.backend, "low_memory": args.low_memory, "size": size, "images": args.images,

@@ -1,97 +1,210 @@
-"""`sd-run`: generate images from the command line."""
+"""`sd-run`: generate images from the command line.
+
+    parse_args (typed options; the CompVis/Stability script flags as aliases)
+    -> plan_outputs (every file's path; folders checked writable before any work) -> check_preview
+    -> generate (one pipeline call per --n_iter iteration, seed + k) -> write_outputs (atomic, all or nothing)
+"""
 from __future__ import annotations
 
 import argparse
+import logging
+import math
+import secrets
+import shlex
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from leansd.runtime.errors import LeanSDError
+from leansd.runtime.outputs import check_preview, plan_outputs, say_path, write_outputs, writing
 
 if TYPE_CHECKING:
+    from PIL import Image
+
+    from leansd.runtime.pipeline import Pipeline, PipelineOutput
     from leansd.runtime.settings import StepCallback
 
-# How AUTOMATIC1111-style tools name each sampler in the `parameters` chunk.
-SAMPLER_LABELS = {
-    "DDIMScheduler": "DDIM",
-    "PNDMScheduler": "PLMS",
-    "EulerDiscreteScheduler": "Euler",
-    "EulerAncestralDiscreteScheduler": "Euler a",
-    "DPMSolverMultistepScheduler": "DPM++ 2M",
-    "LMSDiscreteScheduler": "LMS",
-    "LCMScheduler": "LCM",
-}
+MAX_SEED = 2**64 - 1
+# Flags of the CompVis/Stability scripts/txt2img.py and img2img.py. Any of them but --prompt, without -o, writes
+# what those scripts write: OUTDIR/samples/00000.png ... and OUTDIR/grid-0000.png.
+SCRIPT_FLAGS = frozenset({"--prompt", "--ckpt", "--outdir", "--plms", "--dpm", "--ddim_steps", "--ddim_eta", "--scale",
+                          "--n_samples", "--n_iter", "--H", "--W", "--skip_grid", "--init-img"})
+CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def whole(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def number(low: float, high: float = math.inf, low_open: bool = False, hint: str = "") -> Callable[[str], float]:
+    """A finite number in [low, high] ((low, high] when low_open)."""
+    where = f"{'(' if low_open else '['}{low:g}, {high:g}]" if high < math.inf else f"{'>' if low_open else '>='} {low:g}"
+    kind = "a number in " if high < math.inf else "a number "
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
+            raise argparse.ArgumentTypeError(f"must be {kind}{where}{hint}, got {text!r}")
+        return value
+    return parse
+
+
+def seed_value(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = None
+    if value is None or not (value == -1 or 0 <= value <= MAX_SEED):
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_SEED} (2**64-1), or -1 for a random seed, got {text!r}")
+    return value
+
+
+def prompt_text(text: str) -> str:
+    """A prompt as the shell gave it; bytes that were not valid text in the locale's encoding are refused."""
+    bad = next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)
+    if bad is not None:
+        raise argparse.ArgumentTypeError(
+            f"is not valid {sys.getfilesystemencoding().upper()} text (byte 0x{ord(text[bad]) - 0xDC00:02x} at character {bad + 1}); "
+            "pass the text as UTF-8 (check the terminal's or file's encoding)")
+    return text
+
+
+class ScriptFlag(argparse.Action):
+    """Stores a value (or `const` for a flag without one) and notes which of the scripts' flags was used."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        if option_string in SCRIPT_FLAGS:
+            namespace.script_flags = (*namespace.script_flags, option_string)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, as every other error of sd-run (argparse would print the usage first)."""
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sd-run", description="Generate images with Stable Diffusion, without PyTorch.")
-    p.add_argument("prompt", help="what to draw")
-    p.add_argument("--model", type=Path, default=None, help="model folder written by sd-export (default: the bundled model)")
-    p.add_argument("-o", "--output", type=Path, default=None, help="PNG file, or a folder for several images (default: ./leansd-SEED.png)")
-    p.add_argument("--negative-prompt", default=None, help="what not to draw")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's recommendation, else 50)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 or less turns guidance off")
+    p = Parser(prog="sd-run", description="Generate images with Stable Diffusion, without PyTorch. "
+               "The flags of the CompVis/Stability scripts/txt2img.py and img2img.py are accepted too (see README).")
+    p.set_defaults(script_flags=())
+    add_prompt_options(p)
+    add_output_options(p)
+    add_runtime_options(p)
+    return p
+
+
+def add_prompt_options(p: argparse.ArgumentParser) -> None:
+    flag = {"action": ScriptFlag}
+    p.add_argument("prompt", nargs="?", type=prompt_text, default=None, help="what to draw")
+    p.add_argument("--prompt", dest="prompt_flag", type=prompt_text, default=None, **flag, help="the prompt, as the scripts take it")
+    p.add_argument("--negative-prompt", type=prompt_text, default=None, help="what not to draw")
+    p.add_argument("--steps", "--ddim_steps", type=whole(1), default=None, **flag, help="denoising steps (default: the model's recommendation, else 50)")
+    p.add_argument("--guidance", "--scale", type=number(0, hint=" (0 or 1 turn guidance off)"), default=None, **flag,
+                   help="classifier-free guidance scale; it applies when > 1")
     p.add_argument("--scheduler", default=None, help="ddim, pndm/plms, euler, euler_a, dpm++2m, dpm++2m_karras, lms, lcm or a diffusers class name")
-    p.add_argument("--seed", type=int, default=None, help="seed; the same seed gives the same image as diffusers with torch.Generator('cpu')")
-    p.add_argument("-n", "--num-images", type=int, default=1, help="images to generate")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--init-image", type=Path, default=None, help="start from this image (image-to-image)")
-    p.add_argument("--strength", type=float, default=0.8, help="how much to change the init image, in (0, 1]")
+    p.add_argument("--plms", dest="scheduler", nargs=0, const="plms", **flag, help="the PLMS sampler (--scheduler plms)")
+    p.add_argument("--dpm", dest="scheduler", nargs=0, const="dpm++2m", **flag, help="DPM-Solver++ 2M (--scheduler dpm++2m)")
+    p.add_argument("--eta", "--ddim_eta", type=number(0), default=0.0, **flag, help="DDIM's eta: fresh noise per step (ddim only; 0 = deterministic)")
+    p.add_argument("--seed", type=seed_value, default=None,
+                   help="0 to 2**64-1; the same seed gives the same image as diffusers with torch.Generator('cpu'); -1 or none: random")
+    p.add_argument("-n", "--num-images", "--n_samples", type=whole(1), default=1, **flag, help="images per prompt (one batch)")
+    p.add_argument("--n_iter", type=whole(1), default=1, **flag, help="repeat the batch this many times; iteration k uses seed + k")
+    p.add_argument("--width", "--W", type=whole(1), default=None, **flag)
+    p.add_argument("--height", "--H", type=whole(1), default=None, **flag)
+    p.add_argument("--init-image", "--init-img", type=Path, default=None, **flag, help="start from this image (image-to-image)")
+    p.add_argument("--strength", type=number(0, 1, low_open=True), default=0.8, help="how much to change the init image, in (0, 1]")
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    flag = {"action": ScriptFlag}
+    p.add_argument("-o", "--output", type=Path, default=None, help="PNG file, or a folder for several images (default: ./leansd-SEED.png)")
+    p.add_argument("--outdir", type=Path, default=None, **flag,
+                   help="as the scripts: OUTDIR/samples/00000.png, ... and a grid OUTDIR/grid-0000.png")
+    p.add_argument("--grid", action="store_true", help="also write the images tiled in one PNG (n_iter rows x n_samples columns)")
+    p.add_argument("--skip_grid", nargs=0, const=True, default=False, **flag, help="no grid with the scripts' layout")
+    p.add_argument("--preview", type=Path, default=None, metavar="PNG",
+                   help="after every step, write the current estimate of the (first) image to this PNG, replaced in place "
+                   "(with the tiny VAE decoder when the folder has one)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files (and an existing --preview file)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=None, help="model folder written by sd-export (default: the bundled model)")
+    p.add_argument("--ckpt", type=Path, default=None, action=ScriptFlag, help="a model folder; a .ckpt/.safetensors file must be converted with sd-export first")
     p.add_argument("--backend", default=None, help="onnxruntime or openvino (default: what is installed)")
     p.add_argument("--device", default="cpu", help="cpu, auto, or a backend device such as cuda, dml, gpu")
     p.add_argument("--precision", default="fp32", help="model variant: fp32 or int8 when the folder has it")
     p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                    help="keep optimized/compiled models here so later runs start faster (about one copy of each model file)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's choice)")
+    p.add_argument("--threads", type=whole(1), default=None, help="intra-op threads (default: the backend's choice)")
     p.add_argument("--low-memory", action="store_true", help="load each model only while it is needed; on onnxruntime, stream the UNet weights part by part when the export has UNet parts (sd-export writes them for models over 2 GB)")
+    p.add_argument("--no-memory-check", dest="memory_check", action="store_false",
+                   help="generate even when the memory estimate says the machine has too little available")
     p.add_argument("--tiled-vae", action="store_true", default=None,
                    help="decode images larger than the VAE's native size tile by tile (on with --low-memory)")
-    p.add_argument("--deep-cache", type=int, default=None, metavar="N",
+    p.add_argument("--deep-cache", type=whole(1), default=None, metavar="N",
                    help="reuse the UNet's deep features for N-1 of every N steps (needs a folder exported with sd-export --deep-cache)")
-    p.add_argument("--guidance-cutoff", type=float, default=1.0, metavar="F",
+    p.add_argument("--guidance-cutoff", type=number(0, 1), default=1.0, metavar="F",
                    help="stop classifier-free guidance after this fraction of the steps (e.g. 0.3): later steps cost half; "
                    "1 (default) guides every step. With --deep-cache, features are then reused on the unguided steps only")
     p.add_argument("--tiny-vae", action="store_true",
                    help="decode with the tiny VAE decoder (TAESD; needs a folder exported with sd-export --tiny-vae): much faster, a little less detail")
-    p.add_argument("--preview", type=Path, default=None, metavar="PNG",
-                   help="after every step, write the current estimate of the (first) image to this PNG, replaced in place "
-                   "(with the tiny VAE decoder when the folder has one)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    return p
 
 
-def output_paths(output: Path | None, count: int, seed: int, overwrite: bool) -> list[Path]:
-    """Where each image goes; refuses existing files unless overwriting, before any work is done."""
-    if output is None:
-        stem = f"leansd-{seed}"
-        names = [f"{stem}.png"] if count == 1 else [f"{stem}-{k}.png" for k in range(1, count + 1)]
-        paths = [Path(n) for n in names]
-        explicit = False
-    elif output.is_dir() or output.suffix == "" or str(output).endswith(("/", "\\")):
-        paths = [output / (f"leansd-{seed}.png" if count == 1 else f"leansd-{seed}-{k}.png") for k in range(1, count + 1)]
-        explicit = True
-    else:
-        if output.suffix.lower() != ".png":
-            raise LeanSDError(f"output {output} must be a .png file or a folder")
-        paths = [output] if count == 1 else [output.with_name(f"{output.stem}-{k}.png") for k in range(1, count + 1)]
-        explicit = True
-    for path in paths:
-        if path.exists() and not overwrite:
-            hint = "choose another --output or pass --overwrite" if explicit else "pass -o PATH or --overwrite"
-            raise LeanSDError(f"{path} already exists; {hint}")
-        if not path.parent.exists():
-            if path.parent == output:
-                continue
-            raise LeanSDError(f"folder {path.parent} does not exist; create it or choose another --output")
-    return paths
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed and cross-checked arguments; `args.prompt` is the prompt however given, `args.script_layout` whether
+    files go where the scripts put them."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.prompt is not None and args.prompt_flag is not None:
+        parser.error("the prompt is given twice; pass it either as the first argument or with --prompt")
+    args.prompt = args.prompt if args.prompt is not None else args.prompt_flag
+    if args.prompt is None:
+        parser.error('no prompt; pass what to draw, e.g. sd-run "a red circle on a blue background" (or --prompt "...")')
+    for (first, one), (second, other) in ((("output", "-o/--output"), ("outdir", "--outdir")),
+                                          (("grid", "--grid"), ("skip_grid", "--skip_grid")),
+                                          (("model", "--model"), ("ckpt", "--ckpt"))):
+        if getattr(args, first) and getattr(args, second):
+            parser.error(f"{one} and {other} cannot be used together; pass one of them")
+    args.script_layout = args.output is None and bool(set(args.script_flags) - {"--prompt"})
+    return args
 
 
-def progress_callback(quiet: bool, preview: Path | None, pipe) -> StepCallback | None:
-    """The step callback of a run: a progress bar on stderr, and the preview PNG rewritten after each step."""
-    if preview is not None and (preview.suffix.lower() != ".png" or not preview.parent.is_dir()):
-        raise LeanSDError(f"--preview {preview} must be a .png file in an existing folder")
+def model_folder(args: argparse.Namespace) -> Path | None:
+    """--model, or --ckpt when it names a folder; a checkpoint file gets the sd-export command that converts it."""
+    ckpt = args.ckpt
+    if ckpt is None or ckpt.is_dir():
+        return ckpt or args.model
+    if ckpt.is_file() and ckpt.suffix.lower() in CHECKPOINT_SUFFIXES:
+        out = f"{ckpt.stem}-leansd"
+        raise LeanSDError(f"--ckpt {ckpt} is a PyTorch checkpoint, which sd-run does not read; convert it once with "
+                          f"`sd-export {shlex.quote(str(ckpt))} {shlex.quote(out)}` (needs PyTorch), then pass --model {shlex.quote(out)}")
+    if ckpt.exists():
+        raise LeanSDError(f"--ckpt {ckpt} is neither a model folder nor a .ckpt/.safetensors checkpoint; pass a folder written by sd-export")
+    raise LeanSDError(f"--ckpt {ckpt} does not exist; pass a model folder written by sd-export (convert a checkpoint with `sd-export CKPT OUTDIR`)")
+
+
+def progress_callback(quiet: bool, preview: Path | None, overwrite: bool, pipe: Pipeline) -> StepCallback | None:
+    """The step callback of a run: a progress bar per iteration on stderr, and the preview PNG rewritten after each
+    step (an existing file is only replaced with --overwrite; after the first write it is ours)."""
     if quiet and preview is None:
         return None
     from tqdm import tqdm
@@ -99,89 +212,98 @@ def progress_callback(quiet: bool, preview: Path | None, pipe) -> StepCallback |
     from leansd.runtime.image import save_png, unit_to_pil
 
     bar: list = []
+    preview_written = [overwrite]
 
     def callback(step: int, total: int, latents, denoised) -> None:
         if not quiet:
-            if not bar:
-                bar.append(tqdm(total=total, unit="step", leave=False, dynamic_ncols=True))
+            if step == 0 or not bar:
+                bar[:] = [tqdm(total=total, unit="step", leave=False, dynamic_ncols=True)]
             bar[0].update(1)
             if step + 1 == total:
                 bar[0].close()
         if preview is not None:
-            save_png(unit_to_pil(pipe.preview(denoised[:1]))[0], preview, overwrite=True)
+            image = unit_to_pil(pipe.preview(denoised[:1]))[0]
+            writing(preview, "--preview path", lambda: save_png(image, preview, overwrite=preview_written[0]))
+            preview_written[0] = True
 
     return callback
 
 
+def generate(args: argparse.Namespace, pipe: Pipeline, seed: int, init_image: Image.Image | None) -> list[PipelineOutput]:
+    """One pipeline call per --n_iter iteration; iteration k uses seed + k, so each can be redone alone."""
+    from leansd.runtime.image import infotext_prompt
+
+    callback = progress_callback(args.quiet, args.preview, args.overwrite, pipe)
+    negative = infotext_prompt(args.negative_prompt) if args.negative_prompt is not None else None
+    return [
+        pipe(
+            infotext_prompt(args.prompt), negative_prompt=negative, num_inference_steps=args.steps,
+            guidance_scale=args.guidance, num_images_per_prompt=args.num_images, height=args.height, width=args.width,
+            image=init_image, strength=args.strength, eta=args.eta, seed=seed + k, scheduler=args.scheduler,
+            callback=callback, memory_check=args.memory_check,
+        )
+        for k in range(args.n_iter)
+    ]
+
+
+# ---------------------------------------------------------------- the command
+
+
 def run(args: argparse.Namespace) -> list[Path]:
-    import secrets
-
-    from leansd.runtime.image import a1111_parameters, save_png
+    from leansd.runtime.image import load_image
     from leansd.runtime.loader import load
-    from leansd.runtime.version import __version__
 
-    if args.num_images < 1:
-        raise LeanSDError(f"--num-images must be at least 1, got {args.num_images}")
-    if args.init_image is not None and not 0.0 < args.strength <= 1.0:
-        raise LeanSDError(f"--strength must be in (0, 1], got {args.strength}")
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
-    paths = output_paths(args.output, args.num_images, seed, args.overwrite)
+    seed = args.seed if args.seed not in (None, -1) else secrets.randbelow(2**32)
+    if seed + args.n_iter - 1 > MAX_SEED:
+        raise LeanSDError(f"--seed {seed} with --n_iter {args.n_iter} would go past the largest seed 2**64-1; pass a smaller --seed")
+    model = model_folder(args)
+    plan = plan_outputs(args, seed)
+    check_preview(args.preview, plan, args.overwrite)
+    init_image = load_image(args.init_image) if args.init_image is not None else None
     pipe = load(
-        args.model, backend=args.backend, device=args.device, precision=args.precision,
+        model, backend=args.backend, device=args.device, precision=args.precision,
         num_threads=args.threads, cache_dir=args.cache_dir, low_memory=args.low_memory, deep_cache=args.deep_cache,
         vae_tiling=args.tiled_vae, tiny_vae=args.tiny_vae, guidance_cutoff=args.guidance_cutoff,
     )
-    result = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        num_images_per_prompt=args.num_images,
-        height=args.height,
-        width=args.width,
-        image=args.init_image,
-        strength=args.strength,
-        seed=seed,
-        scheduler=args.scheduler,
-        callback=progress_callback(args.quiet, args.preview, pipe),
-    )
-    used = result.settings
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    for k, (image, path) in enumerate(zip(result.images, paths)):
-        settings = {
-            "Steps": result.num_inference_steps,
-            "Sampler": SAMPLER_LABELS.get(result.scheduler, result.scheduler),
-            "CFG scale": result.guidance_scale,
-            "Seed": seed,
-            "Size": f"{image.width}x{image.height}",
-            "Model": pipe.bundle.name,
-            "Denoising strength": args.strength if args.init_image is not None else None,
-            "Batch size": args.num_images if args.num_images > 1 else None,
-            "Batch pos": k if args.num_images > 1 else None,
-            "Deep cache": used.deep_cache if used.deep_cache > 1 else None,
-            "CFG cutoff": used.guidance_cutoff if used.guidance_cutoff < 1 else None,
-            "VAE": "tiny (TAESD)" if used.tiny_vae else None,
-            "Backend": f"leansd {__version__} {pipe.backend} {pipe.precision}",
-        }
-        save_png(image, path, a1111_parameters(args.prompt, args.negative_prompt, settings), overwrite=args.overwrite)
-        print(path)
+    results = generate(args, pipe, seed, init_image)
+    paths = write_outputs(args, plan, pipe, results)
+    for path in paths:
+        say_path(path)
     if not args.quiet:
-        t = result.timings
-        print(f"{t['total_s']:.2f} s: text {t['text_encoder_s']:.2f} s, {result.num_inference_steps} steps {t['denoise_s']:.2f} s, "
+        t = {key: sum(r.timings[key] for r in results) for key in ("total_s", "text_encoder_s", "denoise_s", "decode_s")}
+        steps = sum(r.num_inference_steps for r in results)
+        print(f"{t['total_s']:.2f} s: text {t['text_encoder_s']:.2f} s, {steps} steps {t['denoise_s']:.2f} s, "
               f"decode {t['decode_s']:.2f} s ({pipe.backend}, {pipe.precision})", file=sys.stderr)
     return paths
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings from the runtime (a prompt longer than the text encoder takes, ...) as one line each."""
+    print(f"sd-run: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+class OneLineLog(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"sd-run: {record.levelname.lower()}: {' '.join(record.getMessage().split())}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineLog())
+    logging.getLogger("leansd").addHandler(handler)
+    shown, warnings.showwarning = warnings.showwarning, show_warning
     try:
         run(args)
     except LeanSDError as exc:
-        print(f"sd-run: error: {exc}", file=sys.stderr)
+        print(f"sd-run: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sd-run: interrupted; no image was written", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
+        logging.getLogger("leansd").removeHandler(handler)
     return 0
 
 

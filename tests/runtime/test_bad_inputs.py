@@ -112,3 +112,12 @@ def test_fuzzed_arguments_give_an_image_or_a_leansd_error(pipe, **kwargs):
         assert "\n" not in str(exc) and str(exc)
         return
     assert len(out.images) >= 1
+
+
+def test_sd_run_refuses_a_size_that_cannot_fit_before_writing_anything(tmp_path, capsys):
+    from leansd.runtime.cli import main
+
+    code = main(["a red circle", "--width", "100000", "--height", "100000", "-o", str(tmp_path / "x.png"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "more memory" in err[0] and "--no-memory-check" in err[0]
+    assert not list(tmp_path.iterdir())
