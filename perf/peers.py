@@ -179,6 +179,10 @@ PEERS = [
     Peer("leansd-ov-fp32-deepcache3", "leansd openvino fp32, deep cache every 3 steps", "leansd", "leansd", {**LEANSD_OV, "deep_cache": 3}),
     Peer("leansd-ort-fp32-deepcache3", "leansd onnxruntime fp32, deep cache every 3 steps", "leansd", "leansd", {**LEANSD_ORT, "deep_cache": 3}),
     # A tiny VAE decoder (TAESD architecture, random weights like the rest) instead of the KL decoder.
+    # bfloat16 on CPUs with native bf16 (AVX512_BF16, AMX): the fp32 files compiled with a bf16 hint.
+    Peer("leansd-ov-bf16", "leansd openvino bf16", "leansd", "leansd", {**LEANSD_OV, "precision": "bf16"}),
+    Peer("leansd-ov-bf16-fast", "leansd openvino bf16, guidance cutoff 0.3, deep cache every 3 unguided steps, tiny VAE decoder",
+         "leansd", "leansd", {**LEANSD_OV, "precision": "bf16", "guidance_cutoff": 0.3, "deep_cache": 3, "tiny_vae": True}),
     Peer("leansd-ov-fp32-tinyvae", "leansd openvino fp32, tiny VAE decoder", "leansd", "leansd", {**LEANSD_OV, "tiny_vae": True}),
     Peer("leansd-ov-fp32-deepcache3-tinyvae", "leansd openvino fp32, deep cache every 3 steps, tiny VAE decoder", "leansd", "leansd",
          {**LEANSD_OV, "deep_cache": 3, "tiny_vae": True}),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from leansd.runtime import budget
 from leansd.runtime.bundle import ModelBundle
 from leansd.runtime.conditioning import PromptEncoder
 from leansd.runtime.denoiser import Denoiser, Guidance
-from leansd.runtime.errors import InsufficientMemoryError, InvalidInputError, ModelFolderError
+from leansd.runtime.errors import InsufficientMemoryError, InvalidInputError, LeanSDWarning, ModelFolderError
 from leansd.runtime.image import decoded_to_unit, unit_to_pil
 from leansd.runtime.loop import denoise
 from leansd.runtime.memory import MemoryPolicy
@@ -240,6 +241,10 @@ class Generation:
             height, width = h - h % factor, w - w % factor  # diffusers rounds an init image down the same way
             if height == 0 or width == 0:
                 raise InvalidInputError(f"init image {w}x{h} is smaller than the VAE factor {factor}")
+            default_h, default_w = self.pipe.default_size()
+            if height * width > 4 * default_h * default_w:
+                warnings.warn(f"the output is {width}x{height} because the init image is; this model draws at {default_w}x"
+                              f"{default_h}: pass width and height to resize the image", LeanSDWarning, stacklevel=3)
             return height, width
         default_h, default_w = self.pipe.default_size()
         height, width = int(s.height or default_h), int(s.width or default_w)

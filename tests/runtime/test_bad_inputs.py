@@ -121,3 +121,9 @@ def test_sd_run_refuses_a_size_that_cannot_fit_before_writing_anything(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "more memory" in err[0] and "--no-memory-check" in err[0]
     assert not list(tmp_path.iterdir())
+
+
+def test_an_init_image_much_larger_than_the_model_size_is_warned_about(pipe):
+    big = np.zeros((256, 256, 3), np.float32)  # the bundled model draws 64x64
+    with pytest.warns(LeanSDWarning, match="the output is 256x256 because the init image is; this model draws at 64x64"):
+        pipe(PROMPT, image=big, strength=0.5, output_type="latent")

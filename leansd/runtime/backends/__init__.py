@@ -7,6 +7,7 @@ a backend.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
@@ -58,9 +59,23 @@ def open_streamed_session(index: Path, options: SessionOptions | None = None) ->
     return StreamedOnnxSession(Path(index), options or SessionOptions())
 
 
+# Precisions that are a way of running the fp32 files rather than files of their own.
+COMPUTE_PRECISIONS = {"bf16": "bf16"}
+
+
+def files_precision(backend: str, precision: str) -> str:
+    """The precision of the files that run `precision` on `backend` (bf16 runs the fp32 files on OpenVINO)."""
+    if precision in COMPUTE_PRECISIONS:
+        if backend != "openvino":
+            raise BackendError(f"precision {precision} runs on the openvino backend; on {backend} use fp32 or int8")
+        return "fp32"
+    return precision
+
+
 def unet_weights(bundle: ModelBundle, backend: str, precision: str, low_memory: bool) -> tuple[bool, int]:
     """(whether the UNet's files compute attention fused, the bytes of weights one UNet call maps in low-memory
     mode). ONNX Runtime runs a UNet cut into parts with fused attention, whole or streamed one part at a time."""
+    precision = files_precision(backend, precision)
     index = bundle.optional_component_file(manifest.UNET_PARTS, backend, precision) if backend == "onnxruntime" else None
     if not low_memory:
         return index is not None, 0
@@ -75,7 +90,10 @@ def component_opener(
 ) -> Callable[[], Session] | None:
     """How to open `component` of `bundle` (None when it is optional and absent). On ONNX Runtime, a UNet cut
     into parts runs streamed in low-memory mode (one part's weights in memory at a time) and otherwise as the
-    whole graph with fused attention that the parts index names."""
+    whole graph with fused attention that the parts index names. bf16 runs the fp32 files with a bf16 hint."""
+    if precision in COMPUTE_PRECISIONS:
+        options = dataclasses.replace(options, inference_precision=COMPUTE_PRECISIONS[precision])
+    precision = files_precision(backend, precision)
     if backend == "onnxruntime" and component == manifest.UNET:
         index = bundle.optional_component_file(manifest.UNET_PARTS, backend, precision)
         if index is not None:

@@ -58,8 +58,11 @@ class OpenVinoSession(Session):
         if options.cache_dir is not None:
             self._config["CACHE_DIR"] = str(options.cache_dir)
         if self.device == "CPU":
-            # Keep fp32 numerics on CPUs that would otherwise pick bf16 (parity with the reference).
-            self._config["INFERENCE_PRECISION_HINT"] = "f32"
+            # f32 keeps fp32 numerics on CPUs that would otherwise pick bf16 (parity with the reference); bf16 is asked
+            # for by precision="bf16", on CPUs with native bfloat16 arithmetic only.
+            if options.inference_precision == "bf16" and "BF16" not in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+                raise BackendError("this CPU has no native bfloat16 arithmetic (AVX512_BF16 or AMX); use precision fp32 or int8")
+            self._config["INFERENCE_PRECISION_HINT"] = options.inference_precision
         self.inputs = [_spec(p) for p in self._model.inputs]
         self.outputs = [_spec(p) for p in self._model.outputs]
         self._compiled = None

@@ -33,6 +33,7 @@ class SessionOptions:
     low_memory: ask the backend not to keep memory arenas between calls.
     release_after_run: keep the memory arena during a call but return its memory after each call (ONNX Runtime's
         arena shrinkage; for models that run rarely with large activations, such as the VAE).
+    inference_precision: "f32" (exact) or "bf16" (OpenVINO computes in bfloat16 on CPUs that have it natively).
     """
 
     device: str = "cpu"
@@ -40,6 +41,7 @@ class SessionOptions:
     cache_dir: Path | None = None
     low_memory: bool = False
     release_after_run: bool = False
+    inference_precision: str = "f32"
 
 
 class Session(ABC):
