@@ -31,13 +31,16 @@ def build_tiny_sd(
     prediction_type: str = "epsilon",
     seed: int = 0,
     cross_attention_dim: int = 32,
+    inpainting: bool = False,
 ) -> Path:
     """Save a tiny SD 1.x diffusers pipeline at `path` and return it.
 
     `vae_blocks` sets the VAE scale factor to 2 ** (vae_blocks - 1): 2 blocks give 2, 3 give 4.
+    `inpainting`: a 9-channel UNet (latents, mask, masked image latents) saved as a StableDiffusionInpaintPipeline,
+    as SD 1.5's and SD 2's inpainting models are.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -45,7 +48,7 @@ def build_tiny_sd(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=16,
-        in_channels=4,
+        in_channels=9 if inpainting else 4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -78,7 +81,7 @@ def build_tiny_sd(
         str(CLIP_VOCAB_DIR / "vocab.json"), str(CLIP_VOCAB_DIR / "merges.txt"), model_max_length=77
     )
     scheduler = PNDMScheduler(**{**SD1_SCHEDULER, "prediction_type": prediction_type})
-    pipe = StableDiffusionPipeline(
+    pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

@@ -67,7 +67,8 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 # What sd-export exports, said in every refusal of another kind of model.
-SUPPORTED = "it exports text-to-image Stable Diffusion 1.x/2.x models (StableDiffusionPipeline folders; img2img runs from the same export)"
+SUPPORTED = ("it exports text-to-image Stable Diffusion 1.x/2.x models (StableDiffusionPipeline folders; img2img and inpainting "
+             "run from the same export) and inpainting models (StableDiffusionInpaintPipeline folders, 9-channel UNets)")
 
 # Pipelines for a task sd-export does not export, by a part of model_index.json's `_class_name` (diffusers' spelling;
 # the first match names the task).
@@ -76,7 +77,6 @@ UNSUPPORTED_PIPELINES = (
     ("Upscale", "an upscaler"),
     ("Depth2Img", "depth-to-image"),
     ("InstructPix2Pix", "instruct-pix2pix image editing"),
-    ("Inpaint", "inpainting"),
     ("ControlNet", "ControlNet"),
     ("Adapter", "T2I-Adapter"),
     ("UnCLIP", "unCLIP image variations"),
@@ -86,6 +86,7 @@ UNSUPPORTED_PIPELINES = (
 )
 
 # Input channels beyond the latents, in the UNets of the tasks that add them (as diffusers' pipelines concatenate them).
+# Inpainting (latent channels + 1 extra) is exported; the others are refused.
 EXTRA_CHANNELS = {
     5: "inpainting: latents + mask + masked image",
     4: "image editing such as instruct-pix2pix: latents + the input image's latents",
@@ -119,7 +120,7 @@ def _refuse(path: Path, what: str) -> ExportError:
 
 
 def check_pipeline_class(path: Path, index: dict[str, Any]) -> None:
-    """Refuse a pipeline whose class names a task sd-export does not export (upscaler, inpainting, SDXL...)."""
+    """Refuse a pipeline whose class names a task sd-export does not export (upscaler, depth-to-image, SDXL...)."""
     name = index.get("_class_name")
     if not isinstance(name, str):
         return
@@ -129,8 +130,8 @@ def check_pipeline_class(path: Path, index: dict[str, Any]) -> None:
 
 
 def check_configs(path: Path) -> None:
-    """Refuse a UNet or VAE built for another task than text-to-image (checked by the configs, since folders are
-    often re-saved under the plain pipeline class), and configs sd-export cannot read."""
+    """Refuse a UNet or VAE built for another task than text-to-image or inpainting (checked by the configs, since
+    folders are often re-saved under the plain pipeline class), and configs sd-export cannot read."""
     configs = {name: read_json(path / name / "config.json") for name in CONFIG_TYPES if (path / name / "config.json").is_file()}
     for name, types in CONFIG_TYPES.items():
         for key, kind in types.items():
@@ -144,7 +145,7 @@ def check_configs(path: Path) -> None:
     unet, vae = configs.get("unet", {}), configs.get("vae", {})
     latent = vae.get("latent_channels") or 4
     channels = unet.get("in_channels") or 4
-    if channels != latent:
+    if channels not in (latent, 2 * latent + 1):  # 2 x latent + 1: an inpainting UNet
         task = EXTRA_CHANNELS.get(channels - latent) if latent == 4 else None
         raise _refuse(path, f"has a UNet with {channels} input channels, not the VAE's {latent} latent channels"
                             f"{f' ({task})' if task else ''}")

@@ -25,7 +25,8 @@ threads). No real speed difference there; dynamic is 25 dB closer and needs no c
 
 Calibration and measurement data come from the fp32 export itself: the leansd pipeline generates
 `CALIBRATION_PROMPTS` (and, separately, `HELD_OUT_PROMPTS`) with `STEPS` steps of the model's own scheduler,
-classifier-free guidance and the export's size, and every component's inputs are recorded. The OpenVINO UNet is
+classifier-free guidance and the export's size (an inpainting model inpaints a synthetic picture: `task_inputs`),
+and every component's inputs are recorded. The OpenVINO UNet is
 calibrated on the calibration runs (every UNet call: early, middle and late noise levels). Each int8 file is then
 compared with the fp32 file of the same backend on the held-out runs' inputs, and the held-out generations are
 repeated with the int8 variant (final latents and images compared; recorded, not gated).
@@ -173,16 +174,30 @@ def record(root: Path, backend: str, precision: str, prompts: Sequence[str], see
 
     pipe = assemble(ModelBundle.open(root), RUNTIME_BACKEND[backend], precision, SessionOptions(), MemoryPolicy(), hook=recorded)
     try:
+        task = task_inputs(pipe, plan)
         for i in range(0, len(prompts), plan.batch):
             group = [prompts[(i + j) % len(prompts)] for j in range(plan.batch)]
             out = pipe(group, num_inference_steps=plan.steps, guidance_scale=GUIDANCE, height=plan.height, width=plan.width,
-                       seed=seed + i, output_type="np")
+                       seed=seed + i, output_type="np", **task)
             rec.images.append(np.asarray(out.images))
     finally:
         pipe.close()
     # The VAE encoder sees images: the decoder's outputs (in [-1, 1]) are realistic ones.
     rec.inputs["vae_encoder"] = [{"sample": np.clip(o["sample"], -1.0, 1.0).astype(np.float32)} for o in rec.outputs["vae_decoder"]]
     return rec
+
+
+def task_inputs(pipe: Any, plan: RunPlan) -> dict[str, np.ndarray]:
+    """What the recorded generations add to the prompt: nothing for text-to-image UNets; an inpainting UNet (which
+    takes a mask and a masked image beside the latents) inpaints the middle quarter of a smooth synthetic picture."""
+    if pipe.unet.in_channels == pipe.models.vae_decoder.latent_channels:
+        return {}
+    h, w = plan.height, plan.width
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32) / max(h, w)
+    image = np.stack([x, y, 1.0 - x * y], axis=-1).astype(np.float32)
+    mask = np.zeros((h, w), np.float32)
+    mask[h // 4 : h - h // 4, w // 4 : w - w // 4] = 1.0
+    return {"image": image, "mask_image": mask}
 
 
 def spread(items: list, count: int) -> list:

@@ -58,8 +58,10 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
 
 
-def check_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], config: Path) -> None:
-    """Raise unless the checkpoint is an SD 1.x model that matches the configs in `config`."""
+def check_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], config: Path) -> bool:
+    """Raise unless the checkpoint is an SD 1.x model that matches the configs in `config`. Returns True for an
+    inpainting checkpoint (a 9-channel UNet, as sd-v1-5-inpainting) read with text-to-image configs: the configs then
+    need the inpainting UNet's input channels (`as_inpainting`); everything else in SD 1.x's inpainting config is the same."""
     if SDXL in shapes:
         raise ExportError(f"'{path}' is an SDXL checkpoint; sd-export converts SD 1.x single files only (export SDXL from a diffusers folder is not supported)")
     if OPEN_CLIP in shapes:
@@ -69,7 +71,8 @@ def check_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], config: Pat
         raise ExportError(f"'{path}' is not an SD 1.x checkpoint in the original layout (no '{missing[0]}'); pass an SD 1.x .ckpt/.safetensors or a diffusers folder")
     unet = json.loads((config / "unet" / "config.json").read_text())
     channels = shapes[UNET_IN][1]
-    if channels != unet["in_channels"]:
+    inpainting = channels == 9 and unet["in_channels"] == 4  # 2 x 4 latent channels + the mask
+    if channels != unet["in_channels"] and not inpainting:
         task = EXTRA_CHANNELS.get(channels - unet["in_channels"])
         raise ExportError(
             f"'{path}' has a UNet with {channels} input channels, the SD 1.x config {unet['in_channels']}"
@@ -78,6 +81,15 @@ def check_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], config: Pat
     context = {s[1] for k, s in shapes.items() if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")}
     if context and context != {unet["cross_attention_dim"]}:
         raise ExportError(f"'{path}' has cross-attention width {sorted(context)}, the config {unet['cross_attention_dim']}; it is not an SD 1.x model")
+    return inpainting
+
+
+def as_inpainting(config_dir: Path, channels: int) -> None:
+    """Turn a (temporary) text-to-image config folder into the inpainting model's: UNet input channels, pipeline class."""
+    for file, key, value in (("unet/config.json", "in_channels", channels), ("model_index.json", "_class_name", "StableDiffusionInpaintPipeline")):
+        data = read_json(config_dir / file)
+        data[key] = value
+        (config_dir / file).write_text(json.dumps(data, indent=2))
 
 
 def assemble_config(config: Path | None) -> Path:
@@ -110,7 +122,9 @@ def single_file_source(path: Path, *, config: Path | str | None = None) -> Sourc
     """Check a single-file checkpoint and return a `Source` that converts it once, on the first `load`."""
     config_dir = assemble_config(Path(config) if config is not None else None)
     try:
-        check_checkpoint(path, read_shapes(path), config_dir)
+        shapes = read_shapes(path)
+        if check_checkpoint(path, shapes, config_dir):
+            as_inpainting(config_dir, shapes[UNET_IN][1])
     except BaseException:
         shutil.rmtree(config_dir, ignore_errors=True)
         raise

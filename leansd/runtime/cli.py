@@ -129,7 +129,11 @@ def add_prompt_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", "--W", type=whole(1), default=None, **flag)
     p.add_argument("--height", "--H", type=whole(1), default=None, **flag)
     p.add_argument("--init-image", "--init-img", type=Path, default=None, **flag, help="start from this image (image-to-image)")
-    p.add_argument("--strength", type=number(0, 1, low_open=True), default=0.8, help="how much to change the init image, in (0, 1]")
+    p.add_argument("--mask", type=Path, default=None, metavar="PNG",
+                   help="inpaint: repaint the white part of this mask in --init-image (or, in an image with transparency, "
+                   "its transparent part: the init image itself can be the mask); resized to the output size")
+    p.add_argument("--strength", type=number(0, 1, low_open=True), default=None,
+                   help="how much to change the init image, in (0, 1] (default 0.8; 1 with --mask)")
 
 
 def add_output_options(p: argparse.ArgumentParser) -> None:
@@ -184,6 +188,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                           (("model", "--model"), ("ckpt", "--ckpt"))):
         if getattr(args, first) and getattr(args, second):
             parser.error(f"{one} and {other} cannot be used together; pass one of them")
+    if args.mask is not None and args.init_image is None:
+        parser.error("--mask needs --init-image, the picture to inpaint")
     args.script_layout = args.output is None and bool(set(args.script_flags) - {"--prompt"})
     return args
 
@@ -229,7 +235,8 @@ def progress_callback(quiet: bool, preview: Path | None, overwrite: bool, pipe: 
     return callback
 
 
-def generate(args: argparse.Namespace, pipe: Pipeline, seed: int, init_image: Image.Image | None) -> list[PipelineOutput]:
+def generate(args: argparse.Namespace, pipe: Pipeline, seed: int, init_image: Image.Image | None,
+             mask: Image.Image | None = None) -> list[PipelineOutput]:
     """One pipeline call per --n_iter iteration; iteration k uses seed + k, so each can be redone alone."""
     from leansd.runtime.image import infotext_prompt
 
@@ -239,7 +246,7 @@ def generate(args: argparse.Namespace, pipe: Pipeline, seed: int, init_image: Im
         pipe(
             infotext_prompt(args.prompt), negative_prompt=negative, num_inference_steps=args.steps,
             guidance_scale=args.guidance, num_images_per_prompt=args.num_images, height=args.height, width=args.width,
-            image=init_image, strength=args.strength, eta=args.eta, seed=seed + k, scheduler=args.scheduler,
+            image=init_image, mask_image=mask, strength=args.strength, eta=args.eta, seed=seed + k, scheduler=args.scheduler,
             callback=callback, memory_check=args.memory_check,
         )
         for k in range(args.n_iter)
@@ -250,7 +257,7 @@ def generate(args: argparse.Namespace, pipe: Pipeline, seed: int, init_image: Im
 
 
 def run(args: argparse.Namespace) -> list[Path]:
-    from leansd.runtime.image import load_image
+    from leansd.runtime.image import load_image, load_mask
     from leansd.runtime.loader import load
 
     seed = args.seed if args.seed not in (None, -1) else secrets.randbelow(2**32)
@@ -260,12 +267,13 @@ def run(args: argparse.Namespace) -> list[Path]:
     plan = plan_outputs(args, seed)
     check_preview(args.preview, plan, args.overwrite)
     init_image = load_image(args.init_image) if args.init_image is not None else None
+    mask = load_mask(args.mask) if args.mask is not None else None
     pipe = load(
         model, backend=args.backend, device=args.device, precision=args.precision,
         num_threads=args.threads, cache_dir=args.cache_dir, low_memory=args.low_memory, deep_cache=args.deep_cache,
         vae_tiling=args.tiled_vae, tiny_vae=args.tiny_vae, guidance_cutoff=args.guidance_cutoff,
     )
-    results = generate(args, pipe, seed, init_image)
+    results = generate(args, pipe, seed, init_image, mask)
     paths = write_outputs(args, plan, pipe, results)
     for path in paths:
         say_path(path)

@@ -52,17 +52,22 @@ def load_image(source: str | Path | Image.Image | np.ndarray) -> Image.Image:
             array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
         return Image.fromarray(array[..., :3])
     path = Path(source)
-    _check_image_file(path)
+    return _read_file(path, "init image", lambda img: to_rgb(img, f"init image {path}"))
+
+
+def _read_file(path: Path, what: str, convert):
+    """`convert(image)` of the upright image in the file at `path`, or a one-line InvalidInputError naming `what`."""
+    _check_image_file(path, what)
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that, then decodes gigabytes: refuse both.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                return to_rgb(_upright(img), f"init image {path}")
+                return convert(_upright(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidInputError(f"init image {path} is too large to open safely ({str(exc).rstrip('.')}); pass a smaller image") from None
+        raise InvalidInputError(f"{what} {path} is too large to open safely ({str(exc).rstrip('.')}); pass a smaller image") from None
     except _READ_ERRORS as exc:
-        raise InvalidInputError(f"cannot read init image {path} ({_one_line(exc)}); pass a PNG or JPEG file") from None
+        raise InvalidInputError(f"cannot read {what} {path} ({_one_line(exc)}); pass a PNG or JPEG file") from None
 
 
 def _upright(img: Image.Image) -> Image.Image:
@@ -72,13 +77,80 @@ def _upright(img: Image.Image) -> Image.Image:
         return img
 
 
-def _check_image_file(path: Path) -> None:
+def _check_image_file(path: Path, what: str = "init image") -> None:
     if path.is_dir():
-        raise InvalidInputError(f"init image {path} is a folder; pass the path of a PNG or JPEG file")
+        raise InvalidInputError(f"{what} {path} is a folder; pass the path of a PNG or JPEG file")
     if not path.exists():
-        raise InvalidInputError(f"init image {path} does not exist; pass the path of a PNG or JPEG file")
+        raise InvalidInputError(f"{what} {path} does not exist; pass the path of a PNG or JPEG file")
     if not path.is_file():
-        raise InvalidInputError(f"init image {path} is not a regular file; pass the path of a PNG or JPEG file")
+        raise InvalidInputError(f"{what} {path} is not a regular file; pass the path of a PNG or JPEG file")
+
+
+def load_mask(source: str | Path | Image.Image | np.ndarray) -> Image.Image | np.ndarray:
+    """An inpainting mask (white = repaint, black = keep) from a path, a PIL image or an array.
+
+    Images: with transparency (alpha, or a palette/tRNS transparent colour) where some pixel is not fully opaque,
+    the alpha channel is the mask: every pixel with alpha < 255 is repainted, opaque ones are kept, whatever their
+    colour (the convention of image editors and of OpenAI's image edits: erase what is to be redrawn; the init image
+    itself, with its holes, can be the mask). Otherwise the grey level is the mask, as in diffusers (its pixels
+    are binarized at 0.5 after resizing). 16-bit and float greyscale are scaled as `to_rgb` does.
+    Arrays: HxW, HxWx1 or NxHxWx1, values in [0, 1] (uint8: 0..255), binarized at 0.5 after resizing.
+    """
+    if isinstance(source, np.ndarray):
+        array = source
+        if array.ndim in (3, 4) and array.shape[-1] == 1:
+            array = array[..., 0]
+        elif array.ndim != 2:
+            raise InvalidInputError(f"mask array has shape {source.shape}; pass HxW (or HxWx1, NxHxWx1) with values in [0, 1]")
+        array = array.astype(np.float32) / (255.0 if array.dtype == np.uint8 else 1.0)
+        return array[None] if array.ndim == 2 else array
+    if isinstance(source, Image.Image):
+        return _mask_image(source, "mask image")
+    path = Path(source)
+    return _read_file(path, "mask image", lambda img: _mask_image(img, f"mask image {path}"))
+
+
+def _mask_image(img: Image.Image, what: str) -> Image.Image:
+    """A mask image in a mode diffusers' mask processing reads (resized, then converted to "L"), alpha rule applied."""
+    if img.mode in _WIDE_MODES or img.mode == "F":
+        return to_rgb(img, what).convert("L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        try:
+            alpha = np.asarray(img.convert("RGBA").getchannel("A"))
+        except ValueError as exc:
+            raise InvalidInputError(f"cannot read the transparency of {what} ({exc}); save it as an RGBA or greyscale PNG") from None
+        if alpha.min() < 255:
+            return Image.fromarray(np.where(alpha < 255, 255, 0).astype(np.uint8), "L")
+        return to_rgb(img, what)  # opaque everywhere: the grey level is the mask
+    img.load()
+    # Modes diffusers resizes as they are (Pillow resizes "1" and "P" with nearest neighbours) and then makes grey.
+    return img.copy() if img.mode in ("L", "RGB", "1", "P") else to_rgb(img, what)
+
+
+def mask_to_model_input(mask: Image.Image | np.ndarray, width: int, height: int) -> np.ndarray:
+    """A mask from `load_mask` -> float32 N x 1 x height x width of 0 and 1, as diffusers' mask processor makes it.
+
+    An image is resized with Lanczos in its own mode, then made greyscale, scaled to [0, 1] and binarized at 0.5;
+    an array is resized with nearest neighbours (as torch's `interpolate`), then binarized.
+    """
+    if isinstance(mask, Image.Image):
+        resized = mask.resize((width, height), Image.LANCZOS) if mask.size != (width, height) else mask
+        values = (np.asarray(resized.convert("L"), dtype=np.float32) / 255.0)[None]
+    else:
+        values = nearest_resize(mask, height, width)
+    return (values >= 0.5).astype(np.float32)[:, None]
+
+
+def nearest_resize(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize the last two axes to (height, width) as torch's `interpolate(mode="nearest")` picks its source pixels:
+    floor(out_index * float32(in / out)), clamped."""
+    def index(size_in: int, size_out: int) -> np.ndarray:
+        if size_in == size_out:
+            return np.arange(size_out)
+        scale = np.float32(size_in) / np.float32(size_out)
+        return np.minimum(np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int64), size_in - 1)
+
+    return array[..., index(array.shape[-2], height)[:, None], index(array.shape[-1], width)[None, :]]
 
 
 def to_rgb(img: Image.Image, what: str = "init image") -> Image.Image:

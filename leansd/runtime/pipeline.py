@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ from leansd.runtime.models import UNet, VaeDecoder, VaeEncoder
 from leansd.runtime.rng import TorchCompatibleGenerator
 from leansd.runtime.schedulers import get_scheduler
 from leansd.runtime.settings import GenerationSettings, as_prompt_list
-from leansd.runtime.tasks import ImageToImage, Start, TextToImage
+from leansd.runtime.tasks import ImageToImage, Inpaint, Start, TextToImage
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Models:
 
 
 class Pipeline:
-    """Text-to-image and image-to-image over one model folder and one backend. Build it with `leansd.load()`."""
+    """Text-to-image, image-to-image and inpainting over one model folder and one backend. Build it with `leansd.load()`."""
 
     def __init__(
         self, bundle: ModelBundle, backend: str, precision: str, models: Models, memory: MemoryPolicy,
@@ -101,7 +101,7 @@ class Pipeline:
     def __call__(self, prompt: Any = None, **settings: Any) -> PipelineOutput:
         """Generate images. Takes the fields of `GenerationSettings` as keywords (diffusers' names, plus `seed`,
         `scheduler`, `deep_cache`, `guidance_cutoff`, `tiny_vae`, `vae_tiling`); unset ones keep the defaults
-        given to `load()`. `image` + `strength` switch to image-to-image."""
+        given to `load()`. `image` + `strength` switch to image-to-image, `image` + `mask_image` to inpainting."""
         return Generation(self, self._checked(self.defaults.merged(prompt=prompt, **settings))).run()
 
     def preview(self, latents: np.ndarray) -> np.ndarray:
@@ -155,7 +155,9 @@ class Generation:
         self.prompts = as_prompt_list(s.prompt, "prompt")
         self.steps = int(s.num_inference_steps or defaults.get("num_inference_steps", 50))
         self.guidance_scale = float(s.guidance_scale if s.guidance_scale is not None else defaults.get("guidance_scale", 7.5))
-        self.task = TextToImage() if s.image is None else ImageToImage(s.image, s.strength)
+        self.task = self._task()
+        if s.image is not None:  # the strength used, for the output's settings
+            self.settings = s = replace(s, strength=self.task.strength)
         self.height, self.width = self._size()
         self.scheduler = get_scheduler(s.scheduler, pipe.bundle.scheduler_config, eta=s.eta)
         self.plan = self.scheduler.plan(self.steps, self.task.strength)
@@ -184,11 +186,11 @@ class Generation:
             start_at = Start(self.plan, self.scheduler, self.noise, self.latent_shape, self.height, self.width, s.latents,
                              models.vae_encoder, f"{pipe.bundle.root} has no vae_encoder for {pipe.backend}; "
                              "re-export the model to use an init image")
-            latents, cond = self.task.prepare(start_at, cond)
+            begin = self.task.prepare(start_at, cond)
         unets = models.denoiser.models(s.deep_cache)
         with self._timed("denoise_s"), pipe.memory.stage(*(u.session for u in unets)):
             run = models.denoiser.start(self.guidance, s.deep_cache)
-            latents = denoise(run, self.scheduler, self.plan, latents, cond, self.noise, s.callback)
+            latents = denoise(run, self.scheduler, self.plan, begin.latents, begin.cond, self.noise, s.callback, begin.after_step)
         self.timings["step_s"] = self.timings["denoise_s"] / len(self.plan.timesteps)
         with self._timed("decode_s"):
             images = latents if s.output_type == "latent" else self._decode(latents)
@@ -222,6 +224,19 @@ class Generation:
             decoded = np.concatenate([decoder.decode(latents[i : i + 1], tiled=tiled) for i in range(latents.shape[0])])
         unit = decoded_to_unit(decoded)
         return unit if self.settings.output_type == "np" else unit_to_pil(unit)
+
+    def _task(self) -> TextToImage:
+        """The task the settings ask for; strength defaults as in diffusers (0.8 image-to-image, 1.0 inpainting)."""
+        s, unet = self.settings, self.pipe.unet
+        inpainting_unet = unet.in_channels == 2 * self.pipe.models.vae_decoder.latent_channels + 1
+        if s.mask_image is not None:
+            return Inpaint(s.image, s.mask_image, 1.0 if s.strength is None else s.strength, s.masked_image_latents, inpainting_unet)
+        if inpainting_unet:
+            raise InvalidInputError(
+                f"{self.pipe.bundle.root} is an inpainting model (its UNet takes {unet.in_channels} channels: latents, mask and "
+                "masked image); pass image and mask_image (sd-run --init-image IMAGE --mask MASK)"
+            )
+        return TextToImage() if s.image is None else ImageToImage(s.image, 0.8 if s.strength is None else s.strength)
 
     def _negatives(self) -> list[str]:
         s, count = self.settings, len(self.prompts)

@@ -31,6 +31,16 @@ class GenerationSettings:
     num_inference_steps, guidance_scale (guidance applies exactly when > 1), num_images_per_prompt, height,
         width, latents (initial noise, unscaled), output_type ("pil", "np" float NHWC in [0, 1], "latent"),
         image + strength (image-to-image), eta (DDIM's noise): as in diffusers.
+    mask_image: with `image`, inpainting (diffusers' StableDiffusionInpaintPipeline): white = repaint, black = keep;
+        an image with transparency marks what to repaint by alpha < 255 instead (see `leansd.runtime.image.load_mask`).
+        A path, a PIL image or an HxW array in [0, 1]; resized to the output size (images with Lanczos, arrays with
+        nearest neighbours, as diffusers does), then binarized at 0.5. The output takes the image's size unless
+        height and width are given (diffusers' inpaint pipeline takes the model's default size instead).
+        Works with inpainting UNets (9 input channels) and ordinary ones (the image is put back outside the mask
+        after every step, as diffusers does). masked_image_latents: the masked image already encoded (scaled
+        latents, N x latent channels x height/f x width/f), used instead of encoding `image` with the mask's pixels
+        cleared.
+    strength: how much of the schedule runs (None: 0.8 for image-to-image, 1.0 for inpainting, as diffusers).
     seed: the seed of a `torch.Generator("cpu")` reproduced in numpy (None: random; read it back from the
         output); generator: any `NoiseSource` instead.
     scheduler: an alias (`euler_a`, `dpm++2m_karras`, ...) or a diffusers class name.
@@ -52,7 +62,9 @@ class GenerationSettings:
     latents: np.ndarray | None = None
     output_type: str = "pil"
     image: "str | Path | Any | None" = None
-    strength: float = 0.8
+    mask_image: "str | Path | Any | None" = None
+    masked_image_latents: np.ndarray | None = None
+    strength: float | None = None
     eta: float = 0.0
     seed: int | None = None
     generator: NoiseSource | None = None
@@ -83,8 +95,12 @@ class GenerationSettings:
         _number("guidance_scale", self.guidance_scale, 0.0, optional=True, hint=" (1 or less: no guidance)")
         _number("eta", self.eta, 0.0)
         _number("guidance_cutoff", self.guidance_cutoff, 0.0, 1.0, hint=" (1 = guide every step)", what="a fraction of the steps")
-        if self.image is not None and not (_real(self.strength) and 0.0 < self.strength <= 1.0):
+        if self.strength is not None and not (_real(self.strength) and 0.0 < self.strength <= 1.0):
             raise InvalidInputError(f"strength must be in (0, 1], got {self.strength!r}")
+        if self.mask_image is not None and self.image is None:
+            raise InvalidInputError("mask_image needs image, the picture to inpaint; pass both (sd-run --init-image IMAGE --mask MASK)")
+        if self.masked_image_latents is not None and self.mask_image is None:
+            raise InvalidInputError("masked_image_latents are for inpainting; pass image and mask_image with them")
         if self.output_type not in OUTPUT_TYPES:
             raise InvalidInputError(f"output_type {self.output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
         if self.scheduler is not None and not isinstance(self.scheduler, str):
@@ -94,8 +110,10 @@ class GenerationSettings:
             if value is not None and not (callable(value) if name == "callback" else callable(getattr(value, "randn", None))):
                 raise InvalidInputError(f"{name} must be {'callable' if name == 'callback' else 'an object with randn(shape)'}, got {type(value).__name__}")
         _finite("latents", self.latents)
-        if isinstance(self.image, np.ndarray):
-            _finite("image", self.image)
+        _finite("masked_image_latents", self.masked_image_latents)
+        for name in ("image", "mask_image"):
+            if isinstance(getattr(self, name), np.ndarray):
+                _finite(name, getattr(self, name))
         return self
 
 

@@ -45,6 +45,12 @@ def exported_tiny_sd_vae4_vpred(tiny_sd_vae4_vpred_dir: Path, tmp_path_factory: 
 
 
 @pytest.fixture(scope="session")
+def exported_tiny_sd_inpaint(tiny_sd_inpaint_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_sd_inpaint_dir` (9-channel UNet) exported with dynamic shapes for both backends."""
+    return _export(tiny_sd_inpaint_dir, tmp_path_factory.mktemp("exports") / "tiny-sd-inpaint")
+
+
+@pytest.fixture(scope="session")
 def exported_tiny_sd_deepcache(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`tiny_sd_dir` exported for both backends with the deep-cache UNet parts (`deep_cache=True`)."""
     return _export(tiny_sd_dir, tmp_path_factory.mktemp("exports") / "tiny-sd-deepcache", deep_cache=True)

@@ -1,4 +1,4 @@
-"""sd-export refuses models it does not export (upscaler, depth-to-image, inpainting, instruct-pix2pix, SDXL, UNets
+"""sd-export refuses models it does not export (upscaler, depth-to-image, instruct-pix2pix, SDXL, UNets
 with class/added/guidance embeddings...) from their configs alone, before any weights load or anything is written.
 
 The folders here hold model_index.json and configs only: no weights. Loading a module fails the test.
@@ -61,8 +61,8 @@ CASES = [
     ("depth2img", "StableDiffusionDepth2ImgPipeline", {"in_channels": 5}, None, {"depth_estimator": ["transformers", "DPTForDepthEstimation"]},
      ["StableDiffusionDepth2ImgPipeline", "depth-to-image"]),
     ("depth2img-resaved", "StableDiffusionPipeline", {"in_channels": 5}, None, None, ["5 input channels", "depth"]),
-    ("inpaint", "StableDiffusionInpaintPipeline", {"in_channels": 9}, None, None, ["StableDiffusionInpaintPipeline", "inpainting"]),
-    ("inpaint-resaved", "StableDiffusionPipeline", {"in_channels": 9}, None, None, ["9 input channels", "inpainting"]),
+    ("inpaint-8-latent-channels", "StableDiffusionInpaintPipeline", {"in_channels": 9}, {"latent_channels": 8}, None,
+     ["9 input channels", "8 latent channels"]),
     ("instruct-pix2pix", "StableDiffusionInstructPix2PixPipeline", {"in_channels": 8}, None, None,
      ["StableDiffusionInstructPix2PixPipeline", "instruct-pix2pix"]),
     ("instruct-pix2pix-resaved", "StableDiffusionPipeline", {"in_channels": 8}, None, None, ["8 input channels", "instruct-pix2pix"]),
@@ -129,6 +129,9 @@ def test_plain_folder_passes_the_checks(tmp_path):
     check_folder(config_folder(tmp_path / "sd15"))
     check_folder(config_folder(tmp_path / "img2img", "StableDiffusionImg2ImgPipeline"))
     check_folder(config_folder(tmp_path / "sd2", unet={"cross_attention_dim": 1024, "sample_size": 96}, index={"safety_checker": [None, None]}))
+    # Inpainting: 9-channel UNets (latents, mask, masked image latents), saved under either class.
+    check_folder(config_folder(tmp_path / "inpaint", "StableDiffusionInpaintPipeline", {"in_channels": 9}))
+    check_folder(config_folder(tmp_path / "inpaint-resaved", unet={"in_channels": 9}))
 
 
 @pytest.mark.parametrize("file, content, fragment", [
@@ -180,7 +183,7 @@ def private_tmp(tmp_path, monkeypatch) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("channels, task", [(9, "inpainting"), (8, "instruct-pix2pix"), (5, "depth")])
+@pytest.mark.parametrize("channels, task", [(8, "instruct-pix2pix"), (5, "depth")])
 def test_single_file_with_extra_unet_channels_is_refused(tmp_path, private_tmp, channels, task):
     pytest.importorskip("torch")
     import torch
@@ -200,13 +203,13 @@ def test_single_file_with_extra_unet_channels_is_refused(tmp_path, private_tmp, 
 
 
 def test_single_file_config_folder_of_another_task_is_refused(tmp_path, private_tmp, no_weights):
-    config = config_folder(tmp_path / "inpaint-configs", "StableDiffusionInpaintPipeline", {"in_channels": 9})
+    config = config_folder(tmp_path / "depth-configs", "StableDiffusionDepth2ImgPipeline", {"in_channels": 5})
     ckpt = tmp_path / "model.safetensors"
     ckpt.write_bytes(b"never read")
     out = tmp_path / "out"
     with pytest.raises(ExportError) as err:
         export_model(ckpt, out, single_file_config=config)
-    assert_refusal(str(err.value), ["StableDiffusionInpaintPipeline"])
+    assert_refusal(str(err.value), ["StableDiffusionDepth2ImgPipeline"])
     assert str(config) in str(err.value)  # the user's folder, not the temporary copy
     assert_nothing_written(tmp_path, out)
     assert list(private_tmp.iterdir()) == []

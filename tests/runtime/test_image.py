@@ -18,6 +18,9 @@ from leansd.runtime.image import (
     decoded_to_unit,
     infotext_prompt,
     load_image,
+    load_mask,
+    mask_to_model_input,
+    nearest_resize,
     save_png,
     stage_png,
     unit_to_pil,
@@ -228,3 +231,53 @@ def test_decompression_bomb_is_refused_cleanly(tmp_path, side):
     bomb.write_bytes(png_claiming_size(side, side))
     with pytest.raises(InvalidInputError, match=r"init image .*bomb\.png is too large to open safely \(.*\); pass a smaller image"):
         load_image(bomb)
+
+
+# ---------------------------------------------------------------- inpainting masks
+
+
+def test_mask_grey_level_is_binarized_after_resizing():
+    grey = Image.fromarray(np.array([[0, 127], [128, 255]], np.uint8), "L")
+    assert mask_to_model_input(load_mask(grey), 2, 2)[0, 0].tolist() == [[0, 0], [1, 1]]
+    rgb = Image.new("RGB", (4, 4), (255, 255, 255))
+    assert mask_to_model_input(load_mask(rgb), 8, 6).shape == (1, 1, 6, 8)  # resized to the output size
+
+
+def test_mask_with_transparency_is_its_alpha_channel(tmp_path):
+    """alpha < 255 (partly transparent too) = repaint, whatever the colour; a fully opaque RGBA mask is read by its grey."""
+    rgba = np.zeros((2, 3, 4), np.uint8)
+    rgba[..., 3] = [[0, 128, 255], [254, 255, 255]]
+    rgba[0, 2, :3] = 255  # a white but opaque pixel is kept
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "holes.png")
+    assert mask_to_model_input(load_mask(tmp_path / "holes.png"), 3, 2)[0, 0].tolist() == [[1, 1, 0], [1, 0, 0]]
+    opaque = rgba.copy()
+    opaque[..., 3] = 255
+    assert mask_to_model_input(load_mask(Image.fromarray(opaque, "RGBA")), 3, 2)[0, 0].tolist() == [[0, 0, 1], [0, 0, 0]]
+    palette = Image.fromarray(np.array([[0, 1], [1, 1]], np.uint8), "P")
+    palette.info["transparency"] = 0  # palette index 0 is the transparent colour
+    assert mask_to_model_input(load_mask(palette), 2, 2)[0, 0].tolist() == [[1, 0], [0, 0]]
+
+
+def test_mask_arrays():
+    assert load_mask(np.array([[0, 255]], np.uint8)).tolist() == [[[0.0, 1.0]]]  # uint8 is 0..255
+    assert load_mask(np.ones((2, 3, 1), bool)).shape == (1, 2, 3)
+    assert load_mask(np.zeros((4, 2, 3, 1), np.float32)).shape == (4, 2, 3)
+    for bad in (np.zeros((2, 3, 3)), np.zeros(5), np.zeros((1, 2, 3, 2))):
+        with pytest.raises(InvalidInputError, match="mask array has shape"):
+            load_mask(bad)
+
+
+def test_nearest_resize_picks_the_pixels_torch_interpolate_picks():
+    """torch's rule: source index floor(i * float32(in / out)), clamped (values checked against torch 2.13)."""
+    row = np.arange(7, dtype=np.float32)[None, None, :]
+    assert nearest_resize(row, 1, 3)[0, 0].tolist() == [0, 2, 4]
+    assert nearest_resize(row, 1, 10)[0, 0].tolist() == [0, 0, 1, 2, 2, 3, 4, 4, 5, 6]
+    assert nearest_resize(row, 1, 14)[0, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]
+
+
+def test_unreadable_mask_names_the_mask(tmp_path):
+    (tmp_path / "m.png").write_text("not a png")
+    with pytest.raises(InvalidInputError, match="cannot read mask image .*m.png"):
+        load_mask(tmp_path / "m.png")
+    with pytest.raises(InvalidInputError, match="mask image .*missing.png does not exist"):
+        load_mask(tmp_path / "missing.png")

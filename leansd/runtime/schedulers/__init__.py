@@ -76,11 +76,13 @@ class Scheduler:
             raise IndexError(f"step index {i} is outside the plan's {len(plan.timesteps)} steps")
         return self._module.step(self.config, plan, i, model_output, sample, state, noise)
 
-    def add_noise(self, plan: Plan, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        """Noise clean latents to the plan's first timestep (the start of img2img)."""
-        if len(plan.timesteps) == 0:
-            raise ValueError("the plan has no steps, so there is no timestep to noise to")
-        return self._module.add_noise(self.config, plan, original, noise)
+    def add_noise(self, plan: Plan, original: np.ndarray, noise: np.ndarray, i: int = 0) -> np.ndarray:
+        """Noise clean latents to the noise level of step `i`: the plan's first timestep starts img2img; later ones
+        are where inpainting with an ordinary UNet puts the image back outside the mask (diffusers' `add_noise`
+        after `i` steps, at `timesteps[i]`)."""
+        if not 0 <= i < len(plan.timesteps):
+            raise ValueError(f"step {i} is outside the plan's {len(plan.timesteps)} steps, so there is no timestep to noise to")
+        return self._module.add_noise(self.config, plan, original, noise, i)
 
 
 def scheduler_names() -> list[str]:

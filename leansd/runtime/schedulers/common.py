@@ -198,8 +198,8 @@ def unscaled_model_input(config: Any, plan: Plan, i: int, sample: np.ndarray) ->
     return sample
 
 
-def alpha_add_noise(config: Any, plan: Plan, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    a = alpha_at(plan, int(plan.timesteps[0]))
+def alpha_add_noise(config: Any, plan: Plan, original: np.ndarray, noise: np.ndarray, i: int = 0) -> np.ndarray:
+    a = alpha_at(plan, int(plan.timesteps[i]))
     return f32(a**0.5 * as_f64(original) + (1 - a) ** 0.5 * as_f64(noise))
 
 
@@ -268,8 +268,8 @@ def sigma_scale_model_input(config: Any, plan: Plan, i: int, sample: np.ndarray)
     return f32(as_f64(sample) / (sigma**2 + 1) ** 0.5)
 
 
-def sigma_add_noise(config: Any, plan: Plan, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    return f32(as_f64(original) + as_f64(noise) * plan.sigmas[plan.begin_index])
+def sigma_add_noise(config: Any, plan: Plan, original: np.ndarray, noise: np.ndarray, i: int = 0) -> np.ndarray:
+    return f32(as_f64(original) + as_f64(noise) * plan.sigmas[plan.begin_index + i])
 
 
 def sigma_denoise(prediction_type: str, model_output: np.ndarray, sample: np.ndarray, sigma: float) -> np.ndarray:

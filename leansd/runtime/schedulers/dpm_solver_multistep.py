@@ -173,7 +173,7 @@ def step(
     return StepResult(f32(prev), f32(x0), State(outputs, min(st.lower_order_nums + 1, config.solver_order)))
 
 
-def add_noise(config: Config, plan: Plan, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    alpha, sig = _alpha_sigma(plan.sigmas[plan.begin_index])
+def add_noise(config: Config, plan: Plan, original: np.ndarray, noise: np.ndarray, i: int = 0) -> np.ndarray:
+    alpha, sig = _alpha_sigma(plan.sigmas[plan.begin_index + i])
     return f32(alpha * as_f64(original) + sig * as_f64(noise))
 
