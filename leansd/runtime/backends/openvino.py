@@ -65,23 +65,26 @@ class OpenVinoSession(Session):
             self._config["INFERENCE_PRECISION_HINT"] = options.inference_precision
         self.inputs = [_spec(p) for p in self._model.inputs]
         self.outputs = [_spec(p) for p in self._model.outputs]
-        self._compiled = None
-        self._compiled_shapes: dict[str, tuple[int, ...]] | None = None
-        # One infer request and one compiled shape: calls from several threads take turns.
+        # Compiled models by input shapes, most recent last. Two are kept (one in low-memory mode): a guidance cutoff
+        # switches the UNet between two batch sizes in every image, and recompiling costs seconds each time.
+        self._compiled: dict[tuple, tuple[ov.CompiledModel, ov.InferRequest]] = {}
+        self._keep = 1 if options.low_memory else 2
+        # One infer request per compiled shape: calls from several threads take turns.
         self._lock = threading.Lock()
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
-            shapes = {name: array.shape for name, array in feeds.items()}
-            if shapes != self._compiled_shapes:
-                self._model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
-                self._compiled = None  # free the old compiled model before building the next one
-                self._compiled = core().compile_model(self._model, self.device, self._config)
-                self._request = self._compiled.create_infer_request()
-                self._compiled_shapes = shapes
-            result = self._request.infer(feeds, share_inputs=True)
-            return {spec.name: np.array(result[port], copy=True) for port, spec in zip(self._compiled.outputs, self.outputs)}
+            key = tuple(sorted((name, array.shape) for name, array in feeds.items()))
+            if key not in self._compiled:
+                while len(self._compiled) >= self._keep:  # free the oldest before building the next one
+                    del self._compiled[next(iter(self._compiled))]
+                self._model.reshape({name: ov.PartialShape(list(shape)) for name, shape in key})
+                compiled = core().compile_model(self._model, self.device, self._config)
+                self._compiled[key] = (compiled, compiled.create_infer_request())
+            compiled, request = self._compiled.pop(key)
+            self._compiled[key] = (compiled, request)
+            result = request.infer(feeds, share_inputs=True)
+            return {spec.name: np.array(result[port], copy=True) for port, spec in zip(compiled.outputs, self.outputs)}
 
     def close(self) -> None:
-        self._compiled = None
-        self._request = None
+        self._compiled = {}
