@@ -30,7 +30,7 @@ load_s, times = time.perf_counter() - t0, []
 for _ in range(2):
     t = time.perf_counter()
     out = pipe("a castle on a hill", scheduler="euler", num_inference_steps=spec["steps"], guidance_scale=7.5,
-               height=spec["size"], width=spec["size"], seed=1, output_type="np")
+               guidance_cutoff=spec["cutoff"], height=spec["size"], width=spec["size"], seed=1, output_type="np")
     times.append(time.perf_counter() - t)
 np.save(spec["image"], out.images)
 print(json.dumps({"load_s": load_s, "image_s": times, "step_s": out.timings["step_s"], "decode_s": out.timings["decode_s"],
@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--variants", default="openvino:fp32,openvino:bf16,onnxruntime:fp32")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--size", type=int, default=512)
+    p.add_argument("--guidance-cutoff", type=float, default=1.0, help="stop guidance after this fraction of the steps")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="leansd-precision-"))
     rows, reference = [], None
@@ -62,7 +63,7 @@ def main() -> None:
         backend, precision = variant.split(":")
         image = work / f"{backend}-{precision}.npy"
         spec = {"model": args.model, "backend": backend, "precision": precision, "steps": args.steps, "size": args.size,
-                "image": str(image)}
+                "cutoff": args.guidance_cutoff, "image": str(image)}
         out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         pixels = np.load(image)
@@ -75,7 +76,8 @@ def main() -> None:
             quality = "-"
         rows.append(f"| {backend} {precision} | {r['image_s'][0]:.1f} | {r['image_s'][1]:.1f} | {r['step_s']:.2f} | "
                     f"{r['decode_s']:.1f} | {r['peak_kb'] / 2**20:.2f} | {quality} |")
-    print(f"CPU flags: {' '.join(cpu_flags())}; {args.size}x{args.size}, {args.steps} Euler steps, guidance 7.5")
+    cutoff = f", guidance cutoff {args.guidance_cutoff}" if args.guidance_cutoff < 1 else ""
+    print(f"CPU flags: {' '.join(cpu_flags())}; {args.size}x{args.size}, {args.steps} Euler steps, guidance 7.5{cutoff}")
     print("| variant | image s (cold) | image s (warm) | UNet step s | decode s | peak RSS GB | PSNR / max-abs vs fp32 |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
