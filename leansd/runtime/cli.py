@@ -146,6 +146,8 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preview", type=Path, default=None, metavar="PNG",
                    help="after every step, write the current estimate of the (first) image to this PNG, replaced in place "
                    "(with the tiny VAE decoder when the folder has one)")
+    p.add_argument("--watermark", nargs="?", const="StableDiffusionV1", default=None, metavar="TEXT",
+                   help="mark the images invisibly as the SD scripts do (default text: StableDiffusionV1; SD 2's is SDV2)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (and an existing --preview file)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -247,7 +249,7 @@ def generate(args: argparse.Namespace, pipe: Pipeline, seed: int, init_image: Im
             infotext_prompt(args.prompt), negative_prompt=negative, num_inference_steps=args.steps,
             guidance_scale=args.guidance, num_images_per_prompt=args.num_images, height=args.height, width=args.width,
             image=init_image, mask_image=mask, strength=args.strength, eta=args.eta, seed=seed + k, scheduler=args.scheduler,
-            callback=callback, memory_check=args.memory_check,
+            callback=callback, memory_check=args.memory_check, watermark=args.watermark,
         )
         for k in range(args.n_iter)
     ]

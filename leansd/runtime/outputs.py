@@ -182,6 +182,7 @@ def image_parameters(args: argparse.Namespace, pipe: Pipeline, result: PipelineO
         "Deep cache": used.deep_cache if used.deep_cache > 1 else None,
         "CFG cutoff": used.guidance_cutoff if used.guidance_cutoff < 1 else None,
         "VAE": "tiny (TAESD)" if used.tiny_vae else None,
+        "Watermark": used.watermark,
         "Backend": f"leansd {__version__} {pipe.backend} {pipe.precision}",
     }
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from leansd.runtime import budget
+from leansd.runtime import budget, watermark
 from leansd.runtime.bundle import ModelBundle
 from leansd.runtime.conditioning import PromptEncoder
 from leansd.runtime.denoiser import Denoiser, Guidance
@@ -159,6 +159,9 @@ class Generation:
         if s.image is not None:  # the strength used, for the output's settings
             self.settings = s = replace(s, strength=self.task.strength)
         self.height, self.width = self._size()
+        if s.watermark is not None and watermark.capacity(self.height, self.width) < len(s.watermark) * 8:
+            raise InvalidInputError(f"a {self.width}x{self.height} image has room for {watermark.capacity(self.height, self.width)} "
+                                    f"watermark bits (one per 8x8 block), not {len(s.watermark) * 8}; use a shorter watermark")
         self.scheduler = get_scheduler(s.scheduler, pipe.bundle.scheduler_config, eta=s.eta)
         self.plan = self.scheduler.plan(self.steps, self.task.strength)
         if len(self.plan.timesteps) == 0:
@@ -223,6 +226,9 @@ class Generation:
         with self.pipe.memory.stage(decoder.session):
             decoded = np.concatenate([decoder.decode(latents[i : i + 1], tiled=tiled) for i in range(latents.shape[0])])
         unit = decoded_to_unit(decoded)
+        if self.settings.watermark is not None:  # on the 8-bit images, as the reference scripts mark them
+            marked = [watermark.embed(img, self.settings.watermark) for img in (unit * 255).round().astype(np.uint8)]
+            unit = np.stack(marked).astype(np.float32) / 255
         return unit if self.settings.output_type == "np" else unit_to_pil(unit)
 
     def _task(self) -> TextToImage:

@@ -50,6 +50,9 @@ class GenerationSettings:
     guidance_cutoff: stop guidance after this fraction of the steps (1 = guide every step).
     tiny_vae: decode with the tiny VAE decoder. vae_tiling: decode large images in tiles (None: in low-memory mode).
     memory_check: refuse a generation that clearly needs more memory than is available (`leansd.runtime.budget`).
+    watermark: an ASCII text to mark every image with, invisibly, as the Stable Diffusion reference scripts do
+        ("StableDiffusionV1" in SD 1's, "SDV2" in SD 2's; `leansd.runtime.watermark`, which also reads it back).
+        Applied to the 8-bit images, for output_type "pil" and "np" (there, the marked 8-bit values / 255).
     """
 
     prompt: str | Sequence[str] | None = None
@@ -75,6 +78,7 @@ class GenerationSettings:
     tiny_vae: bool = False
     vae_tiling: bool | None = None
     memory_check: bool = True
+    watermark: str | None = None
 
     def merged(self, **overrides: Any) -> "GenerationSettings":
         """These settings with `overrides` (None values keep the default), checked."""
@@ -109,6 +113,8 @@ class GenerationSettings:
             value = getattr(self, name)
             if value is not None and not (callable(value) if name == "callback" else callable(getattr(value, "randn", None))):
                 raise InvalidInputError(f"{name} must be {'callable' if name == 'callback' else 'an object with randn(shape)'}, got {type(value).__name__}")
+        if self.watermark is not None and not (isinstance(self.watermark, str) and self.watermark.isascii() and self.watermark):
+            raise InvalidInputError(f"watermark must be a non-empty ASCII text such as 'StableDiffusionV1', got {self.watermark!r:.60}")
         _finite("latents", self.latents)
         _finite("masked_image_latents", self.masked_image_latents)
         for name in ("image", "mask_image"):
