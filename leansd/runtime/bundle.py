@@ -15,7 +15,7 @@ from typing import Any
 from leansd.runtime import manifest as names
 from leansd.runtime.errors import ModelFolderError
 from leansd.runtime.schedulers import SCHEDULER_ALIASES, get_scheduler
-from leansd.runtime.schedulers.common import SchedulerConfigTypeError, UnsupportedSchedulerOption
+from leansd.runtime.schedulers.common import SchedulerConfigTypeError, UnsupportedSchedulerOption, shown
 
 # File each backend looks for in a component folder when there is no manifest (Optimum's names).
 DEFAULT_FILES = {"onnxruntime": "model.onnx", "openvino": "openvino_model.xml"}
@@ -35,7 +35,7 @@ def _read_json(path: Path, what: str, schema: Mapping[str, Rule] | None = None) 
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelFolderError(f"{path} is not valid JSON ({exc}); re-export the model with sd-export") from None
     if not isinstance(data, dict):
-        raise ModelFolderError(f"{path} holds {_shown(data)}, not a JSON object ({what}); re-export the model with sd-export")
+        raise ModelFolderError(f"{path} holds {shown(data)}, not a JSON object ({what}); re-export the model with sd-export")
     _check_keys(path, data, schema or {})
     return data
 
@@ -105,7 +105,7 @@ def _require(path: Path, key: str, value: Any, rule: Rule) -> None:
     test, expected = rule
     if not test(value):
         raise ModelFolderError(
-            f"{path}: key '{key}' is {_shown(value)}, expected {expected}; correct it or re-export the model with sd-export"
+            f"{path}: key '{key}' is {shown(value)}, expected {expected}; correct it or re-export the model with sd-export"
         )
 
 
@@ -118,16 +118,6 @@ def _check_components(path: Path, components: Mapping[str, Any]) -> None:
             _require(path, where, files, (OBJECT[0], 'a JSON object {precision: "relative/path"}'))
             for precision, rel in files.items():
                 _require(path, f"{where}.{precision}", rel, (STRING[0], "a file path relative to the model folder"))
-
-
-def _shown(value: Any, limit: int = 40) -> str:
-    """A JSON value as the file spells it, shortened, with its type: `"x" (a string)`."""
-    if value is None:
-        return "null"
-    text = json.dumps(value)
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    kind = {bool: "boolean", str: "string", int: "number", float: "number", list: "list", dict: "object"}.get(type(value), "value")
-    return f"{text} ({'an' if kind[0] in 'aeiou' else 'a'} {kind})"
 
 
 def _check_manifest(path: Path, manifest: dict) -> None:

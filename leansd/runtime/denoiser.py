@@ -116,8 +116,9 @@ class DenoiserRun:
             return self.evaluate(cond.sample(latents), t, cond.positive, step, "cond", True)
         reuse = self.guidance.reuse_when_guided
         if self.split:
-            uncond = self.evaluate(cond.sample(latents), t, cond.half("uncond"), step, "uncond", reuse)
-            positive = self.evaluate(cond.sample(latents), t, cond.positive, step, "cond", reuse)
+            sample = cond.sample(latents)
+            uncond = self.evaluate(sample, t, cond.half("uncond"), step, "uncond", reuse)
+            positive = self.evaluate(sample, t, cond.positive, step, "cond", reuse)
         else:
             batched = cond.sample(np.concatenate([latents, latents]))
             uncond, positive = np.split(self.evaluate(batched, t, cond.half("both"), step, "both", reuse), 2)

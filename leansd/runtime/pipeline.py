@@ -180,8 +180,8 @@ class Generation:
         pipe, models, s = self.pipe, self.pipe.models, self.settings
         start = time.perf_counter()
         available = budget.available_bytes() if s.memory_check else None
-        if available is not None and self.memory_estimate().peak > available:
-            raise InsufficientMemoryError(budget.describe(self.memory_estimate(), available))
+        if available is not None and (needed := self.memory_estimate()).peak > available:
+            raise InsufficientMemoryError(budget.describe(needed, available))
         encoder = models.prompt_encoder
         with self._timed("text_encoder_s"), pipe.memory.stage(*(e.session for e in encoder.encoders)):
             cond = encoder.condition(self.prompts, self.negatives, s.num_images_per_prompt)

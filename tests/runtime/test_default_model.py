@@ -55,12 +55,21 @@ CARD_SETTINGS = (20, 7.5)  # the steps and guidance the model card measured with
 
 
 @functools.cache
-def evaluator():
-    """`models/shapes/evaluate.py`, the model card's evaluator, as a module (under a name no package uses)."""
-    spec = importlib.util.spec_from_file_location("leansd_shapes_evaluate", REPO / "models" / "shapes" / "evaluate.py")
+def shapes_module(name: str):
+    """`models/shapes/<name>.py` (the model card's tools) as a module named `leansd_shapes_<name>`, a name no package
+    uses; their folder goes on sys.path for the imports between them (evaluate_inpaint imports evaluate)."""
+    folder = str(REPO / "models" / "shapes")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(f"leansd_shapes_{name}", REPO / "models" / "shapes" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def evaluator():
+    """`models/shapes/evaluate.py`, the model card's evaluator."""
+    return shapes_module("evaluate")
 
 
 def cases() -> list[dict]:

@@ -13,15 +13,13 @@ happen 1 % of the time.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
-import sys
 
 import pytest
 
 import leansd
 from leansd.runtime.loader import bundled_model_path
-from tests.runtime.test_default_model import REPO
+from tests.runtime.test_default_model import shapes_module
 
 pytestmark = pytest.mark.skipif(
     not (bundled_model_path() / "leansd.json").is_file(), reason="the bundled default model is not in this checkout"
@@ -41,16 +39,9 @@ CASES = [
 MAX_WRONG = 1
 
 
-@functools.cache
 def inpaint_eval():
-    """`models/shapes/evaluate_inpaint.py` as a module (it imports the evaluator from its own folder)."""
-    folder = str(REPO / "models" / "shapes")
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    spec = importlib.util.spec_from_file_location("leansd_shapes_evaluate_inpaint", REPO / "models" / "shapes" / "evaluate_inpaint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """`models/shapes/evaluate_inpaint.py`, the inpainting evaluator."""
+    return shapes_module("evaluate_inpaint")
 
 
 def cases() -> list[dict]:

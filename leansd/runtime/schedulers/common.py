@@ -291,13 +291,13 @@ def config_from_dict(cls: type[C], raw: Mapping[str, Any], **overrides: Any) -> 
     """
     if not isinstance(raw, Mapping):
         raise SchedulerConfigTypeError(
-            f"a scheduler config must be a mapping of option names to values (a JSON object), not {_shown(raw)}; "
+            f"a scheduler config must be a mapping of option names to values (a JSON object), not {shown(raw)}; "
             "pass a diffusers scheduler config"
         )
     used = raw.get("_use_default_values") or ()
     if not isinstance(used, (list, tuple)) or not all(isinstance(k, str) for k in used):
         raise SchedulerConfigTypeError(
-            f"scheduler config key '_use_default_values' is {_shown(used)}, expected a list of key names; "
+            f"scheduler config key '_use_default_values' is {shown(used)}, expected a list of key names; "
             "correct it, or remove the key"
         )
     defaults_used = set(used)
@@ -354,7 +354,7 @@ def _checked_value(f: Any, value: Any) -> Any:
         return value
     expected = ("true, false or null" if kind == "bool" else _EXPECTED[kind] + " or null") if nullable else _EXPECTED[kind]
     fix = "remove the key to use beta_schedule" if kind == "betas" else f"remove the key for the default ({json.dumps(f.default)})"
-    raise SchedulerConfigTypeError(f"scheduler config key {f.name!r} is {_shown(value)}, expected {expected}; correct it, or {fix}")
+    raise SchedulerConfigTypeError(f"scheduler config key {f.name!r} is {shown(value)}, expected {expected}; correct it, or {fix}")
 
 
 def _kind(value: Any) -> str:
@@ -367,7 +367,7 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
-def _shown(value: Any, limit: int = 40) -> str:
+def shown(value: Any, limit: int = 40) -> str:
     """`value` as it would appear in the JSON file, shortened, with its type: `"many" (a string)`."""
     if value is None:
         return "null"
