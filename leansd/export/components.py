@@ -85,17 +85,30 @@ IO: dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {
 IO[tiny_vae.COMPONENT] = IO["vae_decoder"]
 
 
-def input_names(component: str) -> list[str]:
-    return [t.name for t in IO[component][0]]
+# A class-conditioned UNet (the x4 upscaler, conditioned on the noise level of its low-resolution image) takes one
+# more input, as diffusers' UNet2DConditionModel does.
+CLASS_LABELS = Tensor("class_labels", "int64", {0: "batch_size"})
+
+
+def io(component: str, info: "ModelInfo | None" = None) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """The inputs and outputs of `component` for the model `info` describes."""
+    inputs, outputs = IO[component]
+    if component == "unet" and info is not None and info.class_embeddings:
+        inputs = (*inputs, CLASS_LABELS)
+    return inputs, outputs
+
+
+def input_names(component: str, info: "ModelInfo | None" = None) -> list[str]:
+    return [t.name for t in io(component, info)[0]]
 
 
 def output_names(component: str) -> list[str]:
     return [t.name for t in IO[component][1]]
 
 
-def dynamic_axes(component: str) -> dict[str, dict[int, str]]:
+def dynamic_axes(component: str, info: "ModelInfo | None" = None) -> dict[str, dict[int, str]]:
     """The `dynamic_axes` argument of the TorchScript ONNX exporter for this component."""
-    inputs, outputs = IO[component]
+    inputs, outputs = io(component, info)
     return {t.name: dict(t.axes) for t in (*inputs, *outputs)}
 
 
@@ -119,6 +132,7 @@ class ModelInfo:
     eos_token_id: int
     deep_feature_channels: int = 0  # width of the UNet's cached deep features (`deepcache.feature_channels`)
     tiny_vae_scaling_factor: float = 1.0  # what the pipeline divides latents by before the tiny decoder
+    class_embeddings: int = 0  # the UNet's number of class labels (the x4 upscaler's noise levels); 0: none
 
     @classmethod
     def from_configs(cls, unet: dict[str, Any], vae: dict[str, Any], text_encoder: dict[str, Any]) -> ModelInfo:
@@ -140,6 +154,7 @@ class ModelInfo:
             bos_token_id=int(text_encoder["vocab_size"]) - 2,
             eos_token_id=int(text_encoder["vocab_size"]) - 1,
             deep_feature_channels=deepcache.feature_channels(unet),
+            class_embeddings=int(unet.get("num_class_embeds") or 0),
         )
 
     @property
@@ -168,6 +183,8 @@ def make_inputs(component: str, info: ModelInfo, *, batch: int, height: int, wid
             "timestep": rng.uniform(0.0, 999.0, size=(b,)).astype(np.float32),
             "encoder_hidden_states": rng.standard_normal((b, info.max_tokens, info.cross_attention_dim), dtype=np.float32),
         }
+        if component == "unet" and info.class_embeddings:
+            feeds["class_labels"] = rng.integers(0, info.class_embeddings, size=(b,), dtype=np.int64)
         if component == "unet_shallow":
             feeds["deep_features"] = rng.standard_normal((b, info.deep_feature_channels, h, w), dtype=np.float32)
         return feeds
@@ -194,7 +211,7 @@ def trace_size(component: str, info: ModelInfo) -> tuple[int, int]:
     return side * info.vae_scale_factor, side * info.vae_scale_factor
 
 
-def wrap(component: str, module: Any) -> Any:
+def wrap(component: str, module: Any, info: "ModelInfo | None" = None) -> Any:
     """A `torch.nn.Module` whose forward takes this component's inputs, in order, and returns its outputs."""
     import torch
 
@@ -215,6 +232,11 @@ def wrap(component: str, module: Any) -> Any:
         def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
             return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
+    class ClassConditionedUNet(UNet):
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                    class_labels: torch.Tensor) -> torch.Tensor:
+            return self.model(sample, timestep, encoder_hidden_states, class_labels=class_labels, return_dict=False)[0]
+
     class VaeEncoder(torch.nn.Module):
         def __init__(self, model: Any) -> None:
             super().__init__()
@@ -234,7 +256,8 @@ def wrap(component: str, module: Any) -> Any:
 
     if component in DEEP_CACHE_COMPONENTS:
         return deepcache.wrap_deep(module) if component == "unet_deep" else deepcache.wrap_shallow(module)
-    kinds = {"text_encoder": TextEncoder, "unet": UNet, "vae_encoder": VaeEncoder, "vae_decoder": VaeDecoder,
+    unet = ClassConditionedUNet if info is not None and info.class_embeddings else UNet
+    kinds = {"text_encoder": TextEncoder, "unet": unet, "vae_encoder": VaeEncoder, "vae_decoder": VaeDecoder,
              tiny_vae.COMPONENT: VaeDecoder}  # AutoencoderTiny.decode takes and returns what AutoencoderKL's does
     return kinds[component](module).eval()
 
@@ -242,7 +265,7 @@ def wrap(component: str, module: Any) -> Any:
 def io_manifest(component: str, static: dict[str, int] | None, info: ModelInfo) -> dict[str, Any]:
     """Input/output names, dtypes and shapes for `leansd.json` (symbolic names for dynamic axes)."""
     shapes = concrete_shapes(component, info, static) if static else None
-    inputs, outputs = IO[component]
+    inputs, outputs = io(component, info)
     entry: dict[str, Any] = {}
     for kind, tensors in (("inputs", inputs), ("outputs", outputs)):
         entry[kind] = {}
@@ -278,6 +301,7 @@ def _fixed_shapes(component: str, info: ModelInfo, batch: int = 1, height: int =
             "timestep": [2 * batch],
             "encoder_hidden_states": [2 * batch, seq, info.cross_attention_dim],
             "out_sample": [2 * batch, c, h, w],
+            "class_labels": [2 * batch],
         },
         "unet_deep": {
             "sample": [2 * batch, info.unet_in_channels, h, w],

@@ -31,7 +31,7 @@ def check_supported(config: dict[str, Any]) -> None:
     problems = []
     if not isinstance(config.get("layers_per_block", 2), int):
         problems.append("per-block layers_per_block")
-    for key in ("class_embed_type", "addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim_type"):
+    for key in ("class_embed_type", "num_class_embeds", "addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim_type"):
         if config.get(key) is not None:
             problems.append(key)
     if len(config.get("block_out_channels", ())) < 2:

@@ -68,13 +68,14 @@ def read_json(path: Path) -> dict[str, Any]:
 
 # What sd-export exports, said in every refusal of another kind of model.
 SUPPORTED = ("it exports text-to-image Stable Diffusion 1.x/2.x models (StableDiffusionPipeline folders; img2img and inpainting "
-             "run from the same export) and inpainting models (StableDiffusionInpaintPipeline folders, 9-channel UNets)")
+             "run from the same export), inpainting models (StableDiffusionInpaintPipeline folders, 9-channel UNets) and the x4 "
+             "upscaler (StableDiffusionUpscalePipeline folders)")
 
 # Pipelines for a task sd-export does not export, by a part of model_index.json's `_class_name` (diffusers' spelling;
 # the first match names the task).
 UNSUPPORTED_PIPELINES = (
     ("XL", "SDXL"),
-    ("Upscale", "an upscaler"),
+    ("LatentUpscale", "the latent x2 upscaler"),
     ("Depth2Img", "depth-to-image"),
     ("InstructPix2Pix", "instruct-pix2pix image editing"),
     ("ControlNet", "ControlNet"),
@@ -86,7 +87,8 @@ UNSUPPORTED_PIPELINES = (
 )
 
 # Input channels beyond the latents, in the UNets of the tasks that add them (as diffusers' pipelines concatenate them).
-# Inpainting (latent channels + 1 extra) is exported; the others are refused.
+# Inpainting (latent channels + 1 extra) and the x4 upscaler (+ 3, with a noise-level class embedding) are exported;
+# the others are refused.
 EXTRA_CHANNELS = {
     5: "inpainting: latents + mask + masked image",
     4: "image editing such as instruct-pix2pix: latents + the input image's latents",
@@ -145,14 +147,15 @@ def check_configs(path: Path) -> None:
     unet, vae = configs.get("unet", {}), configs.get("vae", {})
     latent = vae.get("latent_channels") or 4
     channels = unet.get("in_channels") or 4
-    if channels not in (latent, 2 * latent + 1):  # 2 x latent + 1: an inpainting UNet
+    upscaler = is_upscaler(unet, vae)
+    if channels not in (latent, 2 * latent + 1) and not upscaler:  # 2 x latent + 1: an inpainting UNet
         task = EXTRA_CHANNELS.get(channels - latent) if latent == 4 else None
         raise _refuse(path, f"has a UNet with {channels} input channels, not the VAE's {latent} latent channels"
                             f"{f' ({task})' if task else ''}")
     if (unet.get("out_channels") or latent) != latent:
         raise _refuse(path, f"has a UNet with {unet['out_channels']} output channels, not the VAE's {latent} latent channels")
     for key, meaning in UNET_EXTRAS.items():
-        if unet.get(key) is not None:
+        if unet.get(key) is not None and not (upscaler and key == "num_class_embeds"):
             raise _refuse(path, f"has a UNet with {key}={json.dumps(unet[key])} ({meaning})")
     if unet.get("attention_type") not in (None, "default"):
         raise _refuse(path, f"has a UNet with attention_type={json.dumps(unet['attention_type'])} (gated attention, as GLIGEN)")
@@ -165,6 +168,14 @@ def check_configs(path: Path) -> None:
             raise ExportError(
                 f"'{path / name / 'config.json'}' has no '{absent[0]}'; the config is damaged (re-save the model with save_pretrained)"
             )
+
+
+def is_upscaler(unet: dict[str, Any], vae: dict[str, Any]) -> bool:
+    """The x4 upscaler's UNet: the latents and the 3-channel low-resolution image in, conditioned on the noise level
+    (a class embedding, `num_class_embeds`, and no other class embedding type)."""
+    latent = vae.get("latent_channels") or 4
+    return ((unet.get("in_channels") or 4) == latent + 3 and unet.get("num_class_embeds") is not None
+            and unet.get("class_embed_type") is None)
 
 
 def check_folder(path: Path) -> None:

@@ -30,6 +30,8 @@ MODULE_ORDER_DEEP_CACHE = (("text_encoder", ("text_encoder",)), ("unet", ("unet"
                            ("vae", ("vae_encoder", "vae_decoder")))
 CONFIG_FROM = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
 TRACE_SEED, VERIFY_SEED = 0, 1
+# What diffusers' StableDiffusionUpscalePipeline uses when a call gives no steps or guidance.
+UPSCALER_DEFAULTS = {"num_inference_steps": 75, "guidance_scale": 9.0}
 
 
 def parse_backends(backends: str | Sequence[str]) -> tuple[str, ...]:
@@ -116,6 +118,9 @@ def export(
             raise ExportError("the output folder is the source folder; choose another output folder")
         info = comp.ModelInfo.from_configs(source.config("unet"), source.config("vae"), source.config("text_encoder"))
         static = parse_static(static_shapes, info)
+        if info.class_embeddings and "int8" in wanted:
+            # Calibration runs text-to-image generations, which a class-conditioned UNet (the upscaler) cannot.
+            raise ExportError("int8 is not available for the x4 upscaler yet; export it with --precision fp32")
         if deep_cache:
             deepcache.check_supported(source.config("unet"))
         order = MODULE_ORDER_DEEP_CACHE if deep_cache else MODULE_ORDER
@@ -196,17 +201,18 @@ def _export_components(source, root: Path, info, backends, static, opset, tolera
 
 def _trace(name, module, folder: Path, info, static, opset, bar):
     """Export one component to ONNX; return (name, file, verification inputs, PyTorch's outputs for them)."""
-    wrapper = comp.wrap(name, module)
+    wrapper = comp.wrap(name, module, info)
     if static:
         trace = {"batch": static["batch"], "height": static["height"], "width": static["width"]}
     else:
         h, w = comp.trace_size(name, info)
         trace = {"batch": 2, "height": h, "width": w}
     feeds = _verification_inputs(name, info, static)
-    reference = verify.run_torch(name, wrapper, feeds)
+    reference = verify.run_torch(name, wrapper, feeds, info)
     bar.set_postfix_str(f"{name}: ONNX export")
     onnx_path = folder / name / "model.onnx"
-    export_onnx(name, wrapper, comp.make_inputs(name, info, seed=TRACE_SEED, **trace), onnx_path, opset=opset, dynamic=static is None)
+    export_onnx(name, wrapper, comp.make_inputs(name, info, seed=TRACE_SEED, **trace), onnx_path, opset=opset, dynamic=static is None,
+                info=info)
     bar.update()
     return name, onnx_path, feeds, reference
 
@@ -401,6 +407,7 @@ def _write_manifest(source: Source, root: Path, info, files, static, opset, pari
             "parity": parity,
             "parity_metric": metric,
             **({"int8": int8.settings} if int8 is not None else {}),
+            **({"defaults": UPSCALER_DEFAULTS} if info.class_embeddings else {}),
             "io": {n: comp.io_manifest(n, static, info) for n in names},
             "opset": opset,
             "provenance": _provenance(source),

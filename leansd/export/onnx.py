@@ -30,6 +30,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic: bool = True,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    info: comp.ModelInfo | None = None,
 ) -> list[Path]:
     """Trace `module` (a `components.wrap` wrapper) on `example` and write `path`; return the files written.
 
@@ -41,7 +42,7 @@ def export_onnx(
     scratch = path.parent / f".{path.stem}-trace"
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        args = tuple(torch.from_numpy(example[name]) for name in comp.input_names(component))
+        args = tuple(torch.from_numpy(example[name]) for name in comp.input_names(component, info))
         with torch.no_grad(), warnings.catch_warnings():
             # Tracer warnings about Python-side shape checks are expected and harmless here.
             warnings.simplefilter("ignore")
@@ -49,9 +50,9 @@ def export_onnx(
                 module,
                 args,
                 str(scratch / "model.onnx"),
-                input_names=comp.input_names(component),
+                input_names=comp.input_names(component, info),
                 output_names=comp.output_names(component),
-                dynamic_axes=comp.dynamic_axes(component) if dynamic else None,
+                dynamic_axes=comp.dynamic_axes(component, info) if dynamic else None,
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,

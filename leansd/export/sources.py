@@ -105,6 +105,8 @@ def copy_assets(source: Source, out: Path) -> None:
     missing key differently from a present default when another scheduler class is built from the config.
     """
     shutil.copytree(source.config_dir / "scheduler", out / "scheduler", ignore=shutil.ignore_patterns("*.py"))
+    if (source.config_dir / "low_res_scheduler").is_dir():  # the x4 upscaler's, which noises its low-resolution input
+        shutil.copytree(source.config_dir / "low_res_scheduler", out / "low_res_scheduler", ignore=shutil.ignore_patterns("*.py"))
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)
     for file in sorted((source.config_dir / "tokenizer").iterdir()):
         if file.is_file():

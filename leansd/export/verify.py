@@ -65,12 +65,12 @@ def measure(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndar
     return Parity(float(f"{max_abs:.3g}"), float(f"{max_rel:.3g}"), round(psnr, 2), tolerance)
 
 
-def run_torch(component: str, module: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run_torch(component: str, module: Any, feeds: Mapping[str, np.ndarray], info: comp.ModelInfo | None = None) -> dict[str, np.ndarray]:
     """Run a `components.wrap` wrapper on numpy inputs; outputs keyed by their exported names."""
     import torch
 
     with torch.no_grad():
-        out = module(*(torch.from_numpy(feeds[n]) for n in comp.input_names(component)))
+        out = module(*(torch.from_numpy(feeds[n]) for n in comp.input_names(component, info)))
     out = out if isinstance(out, tuple) else (out,)
     return {name: t.detach().numpy() for name, t in zip(comp.output_names(component), out)}
 

@@ -193,6 +193,12 @@ class ModelBundle:
         """The diffusers pipeline class the folder was exported from (`model_index.json`), or "" when unknown."""
         return str((self.model_index or {}).get("_class_name") or "")
 
+    @property
+    def low_res_scheduler_config(self) -> dict | None:
+        """The x4 upscaler's scheduler that noises its low-resolution input (`low_res_scheduler/`), if the folder has one."""
+        path = self.root / "low_res_scheduler" / "scheduler_config.json"
+        return _read_json(path, "low-resolution scheduler config", SCHEDULER_SCHEMA) if path.is_file() else None
+
     def defaults(self) -> dict:
         """Generation defaults the model recommends (steps, guidance, size), from the manifest."""
         return dict((self.manifest or {}).get("defaults", {}))

@@ -128,12 +128,15 @@ def add_prompt_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n_iter", type=whole(1), default=1, **flag, help="repeat the batch this many times; iteration k uses seed + k")
     p.add_argument("--width", "--W", type=whole(1), default=None, **flag)
     p.add_argument("--height", "--H", type=whole(1), default=None, **flag)
-    p.add_argument("--init-image", "--init-img", type=Path, default=None, **flag, help="start from this image (image-to-image)")
+    p.add_argument("--init-image", "--init-img", type=Path, default=None, **flag,
+                   help="start from this image (image-to-image); with the x4 upscaler, the image to upscale")
     p.add_argument("--mask", type=Path, default=None, metavar="PNG",
                    help="inpaint: repaint the white part of this mask in --init-image (or, in an image with transparency, "
                    "its transparent part: the init image itself can be the mask); resized to the output size")
     p.add_argument("--strength", type=number(0, 1, low_open=True), default=None,
                    help="how much to change the init image, in (0, 1] (default 0.8; 1 with --mask)")
+    p.add_argument("--noise-level", type=whole(0), default=None,
+                   help="x4 upscaler: how much noise is added to --init-image before upscaling (default 20); more invents more detail")
 
 
 def add_output_options(p: argparse.ArgumentParser) -> None:
@@ -249,7 +252,7 @@ def generate(args: argparse.Namespace, pipe: Pipeline, seed: int, init_image: Im
             infotext_prompt(args.prompt), negative_prompt=negative, num_inference_steps=args.steps,
             guidance_scale=args.guidance, num_images_per_prompt=args.num_images, height=args.height, width=args.width,
             image=init_image, mask_image=mask, strength=args.strength, eta=args.eta, seed=seed + k, scheduler=args.scheduler,
-            callback=callback, memory_check=args.memory_check, watermark=args.watermark,
+            callback=callback, memory_check=args.memory_check, watermark=args.watermark, noise_level=args.noise_level,
         )
         for k in range(args.n_iter)
     ]

@@ -177,10 +177,11 @@ def to_rgb(img: Image.Image, what: str = "init image") -> Image.Image:
         raise InvalidInputError(f"cannot convert {what} from mode {img.mode} to RGB ({exc}); save it as an RGB PNG or JPEG") from None
 
 
-def image_to_model_input(image: Image.Image, width: int, height: int) -> np.ndarray:
-    """PIL RGB -> float32 NCHW in [-1, 1] at (height, width), resized with Lanczos when sizes differ."""
+def image_to_model_input(image: Image.Image, width: int, height: int, resample: str = "lanczos") -> np.ndarray:
+    """PIL RGB -> float32 NCHW in [-1, 1] at (height, width), resized when sizes differ (diffusers resizes init images
+    with Lanczos, the upscaler's input bicubic)."""
     if image.size != (width, height):
-        image = image.resize((width, height), Image.LANCZOS)
+        image = image.resize((width, height), Image.LANCZOS if resample == "lanczos" else Image.BICUBIC)
     array = np.asarray(image, dtype=np.float32) / 255.0
     return (array * 2.0 - 1.0).transpose(2, 0, 1)[None]
 

@@ -32,7 +32,7 @@ from leansd.runtime.models import UNet, VaeDecoder, VaeEncoder
 from leansd.runtime.rng import TorchCompatibleGenerator
 from leansd.runtime.schedulers import get_scheduler
 from leansd.runtime.settings import GenerationSettings, as_prompt_list
-from leansd.runtime.tasks import ImageToImage, Inpaint, Start, TextToImage
+from leansd.runtime.tasks import ImageToImage, Inpaint, Start, TextToImage, Upscale
 
 
 @dataclass
@@ -156,7 +156,7 @@ class Generation:
         self.steps = int(s.num_inference_steps or defaults.get("num_inference_steps", 50))
         self.guidance_scale = float(s.guidance_scale if s.guidance_scale is not None else defaults.get("guidance_scale", 7.5))
         self.task = self._task()
-        if s.image is not None:  # the strength used, for the output's settings
+        if s.image is not None and not isinstance(self.task, Upscale):  # the strength used, for the output's settings
             self.settings = s = replace(s, strength=self.task.strength)
         self.height, self.width = self._size()
         if s.watermark is not None and watermark.capacity(self.height, self.width) < len(s.watermark) * 8:
@@ -233,8 +233,13 @@ class Generation:
 
     def _task(self) -> TextToImage:
         """The task the settings ask for; strength defaults as in diffusers (0.8 image-to-image, 1.0 inpainting)."""
-        s, unet = self.settings, self.pipe.unet
-        inpainting_unet = unet.in_channels == 2 * self.pipe.models.vae_decoder.latent_channels + 1
+        s, unet, bundle = self.settings, self.pipe.unet, self.pipe.bundle
+        latent = self.pipe.models.vae_decoder.latent_channels
+        inpainting_unet = unet.in_channels == 2 * latent + 1
+        if unet.in_channels == latent + 3 and bundle.unet_config.get("num_class_embeds") is not None:
+            return self._upscale()
+        if s.noise_level is not None:
+            raise InvalidInputError("noise_level is a setting of the x4 upscaler, and this model is not one; leave it unset")
         if s.mask_image is not None:
             return Inpaint(s.image, s.mask_image, 1.0 if s.strength is None else s.strength, s.masked_image_latents, inpainting_unet)
         if inpainting_unet:
@@ -243,6 +248,19 @@ class Generation:
                 "masked image); pass image and mask_image (sd-run --init-image IMAGE --mask MASK)"
             )
         return TextToImage() if s.image is None else ImageToImage(s.image, 0.8 if s.strength is None else s.strength)
+
+    def _upscale(self) -> Upscale:
+        s, bundle = self.settings, self.pipe.bundle
+        if s.image is None:
+            raise InvalidInputError(f"{bundle.root} is the x4 upscaler; pass image, the picture to upscale (sd-run --init-image IMAGE)")
+        for name in ("mask_image", "strength", "masked_image_latents"):
+            if getattr(s, name) is not None:
+                raise InvalidInputError(f"{name} does not apply to the x4 upscaler; leave it unset (noise_level sets how much it invents)")
+        # diffusers' defaults: noise level 20 of at most 350 (the pipeline's registered max_noise_level)
+        maximum = int((bundle.model_index or {}).get("max_noise_level", 350))
+        limit = bundle.unet_config.get("num_class_embeds")
+        return Upscale(s.image, 20 if s.noise_level is None else s.noise_level, bundle.low_res_scheduler_config,
+                       min(maximum, int(limit) - 1), self.pipe.vae_scale_factor)
 
     def _negatives(self) -> list[str]:
         s, count = self.settings, len(self.prompts)
@@ -263,7 +281,7 @@ class Generation:
             if height == 0 or width == 0:
                 raise InvalidInputError(f"init image {w}x{h} is smaller than the VAE factor {factor}")
             default_h, default_w = self.pipe.default_size()
-            if height * width > 4 * default_h * default_w:
+            if height * width > 4 * default_h * default_w and not isinstance(self.task, Upscale):
                 warnings.warn(f"the output is {width}x{height} because the init image is; this model draws at {default_w}x"
                               f"{default_h}: pass width and height to resize the image", LeanSDWarning, stacklevel=3)
             return height, width

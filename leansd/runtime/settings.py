@@ -53,6 +53,8 @@ class GenerationSettings:
     watermark: an ASCII text to mark every image with, invisibly, as the Stable Diffusion reference scripts do
         ("StableDiffusionV1" in SD 1's, "SDV2" in SD 2's; `leansd.runtime.watermark`, which also reads it back).
         Applied to the 8-bit images, for output_type "pil" and "np" (there, the marked 8-bit values / 255).
+    noise_level: for the x4 upscaler, how much noise is added to the low-resolution `image` before it conditions the
+        UNet (diffusers' StableDiffusionUpscalePipeline; None: 20); more lets the model invent more detail.
     """
 
     prompt: str | Sequence[str] | None = None
@@ -79,6 +81,7 @@ class GenerationSettings:
     vae_tiling: bool | None = None
     memory_check: bool = True
     watermark: str | None = None
+    noise_level: int | None = None
 
     def merged(self, **overrides: Any) -> "GenerationSettings":
         """These settings with `overrides` (None values keep the default), checked."""
@@ -96,6 +99,7 @@ class GenerationSettings:
         _whole("height", self.height, optional=True)
         _whole("width", self.width, optional=True)
         _whole("seed", self.seed, 0, 2**64 - 1, optional=True, hint=" (None for a random one)")
+        _whole("noise_level", self.noise_level, 0, optional=True)
         _number("guidance_scale", self.guidance_scale, 0.0, optional=True, hint=" (1 or less: no guidance)")
         _number("eta", self.eta, 0.0)
         _number("guidance_cutoff", self.guidance_cutoff, 0.0, 1.0, hint=" (1 = guide every step)", what="a fraction of the steps")

@@ -7,6 +7,8 @@ after each step. The loop, the schedulers, guidance and decoding are shared (`le
     Inpaint       an image and a mask (white = repaint): inpainting UNets (9 input channels) get the mask and the
                   masked image's latents beside the latents; ordinary UNets get the image put back outside the
                   mask after every step (diffusers' StableDiffusionInpaintPipeline, both ways)
+    Upscale       the x4 upscaler: noise at the low-resolution image's size, which the VAE decodes at 4x; the
+                  image, noised to `noise_level`, beside the latents and the noise level as the UNet's class label
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from leansd.runtime.image import image_to_model_input, load_image, load_mask, ma
 from leansd.runtime.models import VaeEncoder
 from leansd.runtime.rng import NoiseSource
 from leansd.runtime.schedulers import Plan, Scheduler
+from leansd.runtime.schedulers.common import BETA_SCHEDULES, alphas_cumprod, config_from_dict, require
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,63 @@ class Inpaint(ImageToImage):
             start.noise.randn((masked.shape[0], channels, h, w))
             return None
         return encode(start, masked.astype(np.float32))
+
+
+@dataclass(frozen=True)
+class LowResNoiseConfig:
+    """The part of the upscaler's low-resolution scheduler (a DDPM config) that sets its noise levels."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: Any = None
+
+
+class Upscale(TextToImage):
+    """The x4 upscaler (diffusers' StableDiffusionUpscalePipeline): the output is the VAE factor times the image's size.
+
+    The image, rounded down to a multiple of the factor (or resized to the output size / factor when a size is
+    given, bicubic as diffusers), is noised to `noise_level` with the low-resolution scheduler and laid beside the
+    latents at every step; the noise level is the UNet's class label. With the same seed the generator's draws come
+    in diffusers' order: the image's noise, then the start noise, then the scheduler's.
+    """
+
+    def __init__(self, image: Any, noise_level: int, low_res_config: dict | None, max_noise_level: int, factor: int):
+        if noise_level > max_noise_level:
+            raise InvalidInputError(f"noise_level {noise_level} is above this upscaler's maximum {max_noise_level}; use 0 to {max_noise_level}")
+        self.image = load_image(image) if not isinstance(image, np.ndarray) else image
+        if isinstance(self.image, np.ndarray):
+            self.image = self.image.astype(np.float32) / (255.0 if self.image.dtype == np.uint8 else 1.0)
+            if self.image.ndim not in (3, 4) or self.image.shape[-1] != 3:
+                raise InvalidInputError(f"image array has shape {self.image.shape}; pass HxWx3 or NxHxWx3 in [0, 1]")
+        self.noise_level, self.factor = noise_level, factor
+        config = config_from_dict(LowResNoiseConfig, low_res_config or {})
+        require("beta_schedule", config.beta_schedule, BETA_SCHEDULES)
+        self.alphas_cumprod = alphas_cumprod(config)
+
+    def size(self) -> tuple[int, int]:
+        """The output size: the image's, rounded down to a multiple of the factor, times the factor."""
+        h, w = self.image.shape[-3:-1] if isinstance(self.image, np.ndarray) else (self.image.height, self.image.width)
+        if h < self.factor or w < self.factor:
+            raise InvalidInputError(f"image {w}x{h} is smaller than {self.factor}x{self.factor}; pass a larger image to upscale")
+        return self.factor * (h - h % self.factor), self.factor * (w - w % self.factor)
+
+    def prepare(self, start: Start, cond: Conditioning) -> Prepared:
+        batch, _, h, w = start.latent_shape
+        if isinstance(self.image, np.ndarray):
+            pixels = unit_array_to_model_input(self.image)
+            if pixels.shape[-2:] != (h, w):
+                raise InvalidInputError(f"image array is {pixels.shape[-1]}x{pixels.shape[-2]} but a {start.width}x{start.height} output "
+                                        f"upscales {w}x{h}; resize it or pass a PIL image")
+        else:
+            pixels = image_to_model_input(self.image, w, h, resample="bicubic")
+        a = self.alphas_cumprod[self.noise_level]
+        noise = start.noise.randn(pixels.shape)
+        noised = (np.float32(a**0.5) * pixels + np.float32((1 - a) ** 0.5) * noise).astype(np.float32)
+        latents = (self.start_noise(start) * np.float32(start.plan.init_noise_sigma)).astype(np.float32)
+        labels = np.full((batch,), self.noise_level, dtype=np.int64)
+        return Prepared(latents, replace(cond.with_inputs(class_labels=labels), concat=spread(noised, batch, "images")))
 
 
 def encode(start: Start, pixels: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""sd-export refuses models it does not export (upscaler, depth-to-image, instruct-pix2pix, SDXL, UNets
+"""sd-export refuses models it does not export (latent upscaler, depth-to-image, instruct-pix2pix, SDXL, UNets
 with class/added/guidance embeddings...) from their configs alone, before any weights load or anything is written.
 
 The folders here hold model_index.json and configs only: no weights. Loading a module fails the test.
@@ -50,12 +50,12 @@ def config_folder(root: Path, class_name: str = "StableDiffusionPipeline", unet:
     return root
 
 
-UPSCALER_UNET = {"in_channels": 7, "num_class_embeds": 1000, "sample_size": 128}
+DEPTH_UNET = {"in_channels": 5}
 CASES = [
     # (id, pipeline class, unet config changes, vae config changes, model_index additions, fragments of the message)
-    ("x4-upscaler", "StableDiffusionUpscalePipeline", UPSCALER_UNET, None, {"low_res_scheduler": ["diffusers", "DDPMScheduler"]},
-     ["StableDiffusionUpscalePipeline", "upscaler"]),
-    ("x4-upscaler-resaved", "StableDiffusionPipeline", UPSCALER_UNET, None, None, ["7 input channels", "x4 upscaler"]),
+    # The x4 upscaler is exported (tests/parity/test_upscale.py); 7 channels without its noise-level embedding are not.
+    ("x4-upscaler-without-noise-level", "StableDiffusionUpscalePipeline", {"in_channels": 7}, None, None,
+     ["7 input channels", "x4 upscaler"]),
     ("upscaler-class-labels", "StableDiffusionPipeline", {"num_class_embeds": 1000}, None, None, ["num_class_embeds=1000"]),
     ("latent-upscaler", "StableDiffusionLatentUpscalePipeline", {"in_channels": 8}, None, None, ["StableDiffusionLatentUpscalePipeline"]),
     ("depth2img", "StableDiffusionDepth2ImgPipeline", {"in_channels": 5}, None, {"depth_estimator": ["transformers", "DPTForDepthEstimation"]},
@@ -154,10 +154,10 @@ def test_damaged_configs_are_named(tmp_path, no_weights, file, content, fragment
 
 
 def test_hub_model_is_refused_before_its_weights_download(tmp_path, monkeypatch):
-    """The configs of a Hub repo are fetched and checked first; an upscaler never downloads its weights."""
+    """The configs of a Hub repo are fetched and checked first; a depth model never downloads its weights."""
     import huggingface_hub
 
-    repo = config_folder(tmp_path / "snapshot", "StableDiffusionUpscalePipeline", UPSCALER_UNET)
+    repo = config_folder(tmp_path / "snapshot", "StableDiffusionDepth2ImgPipeline", DEPTH_UNET)
     calls = []
 
     def fake_snapshot_download(repo_id, allow_patterns, local_files_only):
@@ -166,8 +166,8 @@ def test_hub_model_is_refused_before_its_weights_download(tmp_path, monkeypatch)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     with pytest.raises(ExportError) as err:
-        export_model("stabilityai/stable-diffusion-x4-upscaler", tmp_path / "out")
-    assert_refusal(str(err.value), ["StableDiffusionUpscalePipeline"])
+        export_model("stabilityai/stable-diffusion-2-depth", tmp_path / "out")
+    assert_refusal(str(err.value), ["StableDiffusionDepth2ImgPipeline"])
     assert calls and not any(p.endswith(".safetensors") for patterns in calls for p in patterns), calls
     assert_nothing_written(tmp_path, tmp_path / "out")
 
