@@ -7,6 +7,9 @@ Names and dtypes follow Optimum's Stable Diffusion exports, so either tool's loa
     vae_encoder   sample (batch, 3, H, W) in [-1, 1]         -> latent_parameters (mean and logvar, 2 x latent channels)
     vae_decoder   latent_sample (batch, C, H/f, W/f)         -> sample
 
+SDXL models add a second text encoder, hidden-state outputs and two UNet inputs (`leansd.export.sdxl`); the x4
+upscaler's UNet takes `class_labels` (its noise level).
+
 The UNet `timestep` is float32 of shape (batch,) so the fractional timesteps of Euler-type schedulers pass
 unrounded. Optimum's ONNX export uses a float32 scalar; Optimum Intel's OpenVINO export an int64 (batch,)
 vector. A length-1 timestep is broadcast over the batch by the graph itself (diffusers expands it), so the
@@ -19,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from leansd.export import deepcache, tiny_vae
+from leansd.export import deepcache, sdxl, tiny_vae
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 # Optional: the UNet cut in two for feature reuse across steps (`sd-export --deep-cache`, see `deepcache`).
@@ -90,11 +93,24 @@ IO[tiny_vae.COMPONENT] = IO["vae_decoder"]
 CLASS_LABELS = Tensor("class_labels", "int64", {0: "batch_size"})
 
 
+def _hidden_states(layers: int) -> tuple[Tensor, ...]:
+    return tuple(Tensor(name, "float32", {0: "batch_size", 1: "sequence_length"}) for name in sdxl.hidden_state_names(layers))
+
+
 def io(component: str, info: "ModelInfo | None" = None) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """The inputs and outputs of `component` for the model `info` describes."""
+    xl = info.text_time if info is not None else None
+    if component == sdxl.TEXT_ENCODER_2:
+        assert xl is not None, "the second text encoder is SDXL's"
+        return IO["text_encoder"][0], (Tensor("text_embeds", "float32", {0: "batch_size"}), IO["text_encoder"][1][0],
+                                       *_hidden_states(xl.second_encoder_layers))
     inputs, outputs = IO[component]
     if component == "unet" and info is not None and info.class_embeddings:
         inputs = (*inputs, CLASS_LABELS)
+    if component == "unet" and xl is not None:
+        inputs = (*inputs, Tensor("text_embeds", "float32", {0: "batch_size"}), Tensor("time_ids", "float32", {0: "batch_size"}))
+    if component == "text_encoder" and xl is not None and xl.first_encoder_layers is not None:
+        outputs = (*outputs, *_hidden_states(xl.first_encoder_layers))
     return inputs, outputs
 
 
@@ -102,8 +118,8 @@ def input_names(component: str, info: "ModelInfo | None" = None) -> list[str]:
     return [t.name for t in io(component, info)[0]]
 
 
-def output_names(component: str) -> list[str]:
-    return [t.name for t in IO[component][1]]
+def output_names(component: str, info: "ModelInfo | None" = None) -> list[str]:
+    return [t.name for t in io(component, info)[1]]
 
 
 def dynamic_axes(component: str, info: "ModelInfo | None" = None) -> dict[str, dict[int, str]]:
@@ -133,10 +149,16 @@ class ModelInfo:
     deep_feature_channels: int = 0  # width of the UNet's cached deep features (`deepcache.feature_channels`)
     tiny_vae_scaling_factor: float = 1.0  # what the pipeline divides latents by before the tiny decoder
     class_embeddings: int = 0  # the UNet's number of class labels (the x4 upscaler's noise levels); 0: none
+    text_time: sdxl.TextTime | None = None  # SDXL's added conditioning and second text encoder
 
     @classmethod
-    def from_configs(cls, unet: dict[str, Any], vae: dict[str, Any], text_encoder: dict[str, Any]) -> ModelInfo:
+    def from_configs(cls, unet: dict[str, Any], vae: dict[str, Any], text_encoder: dict[str, Any] | None,
+                     text_encoder_2: dict[str, Any] | None = None) -> ModelInfo:
+        """`text_encoder` None: SDXL's refiner, which has the second encoder only (its vocabulary and length are the same)."""
         n_up = len(unet["up_block_types"]) - 1  # the last up block has no upsampler
+        xl = sdxl.text_time(unet, text_encoder, text_encoder_2)
+        text_encoder = text_encoder if text_encoder is not None else text_encoder_2
+        assert text_encoder is not None, "a model has at least one text encoder"
         return cls(
             vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
             latent_channels=int(vae.get("latent_channels", 4)),
@@ -155,6 +177,7 @@ class ModelInfo:
             eos_token_id=int(text_encoder["vocab_size"]) - 1,
             deep_feature_channels=deepcache.feature_channels(unet),
             class_embeddings=int(unet.get("num_class_embeds") or 0),
+            text_time=xl,
         )
 
     @property
@@ -170,7 +193,7 @@ def make_inputs(component: str, info: ModelInfo, *, batch: int, height: int, wid
     """
     rng = np.random.default_rng(seed)
     h, w = height // info.vae_scale_factor, width // info.vae_scale_factor
-    if component == "text_encoder":
+    if component in ("text_encoder", sdxl.TEXT_ENCODER_2):
         ids = rng.integers(0, info.bos_token_id, size=(batch, info.max_tokens), dtype=np.int64)
         ids[:, 0] = info.bos_token_id
         for row in ids:  # a prompt of random length, then end-of-text padding as CLIP's tokenizer writes it
@@ -185,6 +208,12 @@ def make_inputs(component: str, info: ModelInfo, *, batch: int, height: int, wid
         }
         if component == "unet" and info.class_embeddings:
             feeds["class_labels"] = rng.integers(0, info.class_embeddings, size=(b,), dtype=np.int64)
+        if component == "unet" and info.text_time is not None:
+            xl = info.text_time
+            feeds["text_embeds"] = rng.standard_normal((b, xl.pooled_width), dtype=np.float32)
+            # original size, crop corner, target size (and the refiner's aesthetic score), as pipelines pass them
+            ids = [height, width, 0, 0, height, width] if xl.time_ids == 6 else [height, width, 0, 0, 6.0][: xl.time_ids]
+            feeds["time_ids"] = np.tile(np.asarray(ids, dtype=np.float32), (b, 1))
         if component == "unet_shallow":
             feeds["deep_features"] = rng.standard_normal((b, info.deep_feature_channels, h, w), dtype=np.float32)
         return feeds
@@ -257,6 +286,11 @@ def wrap(component: str, module: Any, info: "ModelInfo | None" = None) -> Any:
     if component in DEEP_CACHE_COMPONENTS:
         return deepcache.wrap_deep(module) if component == "unet_deep" else deepcache.wrap_shallow(module)
     unet = ClassConditionedUNet if info is not None and info.class_embeddings else UNet
+    if info is not None and info.text_time is not None:
+        if component in ("text_encoder", sdxl.TEXT_ENCODER_2):
+            return sdxl.wrap_text_encoder(module, projected=component == sdxl.TEXT_ENCODER_2)
+        if component == "unet":
+            return sdxl.wrap_unet(module)
     kinds = {"text_encoder": TextEncoder, "unet": unet, "vae_encoder": VaeEncoder, "vae_decoder": VaeDecoder,
              tiny_vae.COMPONENT: VaeDecoder}  # AutoencoderTiny.decode takes and returns what AutoencoderKL's does
     return kinds[component](module).eval()
@@ -290,6 +324,9 @@ def _fixed_shapes(component: str, info: ModelInfo, batch: int = 1, height: int =
     f = info.vae_scale_factor
     h, w = height // f, width // f
     c, seq = info.latent_channels, info.max_tokens
+    xl = info.text_time
+    if xl is not None and component in ("text_encoder", sdxl.TEXT_ENCODER_2, "unet"):
+        return _fixed_shapes_sdxl(component, info, xl, batch, h, w)
     return {
         "text_encoder": {
             "input_ids": [batch, seq],
@@ -320,3 +357,17 @@ def _fixed_shapes(component: str, info: ModelInfo, batch: int = 1, height: int =
         "vae_encoder": {"sample": [batch, info.vae_in_channels, height, width], "latent_parameters": [batch, 2 * c, h, w]},
         "vae_decoder": {"latent_sample": [batch, c, h, w], "sample": [batch, info.vae_out_channels, height, width]},
     }[component]
+
+
+def _fixed_shapes_sdxl(component: str, info: ModelInfo, xl: sdxl.TextTime, batch: int, h: int, w: int) -> dict[str, list[int]]:
+    seq = info.max_tokens
+    if component == "unet":
+        b = 2 * batch
+        return {"sample": [b, info.unet_in_channels, h, w], "timestep": [b], "encoder_hidden_states": [b, seq, info.cross_attention_dim],
+                "text_embeds": [b, xl.pooled_width], "time_ids": [b, xl.time_ids], "out_sample": [b, info.latent_channels, h, w]}
+    if component == "text_encoder":
+        width, layers, pooled = info.text_hidden_size, xl.first_encoder_layers or 0, {"pooler_output": [batch, info.text_hidden_size]}
+    else:
+        width, layers, pooled = xl.second_encoder_width, xl.second_encoder_layers, {"text_embeds": [batch, xl.pooled_width]}
+    states = {name: [batch, seq, width] for name in sdxl.hidden_state_names(layers)}
+    return {"input_ids": [batch, seq], "last_hidden_state": [batch, seq, width], **pooled, **states}

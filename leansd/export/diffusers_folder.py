@@ -26,6 +26,9 @@ REQUIRED_FILES = (
     "tokenizer/vocab.json",
     "tokenizer/merges.txt",
 )
+# SDXL's second text encoder and tokenizer; its refiner has only these (text_encoder and tokenizer null).
+EXPECTED_SDXL = {"text_encoder_2": {"CLIPTextModelWithProjection"}, "tokenizer_2": {"CLIPTokenizer", "CLIPTokenizerFast"}}
+REQUIRED_FILES_SDXL = ("text_encoder_2/config.json", "tokenizer_2/vocab.json", "tokenizer_2/merges.txt")
 
 @dataclass
 class Source:
@@ -41,6 +44,10 @@ class Source:
         """A component's config.json (`unet`, `vae`, `text_encoder`) or the scheduler's config."""
         file = "scheduler/scheduler_config.json" if name == "scheduler" else f"{name}/config.json"
         return read_json(self.config_dir / file)
+
+    def optional_config(self, name: str) -> dict[str, Any] | None:
+        """A component's config.json, or None when the model has no such component (SDXL's refiner: text_encoder)."""
+        return self.config(name) if (self.config_dir / name / "config.json").is_file() else None
 
     def model_index(self) -> dict[str, Any]:
         return read_json(self.config_dir / "model_index.json")
@@ -69,12 +76,11 @@ def read_json(path: Path) -> dict[str, Any]:
 # What sd-export exports, said in every refusal of another kind of model.
 SUPPORTED = ("it exports text-to-image Stable Diffusion 1.x/2.x models (StableDiffusionPipeline folders; img2img and inpainting "
              "run from the same export), inpainting models (StableDiffusionInpaintPipeline folders, 9-channel UNets) and the x4 "
-             "upscaler (StableDiffusionUpscalePipeline folders)")
+             "upscaler (StableDiffusionUpscalePipeline folders), and SDXL base, refiner and inpainting folders")
 
 # Pipelines for a task sd-export does not export, by a part of model_index.json's `_class_name` (diffusers' spelling;
 # the first match names the task).
 UNSUPPORTED_PIPELINES = (
-    ("XL", "SDXL"),
     ("LatentUpscale", "the latent x2 upscaler"),
     ("Depth2Img", "depth-to-image"),
     ("InstructPix2Pix", "instruct-pix2pix image editing"),
@@ -154,8 +160,10 @@ def check_configs(path: Path) -> None:
                             f"{f' ({task})' if task else ''}")
     if (unet.get("out_channels") or latent) != latent:
         raise _refuse(path, f"has a UNet with {unet['out_channels']} output channels, not the VAE's {latent} latent channels")
+    xl = unet.get("addition_embed_type") == "text_time" and (path / "text_encoder_2" / "config.json").is_file()
     for key, meaning in UNET_EXTRAS.items():
-        if unet.get(key) is not None and not (upscaler and key == "num_class_embeds"):
+        allowed = (upscaler and key == "num_class_embeds") or (xl and key == "addition_embed_type")
+        if unet.get(key) is not None and not allowed:
             raise _refuse(path, f"has a UNet with {key}={json.dumps(unet[key])} ({meaning})")
     if unet.get("attention_type") not in (None, "default"):
         raise _refuse(path, f"has a UNet with attention_type={json.dumps(unet['attention_type'])} (gated attention, as GLIGEN)")
@@ -195,9 +203,11 @@ def check_folder(path: Path) -> None:
 
     if component("transformer")[0] is not None:
         raise _refuse(path, f"has a transformer instead of a UNet ({index.get('_class_name') or 'a diffusers pipeline'})")
-    if component("text_encoder_2")[0] is not None:
-        raise _refuse(path, "has a second text encoder (text_encoder_2, as SDXL)")
-    for name, classes in EXPECTED.items():
+    xl = component("text_encoder_2")[0] is not None
+    expected = {**EXPECTED, **EXPECTED_SDXL} if xl else EXPECTED
+    if xl and component("text_encoder")[0] is None and component("tokenizer")[0] is None:  # SDXL's refiner
+        expected = {k: v for k, v in expected.items() if k not in ("text_encoder", "tokenizer")}
+    for name, classes in expected.items():
         entry = component(name)
         if entry[0] is None or (classes is not None and entry[1] not in classes):
             found = entry[1] or "nothing"
@@ -206,6 +216,7 @@ def check_folder(path: Path) -> None:
                 f"{'' if classes is None else ' (expected ' + ' or '.join(sorted(classes)) + ')'}; pass a StableDiffusionPipeline folder"
             )
     check_configs(path)
-    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    required = [f for f in REQUIRED_FILES if f.split("/")[0] in expected] + (list(REQUIRED_FILES_SDXL) if xl else [])
+    missing = [f for f in required if not (path / f).is_file()]
     if missing:
         raise ExportError(f"'{path}' lacks {', '.join(missing)}; the diffusers folder is incomplete (re-save it with save_pretrained)")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from leansd.export import components as comp
-from leansd.export import attention, deepcache, layout, quantize, streaming, tiny_vae, verify
+from leansd.export import attention, deepcache, layout, quantize, sdxl, streaming, tiny_vae, verify
 from leansd.export.errors import ExportError, ParityError
 from leansd.export.onnx import DEFAULT_OPSET, export_onnx
 from leansd.export.openvino import XML, convert_openvino
@@ -28,7 +28,8 @@ MODULE_ORDER = (("text_encoder", ("text_encoder",)), ("unet", ("unet",)), ("vae"
 # With --deep-cache, the UNet's two halves are cut from the same loaded module.
 MODULE_ORDER_DEEP_CACHE = (("text_encoder", ("text_encoder",)), ("unet", ("unet", *comp.DEEP_CACHE_COMPONENTS)),
                            ("vae", ("vae_encoder", "vae_decoder")))
-CONFIG_FROM = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
+CONFIG_FROM = {"text_encoder": "text_encoder", sdxl.TEXT_ENCODER_2: sdxl.TEXT_ENCODER_2, "unet": "unet", "vae_encoder": "vae",
+               "vae_decoder": "vae"}
 TRACE_SEED, VERIFY_SEED = 0, 1
 # What diffusers' StableDiffusionUpscalePipeline uses when a call gives no steps or guidance.
 UPSCALER_DEFAULTS = {"num_inference_steps": 75, "guidance_scale": 9.0}
@@ -46,10 +47,10 @@ def parse_backends(backends: str | Sequence[str]) -> tuple[str, ...]:
 
 def parse_tolerance(tolerance: float | Mapping[str, float] | None) -> dict[str, float]:
     """One relative tolerance per component, from a number (all components) or a {component: number} map."""
-    table = dict.fromkeys(comp.COMPONENTS, verify.DEFAULT_TOLERANCE)
+    table = dict.fromkeys((*comp.COMPONENTS, sdxl.TEXT_ENCODER_2), verify.DEFAULT_TOLERANCE)
     if tolerance is None:
         return table
-    given = {c: tolerance for c in comp.COMPONENTS} if isinstance(tolerance, (int, float)) else dict(tolerance)
+    given = {c: tolerance for c in table} if isinstance(tolerance, (int, float)) else dict(tolerance)
     for name, value in given.items():
         if name not in table:
             raise ExportError(f"--tolerance names unknown component {name!r}; use one of {', '.join(comp.COMPONENTS)}")
@@ -79,8 +80,21 @@ def parse_static(static: Mapping[str, int] | None, info: comp.ModelInfo) -> dict
 
 
 def family(source: Source) -> str:
-    """`sd2` for OpenCLIP-H models (1024-wide cross-attention), else `sd1`."""
+    """`sdxl` for models with SDXL's added conditioning, `sd2` for OpenCLIP-H models (1024-wide cross-attention),
+    else `sd1`."""
+    if source.config("unet").get("addition_embed_type") == "text_time":
+        return "sdxl"
     return "sd2" if int(source.config("unet").get("cross_attention_dim", 768)) == 1024 else "sd1"
+
+
+def module_order(info: comp.ModelInfo, deep_cache: bool) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Torch modules in export order, with the components cut from each; one module is in memory at a time."""
+    order = MODULE_ORDER_DEEP_CACHE if deep_cache else MODULE_ORDER
+    xl = info.text_time
+    if xl is None:
+        return order
+    text = [] if xl.first_encoder_layers is None else [order[0]]
+    return (*text, (sdxl.TEXT_ENCODER_2, (sdxl.TEXT_ENCODER_2,)), *order[1:])
 
 
 def export(
@@ -116,14 +130,17 @@ def export(
     try:
         if source.kind != "single_file" and target.resolve() == source.config_dir.resolve():
             raise ExportError("the output folder is the source folder; choose another output folder")
-        info = comp.ModelInfo.from_configs(source.config("unet"), source.config("vae"), source.config("text_encoder"))
+        info = comp.ModelInfo.from_configs(source.config("unet"), source.config("vae"), source.optional_config("text_encoder"),
+                                           source.optional_config(sdxl.TEXT_ENCODER_2))
         static = parse_static(static_shapes, info)
         if info.class_embeddings and "int8" in wanted:
             # Calibration runs text-to-image generations, which a class-conditioned UNet (the upscaler) cannot.
             raise ExportError("int8 is not available for the x4 upscaler yet; export it with --precision fp32")
+        if info.text_time is not None and "int8" in wanted:
+            raise ExportError("int8 is not available for SDXL yet; export it with --precision fp32")
         if deep_cache:
             deepcache.check_supported(source.config("unet"))
-        order = MODULE_ORDER_DEEP_CACHE if deep_cache else MODULE_ORDER
+        order = module_order(info, deep_cache)
         loaders = {}
         if tiny_vae_source is not None:
             tiny = tiny_vae.load(tiny_vae_source)  # small: load it now, so a bad path fails before the slow steps
@@ -137,7 +154,7 @@ def export(
         with layout.StagingFolder(target, overwrite=overwrite) as staging:
             parity = _export_components(source, staging.path, info, chosen, static, int(opset), tolerances, progress, order, loaders,
                                         unet_parts)
-            _write_configs(source, staging.path)
+            _write_configs(source, staging.path, names)
             if loaders:
                 tiny.save_config(staging.path / tiny_vae.COMPONENT)  # the runtime reads its scaling factor there
                 del loaders[tiny_vae.MODULE], tiny
@@ -378,9 +395,9 @@ def _static_entry(static) -> dict[str, int] | None:
     return None if static is None else {**static, "unet_batch": 2 * static["batch"]}
 
 
-def _write_configs(source: Source, root: Path) -> None:
+def _write_configs(source: Source, root: Path, names: Sequence[str] = comp.COMPONENTS) -> None:
     """Configs, tokenizer, scheduler and model_index.json: what the runtime needs beside the model files."""
-    for name in comp.COMPONENTS:
+    for name in (n for n in names if n in CONFIG_FROM):
         shutil.copyfile(source.config_dir / CONFIG_FROM[name] / "config.json", root / name / "config.json")
     copy_assets(source, root)
     layout.write_json(root / "model_index.json", optimum_model_index(source))

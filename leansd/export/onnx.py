@@ -51,7 +51,7 @@ def export_onnx(
                 args,
                 str(scratch / "model.onnx"),
                 input_names=comp.input_names(component, info),
-                output_names=comp.output_names(component),
+                output_names=comp.output_names(component, info),
                 dynamic_axes=comp.dynamic_axes(component, info) if dynamic else None,
                 opset_version=opset,
                 do_constant_folding=True,

@@ -47,9 +47,10 @@ def folder_source(path: Path, *, spec: str, kind: str) -> Source:
 
     def load(name: str) -> Any:
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[name]
+        cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+               "text_encoder_2": CLIPTextModelWithProjection}[name]
         try:
             return cls.from_pretrained(path, subfolder=name)  # Source.load casts to float32
         except (OSError, ValueError, RuntimeError) as exc:
@@ -107,10 +108,13 @@ def copy_assets(source: Source, out: Path) -> None:
     shutil.copytree(source.config_dir / "scheduler", out / "scheduler", ignore=shutil.ignore_patterns("*.py"))
     if (source.config_dir / "low_res_scheduler").is_dir():  # the x4 upscaler's, which noises its low-resolution input
         shutil.copytree(source.config_dir / "low_res_scheduler", out / "low_res_scheduler", ignore=shutil.ignore_patterns("*.py"))
-    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
-    for file in sorted((source.config_dir / "tokenizer").iterdir()):
-        if file.is_file():
-            shutil.copyfile(file, out / "tokenizer" / file.name)
+    for tokenizer in ("tokenizer", "tokenizer_2"):  # SDXL has two; its refiner only the second
+        if not (source.config_dir / tokenizer).is_dir():
+            continue
+        (out / tokenizer).mkdir(parents=True, exist_ok=True)
+        for file in sorted((source.config_dir / tokenizer).iterdir()):
+            if file.is_file():
+                shutil.copyfile(file, out / tokenizer / file.name)
 
 
 def optimum_model_index(source: Source) -> dict[str, Any]:

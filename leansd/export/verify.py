@@ -72,7 +72,7 @@ def run_torch(component: str, module: Any, feeds: Mapping[str, np.ndarray], info
     with torch.no_grad():
         out = module(*(torch.from_numpy(feeds[n]) for n in comp.input_names(component, info)))
     out = out if isinstance(out, tuple) else (out,)
-    return {name: t.detach().numpy() for name, t in zip(comp.output_names(component), out)}
+    return {name: t.detach().numpy() for name, t in zip(comp.output_names(component, info), out)}
 
 
 def run_onnxruntime(path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
