@@ -2,7 +2,7 @@
 
 Names and dtypes follow Optimum's Stable Diffusion exports, so either tool's loaders read either's folders:
 
-    text_encoder  input_ids int64 (batch, sequence)         -> last_hidden_state, pooler_output
+    text_encoder  input_ids int64 (batch, sequence)         -> last_hidden_state, pooler_output, normed_hidden_states
     unet          sample, timestep, encoder_hidden_states    -> out_sample
     vae_encoder   sample (batch, 3, H, W) in [-1, 1]         -> latent_parameters (mean and logvar, 2 x latent channels)
     vae_decoder   latent_sample (batch, C, H/f, W/f)         -> sample
@@ -11,6 +11,10 @@ The UNet `timestep` is float32 of shape (batch,) so the fractional timesteps of 
 unrounded. Optimum's ONNX export uses a float32 scalar; Optimum Intel's OpenVINO export an int64 (batch,)
 vector. A length-1 timestep is broadcast over the batch by the graph itself (diffusers expands it), so the
 (1,) vector Optimum's pipelines feed to a rank-1 timestep works too.
+
+`normed_hidden_states` (leansd's own output, beside Optimum's two) is the embeddings' and every layer's hidden
+states through the encoder's final layer norm, shaped (batch, layers + 1, sequence, hidden): `[:, -1]` is
+`last_hidden_state`, and `[:, -(N + 1)]` is what diffusers' SD pipelines use for `clip_skip=N`.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from leansd.export import deepcache, tiny_vae
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 # Optional: the UNet cut in two for feature reuse across steps (`sd-export --deep-cache`, see `deepcache`).
 DEEP_CACHE_COMPONENTS = deepcache.PARTS
+NORMED_HIDDEN_STATES = "normed_hidden_states"  # the text encoder's output for clip skip (see the docstring)
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ IO: dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {
         (
             Tensor("last_hidden_state", "float32", {0: "batch_size", 1: "sequence_length"}),
             Tensor("pooler_output", "float32", {0: "batch_size"}),
+            Tensor(NORMED_HIDDEN_STATES, "float32", {0: "batch_size", 2: "sequence_length"}),
         ),
     ),
     "unet": (
@@ -119,6 +125,7 @@ class ModelInfo:
     eos_token_id: int
     deep_feature_channels: int = 0  # width of the UNet's cached deep features (`deepcache.feature_channels`)
     tiny_vae_scaling_factor: float = 1.0  # what the pipeline divides latents by before the tiny decoder
+    text_layers: int = 12  # the text encoder's transformer layers (CLIP ViT-L/14's 12 in SD 1.x)
 
     @classmethod
     def from_configs(cls, unet: dict[str, Any], vae: dict[str, Any], text_encoder: dict[str, Any]) -> ModelInfo:
@@ -140,6 +147,7 @@ class ModelInfo:
             bos_token_id=int(text_encoder["vocab_size"]) - 2,
             eos_token_id=int(text_encoder["vocab_size"]) - 1,
             deep_feature_channels=deepcache.feature_channels(unet),
+            text_layers=int(text_encoder.get("num_hidden_layers", 12)),
         )
 
     @property
@@ -203,9 +211,11 @@ def wrap(component: str, module: Any) -> Any:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out = self.model(input_ids=input_ids, return_dict=True)
-            return out.last_hidden_state, out.pooler_output
+        def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            out = self.model(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+            norm = getattr(self.model, "text_model", self.model).final_layer_norm
+            normed = torch.stack([norm(h) for h in out.hidden_states], dim=1)
+            return out.last_hidden_state, out.pooler_output, normed
 
     class UNet(torch.nn.Module):
         def __init__(self, model: Any) -> None:
@@ -272,6 +282,7 @@ def _fixed_shapes(component: str, info: ModelInfo, batch: int = 1, height: int =
             "input_ids": [batch, seq],
             "last_hidden_state": [batch, seq, info.text_hidden_size],
             "pooler_output": [batch, info.text_hidden_size],
+            NORMED_HIDDEN_STATES: [batch, info.text_layers + 1, seq, info.text_hidden_size],
         },
         "unet": {
             "sample": [2 * batch, info.unet_in_channels, h, w],

@@ -53,6 +53,8 @@ class GenerationSettings:
     watermark: an ASCII text to mark every image with, invisibly, as the Stable Diffusion reference scripts do
         ("StableDiffusionV1" in SD 1's, "SDV2" in SD 2's; `leansd.runtime.watermark`, which also reads it back).
         Applied to the 8-bit images, for output_type "pil" and "np" (there, the marked 8-bit values / 255).
+    clip_skip: use the text encoder's hidden states this many layers before the last (through its final layer
+        norm), as diffusers' `clip_skip`; 0 = off. AUTOMATIC1111 counts one more: its "Clip skip 2" is clip_skip=1.
     """
 
     prompt: str | Sequence[str] | None = None
@@ -79,6 +81,7 @@ class GenerationSettings:
     vae_tiling: bool | None = None
     memory_check: bool = True
     watermark: str | None = None
+    clip_skip: int = 0
 
     def merged(self, **overrides: Any) -> "GenerationSettings":
         """These settings with `overrides` (None values keep the default), checked."""
@@ -93,6 +96,7 @@ class GenerationSettings:
         _whole("num_inference_steps", self.num_inference_steps, optional=True)
         _whole("num_images_per_prompt", self.num_images_per_prompt)
         _whole("deep_cache", self.deep_cache, hint=" (1 = off)")
+        _whole("clip_skip", self.clip_skip, 0, hint=" (0 = off; AUTOMATIC1111's 'Clip skip 2' is 1)")
         _whole("height", self.height, optional=True)
         _whole("width", self.width, optional=True)
         _whole("seed", self.seed, 0, 2**64 - 1, optional=True, hint=" (None for a random one)")
