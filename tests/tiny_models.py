@@ -77,6 +77,13 @@ def build_tiny_sd(
             vocab_size=49408,
         )
     )
+    # A trained CLIP's final layer norm has a scale and a bias; left at their initial 1 and 0, every hidden state would
+    # have mean 0 over its width, and AUTOMATIC1111's prompt weighting (which restores a chunk's mean) would divide by
+    # ~0. A generator of its own keeps every other weight as it was.
+    norm, draw = text_encoder.text_model.final_layer_norm, torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(norm.weight.shape, generator=draw))
+        norm.bias.copy_(0.2 + 0.1 * torch.randn(norm.bias.shape, generator=draw))
     tokenizer = CLIPTokenizer(
         str(CLIP_VOCAB_DIR / "vocab.json"), str(CLIP_VOCAB_DIR / "merges.txt"), model_max_length=77
     )

@@ -2,7 +2,7 @@
 
 Names and dtypes follow Optimum's Stable Diffusion exports, so either tool's loaders read either's folders:
 
-    text_encoder  input_ids int64 (batch, sequence)         -> last_hidden_state, pooler_output
+    text_encoder  input_ids int64 (batch, sequence)         -> last_hidden_state, pooler_output, normed_hidden_states
     unet          sample, timestep, encoder_hidden_states    -> out_sample
     vae_encoder   sample (batch, 3, H, W) in [-1, 1]         -> latent_parameters (mean and logvar, 2 x latent channels)
     vae_decoder   latent_sample (batch, C, H/f, W/f)         -> sample
@@ -14,6 +14,10 @@ The UNet `timestep` is float32 of shape (batch,) so the fractional timesteps of 
 unrounded. Optimum's ONNX export uses a float32 scalar; Optimum Intel's OpenVINO export an int64 (batch,)
 vector. A length-1 timestep is broadcast over the batch by the graph itself (diffusers expands it), so the
 (1,) vector Optimum's pipelines feed to a rank-1 timestep works too.
+
+`normed_hidden_states` (leansd's own output, beside Optimum's two) is the embeddings' and every layer's hidden
+states through the encoder's final layer norm, shaped (batch, layers + 1, sequence, hidden): `[:, -1]` is
+`last_hidden_state`, and `[:, -(N + 1)]` is what diffusers' SD pipelines use for `clip_skip=N`.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from leansd.export import deepcache, sdxl, tiny_vae
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 # Optional: the UNet cut in two for feature reuse across steps (`sd-export --deep-cache`, see `deepcache`).
 DEEP_CACHE_COMPONENTS = deepcache.PARTS
+NORMED_HIDDEN_STATES = "normed_hidden_states"  # the text encoder's output for clip skip (see the docstring)
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ IO: dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {
         (
             Tensor("last_hidden_state", "float32", {0: "batch_size", 1: "sequence_length"}),
             Tensor("pooler_output", "float32", {0: "batch_size"}),
+            Tensor(NORMED_HIDDEN_STATES, "float32", {0: "batch_size", 2: "sequence_length"}),
         ),
     ),
     "unet": (
@@ -110,7 +116,8 @@ def io(component: str, info: "ModelInfo | None" = None) -> tuple[tuple[Tensor, .
     if component == "unet" and xl is not None:
         inputs = (*inputs, Tensor("text_embeds", "float32", {0: "batch_size"}), Tensor("time_ids", "float32", {0: "batch_size"}))
     if component == "text_encoder" and xl is not None and xl.first_encoder_layers is not None:
-        outputs = (*outputs, *_hidden_states(xl.first_encoder_layers))
+        # SDXL reads unnormalized hidden states (its clip skip too): those replace the normalized stack
+        outputs = (*outputs[:2], *_hidden_states(xl.first_encoder_layers))
     return inputs, outputs
 
 
@@ -150,6 +157,7 @@ class ModelInfo:
     tiny_vae_scaling_factor: float = 1.0  # what the pipeline divides latents by before the tiny decoder
     class_embeddings: int = 0  # the UNet's number of class labels (the x4 upscaler's noise levels); 0: none
     text_time: sdxl.TextTime | None = None  # SDXL's added conditioning and second text encoder
+    text_layers: int = 12  # the text encoder's transformer layers (CLIP ViT-L/14's 12 in SD 1.x)
 
     @classmethod
     def from_configs(cls, unet: dict[str, Any], vae: dict[str, Any], text_encoder: dict[str, Any] | None,
@@ -178,6 +186,7 @@ class ModelInfo:
             deep_feature_channels=deepcache.feature_channels(unet),
             class_embeddings=int(unet.get("num_class_embeds") or 0),
             text_time=xl,
+            text_layers=int(text_encoder.get("num_hidden_layers", 12)),
         )
 
     @property
@@ -249,9 +258,11 @@ def wrap(component: str, module: Any, info: "ModelInfo | None" = None) -> Any:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out = self.model(input_ids=input_ids, return_dict=True)
-            return out.last_hidden_state, out.pooler_output
+        def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            out = self.model(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+            norm = getattr(self.model, "text_model", self.model).final_layer_norm
+            normed = torch.stack([norm(h) for h in out.hidden_states], dim=1)
+            return out.last_hidden_state, out.pooler_output, normed
 
     class UNet(torch.nn.Module):
         def __init__(self, model: Any) -> None:
@@ -332,6 +343,7 @@ def _fixed_shapes(component: str, info: ModelInfo, batch: int = 1, height: int =
             "input_ids": [batch, seq],
             "last_hidden_state": [batch, seq, info.text_hidden_size],
             "pooler_output": [batch, info.text_hidden_size],
+            NORMED_HIDDEN_STATES: [batch, info.text_layers + 1, seq, info.text_hidden_size],
         },
         "unet": {
             "sample": [2 * batch, info.unet_in_channels, h, w],

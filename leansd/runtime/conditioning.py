@@ -3,20 +3,21 @@
 A `PromptEncoder` holds one or two (tokenizer, text encoder) pairs, as the model folder has them
 (`tokenizer/` + `text_encoder/`, and for SDXL-style models `tokenizer_2/` + `text_encoder_2/`). With one
 encoder the UNet gets its last hidden states (SD 1.x/2.x); with two, the penultimate hidden states of each,
-concatenated, and the pooled embedding of the second (diffusers' SDXL `encode_prompt`). The result is a
+concatenated, and the pooled embedding of the second (diffusers' SDXL `encode_prompt`). Long and weighted prompts
+are encoded in chunks, AUTOMATIC1111's way (`leansd.runtime.prompt_chunks`). The result is a
 `Conditioning`: named UNet inputs for the prompt and, under guidance, for the negative prompt, plus channels
 that some tasks append to the latents (inpainting masks, depth).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from leansd.runtime.errors import LeanSDWarning
+from leansd.runtime.errors import InvalidInputError
 from leansd.runtime.models import TextEncoder
+from leansd.runtime.prompt_chunks import COMMA_BACKTRACK, Chunks, apply_weights, chunk_prompt
 from leansd.runtime.tokenizer import ClipTokenizer
 
 Inputs = dict[str, np.ndarray]
@@ -55,28 +56,55 @@ class Conditioning:
 
 @dataclass(frozen=True)
 class PromptEncoder:
-    """Encodes prompts with the model's text encoder(s); `layer` -1 is the last hidden layer, -2 the penultimate."""
+    """Encodes prompts with the model's text encoder(s); `layer` -1 is the last hidden layer, -2 the penultimate.
+
+    Prompts may be of any length and use AUTOMATIC1111's weighting syntax (`leansd.runtime.prompt_chunks`).
+    `clip_skip` N (diffusers' numbering: 0 = off) takes the hidden states N layers before the one `layer` names:
+    with `layer` -1, through the final layer norm (diffusers' SD 1.x/2.x pipelines); otherwise as they are (SDXL's).
+    """
 
     tokenizers: Sequence[ClipTokenizer]
     encoders: Sequence[TextEncoder]
     layer: int = -1
+    comma_backtrack: int = COMMA_BACKTRACK
 
-    def encode(self, prompts: list[str], repeat: int = 1) -> Inputs:
-        """UNet inputs for `prompts`, each repeated `repeat` times next to itself (as diffusers batches images)."""
-        for prompt in dict.fromkeys(prompts):
-            tokenizer = self.tokenizers[0]
-            count, room = len(tokenizer.encode(prompt)), tokenizer.max_length - 2
-            if count > room:
-                warnings.warn(f"a prompt has {count} tokens; the text encoder reads the first {room} and ignores the rest "
-                              f"({prompt[:40]!r}...): shorten it", LeanSDWarning, stacklevel=2)
-        outputs = [encoder.encode(tokenizer(prompts), self.layer) for tokenizer, encoder in zip(self.tokenizers, self.encoders)]
-        hidden = outputs[0].hidden if len(outputs) == 1 else np.concatenate([o.hidden for o in outputs], axis=-1)
-        inputs = {"encoder_hidden_states": np.repeat(hidden, repeat, axis=0)}
-        if len(outputs) > 1 and outputs[-1].pooled is not None:
-            inputs["text_embeds"] = np.repeat(outputs[-1].pooled, repeat, axis=0)
+    def chunks(self, prompts: list[str]) -> list[list[Chunks]]:
+        """Each tokenizer's chunks of each prompt."""
+        return [[chunk_prompt(p, tokenizer, self.comma_backtrack) for p in prompts] for tokenizer in self.tokenizers]
+
+    def encode(self, prompts: list[str], repeat: int = 1, clip_skip: int = 0, count: int | None = None) -> Inputs:
+        """UNet inputs for `prompts`, each repeated `repeat` times next to itself (as diffusers batches images).
+
+        `count`: the number of chunks to encode (at least the longest prompt's; shorter prompts get empty chunks).
+        """
+        per_tokenizer = self.chunks(prompts)
+        count = max([count or 1, *(len(c) for chunks in per_tokenizer for c in chunks)])
+        hidden, pooled = [], None
+        for tokenizer, encoder, chunks in zip(self.tokenizers, self.encoders, per_tokenizer):
+            chunks = [c.padded(count, tokenizer) for c in chunks]
+            states = []
+            for i in range(count):
+                out = encoder.encode(np.stack([c.ids[i] for c in chunks]), self.layer, clip_skip)
+                states.append(apply_weights(out.hidden, np.stack([c.weights[i] for c in chunks])))
+                if i == 0:  # the pooled embedding of the first chunk, as the webui takes it
+                    pooled = out.pooled
+            hidden.append(states[0] if count == 1 else np.concatenate(states, axis=1))
+        inputs = {"encoder_hidden_states": np.repeat(hidden[0] if len(hidden) == 1 else np.concatenate(hidden, axis=-1), repeat, axis=0)}
+        if len(hidden) > 1 and pooled is not None:
+            inputs["text_embeds"] = np.repeat(pooled, repeat, axis=0)
         return inputs
 
-    def condition(self, prompts: list[str], negatives: list[str] | None, repeat: int) -> Conditioning:
-        """The conditioning of a generation; `negatives` None means no guidance."""
-        positive = self.encode(prompts, repeat)
-        return Conditioning(positive, None if negatives is None else self.encode(negatives, repeat))
+    def condition(self, prompts: list[str], negatives: list[str] | None, repeat: int, clip_skip: int = 0,
+                  max_chunks: int | None = None) -> Conditioning:
+        """The conditioning of a generation; `negatives` None means no guidance. Prompt and negative prompt get the
+        same number of chunks. `max_chunks`: refuse prompts that need more (a UNet exported for 77 tokens only)."""
+        count = max(len(c) for chunks in self.chunks(prompts + (negatives or [])) for c in chunks)
+        if max_chunks is not None and count > max_chunks:
+            room = self.tokenizers[0].max_length - 2
+            raise InvalidInputError(
+                f"the prompt or negative prompt needs {count} chunks of {room} tokens, but this model's UNet was exported "
+                f"for {max_chunks} ({room} tokens, static shapes); shorten the prompt (BREAK also starts a chunk), or "
+                "re-export the model without --height/--width/--batch"
+            )
+        positive = self.encode(prompts, repeat, clip_skip, count)
+        return Conditioning(positive, None if negatives is None else self.encode(negatives, repeat, clip_skip, count))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from leansd.runtime.backends import LazySession, Session
-from leansd.runtime.errors import ModelFolderError
+from leansd.runtime.errors import InvalidInputError, ModelFolderError
 
 
 def _first_input(session: Session, names: tuple[str, ...], component: str) -> str:
@@ -35,27 +35,47 @@ class EncodedText:
 
 class TextEncoder:
     """CLIP text encoder: token ids -> hidden states of the last layer, or of an earlier one (`hidden_states.N`
-    outputs, as SDXL's penultimate layer or clip skip need; -2 is the penultimate)."""
+    outputs, as SDXL's penultimate layer needs; -2 is the penultimate), and clip skip (`normed_hidden_states`)."""
+
+    NORMED = "normed_hidden_states"  # (batch, layers + 1, sequence, width), through the final layer norm
 
     def __init__(self, session: LazySession):
         self.session = session
 
-    def encode(self, input_ids: np.ndarray, layer: int = -1) -> EncodedText:
+    def encode(self, input_ids: np.ndarray, layer: int = -1, clip_skip: int = 0) -> EncodedText:
+        """`clip_skip` N > 0 takes the hidden states N layers earlier: with `layer` -1, through the final layer norm
+        (diffusers' SD pipelines' `clip_skip`); with another layer, as they are (diffusers' SDXL pipelines')."""
         with self.session.use() as session:
             outputs = session.run({_first_input(session, ("input_ids",), "text encoder"): input_ids})
-        if layer == -1:
+            path = session.path
+        if layer == -1 and clip_skip:
+            hidden = _normed_layer(outputs, clip_skip, path)
+        elif layer == -1:
             hidden = outputs.get("last_hidden_state")
             if hidden is None:  # some exports name it differently; the hidden states are the 3-D output
                 hidden = next(v for v in outputs.values() if v.ndim == 3)
         else:
             layers = sorted((k for k in outputs if k.startswith("hidden_states.")), key=lambda k: int(k.rsplit(".", 1)[1]))
-            if len(layers) < -layer:
+            index = layer - clip_skip
+            if len(layers) < -index:
                 raise ModelFolderError(
-                    f"{session.path} does not output the hidden states of layer {layer}; re-export it with sd-export"
+                    f"{path} does not output the hidden states of layer {index}; re-export it with sd-export"
+                    if not clip_skip else f"clip_skip {clip_skip} goes past the first layer of the text encoder {path}; use a smaller one"
                 )
-            hidden = outputs[layers[layer]]
+            hidden = outputs[layers[index]]
         pooled = outputs.get("text_embeds", outputs.get("pooler_output"))
         return EncodedText(hidden.astype(np.float32, copy=False), None if pooled is None else pooled.astype(np.float32, copy=False))
+
+
+def _normed_layer(outputs: Mapping[str, np.ndarray], clip_skip: int, path) -> np.ndarray:
+    stack = outputs.get(TextEncoder.NORMED)
+    if stack is None:
+        raise ModelFolderError(f"the text encoder {path} does not output the hidden states clip skip needs "
+                               "(it was exported by another tool or an older leansd); re-export the model with sd-export")
+    if clip_skip >= stack.shape[1]:
+        raise InvalidInputError(f"clip_skip {clip_skip} is more than this text encoder's {stack.shape[1] - 1} layers allow; "
+                                f"use 0 to {stack.shape[1] - 1} (1 is the usual 'clip skip 2')")
+    return stack[:, -(clip_skip + 1)]
 
 
 class UNet:

@@ -184,7 +184,9 @@ class Generation:
             raise InsufficientMemoryError(budget.describe(needed, available))
         encoder = models.prompt_encoder
         with self._timed("text_encoder_s"), pipe.memory.stage(*(e.session for e in encoder.encoders)):
-            cond = encoder.condition(self.prompts, self.negatives, s.num_images_per_prompt)
+            # A static export's UNet takes one chunk of prompt (77 tokens) only.
+            cond = encoder.condition(self.prompts, self.negatives, s.num_images_per_prompt, s.clip_skip,
+                                     max_chunks=1 if pipe.bundle.static_shapes else None)
         with self._timed("prepare_s"):
             start_at = Start(self.plan, self.scheduler, self.noise, self.latent_shape, self.height, self.width, s.latents,
                              models.vae_encoder, f"{pipe.bundle.root} has no vae_encoder for {pipe.backend}; "

@@ -55,6 +55,8 @@ class GenerationSettings:
         Applied to the 8-bit images, for output_type "pil" and "np" (there, the marked 8-bit values / 255).
     noise_level: for the x4 upscaler, how much noise is added to the low-resolution `image` before it conditions the
         UNet (diffusers' StableDiffusionUpscalePipeline; None: 20); more lets the model invent more detail.
+    clip_skip: use the text encoder's hidden states this many layers before the last (through its final layer
+        norm), as diffusers' `clip_skip`; 0 = off. AUTOMATIC1111 counts one more: its "Clip skip 2" is clip_skip=1.
     """
 
     prompt: str | Sequence[str] | None = None
@@ -82,6 +84,7 @@ class GenerationSettings:
     memory_check: bool = True
     watermark: str | None = None
     noise_level: int | None = None
+    clip_skip: int = 0
 
     def merged(self, **overrides: Any) -> "GenerationSettings":
         """These settings with `overrides` (None values keep the default), checked."""
@@ -96,6 +99,7 @@ class GenerationSettings:
         _whole("num_inference_steps", self.num_inference_steps, optional=True)
         _whole("num_images_per_prompt", self.num_images_per_prompt)
         _whole("deep_cache", self.deep_cache, hint=" (1 = off)")
+        _whole("clip_skip", self.clip_skip, 0, hint=" (0 = off; AUTOMATIC1111's 'Clip skip 2' is 1)")
         _whole("height", self.height, optional=True)
         _whole("width", self.width, optional=True)
         _whole("seed", self.seed, 0, 2**64 - 1, optional=True, hint=" (None for a random one)")

@@ -174,6 +174,10 @@ class ClipTokenizer:
         # One prompt at a time: encode_batch would start the library's thread pool, which breaks after a fork.
         return self._tokenizer.encode(prompt, add_special_tokens=False).ids
 
+    def token_id(self, token: str) -> int | None:
+        """The id of a vocabulary entry such as ",</w>" (None when the vocabulary lacks it)."""
+        return self._tokenizer.token_to_id(token)
+
     def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
         """int64 ids of shape (len(prompts), max_length): BOS + tokens + EOS, truncated and padded.
 

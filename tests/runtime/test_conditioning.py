@@ -17,13 +17,15 @@ from leansd.runtime.errors import InvalidInputError
 
 
 class FakeTokenizer:
-    max_length = 77
+    """One token (id 7) per character; no comma in its vocabulary."""
+
+    max_length, bos_token_id, eos_token_id, pad_token_id = 77, 1000, 1001, 1001
 
     def encode(self, prompt):
-        return list(range(len(prompt)))
+        return [7] * len(prompt)
 
-    def __call__(self, prompts):
-        return np.array([[len(p), 0] for p in prompts], dtype=np.int64)
+    def token_id(self, token):
+        return None
 
 
 class FakeEncoder:
@@ -32,16 +34,17 @@ class FakeEncoder:
     def __init__(self, k: int, width: int):
         self.k, self.width = k, width
 
-    def encode(self, ids, layer=-1):
-        hidden = np.stack([np.full((2, self.width), 10 * self.k + layer + 0.01 * n, np.float32) for n in ids[:, 0]])
-        return EncodedText(hidden, np.array([[100.0 * self.k + n] for n in ids[:, 0]], np.float32))
+    def encode(self, ids, layer=-1, clip_skip=0):
+        lengths = (ids == 7).sum(axis=1)
+        hidden = np.stack([np.full((ids.shape[1], self.width), 10 * self.k + layer + 0.01 * n, np.float32) for n in lengths])
+        return EncodedText(hidden, np.array([[100.0 * self.k + n] for n in lengths], np.float32))
 
 
 def test_one_encoder_gives_its_last_hidden_states_repeated_per_image():
     enc = PromptEncoder([FakeTokenizer()], [FakeEncoder(1, 3)])
     cond = enc.condition(["ab", "abcd"], ["", "x"], repeat=2)
     hidden = cond.positive["encoder_hidden_states"]
-    assert hidden.shape == (4, 2, 3) and set(cond.positive) == {"encoder_hidden_states"}  # no pooled input for SD 1.x/2.x
+    assert hidden.shape == (4, 77, 3) and set(cond.positive) == {"encoder_hidden_states"}  # no pooled input for SD 1.x/2.x
     np.testing.assert_allclose(hidden[:, 0, 0], [9.02, 9.02, 9.04, 9.04])  # layer -1; each prompt's images adjacent
     both = cond.half("both")["encoder_hidden_states"]
     np.testing.assert_allclose(both[:, 0, 0], [9.0, 9.0, 9.01, 9.01, 9.02, 9.02, 9.04, 9.04])  # negatives first
@@ -51,7 +54,7 @@ def test_two_encoders_concatenate_penultimate_states_and_pool_the_second():
     enc = PromptEncoder([FakeTokenizer(), FakeTokenizer()], [FakeEncoder(1, 3), FakeEncoder(2, 5)], layer=-2)
     inputs = enc.encode(["abc"])
     hidden = inputs["encoder_hidden_states"]
-    assert hidden.shape == (1, 2, 8)
+    assert hidden.shape == (1, 77, 8)
     np.testing.assert_allclose(hidden[0, 0], [8.03] * 3 + [18.03] * 5)
     np.testing.assert_allclose(inputs["text_embeds"], [[203.0]])
 
