@@ -75,6 +75,7 @@ STATIC_SHAPES_SCHEMA: dict[str, Rule] = {key: POSITIVE_INT for key in ("height",
 DEFAULTS_SCHEMA: dict[str, Rule] = {
     "num_inference_steps": POSITIVE_INT,
     "guidance_scale": NUMBER,
+    "strength": NUMBER,  # image-to-image's default (diffusers' SDXL pipelines: 0.3)
     "height": POSITIVE_INT,
     "width": POSITIVE_INT,
 }

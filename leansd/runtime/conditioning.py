@@ -67,17 +67,22 @@ class PromptEncoder:
     encoders: Sequence[TextEncoder]
     layer: int = -1
     comma_backtrack: int = COMMA_BACKTRACK
+    pooled: bool = False  # the UNet takes the last encoder's pooled embedding as `text_embeds` (SDXL)
 
-    def chunks(self, prompts: list[str]) -> list[list[Chunks]]:
-        """Each tokenizer's chunks of each prompt."""
-        return [[chunk_prompt(p, tokenizer, self.comma_backtrack) for p in prompts] for tokenizer in self.tokenizers]
+    def chunks(self, prompts: list[str], prompts_2: list[str] | None = None) -> list[list[Chunks]]:
+        """Each tokenizer's chunks of each prompt: the first tokenizer reads `prompts`, a second one `prompts_2`
+        (default: the same prompts), as diffusers' SDXL pipelines do."""
+        texts = (prompts, prompts_2 or prompts)
+        return [[chunk_prompt(p, tokenizer, self.comma_backtrack) for p in texts[min(k, 1)]] for k, tokenizer in enumerate(self.tokenizers)]
 
-    def encode(self, prompts: list[str], repeat: int = 1, clip_skip: int = 0, count: int | None = None) -> Inputs:
+    def encode(self, prompts: list[str], repeat: int = 1, clip_skip: int = 0, count: int | None = None,
+               prompts_2: list[str] | None = None) -> Inputs:
         """UNet inputs for `prompts`, each repeated `repeat` times next to itself (as diffusers batches images).
 
         `count`: the number of chunks to encode (at least the longest prompt's; shorter prompts get empty chunks).
+        `prompts_2`: what the second encoder reads (SDXL's `prompt_2`; default `prompts`).
         """
-        per_tokenizer = self.chunks(prompts)
+        per_tokenizer = self.chunks(prompts, prompts_2)
         count = max([count or 1, *(len(c) for chunks in per_tokenizer for c in chunks)])
         hidden, pooled = [], None
         for tokenizer, encoder, chunks in zip(self.tokenizers, self.encoders, per_tokenizer):
@@ -90,15 +95,19 @@ class PromptEncoder:
                     pooled = out.pooled
             hidden.append(states[0] if count == 1 else np.concatenate(states, axis=1))
         inputs = {"encoder_hidden_states": np.repeat(hidden[0] if len(hidden) == 1 else np.concatenate(hidden, axis=-1), repeat, axis=0)}
-        if len(hidden) > 1 and pooled is not None:
+        if self.pooled and pooled is not None:
             inputs["text_embeds"] = np.repeat(pooled, repeat, axis=0)
         return inputs
 
     def condition(self, prompts: list[str], negatives: list[str] | None, repeat: int, clip_skip: int = 0,
-                  max_chunks: int | None = None) -> Conditioning:
+                  max_chunks: int | None = None, prompts_2: list[str] | None = None,
+                  negatives_2: list[str] | None = None) -> Conditioning:
         """The conditioning of a generation; `negatives` None means no guidance. Prompt and negative prompt get the
-        same number of chunks. `max_chunks`: refuse prompts that need more (a UNet exported for 77 tokens only)."""
-        count = max(len(c) for chunks in self.chunks(prompts + (negatives or [])) for c in chunks)
+        same number of chunks. `max_chunks`: refuse prompts that need more (a UNet exported for 77 tokens only).
+        `prompts_2`, `negatives_2`: what a second text encoder reads (default: `prompts`, `negatives`)."""
+        negatives_2 = negatives_2 or negatives
+        every = self.chunks(prompts + (negatives or []), (prompts_2 or prompts) + (negatives_2 or []))
+        count = max(len(c) for chunks in every for c in chunks)
         if max_chunks is not None and count > max_chunks:
             room = self.tokenizers[0].max_length - 2
             raise InvalidInputError(
@@ -106,5 +115,5 @@ class PromptEncoder:
                 f"for {max_chunks} ({room} tokens, static shapes); shorten the prompt (BREAK also starts a chunk), or "
                 "re-export the model without --height/--width/--batch"
             )
-        positive = self.encode(prompts, repeat, clip_skip, count)
-        return Conditioning(positive, None if negatives is None else self.encode(negatives, repeat, clip_skip, count))
+        positive = self.encode(prompts, repeat, clip_skip, count, prompts_2)
+        return Conditioning(positive, None if negatives is None else self.encode(negatives, repeat, clip_skip, count, negatives_2))

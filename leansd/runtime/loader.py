@@ -24,7 +24,7 @@ from leansd.runtime.settings import GenerationSettings
 from leansd.runtime.tokenizer import ClipTokenizer
 
 # Diffusers pipelines whose folders need a task leansd does not run yet (they would load as text-to-image).
-_NOT_YET = ("Depth2Img", "LatentUpscale", "XL", "InstructPix2Pix", "ControlNet")
+_NOT_YET = ("Depth2Img", "LatentUpscale", "InstructPix2Pix", "ControlNet")
 # Called with (component, session) when a session opens; returns the session to use (e.g. one that records calls).
 SessionHook = Callable[[str, Session], Session]
 
@@ -49,6 +49,17 @@ def choose_backend(bundle: ModelBundle, backend: str | None) -> str:
         f"{bundle.root} has models for {', '.join(present) or 'no backend'} but only {', '.join(installed)} is installed; "
         "install the matching backend or re-export the model"
     )
+
+
+def prompt_encoder(bundle: ModelBundle, backend: str, lazy: Callable[[str], LazySession | None]) -> PromptEncoder:
+    """The folder's tokenizer and text encoder; SDXL's two (its refiner's second only), read at their penultimate layer
+    with the second's pooled embedding, as diffusers' SDXL pipelines do."""
+    if not bundle.has_component(names.TEXT_ENCODER_2, backend):
+        return PromptEncoder([ClipTokenizer.from_folder(bundle.root / "tokenizer")], [TextEncoder(lazy(names.TEXT_ENCODER))])
+    pairs = [("tokenizer", names.TEXT_ENCODER)] if bundle.has_component(names.TEXT_ENCODER, backend) else []
+    pairs.append(("tokenizer_2", names.TEXT_ENCODER_2))
+    return PromptEncoder([ClipTokenizer.from_folder(bundle.root / t) for t, _ in pairs], [TextEncoder(lazy(e)) for _, e in pairs],
+                         layer=-2, pooled=True)
 
 
 def load(
@@ -130,7 +141,7 @@ def assemble(
     tiny = lazy(names.TINY_VAE_DECODER, required=False) or lazy(names.TINY_VAE_DECODER, required=False, variant="fp32")
     encoder = lazy(names.VAE_ENCODER, component_options=transient) if bundle.has_component(names.VAE_ENCODER, backend) else None
     models = Models(
-        prompt_encoder=PromptEncoder([ClipTokenizer.from_folder(bundle.root / "tokenizer")], [TextEncoder(lazy(names.TEXT_ENCODER))]),
+        prompt_encoder=prompt_encoder(bundle, backend, lazy),
         denoiser=denoiser,
         vae_decoder=VaeDecoder(lazy(names.VAE_DECODER, component_options=transient), bundle.vae_config),
         vae_encoder=VaeEncoder(encoder, bundle.vae_config) if encoder else None,

@@ -15,6 +15,7 @@ FORMAT = "leansd-model"
 FORMAT_VERSION = 1
 
 TEXT_ENCODER = "text_encoder"
+TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second (its refiner's only) text encoder
 UNET = "unet"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from leansd.runtime import budget, watermark
+from leansd.runtime import budget, micro_conditioning, watermark
 from leansd.runtime.bundle import ModelBundle
 from leansd.runtime.conditioning import PromptEncoder
 from leansd.runtime.denoiser import Denoiser, Guidance
@@ -31,6 +31,7 @@ from leansd.runtime.memory import MemoryPolicy
 from leansd.runtime.models import UNet, VaeDecoder, VaeEncoder
 from leansd.runtime.rng import TorchCompatibleGenerator
 from leansd.runtime.schedulers import get_scheduler
+from leansd.runtime.schedulers.common import window
 from leansd.runtime.settings import GenerationSettings, as_prompt_list
 from leansd.runtime.tasks import ImageToImage, Inpaint, Start, TextToImage, Upscale
 
@@ -164,10 +165,16 @@ class Generation:
                                     f"watermark bits (one per 8x8 block), not {len(s.watermark) * 8}; use a shorter watermark")
         self.scheduler = get_scheduler(s.scheduler, pipe.bundle.scheduler_config, eta=s.eta)
         self.plan = self.scheduler.plan(self.steps, self.task.strength)
+        if s.denoising_start is not None or s.denoising_end is not None:
+            self.plan = self._window(self.plan)
         if len(self.plan.timesteps) == 0:
             raise InvalidInputError(f"strength {s.strength} with {self.steps} steps leaves no denoising step; raise strength or steps")
         self.guidance = Guidance.plan(self.guidance_scale, s.guidance_cutoff, len(self.plan.timesteps))
         self.negatives = self._negatives() if self.guidance.guided_steps else None
+        # SDXL base: no negative prompt means zeros, not the encoded empty prompt (force_zeros_for_empty_prompt)
+        self.zero_negative = bool(self.negatives is not None and s.negative_prompt is None and s.negative_prompt_2 is None
+                                  and (pipe.bundle.model_index or {}).get("force_zeros_for_empty_prompt")
+                                  and micro_conditioning.takes_time_ids(pipe.bundle.unet_config))
         self.seed = s.seed
         if s.generator is None:
             self.seed = secrets.randbelow(2**32) if s.seed is None else int(s.seed)
@@ -185,8 +192,15 @@ class Generation:
         encoder = models.prompt_encoder
         with self._timed("text_encoder_s"), pipe.memory.stage(*(e.session for e in encoder.encoders)):
             # A static export's UNet takes one chunk of prompt (77 tokens) only.
-            cond = encoder.condition(self.prompts, self.negatives, s.num_images_per_prompt, s.clip_skip,
-                                     max_chunks=1 if pipe.bundle.static_shapes else None)
+            cond = encoder.condition(self.prompts, None if self.zero_negative else self.negatives, s.num_images_per_prompt,
+                                     s.clip_skip, max_chunks=1 if pipe.bundle.static_shapes else None,
+                                     prompts_2=self._prompt_list("prompt_2"), negatives_2=self._prompt_list("negative_prompt_2"))
+            if self.zero_negative:
+                cond = micro_conditioning.zero_negative(cond)
+        if micro_conditioning.takes_time_ids(pipe.bundle.unet_config):
+            aesthetic = bool((pipe.bundle.model_index or {}).get("requires_aesthetics_score"))
+            ids = micro_conditioning.time_ids(s, self.height, self.width, aesthetic, img2img=s.image is not None)
+            cond = micro_conditioning.with_time_ids(cond, *ids)
         with self._timed("prepare_s"):
             start_at = Start(self.plan, self.scheduler, self.noise, self.latent_shape, self.height, self.width, s.latents,
                              models.vae_encoder, f"{pipe.bundle.root} has no vae_encoder for {pipe.backend}; "
@@ -249,7 +263,37 @@ class Generation:
                 f"{self.pipe.bundle.root} is an inpainting model (its UNet takes {unet.in_channels} channels: latents, mask and "
                 "masked image); pass image and mask_image (sd-run --init-image IMAGE --mask MASK)"
             )
-        return TextToImage() if s.image is None else ImageToImage(s.image, 0.8 if s.strength is None else s.strength)
+        if s.denoising_start is not None and s.image is None:
+            raise InvalidInputError("denoising_start continues a generation: pass image, the latents the base model returned "
+                                    "with denoising_end and output_type='latent' (or an image)")
+        if s.image is None:
+            if bundle.pipeline_class.endswith("Img2ImgPipeline"):  # SDXL's refiner
+                raise InvalidInputError(f"{bundle.root} is an image-to-image model (a refiner); pass image: a picture, or the "
+                                        "latents a base model returned with denoising_end and output_type='latent'")
+            return TextToImage()
+        strength = s.strength if s.strength is not None else float(bundle.defaults().get("strength", 0.8))
+        return ImageToImage(s.image, strength, self.pipe.vae_scale_factor, add_noise=s.denoising_start is None)
+
+    def _window(self, plan):
+        """The plan cut to [denoising_start, denoising_end) of the schedule, as diffusers' SDXL pipelines cut it."""
+        s = self.settings
+        if s.denoising_start is not None and s.denoising_end is not None and s.denoising_start >= s.denoising_end:
+            raise InvalidInputError(f"denoising_start {s.denoising_start} is not before denoising_end {s.denoising_end}; "
+                                    "start must come first")
+        num_train = int(self.pipe.bundle.scheduler_config.get("num_train_timesteps", 1000))
+        return window(plan, num_train, s.denoising_start, s.denoising_end)
+
+    def _prompt_list(self, name: str) -> list[str] | None:
+        """prompt_2 / negative_prompt_2 as one entry per prompt, or None when not given."""
+        value = getattr(self.settings, name)
+        if value is None:
+            return None
+        items = as_prompt_list(value, name)
+        if len(items) == 1 and len(self.prompts) > 1:
+            items = items * len(self.prompts)
+        if len(items) != len(self.prompts):
+            raise InvalidInputError(f"{name} has {len(items)} entries but prompt has {len(self.prompts)}; give one per prompt")
+        return items
 
     def _upscale(self) -> Upscale:
         s, bundle = self.settings, self.pipe.bundle

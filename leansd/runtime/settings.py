@@ -57,6 +57,14 @@ class GenerationSettings:
         UNet (diffusers' StableDiffusionUpscalePipeline; None: 20); more lets the model invent more detail.
     clip_skip: use the text encoder's hidden states this many layers before the last (through its final layer
         norm), as diffusers' `clip_skip`; 0 = off. AUTOMATIC1111 counts one more: its "Clip skip 2" is clip_skip=1.
+    SDXL (diffusers' StableDiffusionXLPipeline and its img2img / refiner pipeline, same names and defaults):
+    prompt_2, negative_prompt_2: what the second text encoder reads (default: prompt, negative_prompt).
+    original_size, crops_coords_top_left, target_size and their negative_* counterparts: the micro-conditioning,
+        (height, width) / (top, left) pairs (default: the output size, (0, 0), the output size; the negative ones
+        default to the positive ones). aesthetic_score, negative_aesthetic_score: the refiner's (6.0 and 2.5).
+    denoising_end: stop after this fraction of the schedule and return what is left to denoise (use with
+        output_type="latent" and hand the latents to the refiner); denoising_start: start at this fraction, from
+        `image` given as those latents (the refiner's half of the hand-off). Both as in diffusers.
     """
 
     prompt: str | Sequence[str] | None = None
@@ -85,6 +93,18 @@ class GenerationSettings:
     watermark: str | None = None
     noise_level: int | None = None
     clip_skip: int = 0
+    prompt_2: str | Sequence[str] | None = None
+    negative_prompt_2: str | Sequence[str] | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    denoising_start: float | None = None
+    denoising_end: float | None = None
 
     def merged(self, **overrides: Any) -> "GenerationSettings":
         """These settings with `overrides` (None values keep the default), checked."""
@@ -104,6 +124,13 @@ class GenerationSettings:
         _whole("width", self.width, optional=True)
         _whole("seed", self.seed, 0, 2**64 - 1, optional=True, hint=" (None for a random one)")
         _whole("noise_level", self.noise_level, 0, optional=True)
+        for name in ("denoising_start", "denoising_end"):
+            _number(name, getattr(self, name), 0.0, 1.0, optional=True, what="a fraction of the schedule")
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            _number(name, getattr(self, name), -1e6)
+        for name in ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                     "negative_crops_coords_top_left", "negative_target_size"):
+            _pair(name, getattr(self, name))
         _number("guidance_scale", self.guidance_scale, 0.0, optional=True, hint=" (1 or less: no guidance)")
         _number("eta", self.eta, 0.0)
         _number("guidance_cutoff", self.guidance_cutoff, 0.0, 1.0, hint=" (1 = guide every step)", what="a fraction of the steps")
@@ -129,6 +156,13 @@ class GenerationSettings:
             if isinstance(getattr(self, name), np.ndarray):
                 _finite(name, getattr(self, name))
         return self
+
+
+def _pair(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(_real(v) and v >= 0 for v in value)):
+        raise InvalidInputError(f"{name} must be a pair of numbers >= 0 such as (1024, 1024), got {value!r:.60}")
 
 
 def _real(value: Any) -> bool:

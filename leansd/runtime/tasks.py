@@ -84,8 +84,11 @@ class TextToImage:
 class ImageToImage(TextToImage):
     """Start from an image: encode it, sample the latent distribution, noise it to the plan's first timestep."""
 
-    def __init__(self, image: Any, strength: float):
-        self.strength = strength
+    def __init__(self, image: Any, strength: float, factor: int = 8, add_noise: bool = True):
+        self.strength, self.factor, self.add_noise = strength, factor, add_noise
+        self.latents = None  # latents given as the image (N x C x h x w): a base model's output for a refiner
+        if isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[-1] != 3:
+            self.latents, image = image.astype(np.float32), np.zeros((1, 1, 1, 3), np.float32)
         self.image = load_image(image) if not isinstance(image, np.ndarray) else image
         if isinstance(self.image, np.ndarray):
             self.image = self.image.astype(np.float32) / (255.0 if self.image.dtype == np.uint8 else 1.0)
@@ -93,6 +96,8 @@ class ImageToImage(TextToImage):
                 raise InvalidInputError(f"init image array has shape {self.image.shape}; pass HxWx3 or NxHxWx3 in [0, 1]")
 
     def size(self) -> tuple[int, int]:
+        if self.latents is not None:
+            return self.latents.shape[-2] * self.factor, self.latents.shape[-1] * self.factor
         if isinstance(self.image, np.ndarray):
             return tuple(self.image.shape[-3:-1])  # type: ignore[return-value]
         return self.image.size[1], self.image.size[0]
@@ -110,7 +115,13 @@ class ImageToImage(TextToImage):
         return image_to_model_input(self.image, start.width, start.height)
 
     def prepare(self, start: Start, cond: Conditioning) -> Prepared:
-        init = spread(encode(start, self.pixels(start)), start.latent_shape[0], "init images")
+        init = self.latents if self.latents is not None else encode(start, self.pixels(start))
+        if init.shape[1:] != start.latent_shape[1:]:
+            raise InvalidInputError(f"image latents have shape {init.shape}; expected (N, {', '.join(map(str, start.latent_shape[1:]))}) "
+                                    "for this model and size")
+        init = spread(init, start.latent_shape[0], "init images")
+        if not self.add_noise:  # denoising_start: the latents are already as noisy as the plan's first step wants
+            return Prepared(init, cond)
         return Prepared(start.scheduler.add_noise(start.plan, init, start.noise.randn(init.shape)).astype(np.float32), cond)
 
 
