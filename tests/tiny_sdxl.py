@@ -18,6 +18,9 @@ SDXL_SCHEDULER = {
     "interpolation_type": "linear", "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "leading",
     "trained_betas": None, "use_karras_sigmas": False,
 }
+# SDXL-Turbo's: Euler ancestral with trailing timesteps (1-4 steps, no guidance).
+TURBO_SCHEDULER = {**{k: v for k, v in SDXL_SCHEDULER.items() if k not in ("interpolation_type", "use_karras_sigmas")},
+                   "timestep_spacing": "trailing"}
 TEXT_WIDTH, TEXT_WIDTH_2, PROJECTION = 32, 32, 32
 TIME_EMBED = 8
 
@@ -36,11 +39,14 @@ def _tokenizer(pad: str | None = None):
     return CLIPTokenizer(str(CLIP_VOCAB_DIR / "vocab.json"), str(CLIP_VOCAB_DIR / "merges.txt"), model_max_length=77, **kwargs)
 
 
-def build_tiny_sdxl(path: Path, *, seed: int = 0, refiner: bool = False, inpainting: bool = False,
+def build_tiny_sdxl(path: Path, *, seed: int = 0, refiner: bool = False, inpainting: bool = False, turbo: bool = False,
                     force_zeros_for_empty_prompt: bool = True) -> Path:
-    """Save a tiny SDXL pipeline (base, or `refiner`, or a 9-channel `inpainting` base) at `path` and return it."""
+    """Save a tiny SDXL pipeline (base, or `refiner`, or a 9-channel `inpainting` base) at `path` and return it.
+
+    `turbo`: SDXL-Turbo's scheduler (Euler ancestral, trailing timesteps), the one thing its folder changes besides
+    the weights and the 512x512 size."""
     import torch
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
                            StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -62,7 +68,9 @@ def build_tiny_sdxl(path: Path, *, seed: int = 0, refiner: bool = False, inpaint
     text_encoder = None if refiner else CLIPTextModel(_text_config(TEXT_WIDTH))
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(TEXT_WIDTH_2, projection_dim=PROJECTION))
     parts = dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=None if refiner else _tokenizer(),
-                 tokenizer_2=_tokenizer(pad="!"), unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER))
+                 tokenizer_2=_tokenizer(pad="!"), unet=unet,
+                 scheduler=(EulerAncestralDiscreteScheduler(**TURBO_SCHEDULER) if turbo
+                            else EulerDiscreteScheduler(**SDXL_SCHEDULER)))
     if refiner:
         pipe = StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
     elif inpainting:

@@ -34,7 +34,7 @@ def export_model(
     tiny_vae: str | os.PathLike[str] | None = None,
     unet_parts: int | None = None,
 ) -> Path:
-    """Export a Stable Diffusion 1.x/2.x model to a leansd model folder and return the folder's path.
+    """Export a Stable Diffusion 1.x/2.x or SDXL model to a leansd model folder and return the folder's path.
 
     Args:
         source: a diffusers folder, a Hugging Face Hub id (needs network access), or an SD 1.x single-file

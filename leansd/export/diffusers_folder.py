@@ -1,5 +1,5 @@
 """A diffusers folder as the exporter sees it: the `Source` record every kind of source becomes, and the
-checks that a folder holds a Stable Diffusion 1.x/2.x pipeline. Shared by `sources` and `singlefile`.
+checks that a folder holds a Stable Diffusion 1.x/2.x or SDXL pipeline. Shared by `sources` and `singlefile`.
 """
 from __future__ import annotations
 
@@ -204,6 +204,9 @@ def check_folder(path: Path) -> None:
     if component("transformer")[0] is not None:
         raise _refuse(path, f"has a transformer instead of a UNet ({index.get('_class_name') or 'a diffusers pipeline'})")
     xl = component("text_encoder_2")[0] is not None
+    unet_config = path / "unet" / "config.json"
+    if xl and unet_config.is_file() and read_json(unet_config).get("addition_embed_type") != "text_time":
+        raise _refuse(path, "has a second text encoder (text_encoder_2) but a UNet without SDXL's text_time conditioning")
     expected = {**EXPECTED, **EXPECTED_SDXL} if xl else EXPECTED
     if xl and component("text_encoder")[0] is None and component("tokenizer")[0] is None:  # SDXL's refiner
         expected = {k: v for k, v in expected.items() if k not in ("text_encoder", "tokenizer")}
@@ -212,7 +215,7 @@ def check_folder(path: Path) -> None:
         if entry[0] is None or (classes is not None and entry[1] not in classes):
             found = entry[1] or "nothing"
             raise ExportError(
-                f"'{path}' is not a Stable Diffusion 1.x/2.x model: its '{name}' is {found}"
+                f"'{path}' is not a Stable Diffusion 1.x/2.x or SDXL model: its '{name}' is {found}"
                 f"{'' if classes is None else ' (expected ' + ' or '.join(sorted(classes)) + ')'}; pass a StableDiffusionPipeline folder"
             )
     check_configs(path)

@@ -34,7 +34,8 @@ TRACE_SEED, VERIFY_SEED = 0, 1
 # What diffusers' StableDiffusionUpscalePipeline uses when a call gives no steps or guidance.
 UPSCALER_DEFAULTS = {"num_inference_steps": 75, "guidance_scale": 9.0}
 # diffusers' StableDiffusionXL pipelines' defaults (text-to-image and image-to-image / refiner).
-SDXL_DEFAULTS = {"guidance_scale": 5.0, "strength": 0.3}
+SDXL_DEFAULTS = {"guidance_scale": 5.0, "strength": 0.3, "inpaint_strength": 0.9999}
+SDXL_INPAINT_DEFAULTS = {"guidance_scale": 7.5, "inpaint_strength": 0.9999}  # StableDiffusionXLInpaintPipeline's
 
 
 def parse_backends(backends: str | Sequence[str]) -> tuple[str, ...]:
@@ -427,7 +428,8 @@ def _write_manifest(source: Source, root: Path, info, files, static, opset, pari
             "parity_metric": metric,
             **({"int8": int8.settings} if int8 is not None else {}),
             **({"defaults": UPSCALER_DEFAULTS} if info.class_embeddings else {}),
-            **({"defaults": SDXL_DEFAULTS} if info.text_time is not None else {}),
+            **({"defaults": SDXL_INPAINT_DEFAULTS if info.unet_in_channels > info.latent_channels else SDXL_DEFAULTS}
+               if info.text_time is not None else {}),
             "io": {n: comp.io_manifest(n, static, info) for n in names},
             "opset": opset,
             "provenance": _provenance(source),

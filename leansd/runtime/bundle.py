@@ -76,6 +76,7 @@ DEFAULTS_SCHEMA: dict[str, Rule] = {
     "num_inference_steps": POSITIVE_INT,
     "guidance_scale": NUMBER,
     "strength": NUMBER,  # image-to-image's default (diffusers' SDXL pipelines: 0.3)
+    "inpaint_strength": NUMBER,  # inpainting's (diffusers' SDXL inpainting pipeline: 0.9999)
     "height": POSITIVE_INT,
     "width": POSITIVE_INT,
 }

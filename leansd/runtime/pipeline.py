@@ -257,7 +257,8 @@ class Generation:
         if s.noise_level is not None:
             raise InvalidInputError("noise_level is a setting of the x4 upscaler, and this model is not one; leave it unset")
         if s.mask_image is not None:
-            return Inpaint(s.image, s.mask_image, 1.0 if s.strength is None else s.strength, s.masked_image_latents, inpainting_unet)
+            strength = s.strength if s.strength is not None else float(bundle.defaults().get("inpaint_strength", 1.0))
+            return Inpaint(s.image, s.mask_image, strength, s.masked_image_latents, inpainting_unet)
         if inpainting_unet:
             raise InvalidInputError(
                 f"{self.pipe.bundle.root} is an inpainting model (its UNet takes {unet.in_channels} channels: latents, mask and "

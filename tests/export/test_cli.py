@@ -57,12 +57,12 @@ def test_not_a_model_folder(tmp_path, capsys):
 
 
 def test_not_a_stable_diffusion_model(tmp_path, capsys):
-    (tmp_path / "xl").mkdir()
-    index = {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
-    (tmp_path / "xl" / "model_index.json").write_text(json.dumps(index))
-    code, err = sd_export(capsys, tmp_path / "xl", tmp_path / "out")
+    (tmp_path / "kandinsky").mkdir()
+    index = {"_class_name": "KandinskyV22Pipeline", "unet": ["diffusers", "UNet2DConditionModel"], "movq": ["diffusers", "VQModel"]}
+    (tmp_path / "kandinsky" / "model_index.json").write_text(json.dumps(index))
+    code, err = sd_export(capsys, tmp_path / "kandinsky", tmp_path / "out")
     assert code == 2
-    assert_one_line(err, "StableDiffusionXLPipeline", "1.x/2.x")
+    assert_one_line(err, "is not a Stable Diffusion 1.x/2.x or SDXL model", "'vae' is nothing")
 
 
 def test_unsupported_file_type(tmp_path, capsys):
