@@ -176,6 +176,11 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                    "1 (default) guides every step. With --deep-cache, features are then reused on the unguided steps only")
     p.add_argument("--tiny-vae", action="store_true",
                    help="decode with the tiny VAE decoder (TAESD; needs a folder exported with sd-export --tiny-vae): much faster, a little less detail")
+    p.add_argument("--refiner", type=Path, default=None, metavar="DIR",
+                   help="SDXL: finish every image with this refiner model folder (exported with sd-export): the --model stops at "
+                   "--refiner-switch and hands its latents over")
+    p.add_argument("--refiner-switch", type=number(0, 1, low_open=True), default=0.8, metavar="F",
+                   help="with --refiner: the fraction of the schedule the base model runs (default 0.8; diffusers' guide's value)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -241,21 +246,30 @@ def progress_callback(quiet: bool, preview: Path | None, overwrite: bool, pipe: 
 
 
 def generate(args: argparse.Namespace, pipe: Pipeline, seed: int, init_image: Image.Image | None,
-             mask: Image.Image | None = None) -> list[PipelineOutput]:
-    """One pipeline call per --n_iter iteration; iteration k uses seed + k, so each can be redone alone."""
+             mask: Image.Image | None = None, refiner: Pipeline | None = None) -> list[PipelineOutput]:
+    """One pipeline call per --n_iter iteration; iteration k uses seed + k, so each can be redone alone. With a
+    `refiner`, the base model stops at --refiner-switch and the refiner finishes its latents (diffusers' hand-off)."""
     from leansd.runtime.image import infotext_prompt
 
     callback = progress_callback(args.quiet, args.preview, args.overwrite, pipe)
     negative = infotext_prompt(args.negative_prompt) if args.negative_prompt is not None else None
-    return [
-        pipe(
-            infotext_prompt(args.prompt), negative_prompt=negative, num_inference_steps=args.steps,
-            guidance_scale=args.guidance, num_images_per_prompt=args.num_images, height=args.height, width=args.width,
-            image=init_image, mask_image=mask, strength=args.strength, eta=args.eta, seed=seed + k, scheduler=args.scheduler,
-            callback=callback, memory_check=args.memory_check, watermark=args.watermark, noise_level=args.noise_level,
+    results = []
+    for k in range(args.n_iter):
+        common = dict(negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=seed + k,
+                      scheduler=args.scheduler, eta=args.eta, callback=callback, memory_check=args.memory_check)
+        first = pipe(
+            infotext_prompt(args.prompt), num_images_per_prompt=args.num_images, height=args.height, width=args.width,
+            image=init_image, mask_image=mask, strength=args.strength, noise_level=args.noise_level,
+            **({"denoising_end": args.refiner_switch, "output_type": "latent"} if refiner else {"watermark": args.watermark}), **common,
         )
-        for k in range(args.n_iter)
-    ]
+        if refiner is None:
+            results.append(first)
+            continue
+        done = refiner(infotext_prompt(args.prompt), image=first.images, denoising_start=args.refiner_switch,
+                       watermark=args.watermark, **common)
+        done.timings = {key: first.timings.get(key, 0.0) + value for key, value in done.timings.items()}
+        results.append(done)
+    return results
 
 
 # ---------------------------------------------------------------- the command
@@ -278,7 +292,11 @@ def run(args: argparse.Namespace) -> list[Path]:
         num_threads=args.threads, cache_dir=args.cache_dir, low_memory=args.low_memory, deep_cache=args.deep_cache,
         vae_tiling=args.tiled_vae, tiny_vae=args.tiny_vae, guidance_cutoff=args.guidance_cutoff,
     )
-    results = generate(args, pipe, seed, init_image, mask)
+    refiner = None
+    if args.refiner is not None:
+        refiner = load(args.refiner, backend=pipe.backend, device=args.device, precision=args.precision, num_threads=args.threads,
+                       cache_dir=args.cache_dir, low_memory=args.low_memory, vae_tiling=args.tiled_vae, tiny_vae=args.tiny_vae)
+    results = generate(args, pipe, seed, init_image, mask, refiner)
     paths = write_outputs(args, plan, pipe, results)
     for path in paths:
         say_path(path)

@@ -175,7 +175,7 @@ def image_parameters(args: argparse.Namespace, pipe: Pipeline, result: PipelineO
         "Seed": result.seed,
         "Size": f"{image.width}x{image.height}",
         "Model": pipe.bundle.name,
-        "Denoising strength": used.strength if used.image is not None else None,
+        "Denoising strength": used.strength if used.image is not None and used.denoising_start is None else None,
         "Eta DDIM": used.eta if used.eta else None,
         "Batch size": batch if batch > 1 else None,
         "Batch pos": pos if batch > 1 else None,
@@ -183,6 +183,9 @@ def image_parameters(args: argparse.Namespace, pipe: Pipeline, result: PipelineO
         "CFG cutoff": used.guidance_cutoff if used.guidance_cutoff < 1 else None,
         "VAE": "tiny (TAESD)" if used.tiny_vae else None,
         "Watermark": used.watermark,
+        # AUTOMATIC1111's names for the SDXL refiner hand-off
+        "Refiner": getattr(args, "refiner", None) and Path(args.refiner).name,
+        "Refiner switch at": used.denoising_start,
         "Backend": f"leansd {__version__} {pipe.backend} {pipe.precision}",
     }
 

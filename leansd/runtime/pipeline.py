@@ -168,6 +168,9 @@ class Generation:
         if s.denoising_start is not None or s.denoising_end is not None:
             self.plan = self._window(self.plan)
         if len(self.plan.timesteps) == 0:
+            if s.denoising_start is not None or s.denoising_end is not None:
+                raise InvalidInputError(f"denoising_start {s.denoising_start} / denoising_end {s.denoising_end} with {self.steps} steps "
+                                        "leave no denoising step; raise the steps or widen the window")
             raise InvalidInputError(f"strength {s.strength} with {self.steps} steps leaves no denoising step; raise strength or steps")
         self.guidance = Guidance.plan(self.guidance_scale, s.guidance_cutoff, len(self.plan.timesteps))
         self.negatives = self._negatives() if self.guidance.guided_steps else None

@@ -189,3 +189,24 @@ def test_bad_sdxl_settings_are_named(base, refiner, tmp_path):
         leansd.load(refiner[1], backend="onnxruntime")(PROMPT)
     with pytest.raises(ExportError, match="int8 is not available for SDXL yet"):
         export_model(base[0], tmp_path / "int8", precisions=["fp32", "int8"], progress=False)
+
+
+def test_sd_run_with_a_refiner(base, refiner, tmp_path):
+    """`sd-run --model BASE --refiner REFINER --refiner-switch 0.7` writes the image of diffusers' hand-off, and records
+    the refiner as AUTOMATIC1111 does."""
+    from tests.cli.helpers import sd_run
+
+    (base_src, base_out), (refiner_src, refiner_out) = base, refiner
+    result = sd_run(PROMPT, "--model", str(base_out), "--refiner", str(refiner_out), "--refiner-switch", "0.7", "--steps", "8",
+                    "--seed", "2", "--W", "32", "--H", "32", "--backend", "onnxruntime", "-o", "out.png", "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    common = dict(prompt=PROMPT, num_inference_steps=8)
+    latents = reference(base_src)(generator=generator(2), output_type="latent", denoising_end=0.7, height=SIZE, width=SIZE,
+                                  **common).images
+    expected = reference(refiner_src, "img2img")(image=latents, generator=generator(2), output_type="np", denoising_start=0.7,
+                                                 **common).images[0]
+    written = Image.open(tmp_path / "out.png")
+    assert np.abs(np.asarray(written.convert("RGB"), dtype=np.float32) / 255 - expected).max() <= 1 / 255 + TOLERANCE
+    parameters = written.text["parameters"]
+    assert f"Refiner: {refiner_out.name}" in parameters and "Refiner switch at: 0.7" in parameters
+    assert "Denoising strength" not in parameters
