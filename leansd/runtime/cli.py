@@ -112,15 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_prompt_options(p: argparse.ArgumentParser) -> None:
     flag = {"action": ScriptFlag}
-    p.add_argument("prompt", nargs="?", type=prompt_text, default=None, help="what to draw")
+    p.add_argument("prompt", nargs="?", type=prompt_text, default=None,
+                   help="what to draw: any length, with AUTOMATIC1111's (word), (word:1.3), [word] weights and BREAK")
     p.add_argument("--prompt", dest="prompt_flag", type=prompt_text, default=None, **flag, help="the prompt, as the scripts take it")
-    p.add_argument("--negative-prompt", type=prompt_text, default=None, help="what not to draw")
+    p.add_argument("--negative-prompt", type=prompt_text, default=None, help="what not to draw (same syntax)")
     p.add_argument("--steps", "--ddim_steps", type=whole(1), default=None, **flag, help="denoising steps (default: the model's recommendation, else 50)")
     p.add_argument("--guidance", "--scale", type=number(0, hint=" (0 or 1 turn guidance off)"), default=None, **flag,
                    help="classifier-free guidance scale; it applies when > 1")
     p.add_argument("--scheduler", default=None, help="ddim, pndm/plms, euler, euler_a, dpm++2m, dpm++2m_karras, lms, lcm or a diffusers class name")
     p.add_argument("--plms", dest="scheduler", nargs=0, const="plms", **flag, help="the PLMS sampler (--scheduler plms)")
     p.add_argument("--dpm", dest="scheduler", nargs=0, const="dpm++2m", **flag, help="DPM-Solver++ 2M (--scheduler dpm++2m)")
+    p.add_argument("--clip-skip", type=whole(0), default=0, metavar="N",
+                   help="use the text encoder's hidden states N layers before the last (diffusers' clip_skip; 0 = off). "
+                   "AUTOMATIC1111 counts one more: its 'Clip skip: 2' is --clip-skip 1")
     p.add_argument("--eta", "--ddim_eta", type=number(0), default=0.0, **flag, help="DDIM's eta: fresh noise per step (ddim only; 0 = deterministic)")
     p.add_argument("--seed", type=seed_value, default=None,
                    help="0 to 2**64-1; the same seed gives the same image as diffusers with torch.Generator('cpu'); -1 or none: random")
@@ -256,7 +260,8 @@ def generate(args: argparse.Namespace, pipe: Pipeline, seed: int, init_image: Im
     results = []
     for k in range(args.n_iter):
         common = dict(negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=seed + k,
-                      scheduler=args.scheduler, eta=args.eta, callback=callback, memory_check=args.memory_check)
+                      scheduler=args.scheduler, eta=args.eta, callback=callback, memory_check=args.memory_check,
+                      clip_skip=args.clip_skip)
         first = pipe(
             infotext_prompt(args.prompt), num_images_per_prompt=args.num_images, height=args.height, width=args.width,
             image=init_image, mask_image=mask, strength=args.strength, noise_level=args.noise_level,

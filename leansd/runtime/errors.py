@@ -27,4 +27,4 @@ class Cancelled(LeanSDError):
 
 
 class LeanSDWarning(UserWarning):
-    """Something was done differently from what was asked (e.g. a prompt cut at the text encoder's length)."""
+    """Something was done differently from what was asked (e.g. a mask stretched to the output size)."""

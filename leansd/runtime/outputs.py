@@ -176,6 +176,7 @@ def image_parameters(args: argparse.Namespace, pipe: Pipeline, result: PipelineO
         "Size": f"{image.width}x{image.height}",
         "Model": pipe.bundle.name,
         "Denoising strength": used.strength if used.image is not None and used.denoising_start is None else None,
+        "Clip skip": used.clip_skip + 1 if used.clip_skip else None,  # AUTOMATIC1111's numbering: diffusers' + 1
         "Eta DDIM": used.eta if used.eta else None,
         "Batch size": batch if batch > 1 else None,
         "Batch pos": pos if batch > 1 else None,

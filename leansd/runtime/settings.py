@@ -27,7 +27,8 @@ OUTPUT_TYPES = ("pil", "np", "latent")
 class GenerationSettings:
     """Everything a generation can be told. None means: the model's default (steps, guidance, size, scheduler).
 
-    prompt, negative_prompt: a string or a list of strings (one negative per prompt, or one for all).
+    prompt, negative_prompt: a string or a list of strings (one negative per prompt, or one for all), of any length,
+        with AUTOMATIC1111's (word:1.2) / [word] weights and BREAK (`leansd.runtime.prompt_chunks`).
     num_inference_steps, guidance_scale (guidance applies exactly when > 1), num_images_per_prompt, height,
         width, latents (initial noise, unscaled), output_type ("pil", "np" float NHWC in [0, 1], "latent"),
         image + strength (image-to-image), eta (DDIM's noise): as in diffusers.

@@ -78,3 +78,17 @@ def test_forging_prompt_draws_what_its_folded_form_draws(tmp_path, cli_model):
     assert sd_run(recorded, *args, "-o", "b.png", cwd=tmp_path).returncode == 0
     with Image.open(tmp_path / "b.png") as img:
         assert img.tobytes() == first
+
+
+def test_long_weighted_prompt_and_clip_skip_are_used_and_recorded(tmp_path, cli_model):
+    """A prompt over 77 tokens is not cut (no warning), and clip skip is recorded in AUTOMATIC1111's numbering."""
+    prompt = "a (red:1.2) circle on a [blue] background, " * 12 + "BREAK a (yellow) triangle"
+    args = ("--model", str(cli_model), "--steps", "2", "--seed", "3", "-q")
+    result = sd_run(prompt, *args, "--clip-skip", "1", "-o", "skip.png", cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert sd_run(prompt, *args, "-o", "plain.png", cwd=tmp_path).returncode == 0
+    with Image.open(tmp_path / "skip.png") as skip, Image.open(tmp_path / "plain.png") as plain:
+        got = parse_generation_parameters(skip.text["parameters"])
+        assert got["Prompt"] == prompt.strip() and got["Clip skip"] == "2"
+        assert "Clip skip" not in parse_generation_parameters(plain.text["parameters"])
+        assert skip.tobytes() != plain.tobytes()

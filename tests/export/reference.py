@@ -28,8 +28,12 @@ def torch_outputs(component: str, models: dict, feeds: dict[str, np.ndarray]) ->
     t = {k: torch.from_numpy(v) for k, v in feeds.items()}
     with torch.no_grad():
         if component == "text_encoder":
-            out = models["text_encoder"](t["input_ids"])
-            return {"last_hidden_state": out.last_hidden_state.numpy(), "pooler_output": out.pooler_output.numpy()}
+            encoder = models["text_encoder"]
+            out = encoder(t["input_ids"], output_hidden_states=True)
+            # diffusers' clip_skip=N reads final_layer_norm(hidden_states[-(N + 1)]): every layer's, stacked on axis 1
+            normed = torch.stack([encoder.text_model.final_layer_norm(h) for h in out.hidden_states], dim=1)
+            return {"last_hidden_state": out.last_hidden_state.numpy(), "pooler_output": out.pooler_output.numpy(),
+                    "normed_hidden_states": normed.numpy()}
         if component == "unet":
             return {"out_sample": models["unet"](t["sample"], t["timestep"], t["encoder_hidden_states"]).sample.numpy()}
         if component == "vae_encoder":

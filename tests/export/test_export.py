@@ -76,7 +76,7 @@ def test_graph_signatures(exported_tiny_sd):
     import openvino as ov
 
     expect = {
-        "text_encoder": ({"input_ids": "int64"}, ["last_hidden_state", "pooler_output"]),
+        "text_encoder": ({"input_ids": "int64"}, ["last_hidden_state", "pooler_output", "normed_hidden_states"]),
         "unet": ({"sample": "float32", "timestep": "float32", "encoder_hidden_states": "float32"}, ["out_sample"]),
         "vae_encoder": ({"sample": "float32"}, ["latent_parameters"]),
         "vae_decoder": ({"latent_sample": "float32"}, ["sample"]),

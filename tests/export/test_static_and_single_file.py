@@ -67,6 +67,17 @@ def test_static_export_refuses_a_guidance_cutoff(static_export):
         pipe("a red circle", num_inference_steps=2, guidance_cutoff=0.3)
 
 
+def test_static_export_takes_one_chunk_of_prompt(static_export):
+    """The static UNet's sequence axis is 77: a prompt or negative prompt over 75 tokens is refused, with the fix."""
+    import leansd
+    from leansd.runtime.errors import InvalidInputError
+
+    pipe = leansd.load(static_export, backend="openvino")
+    pipe("x " * 75, negative_prompt="blurry", num_inference_steps=1, output_type="latent")
+    with pytest.raises(InvalidInputError, match="needs 2 chunks of 75 tokens.*static shapes.*re-export"):
+        pipe("a red circle", negative_prompt="x " * 76, num_inference_steps=1)
+
+
 # --- single-file checkpoints -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -125,10 +125,14 @@ def reference_embeddings(prompt: str, reference, clip_skip: int, count: int) -> 
 
 
 @pytest.fixture(scope="module")
-def encoders(exported_tiny_sd):
+def pipes(exported_tiny_sd):
+    return {b: leansd.load(exported_tiny_sd, backend=b) for b in BACKENDS}
+
+
+@pytest.fixture(scope="module")
+def encoders(pipes):
     """Each backend's prompt encoder, without the comma rule the reference lacks (see the module docstring)."""
-    return {b: dataclasses.replace(leansd.load(exported_tiny_sd, backend=b).models.prompt_encoder, comma_backtrack=0)
-            for b in BACKENDS}
+    return {b: dataclasses.replace(pipe.models.prompt_encoder, comma_backtrack=0) for b, pipe in pipes.items()}
 
 
 @pytest.mark.parametrize("clip_skip", [0, 1])
@@ -158,9 +162,9 @@ def test_a_longer_negative_prompt_pads_the_prompt_with_empty_chunks(encoders, re
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_plain_short_prompts_encode_exactly_as_before(exported_tiny_sd, backend):
+def test_plain_short_prompts_encode_exactly_as_before(pipes, backend):
     """One chunk without weights: the same ids and the same single text-encoder call as before long prompts."""
-    encoder = leansd.load(exported_tiny_sd, backend=backend).models.prompt_encoder
+    encoder = pipes[backend].models.prompt_encoder
     tokenizer, text_encoder = encoder.tokenizers[0], encoder.encoders[0]
     prompts = ["a red circle on a blue background", "", "x " * 75, "a photo: of (literally) nothing"[:9]]
     for prompt in prompts:
@@ -171,15 +175,16 @@ def test_plain_short_prompts_encode_exactly_as_before(exported_tiny_sd, backend)
 # ---------------------------------------------------------------- whole pipelines
 
 
-def reference_pipeline(folder):
+@pytest.fixture(scope="module")
+def diffusers_pipe(tiny_sd_dir):
     import diffusers
 
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def test_long_weighted_prompts_through_the_pipeline(tiny_sd_dir, exported_tiny_sd, reference):
+def test_long_weighted_prompts_through_the_pipeline(diffusers_pipe, pipes, reference):
     """diffusers fed the reference's embeddings equals leansd fed the prompts (default settings, comma rule on:
     these prompts have no comma near a chunk's end)."""
     prompt = ("a (tall:1.3) lighthouse on a [rocky] cliff above a stormy sea " * 8) + "BREAK ((golden hour light)) (film grain:0.8)"
@@ -187,24 +192,23 @@ def test_long_weighted_prompts_through_the_pipeline(tiny_sd_dir, exported_tiny_s
     kwargs = dict(num_inference_steps=3, guidance_scale=7.5, height=32, width=32)
     count = max(len(reference_chunks(text, reference[0])[0]) for text in (prompt, negative))
     assert count == 3  # two chunks of words, then the BREAK's; the negative needs 1
-    pipe = reference_pipeline(tiny_sd_dir)
     with torch.no_grad():
-        expected = pipe(prompt_embeds=torch.from_numpy(reference_embeddings(prompt, reference, 0, count)),
+        expected = diffusers_pipe(prompt_embeds=torch.from_numpy(reference_embeddings(prompt, reference, 0, count)),
                         negative_prompt_embeds=torch.from_numpy(reference_embeddings(negative, reference, 0, count)),
                         generator=torch.Generator("cpu").manual_seed(4), output_type="np", **kwargs).images
-    for backend in BACKENDS:
-        got = leansd.load(exported_tiny_sd, backend=backend)(prompt, negative_prompt=negative, seed=4, output_type="np", **kwargs).images
+    for backend, ours in pipes.items():
+        got = ours(prompt, negative_prompt=negative, seed=4, output_type="np", **kwargs).images
         err = float(np.abs(got - expected).max())
         print(f"long prompt pipeline on {backend}: max-abs {err:.2e}")
         assert err < IMAGE_TOLERANCE, f"{backend}: max-abs {err:.2e}"
 
 
 @pytest.mark.parametrize("clip_skip", [1, 2])
-def test_clip_skip_equals_diffusers(tiny_sd_dir, exported_tiny_sd, clip_skip):
+def test_clip_skip_equals_diffusers(diffusers_pipe, pipes, clip_skip):
     """Without guidance: diffusers' own call. With guidance, diffusers encodes the negative prompt from the last
     layer whatever clip_skip says; leansd, as AUTOMATIC1111, skips layers for both, so diffusers gets both halves
     from its `encode_prompt(..., clip_skip=N)`."""
-    pipe = reference_pipeline(tiny_sd_dir)
+    pipe = diffusers_pipe
     prompt, negative = "a red circle on a blue background", "a green square"
     common = dict(num_inference_steps=3, height=32, width=32)
     with torch.no_grad():
@@ -213,8 +217,7 @@ def test_clip_skip_equals_diffusers(tiny_sd_dir, exported_tiny_sd, clip_skip):
         embeds = [pipe.encode_prompt(text, "cpu", 1, False, clip_skip=clip_skip)[0] for text in (prompt, negative)]
         guided = pipe(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], guidance_scale=7.5,
                       generator=torch.Generator("cpu").manual_seed(9), output_type="np", **common).images
-    for backend in BACKENDS:
-        ours = leansd.load(exported_tiny_sd, backend=backend)
+    for backend, ours in pipes.items():
         for expected, extra in ((unguided, dict(guidance_scale=1.0)), (guided, dict(negative_prompt=negative, guidance_scale=7.5))):
             got = ours(prompt, clip_skip=clip_skip, seed=9, output_type="np", **common, **extra).images
             plain = ours(prompt, seed=9, output_type="np", **common, **extra).images
@@ -224,7 +227,7 @@ def test_clip_skip_equals_diffusers(tiny_sd_dir, exported_tiny_sd, clip_skip):
             assert err < IMAGE_TOLERANCE, f"clip_skip {clip_skip} on {backend}, {extra}: max-abs {err:.2e}"
 
 
-def test_clip_skip_past_the_first_layer_is_refused(exported_tiny_sd):
-    pipe = leansd.load(exported_tiny_sd, backend="onnxruntime")
+def test_clip_skip_past_the_first_layer_is_refused(pipes):
+    pipe = pipes["onnxruntime"]
     with pytest.raises(InvalidInputError, match="clip_skip 3 is more than this text encoder's 2 layers allow"):
         pipe("a cat", num_inference_steps=1, height=32, width=32, clip_skip=3)

@@ -82,12 +82,18 @@ def test_a_size_that_cannot_fit_is_refused_before_anything_is_allocated(pipe):
         pipe(PROMPT, num_images_per_prompt=100_000)
 
 
-def test_a_prompt_over_the_text_encoders_length_is_warned_about(pipe):
-    with pytest.warns(LeanSDWarning, match="a prompt has 120 tokens; the text encoder reads the first 75"):
-        pipe("a red circle " * 40, output_type="latent")
+def test_a_prompt_over_the_text_encoders_length_is_used_whole(pipe):
+    long = "a red circle " * 40  # 120 tokens: two chunks
+    cut = " ".join(long.split()[:75])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pipe(PROMPT, output_type="latent")
+        whole, first = (pipe(p, output_type="latent", seed=1, num_inference_steps=2).images for p in (long, cut))
+    assert np.abs(whole - first).max() > 1e-3
+
+
+def test_a_prompt_weight_that_is_not_a_number_is_refused(pipe):
+    with pytest.raises(InvalidInputError, match=r"the prompt weight in ':1\.2\.3\)' is not a number"):
+        pipe("a (red:1.2.3) circle", output_type="latent")
 
 
 hypothesis = pytest.importorskip("hypothesis")
