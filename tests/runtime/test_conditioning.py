@@ -51,12 +51,14 @@ def test_one_encoder_gives_its_last_hidden_states_repeated_per_image():
 
 
 def test_two_encoders_concatenate_penultimate_states_and_pool_the_second():
-    enc = PromptEncoder([FakeTokenizer(), FakeTokenizer()], [FakeEncoder(1, 3), FakeEncoder(2, 5)], layer=-2)
+    enc = PromptEncoder([FakeTokenizer(), FakeTokenizer()], [FakeEncoder(1, 3), FakeEncoder(2, 5)], layer=-2, pooled=True)
     inputs = enc.encode(["abc"])
     hidden = inputs["encoder_hidden_states"]
     assert hidden.shape == (1, 77, 8)
     np.testing.assert_allclose(hidden[0, 0], [8.03] * 3 + [18.03] * 5)
     np.testing.assert_allclose(inputs["text_embeds"], [[203.0]])
+    # Without `pooled` (a UNet that takes no text_embeds) only the hidden states go out.
+    assert set(PromptEncoder(enc.tokenizers, enc.encoders, layer=-2).encode(["abc"])) == {"encoder_hidden_states"}
 
 
 def test_conditioning_extra_inputs_and_channels():
