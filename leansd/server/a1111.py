@@ -1,0 +1,6 @@
+"""(being written)"""
+from fastapi import APIRouter
+
+
+def router(manager) -> APIRouter:
+    return APIRouter()
