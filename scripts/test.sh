@@ -19,13 +19,13 @@ make_env() {  # make_env DIR PIP_ARGS...
 echo "== development environment (torch, diffusers: parity with the reference) =="
 # torch first and pinned, so pip takes the CPU wheel instead of a multi-GB CUDA build.
 make_env .venv-dev torch==2.13.0
-"$PWD/.venv-dev/bin/python" -m pip install --quiet -r requirements/dev.txt -e ".[export,onnxruntime,openvino,test]"
+"$PWD/.venv-dev/bin/python" -m pip install --quiet -r requirements/dev.txt -e ".[export,onnxruntime,openvino,server,test]"
 .venv-dev/bin/python -m pytest -q "$@"
 
 echo "== runtime-only environment (no torch): runtime tests =="
-make_env .venv-runtime -e ".[onnxruntime,openvino,test]"
+make_env .venv-runtime -e ".[onnxruntime,openvino,server,test]"
 if .venv-runtime/bin/python -c "import torch" 2>/dev/null; then
   echo "torch is importable in the runtime-only environment; it must not be" >&2
   exit 1
 fi
-.venv-runtime/bin/python -m pytest -q tests/runtime tests/cli "$@"
+.venv-runtime/bin/python -m pytest -q tests/runtime tests/cli tests/server "$@"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mimetypes
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,10 +26,13 @@ log = logging.getLogger("leansd.server")
 STATIC = Path(__file__).resolve().parent / "static"
 
 
-def create_app(registry: ModelRegistry, limits: Limits = Limits(), api_key: str | None = None) -> FastAPI:
+def create_app(registry: ModelRegistry, limits: Limits = Limits(), api_key: str | None = None,
+               step_delay: float = 0.0) -> FastAPI:
     """The application. Its job manager (`app.state.manager`) starts with the app and, on shutdown, cancels
-    the queued jobs, stops the running ones after their current step, and waits for them."""
-    manager = JobManager(registry, limits)
+    the queued jobs, stops the running ones after their current step, and waits for them.
+    step_delay: seconds to sleep after every denoising step (for tests that watch or cancel a running job)."""
+    mimetypes.add_type("text/javascript", ".js")  # ES modules; older Pythons guess application/javascript
+    manager = JobManager(registry, limits, step_delay)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     limits.add_argument("--history", type=int, default=d.history, metavar="N", help=f"finished jobs kept with their images (default {d.history})")
     limits.add_argument("--preview-interval", type=float, default=d.preview_interval, metavar="S",
                         help="seconds between step previews in a progress stream (default 0: every step)")
+    # For tests that watch or cancel a running job: seconds slept after every step (also LEANSD_SERVE_STEP_DELAY).
+    p.add_argument("--step-delay", type=float, default=float(os.environ.get("LEANSD_SERVE_STEP_DELAY") or 0), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("max_size", "max_steps", "max_images", "max_queue", "history"):
         if getattr(args, name) < (0 if name in ("max_queue", "history") else 1):
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # RequestError for duplicate names
         print(f"sd-serve: {exc}", file=sys.stderr)
         return 2
-    app = create_app(registry, limits_of(args), api_key=args.api_key)
+    app = create_app(registry, limits_of(args), api_key=args.api_key, step_delay=args.step_delay)
     for model in registry.models.values():
         log.info("serving %s (%s, %s)", model.name, model.pipe.backend, model.pipe.bundle.root)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=10, log_level="info"))

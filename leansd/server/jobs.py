@@ -126,8 +126,9 @@ def _resolve(future: asyncio.Future) -> None:
 class JobManager:
     """Queues per model (bounded in total), worker threads, cancel/skip, and a bounded history."""
 
-    def __init__(self, registry: ModelRegistry, limits: Limits):
+    def __init__(self, registry: ModelRegistry, limits: Limits, step_delay: float = 0.0):
         self.registry, self.limits = registry, limits
+        self.step_delay = step_delay  # seconds slept after each step: lets tests watch and cancel a running job
         self._lock = threading.Condition()
         self._queues: dict[str, collections.deque[Job]] = {name: collections.deque() for name in registry.models}
         self._running: dict[str, Job | None] = {name: None for name in registry.models}
@@ -253,7 +254,7 @@ class JobManager:
                 self._running[name] = job
                 job.update(status="running", started=time.time())
             try:
-                run_job(job)
+                run_job(job, self.step_delay)
             except BaseException:  # run_job records every error on the job; this is the last line of defence
                 log.exception("job %s failed", job.id)
                 job.update(status="failed", error="internal error; see the server's log", finished=time.time())

@@ -73,8 +73,11 @@ def router(manager: JobManager) -> APIRouter:
     @api.get("/models")
     def models() -> dict:
         registry = manager.registry
+        limits = manager.limits
         return {"models": [m.describe(m.name == registry.default_name) for m in registry.models.values()],
-                "samplers": [{"name": s["name"], "aliases": s["aliases"]} for s in samplers.listing()]}
+                "samplers": [{"name": s["name"], "aliases": s["aliases"]} for s in samplers.listing()],
+                "limits": {"max_steps": limits.max_steps, "max_batch": limits.max_images, "max_width": limits.max_width,
+                           "max_height": limits.max_height, "max_queue": limits.max_queue}}
 
     @api.post("/jobs", status_code=202)
     async def submit(body: JobRequest) -> JSONResponse:

@@ -56,8 +56,11 @@ class ServedModel:
 
     def describe(self, default: bool) -> dict[str, Any]:
         height, width = self.default_size
+        defaults, own = self.pipe.bundle.defaults(), self.pipe.defaults
         return {"name": self.name, "default": default, "width": width, "height": height,
-                "tiny_vae": self.tiny_vae, "inpainting": self.inpainting}
+                "steps": int(own.num_inference_steps or defaults.get("num_inference_steps", 50)),
+                "guidance_scale": float(own.guidance_scale if own.guidance_scale is not None else defaults.get("guidance_scale", 7.5)),
+                "sampler": self.sampler_label, "tiny_vae": self.tiny_vae, "inpainting": self.inpainting}
 
 
 def fingerprint(root: Path) -> str:

@@ -15,7 +15,7 @@ from leansd.server.jobs import Job, JobImage
 log = logging.getLogger("leansd.server")
 
 
-def run_job(job: Job) -> None:
+def run_job(job: Job, step_delay: float = 0.0) -> None:
     spec, pipe = job.spec, job.spec.model.pipe
     for index in range(spec.count):
         if job.cancel_requested.is_set():
@@ -24,6 +24,8 @@ def run_job(job: Job) -> None:
 
         def callback(step: int, total: int, latents, denoised, index: int = index) -> bool:
             job.progress(index, step + 1, total, denoised)
+            if step_delay:
+                time.sleep(step_delay)
             return not (job.cancel_requested.is_set() or job.skip_requested.is_set())
 
         try:
