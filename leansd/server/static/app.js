@@ -91,6 +91,13 @@ async function loadModels() {
   for (const [id, value] of Object.entries(max)) if (Number.isFinite(value)) $(id).max = value;
   applyModelDefaults();
   restoreSettings();
+  updateSamplerDefault();
+}
+
+/** "Model default (DDIM)": the sampler a job gets when none is chosen. */
+function updateSamplerDefault() {
+  const model = selectedModel();
+  $("sampler").options[0].textContent = model && model.sampler ? `Model default (${model.sampler})` : "Model default";
 }
 
 function selectedModel() {
@@ -126,6 +133,12 @@ function restoreSettings() {
   }
 }
 
+function findModel(name) {
+  const wanted = String(name).trim().toLowerCase();
+  const names = (m) => [m.name, ...(m.aliases || [])].map((n) => String(n).toLowerCase());
+  return state.models.find((m) => m.name.toLowerCase() === wanted) || state.models.find((m) => names(m).includes(wanted));
+}
+
 function findSampler(name) {
   const wanted = String(name).trim().toLowerCase();
   return state.samplers.find((s) => s.name.toLowerCase() === wanted || (s.aliases || []).some((a) => String(a).toLowerCase() === wanted));
@@ -142,8 +155,12 @@ function setSeed(seed) {
 function applySettings(settings, { quiet = false } = {}) {
   const notes = [];
   if ("model" in settings && settings.model) {
-    if (state.models.some((m) => m.name === settings.model)) {
-      $("model").value = settings.model;
+    const model = findModel(settings.model);
+    if (model) {
+      if ($("model").value !== model.name) {
+        $("model").value = model.name;
+        updateSamplerDefault();
+      }
     } else notes.push(`model "${settings.model}" is not served here`);
   }
   for (const id of ["prompt", "negative_prompt", "steps", "guidance_scale", "batch_size", "width", "height", "strength"]) {
@@ -369,6 +386,7 @@ async function showResults(summary) {
     }
   }
   $("gallery").prepend(...items);
+  if (items.length && state.current && state.current.id === job.id) showPreview(items[0].dataset.url);
   const first = (job.images || [])[0];
   if (state.mine.includes(job.id) || state.lastSeed === null) {
     state.lastSeed = first && first.seed !== undefined ? first.seed : job.request && job.request.seed;
@@ -578,6 +596,7 @@ function bind() {
   });
   $("cancel").addEventListener("click", () => cancel());
   $("model").addEventListener("change", () => {
+    updateSamplerDefault();
     if (!editor.loaded) applyModelDefaults();
   });
   $("seed_random").addEventListener("change", () => {
