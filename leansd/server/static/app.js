@@ -136,7 +136,12 @@ function restoreSettings() {
 function findModel(name) {
   const wanted = String(name).trim().toLowerCase();
   const names = (m) => [m.name, ...(m.aliases || [])].map((n) => String(n).toLowerCase());
-  return state.models.find((m) => m.name.toLowerCase() === wanted) || state.models.find((m) => names(m).includes(wanted));
+  const current = selectedModel();
+  return (
+    state.models.find((m) => m.name.toLowerCase() === wanted) ||
+    (current && names(current).includes(wanted) ? current : null) || // several folders may share a name
+    state.models.find((m) => names(m).includes(wanted))
+  );
 }
 
 function findSampler(name) {
@@ -324,6 +329,7 @@ function showProgress(job) {
   };
   $("progress_text").textContent = `${words[status] || status} · ${promptExcerpt(state.current)}`;
   $("progress_text").dataset.status = status;
+  $("progress_text").dataset.job = state.current.id;
   updateCancel();
 }
 

@@ -34,8 +34,19 @@ export class MaskEditor {
     this.image.getContext("2d").drawImage(bitmap, 0, 0, width, height);
     bitmap.close();
     this.loaded = true;
+    this.fit();
     this.clear();
     return { width, height };
+  }
+
+  /** Show the image as large as the panel allows (small images scaled up, pixels kept sharp). */
+  fit(maxWidth = 320, maxHeight = 320) {
+    const panel = this.image.closest(".dropzone")?.clientWidth || 0;
+    const room = panel > 60 ? Math.min(maxWidth, panel - 12) : maxWidth;
+    const scale = Math.min(room / this.image.width, maxHeight / this.image.height);
+    this.image.style.width = `${Math.round(this.image.width * scale)}px`;
+    this.image.style.height = `${Math.round(this.image.height * scale)}px`;
+    this.image.classList.toggle("pixelated", scale >= 2);
   }
 
   unload() {
