@@ -15,6 +15,7 @@ const state = {
   models: [],
   samplers: [],
   lastSeed: null,
+  lastSeedMine: false,
   shown: new Set(), // ids of jobs whose images are in the gallery
   watching: null, // {id, abort} of the job whose event stream is open
   current: null, // the job shown in the "Current job" panel
@@ -83,7 +84,7 @@ async function loadModels() {
   model.replaceChildren(...state.models.map((m) => el("option", { value: m.name, selected: m.default }, m.name)));
   const sampler = $("sampler");
   sampler.replaceChildren(
-    el("option", { value: "" }, "Model default"),
+    el("option", { value: "" }, "Default"),
     ...state.samplers.map((s) => el("option", { value: s.name }, s.name)),
   );
   const limits = data.limits || {};
@@ -94,10 +95,10 @@ async function loadModels() {
   updateSamplerDefault();
 }
 
-/** "Model default (DDIM)": the sampler a job gets when none is chosen. */
+/** "Default (DDIM)": the sampler a job gets when none is chosen. */
 function updateSamplerDefault() {
   const model = selectedModel();
-  $("sampler").options[0].textContent = model && model.sampler ? `Model default (${model.sampler})` : "Model default";
+  $("sampler").options[0].textContent = model && model.sampler ? `Default (${model.sampler})` : "Default";
 }
 
 function selectedModel() {
@@ -309,7 +310,10 @@ function onEvent(id, name, data) {
     if (name === "done") {
       showResults(job);
       say(`Done${duration(job)}`);
-    } else if (name === "failed") say(`Failed: ${job.error || "unknown error"}`);
+    } else if (name === "failed") {
+      say(`Failed: ${job.error || "unknown error"}`);
+      if (state.mine.includes(id)) showError(job.error, job.field);
+    }
     else if (name === "cancelled") say("Cancelled");
   }
 }
@@ -394,9 +398,13 @@ async function showResults(summary) {
   $("gallery").prepend(...items);
   if (items.length && state.current && state.current.id === job.id) showPreview(items[0].dataset.url);
   const first = (job.images || [])[0];
-  if (state.mine.includes(job.id) || state.lastSeed === null) {
-    state.lastSeed = first && first.seed !== undefined ? first.seed : job.request && job.request.seed;
-    $("seed_reuse").disabled = state.lastSeed === null || state.lastSeed === undefined;
+  // "Reuse last": the newest image of this page's own jobs, else the newest in the gallery.
+  const mine = state.mine.includes(job.id);
+  const seed = first && first.seed !== undefined ? first.seed : job.request && job.request.seed;
+  if ((mine || !state.lastSeedMine) && seed !== undefined && seed !== null) {
+    state.lastSeed = seed;
+    state.lastSeedMine = mine;
+    $("seed_reuse").disabled = false;
   }
   trimGallery();
 }
@@ -640,10 +648,11 @@ function bind() {
         : "Image to image: paint on the image to repaint only part of it.";
   };
   document.addEventListener("keydown", (e) => {
+    if (document.querySelector("dialog[open]")) return; // the key dialog handles its own keys
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
       e.preventDefault();
       $("form").requestSubmit();
-    } else if (e.key === "Escape" && !document.querySelector("dialog[open]")) {
+    } else if (e.key === "Escape") {
       if (cancellable() !== null) {
         e.preventDefault();
         cancel();
