@@ -104,14 +104,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def stop_jobs_first(server, manager) -> None:
     """On SIGINT/SIGTERM, cancel the jobs before uvicorn waits for open requests: a waiting A1111 call or an
-    open progress stream then ends at once with the job's final state, and the server exits cleanly."""
-    handle_exit = server.handle_exit
+    open progress stream then ends at once with the job's final state, and the server exits with status 0
+    (a second Ctrl+C stops without waiting)."""
+    import signal
+    import threading
 
     def handle(sig, frame) -> None:
-        import threading
-
+        if server.should_exit and sig == signal.SIGINT:
+            server.force_exit = True
+            return
+        log.info("stopping: cancelling the queued and running jobs")
         threading.Thread(target=manager.stop, name="sd-serve-stop", daemon=True).start()
-        handle_exit(sig, frame)
+        server.should_exit = True
 
     server.handle_exit = handle
 
