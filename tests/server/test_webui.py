@@ -317,3 +317,34 @@ def test_asks_for_the_api_key_once_and_keeps_it(browser: Browser, registry):
         page.wait_for_selector("#key_dialog[open]")
         assert "refused" in page.text_content("#key_dialog")
         context.close()
+
+
+def test_controls_are_labelled_focus_is_visible_and_errors_name_the_field(page: Page, server: Server):
+    unlabelled = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea, button, canvas')]
+        .filter((e) => e.type !== 'hidden' && !e.hidden)
+        .filter((e) => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())
+        .map((e) => e.id || e.outerHTML.slice(0, 80))""")
+    assert unlabelled == []
+
+    # Keyboard focus shows a ring.
+    page.focus("#prompt")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "negative_prompt"
+    ring = page.evaluate("(() => { const s = getComputedStyle(document.activeElement); return [s.outlineStyle, s.outlineWidth]; })()")
+    assert ring[0] != "none" and ring[1] != "0px", ring
+
+    # The server's error is shown and its field marked and focused; nothing is queued.
+    page.fill("#prompt", "a red circle")
+    page.fill("#steps", "151")
+    with page.expect_response(lambda r: r.url.endswith("/api/jobs") and r.request.method == "POST") as response:
+        page.click("#generate")
+    assert 400 <= response.value.status < 500
+    expect(page.locator("#form_error")).to_contain_text("steps")
+    assert page.get_attribute("#steps", "aria-invalid") == "true"
+    assert page.evaluate("document.activeElement.id") == "steps"
+
+    # An empty prompt is caught before any request.
+    page.fill("#prompt", "  ")
+    page.keyboard.press("Control+Enter")
+    expect(page.locator("#form_error")).to_contain_text("prompt")
+    assert page.evaluate("document.activeElement.id") == "prompt"
