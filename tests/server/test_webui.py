@@ -45,7 +45,7 @@ def browser() -> Iterator[Browser]:
         pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium; or set LEANSD_CHROMIUM)")
     with sync_playwright() as p:
         # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start; the page is our own, on 127.0.0.1.
-        browser = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=path, args=["--no-sandbox", "--disable-dev-shm-usage"])
         yield browser
         browser.close()
 
