@@ -116,11 +116,12 @@ RECORD = """() => {
 
 def test_generate_shows_progress_preview_gallery_and_downloads_the_server_png(page: Page, server: Server, tmp_path_factory):
     page.fill("#prompt", "a red circle on a blue background")
-    page.fill("#steps", "40")
+    page.fill("#steps", "20")
+    page.fill("#batch_size", "2")  # progress counts the steps of both images: 40
     page.evaluate(RECORD)
     job_id = submit(page, lambda: page.press("#prompt", "Control+Enter"))  # the keyboard shortcut
-    item = page.locator(f'#gallery li[data-job="{job_id}"]')
-    item.wait_for(timeout=30_000)
+    items = page.locator(f'#gallery li[data-job="{job_id}"]')
+    items.nth(1).wait_for(timeout=30_000)
 
     seen = page.evaluate("window.__seen")
     steps = [value for value, top in seen["progress"] if top == 40]
@@ -131,25 +132,38 @@ def test_generate_shows_progress_preview_gallery_and_downloads_the_server_png(pa
     assert page.text_content("#progress_text").startswith("Done")
 
     job = job_of(server, job_id)
-    assert job["status"] == "done" and job["request"]["steps"] == 40
-    shown = item.locator("img").evaluate("img => [img.complete, img.naturalWidth, img.naturalHeight]")
-    assert shown == [True, 64, 64]
-    assert f"seed {job['images'][0]['seed']}" in item.text_content()
-    assert job["images"][0]["infotext"] in item.locator("pre").text_content()
+    assert job["status"] == "done" and job["request"]["steps"] == 20 and len(job["images"]) == 2
+    seeds = [image["seed"] for image in job["images"]]
+    assert seeds[1] == seeds[0] + 1
+    assert items.count() == 2
+    for item, image in zip((items.nth(0), items.nth(1)), job["images"]):
+        shown = item.locator("img").evaluate("img => [img.complete, img.naturalWidth, img.naturalHeight]")
+        assert shown == [True, 64, 64]
+        assert image["infotext"] in item.locator("pre").text_content()
+    assert {f"seed {s}" in items.nth(k).text_content() for k, s in enumerate(seeds)} == {True}
 
     # Download: the very bytes the server made, parameters chunk included.
+    first = items.filter(has_text=f"seed {seeds[0]} ")
     with page.expect_download() as download:
-        item.get_by_role("link", name="Download PNG").click()
+        first.get_by_role("link", name="Download PNG").click()
     data = Path(download.value.path()).read_bytes()
     assert data == call("GET", server.url + job["images"][0]["url"]).body
     assert decode_png(data).text["parameters"] == job["images"][0]["infotext"]
     assert download.value.suggested_filename.endswith(".png")
 
-    # "Reuse last" fills the seed the image was made with and turns off the random seed.
+    # "Reuse last" fills the seed of the newest job (its first image: the batch comes out again) and turns off
+    # the random seed.
     assert page.is_checked("#seed_random")
     page.click("#seed_reuse")
-    assert page.input_value("#seed") == str(job["images"][0]["seed"])
+    assert page.input_value("#seed") == str(seeds[0])
     assert not page.is_checked("#seed_random") and page.is_enabled("#seed")
+
+    # "Use settings" puts an image's settings back in the form.
+    page.fill("#prompt", "something else")
+    page.fill("#steps", "7")
+    first.get_by_role("button", name="Use settings").click()
+    assert page.input_value("#prompt") == "a red circle on a blue background"
+    assert [page.input_value("#steps"), page.input_value("#seed")] == ["20", str(seeds[0])]
 
     shot = Path(os.environ.get("LEANSD_WEBUI_SCREENSHOT") or tmp_path_factory.mktemp("webui") / "webui.png")
     shot.parent.mkdir(parents=True, exist_ok=True)
