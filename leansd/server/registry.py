@@ -60,7 +60,14 @@ class ServedModel:
         return {"name": self.name, "default": default, "width": width, "height": height,
                 "steps": int(own.num_inference_steps or defaults.get("num_inference_steps", 50)),
                 "guidance_scale": float(own.guidance_scale if own.guidance_scale is not None else defaults.get("guidance_scale", 7.5)),
-                "sampler": self.sampler_label, "tiny_vae": self.tiny_vae, "inpainting": self.inpainting}
+                "sampler": self.sampler_label, "tiny_vae": self.tiny_vae, "inpainting": self.inpainting,
+                "aliases": self.aliases}
+
+    @property
+    def aliases(self) -> list[str]:
+        """Other names requests may use for this model: its leansd.json name (the infotext's `Model:`), its
+        AUTOMATIC1111 title and short hash."""
+        return list(dict.fromkeys(a for a in (self.pipe.bundle.name, self.title, self.fingerprint[:10]) if a != self.name))
 
 
 def fingerprint(root: Path) -> str:
@@ -122,8 +129,11 @@ class ModelRegistry:
         if name is None or name == "":
             return self.models[self.default_name]
         wanted = name.strip().lower()
+        for model in self.models.values():  # the folder name first: another model's alias never shadows it
+            if wanted == model.name.lower():
+                return model
         for model in self.models.values():
-            if wanted in (model.name.lower(), model.title.lower(), model.pipe.bundle.name.lower(), model.fingerprint[:10]):
+            if wanted in (alias.lower() for alias in model.aliases):
                 return model
         raise RequestError(f"no model named {name!r:.80}; the models are: {', '.join(self.models)}", field, 404)
 

@@ -39,6 +39,7 @@ def test_models_lists_both_folders_with_defaults_and_limits(live_server):
     assert first["default"] is True and data["models"][1]["default"] is False
     assert (first["width"], first["height"], first["steps"], first["sampler"]) == (64, 64, 20, "DDIM")
     assert first["tiny_vae"] is False and first["inpainting"] is False
+    assert first["aliases"][0] == "leansd-shapes" and first["aliases"][1].startswith("shapes [")  # infotext name, A1111 title
     assert {"Euler a", "Euler", "DDIM", "PLMS", "LMS", "DPM++ 2M", "DPM++ 2M Karras", "LCM"} <= {s["name"] for s in data["samplers"]}
     assert data["limits"]["max_batch"] == 8
 
