@@ -48,6 +48,7 @@ class LoadResult:
     steps: int
     wall: float
     outcomes: list[Outcome] = field(default_factory=list)
+    load_at_start: float = 0.0
 
     @property
     def failed(self) -> list[Outcome]:
@@ -116,10 +117,10 @@ def one_request(base: str, api: str, seed: int, steps: int) -> Outcome:
 
 def run_load(base: str, requests: int, clients: int, steps: int = 20) -> LoadResult:
     """Send `requests` requests from `clients` threads; each thread sends its next request when the last returns."""
-    start = time.perf_counter()
+    load, start = os.getloadavg()[0], time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         outcomes = list(pool.map(lambda i: one_request(base, APIS[i % 3], 1000 + i, steps), range(requests)))
-    return LoadResult(requests, clients, steps, time.perf_counter() - start, outcomes)
+    return LoadResult(requests, clients, steps, time.perf_counter() - start, outcomes, load)
 
 
 def jobs_on_server(base: str) -> dict[str, int]:
@@ -128,6 +129,26 @@ def jobs_on_server(base: str) -> dict[str, int]:
     for job in jobs:
         counts[job["status"]] = counts.get(job["status"], 0) + 1
     return counts
+
+
+def server_generation_time(base: str) -> float:
+    """Median seconds a job ran on the server (started to finished): the generation without queueing or HTTP."""
+    jobs = json.loads(_get(f"{base}/api/jobs"))["jobs"]
+    return statistics.median(j["finished"] - j["started"] for j in jobs if j["status"] == "done")
+
+
+def in_process_time(steps: int, runs: int = 5) -> float:
+    """Median seconds of the same generation with `leansd.load()` in this process, without a server."""
+    import leansd
+
+    pipe = leansd.load()
+    pipe("warm-up", seed=0, num_inference_steps=steps)
+    times = []
+    for i in range(runs):
+        start = time.perf_counter()
+        pipe(f"load test request {i}", seed=i, num_inference_steps=steps, scheduler="euler_a")
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def machine() -> str:
@@ -165,7 +186,8 @@ def start_server(history: int) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
 
 
-def report(result: LoadResult, single: float, server_jobs: dict[str, int]) -> str:
+def report(result: LoadResult, single: float, server_jobs: dict[str, int], on_server: float = float("nan"),
+           in_process: float = float("nan")) -> str:
     ms = lambda s: f"{s * 1000:.0f} ms"  # noqa: E731
     lines = [
         "# sd-serve under load", "",
@@ -174,15 +196,18 @@ def report(result: LoadResult, single: float, server_jobs: dict[str, int]) -> st
         "| measure | value |", "| --- | --- |",
         f"| requests answered with their own image | {len(result.outcomes) - len(result.failed)} / {result.requests} |",
         f"| failed or lost | {len(result.failed)} |",
-        f"| jobs on the server | {', '.join(f'{k}: {v}' for k, v in sorted(server_jobs.items()))} |",
+        f"| jobs on the server (with 6 warm-up and single runs) | {', '.join(f'{k}: {v}' for k, v in sorted(server_jobs.items()))} |",
         f"| latency p50 | {ms(result.latency(0.5))} |", f"| latency p95 | {ms(result.latency(0.95))} |",
         f"| latency max | {ms(result.latency(1.0))} |",
         f"| throughput | {result.throughput:.2f} images/s ({result.wall:.1f} s wall) |",
-        f"| one request alone (median of 5) | {ms(single)} |", "",
+        f"| one request alone over HTTP (median of 5) | {ms(single)} |",
+        f"| one job's generation on the server (median, started to finished) | {ms(on_server)} |",
+        f"| the same generation with leansd.load() in one process (median of 5) | {ms(in_process)} |", "",
         "| API | p50 | p95 |", "| --- | --- | --- |",
         *[f"| {api} | {ms(result.latency(0.5, api))} | {ms(result.latency(0.95, api))} |" for api in APIS], "",
-        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at start: "
-        f"{os.getloadavg()[0]:.1f}.", "",
+        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average (1 min) at "
+        f"the start: {result.load_at_start:.1f}, at the end: {os.getloadavg()[0]:.1f} (above the CPU count, other "
+        "processes were competing for the cores).", "",
         "With one worker per model, jobs run one at a time: latency under load is queueing (about clients x the single-"
         "request time); throughput is one model's generation rate. Reproduce: `.venv-runtime/bin/python perf/serve_load.py`.", "",
     ]
@@ -204,12 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         one_request(base, "a1111", 1, args.steps)  # warm-up
         single = statistics.median(one_request(base, APIS[i % 3], 10 + i, args.steps).latency for i in range(5))
         result = run_load(base, args.requests, args.clients, args.steps)
-        server_jobs = jobs_on_server(base)
+        server_jobs, on_server = jobs_on_server(base), server_generation_time(base)
     finally:
         if process is not None:
             process.terminate()
             process.wait(30)
-    text = report(result, single, server_jobs)
+    text = report(result, single, server_jobs, on_server, in_process_time(args.steps))
     tmp = args.output.with_name(f".{args.output.name}.tmp")
     tmp.write_text(text)
     tmp.replace(args.output)

@@ -96,7 +96,7 @@ def build_spec(manager: JobManager, body: Txt2Img) -> JobSpec:
                            "per request (sd-serve --max-images)", "batch_size")
     spec = JobSpec(model, body.prompt, body.negative_prompt, body.steps, body.cfg_scale, body.seed, body.width, body.height,
                    sampler.scheduler if sampler else None, sampler.name if sampler else None, count, init, mask, strength, FIELDS)
-    return spec.checked(manager.limits)
+    return manager.check(spec)
 
 
 def result(job: Job, body: Txt2Img) -> dict[str, Any]:

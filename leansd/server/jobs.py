@@ -144,6 +144,10 @@ class JobManager:
             thread.start()
             self._threads.append(thread)
 
+    def check(self, spec: JobSpec) -> JobSpec:
+        """`spec` checked against the limits and its model (the memory check only while no job runs)."""
+        return spec.checked(self.limits, check_memory=not self.running())
+
     def submit(self, spec: JobSpec, api: str) -> Job:
         """Queue a checked spec; 429 when the queue is full, 503 when the server is stopping."""
         with self._lock:

@@ -50,7 +50,7 @@ def build_spec(body: JobRequest, manager: JobManager) -> JobSpec:
         decode_base64_image(body.init_image, "init_image") if body.init_image else None,
         decode_base64_image(body.mask, "mask") if body.mask else None, body.strength, FIELDS,
     )
-    return spec.checked(manager.limits)
+    return manager.check(spec)
 
 
 def job_json(manager: JobManager, job: Job) -> dict[str, Any]:

@@ -79,7 +79,7 @@ def build_spec(manager: JobManager, prompt: Any, model: str | None, n: int, size
     chosen = samplers.resolve(sampler, None, "sampler")
     spec = JobSpec(pick_model(manager, model), prompt, negative_prompt, steps, guidance_scale, seed, width, height,
                    chosen.scheduler if chosen else None, chosen.name if chosen else None, n, image, mask, strength, FIELDS)
-    return spec.checked(manager.limits)
+    return manager.check(spec)
 
 
 def result(job: Job, response_format: str, request: Request) -> dict[str, Any]:

@@ -96,8 +96,10 @@ class JobSpec:
         default_h, default_w = self.model.default_size
         return self.height or default_h, self.width or default_w
 
-    def checked(self, limits: Limits) -> "JobSpec":
-        """Check the limits and everything the model can tell before any work; resolve a random seed."""
+    def checked(self, limits: Limits, check_memory: bool = True) -> "JobSpec":
+        """Check the limits and everything the model can tell before any work; resolve a random seed.
+        check_memory: also refuse what clearly cannot fit in the memory free now (off while other jobs run,
+        since their memory is given back before this one starts; the pipeline checks again when it does)."""
         f = self.fields
         if not isinstance(self.prompt, str):
             raise RequestError("prompt must be a text", f["prompt"])
@@ -123,10 +125,10 @@ class JobSpec:
         if self.model.inpainting and self.mask is None:
             raise RequestError(f"model {self.model.name} is an inpainting model; send {f['image']} and {f['mask_image']}",
                                f["mask_image"])
-        self._check_with_model()
+        self._check_with_model(check_memory)
         return self
 
-    def _check_with_model(self) -> None:
+    def _check_with_model(self, check_memory: bool) -> None:
         """What the pipeline itself checks before a generation (sizes, sampler, images, memory)."""
         from leansd.runtime import budget
         from leansd.runtime.pipeline import Generation
@@ -134,7 +136,7 @@ class JobSpec:
         pipe = self.model.pipe
         try:
             generation = Generation(pipe, pipe.defaults.merged(**self.call_settings(0)))
-            available = budget.available_bytes() if generation.settings.memory_check else None
+            available = budget.available_bytes() if check_memory and generation.settings.memory_check else None
             if available is not None and (needed := generation.memory_estimate()).peak > available:
                 raise InsufficientMemoryError(budget.describe(needed, available))
         except InsufficientMemoryError as exc:
