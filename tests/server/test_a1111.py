@@ -218,3 +218,10 @@ def test_webuiapi_interrupt(start_server):
     api.interrupt()
     thread.join(20)
     assert out["reply"].images == [] and api.get_progress()["state"]["interrupted"] is True
+
+
+def test_parse_parameters_reads_quoted_values_and_multiline_prompts():
+    text = 'a cat\non two lines\nNegative prompt: dog\nSteps: 2, Model: "a, b: \\"c\\"", Seed: 3, Size: 64x64'
+    assert parse_parameters(text) == {"Prompt": "a cat\non two lines", "Negative prompt": "dog", "Steps": "2",
+                                      "Model": 'a, b: "c"', "Seed": "3", "Size": "64x64"}
+    assert parse_parameters("just a prompt") == {"Prompt": "just a prompt", "Negative prompt": ""}
