@@ -122,6 +122,7 @@ def test_generate_shows_progress_preview_gallery_and_downloads_the_server_png(pa
     job_id = submit(page, lambda: page.press("#prompt", "Control+Enter"))  # the keyboard shortcut
     items = page.locator(f'#gallery li[data-job="{job_id}"]')
     items.nth(1).wait_for(timeout=30_000)
+    page.wait_for_selector(f'#progress_text[data-job="{job_id}"][data-status="done"]')  # the stream's last event
 
     seen = page.evaluate("window.__seen")
     steps = [value for value, top in seen["progress"] if top == 40]
@@ -215,9 +216,15 @@ def a1111_png(text: str, compressed: bool) -> bytes:
     return out.getvalue()
 
 
-def test_dropped_png_fills_the_form(page: Page, server: Server):
-    job, data = made_by_server(server, prompt="a blue triangle", negative_prompt="blurry, dark", seed=1234, steps=12,
-                               guidance_scale=5.5, sampler="euler_a", width=64, height=64)
+@pytest.fixture(scope="module")
+def server_png(server: Server) -> tuple[dict, bytes]:
+    """A job and its first PNG, made before the page opens (so no progress message replaces the page's status)."""
+    return made_by_server(server, prompt="a blue triangle", negative_prompt="blurry, dark", seed=1234, steps=12,
+                          guidance_scale=5.5, sampler="euler_a", width=64, height=64)
+
+
+def test_dropped_png_fills_the_form(server_png: tuple[dict, bytes], page: Page, server: Server):
+    job, data = server_png
     drop_file(page, data, "leansd.png")
     page.wait_for_function("document.getElementById('status').textContent.startsWith('Loaded parameters')")
     assert page.input_value("#prompt") == "a blue triangle"
@@ -247,6 +254,7 @@ def test_dropped_png_fills_the_form(page: Page, server: Server):
     page.fill("#steps", "2")
     job_id = submit(page, lambda: page.click("#generate"))
     assert job_of(server, job_id)["request"]["seed"] == 2**64 - 1
+    page.wait_for_selector(f'#progress_text[data-job="{job_id}"][data-status="done"]')
 
     # An image without parameters says so and leaves the form alone.
     plain = io.BytesIO()
