@@ -53,9 +53,11 @@ function showError(message, field = null) {
   }
 }
 
+/** The form control for a request field the server named in an error, or null. */
 function fieldControl(field) {
   const byApiName = { init_image: "init_file", mask: "mask_canvas", guidance: "guidance_scale", cfg_scale: "guidance_scale", n: "batch_size" };
-  return $(byApiName[field] || field);
+  const id = byApiName[field] || field;
+  return FIELDS.includes(id) || ["seed", "init_file", "mask_canvas"].includes(id) ? $(id) : null;
 }
 
 function seconds(value) {
@@ -313,8 +315,9 @@ function onEvent(id, name, data) {
     } else if (name === "failed") {
       say(`Failed: ${job.error || "unknown error"}`);
       if (state.mine.includes(id)) showError(job.error, job.field);
+    } else if (name === "cancelled") {
+      say("Cancelled");
     }
-    else if (name === "cancelled") say("Cancelled");
   }
 }
 
