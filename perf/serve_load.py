@@ -206,8 +206,9 @@ def report(result: LoadResult, single: float, server_jobs: dict[str, int], on_se
         "| API | p50 | p95 |", "| --- | --- | --- |",
         *[f"| {api} | {ms(result.latency(0.5, api))} | {ms(result.latency(0.95, api))} |" for api in APIS], "",
         f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average (1 min) at "
-        f"the start: {result.load_at_start:.1f}, at the end: {os.getloadavg()[0]:.1f} (above the CPU count, other "
-        "processes were competing for the cores).", "",
+        f"the start: {result.load_at_start:.1f}, at the end: {os.getloadavg()[0]:.1f}"
+        + (" (above the CPU count: other processes were competing for the cores, so every time here is longer than on "
+           "an idle machine)." if max(result.load_at_start, os.getloadavg()[0]) > (os.cpu_count() or 1) else "."), "",
         "With one worker per model, jobs run one at a time: latency under load is queueing (about clients x the single-"
         "request time); throughput is one model's generation rate. Reproduce: `.venv-runtime/bin/python perf/serve_load.py`.", "",
     ]

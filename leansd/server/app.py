@@ -60,7 +60,10 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, exc: RequestError) -> JSONResponse:
-        return reply(request, exc.status, exc.message, exc.field)
+        response = reply(request, exc.status, exc.message, exc.field)
+        if exc.status == 429:  # clients that honour it (openai's) wait and retry
+            response.headers["Retry-After"] = "1"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -186,10 +186,6 @@ class JobManager:
                 return None
             return queue.index(job) + (self._running[job.spec.model.name] is not None)
 
-    def queued_count(self) -> int:
-        with self._lock:
-            return sum(len(q) for q in self._queues.values())
-
     def running(self) -> list[Job]:
         with self._lock:
             return [j for j in self._running.values() if j is not None]

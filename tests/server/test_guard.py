@@ -66,7 +66,7 @@ def test_full_queue_is_429_and_drains(start_server):
     wait_until(lambda: call("GET", f"{server.url}/api/jobs/{ids[0]}").json()["status"] == "running", what="the first job")
     ids += [call("POST", f"{server.url}/api/jobs", {"prompt": PROMPT, "steps": 1}).json()["id"] for _ in range(2)]
     reply = call("POST", f"{server.url}/api/jobs", {"prompt": PROMPT, "steps": 1})
-    assert reply.status == 429 and "queue is full" in reply.json()["error"]
+    assert reply.status == 429 and "queue is full" in reply.json()["error"] and reply.headers["retry-after"] == "1"
     assert call("POST", f"{server.url}/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 1}).status == 429
     assert call("POST", f"{server.url}/v1/images/generations", {"prompt": PROMPT}).json()["error"]["type"] == "rate_limit_error"
     call("POST", f"{server.url}/api/jobs/{ids[0]}/cancel")
