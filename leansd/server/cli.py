@@ -17,7 +17,8 @@ log = logging.getLogger("leansd.server")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = Limits()
     p = argparse.ArgumentParser(
-        prog="sd-serve", description=__doc__.split(":", 1)[1].strip().rstrip(".") + ".",
+        prog="sd-serve", description="Serve model folders over HTTP: the job API, AUTOMATIC1111's API, OpenAI's Images API "
+                                     "and a web page.",
         epilog="Clients: AUTOMATIC1111 ones (Open WebUI, webuiapi, SillyTavern) at http://HOST:PORT (API under /sdapi/v1); "
                "OpenAI ones with base_url http://HOST:PORT/v1; a browser at http://HOST:PORT/.",
     )
@@ -26,8 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "is the default). Default: the model bundled with leansd")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this computer only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860, as AUTOMATIC1111)")
-    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on the API routes "
-                   "(HTTP Basic auth with KEY as the password works too)")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("SD_SERVE_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on the API routes (HTTP Basic auth with KEY as the password "
+                        "works too). Default: the SD_SERVE_API_KEY environment variable, which other users cannot "
+                        "read in the process list")
     p.add_argument("--backend", choices=("onnxruntime", "openvino"), help="backend (default: the first installed one)")
     p.add_argument("--num-threads", type=int, metavar="N", help="CPU threads per model (default: the backend's)")
     p.add_argument("--low-memory", action="store_true", help="load each model part only while it is needed")

@@ -109,10 +109,13 @@ def test_a_failing_job_does_not_stop_the_server(start_server, monkeypatch):
     assert call("POST", f"{server.url}/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 1}).status == 200
 
 
-def test_cli_defaults_and_localhost_check():
+def test_cli_defaults_and_localhost_check(monkeypatch):
+    monkeypatch.delenv("SD_SERVE_API_KEY", raising=False)
     args = parse_args([])
     assert (args.host, args.port, args.api_key, args.models) == ("127.0.0.1", 7860, None, None)
     assert is_local("127.0.0.1") and is_local("::1") and is_local("localhost")
     assert not is_local("0.0.0.0") and not is_local("192.168.1.5")
     with pytest.raises(SystemExit):
         parse_args(["--max-steps", "0"])
+    monkeypatch.setenv("SD_SERVE_API_KEY", "from-env")
+    assert parse_args([]).api_key == "from-env" and parse_args(["--api-key", "given"]).api_key == "given"
