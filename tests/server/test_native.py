@@ -73,6 +73,10 @@ def test_img2img_and_inpaint_equal_leansd(live_server, reference):
     job = finished(live_server, submit(live_server, prompt=PROMPT, seed=8, steps=8, init_image=png_b64(init), mask=png_b64(mask))["id"])
     expected = reference(PROMPT, seed=8, num_inference_steps=8, image=init, mask_image=mask).images[0]
     assert np.array_equal(pixels(decode_png(call("GET", live_server.url + job["images"][0]["url"]).body)), pixels(expected))
+    holes = Image.new("RGBA", (64, 64), (255, 255, 255, 255))  # transparent = repaint, whatever the colour
+    holes.paste((0, 0, 0, 0), (16, 16, 48, 48))
+    job = finished(live_server, submit(live_server, prompt=PROMPT, seed=8, steps=8, init_image=png_b64(init), mask=png_b64(holes))["id"])
+    assert np.array_equal(pixels(decode_png(call("GET", live_server.url + job["images"][0]["url"]).body)), pixels(expected))
 
 
 def test_second_model_is_used_when_named(live_server, second_model):
