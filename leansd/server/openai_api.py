@@ -7,7 +7,6 @@ edits). Names of OpenAI's own models (dall-e-2, gpt-image-1...) mean the default
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
