@@ -119,3 +119,19 @@ def test_cli_defaults_and_localhost_check(monkeypatch):
         parse_args(["--max-steps", "0"])
     monkeypatch.setenv("SD_SERVE_API_KEY", "from-env")
     assert parse_args([]).api_key == "from-env" and parse_args(["--api-key", "given"]).api_key == "given"
+
+
+@pytest.mark.parametrize("host, key, warned", [("0.0.0.0", None, True), ("0.0.0.0", "k", False), ("127.0.0.1", None, False)])
+def test_warning_when_listening_beyond_localhost_without_a_key(monkeypatch, caplog, host, key, warned):
+    import uvicorn
+
+    from leansd.server import cli
+
+    monkeypatch.delenv("SD_SERVE_API_KEY", raising=False)
+    started = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: started.append(self.config.host))  # never listens
+    argv = ["--host", host, "--port", "0", *(["--api-key", key] if key else [])]
+    with caplog.at_level("WARNING", logger="leansd.server"):
+        assert cli.main(argv) == 0
+    assert started == [host]
+    assert any("without --api-key" in r.message for r in caplog.records) is warned
