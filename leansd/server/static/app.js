@@ -263,6 +263,9 @@ async function refreshJobs() {
   for (const job of [...jobs].reverse()) {
     if (job.status === "done" && !state.shown.has(job.id)) await showResults(job);
   }
+  // The panel's job finished without its stream saying so (a dropped connection): show its final state.
+  const current = state.current && jobs.find((j) => j.id === state.current.id);
+  if (current && ACTIVE.has(state.current.status) && !ACTIVE.has(current.status)) showProgress(current);
   const running = jobs.find((j) => j.status === "running");
   const mineQueued = jobs.filter((j) => j.status === "queued" && state.mine.includes(j.id)).pop();
   const follow = running || mineQueued;
@@ -322,7 +325,11 @@ function onEvent(id, name, data) {
 }
 
 function showProgress(job) {
-  state.current = state.current && state.current.id === job.id ? { ...state.current, ...job } : { ...job };
+  const same = state.current && state.current.id === job.id;
+  // A job only moves forward (queued, running, then finished): a reply that left the server before the job
+  // finished (a cancel's, a poll's) may arrive after the stream's final event and must not undo it.
+  if (same && !ACTIVE.has(state.current.status) && ACTIVE.has(job.status)) return;
+  state.current = same ? { ...state.current, ...job } : { ...job };
   const { status, step = 0, total = 0 } = state.current;
   const progress = $("progress");
   progress.max = Math.max(1, total || 1);
