@@ -38,11 +38,13 @@ def chromium_path() -> str | None:
     return next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
 
 
+pytestmark = pytest.mark.skipif(chromium_path() is None, reason="no chromium binary on PATH (Debian: apt-get install "
+                                "chromium; or set LEANSD_CHROMIUM to a Chromium or Chrome binary)")
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     path = chromium_path()
-    if path is None:
-        pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium; or set LEANSD_CHROMIUM)")
     with sync_playwright() as p:
         # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start; the page is our own, on 127.0.0.1.
         browser = p.chromium.launch(executable_path=path, args=["--no-sandbox", "--disable-dev-shm-usage"])
