@@ -25,6 +25,7 @@ from leansd.server.spec import JobSpec
 
 log = logging.getLogger("leansd.server")
 ACTIVE, FINISHED = ("queued", "running"), ("done", "failed", "cancelled")
+PREVIEW_SHARE = 0.2  # the most of a running job's time that decoding its previews may take
 
 
 @dataclass
@@ -52,7 +53,8 @@ class Job:
         self.interrupted = False  # cancelled by A1111's interrupt (its progress reports it)
         self.version = 0  # bumped on every change; streams wait for it to move
         self._denoised: np.ndarray | None = None
-        self._preview: tuple[int, bytes] | None = None  # (version it was made at, PNG)
+        self._preview: tuple[int, bytes, float] | None = None  # (version it was made at, PNG, when)
+        self._preview_cost = 0.0  # seconds the last preview took to decode
         self._lock = threading.Lock()
         self._preview_lock = threading.Lock()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
@@ -82,18 +84,28 @@ class Job:
         self.update(image_index=index, image_step=step, image_total=total, _denoised=np.array(denoised[:1], copy=True))
 
     # ---------------------------------------------------------------- reading
-    def preview_png(self) -> bytes | None:
-        """The latest step's denoised estimate, decoded quickly (the tiny VAE when the folder has one); made
-        once per step, when someone asks."""
+    def preview(self) -> tuple[int, bytes] | None:
+        """(version, PNG) of the latest step preview: the denoised estimate decoded quickly (the tiny VAE when the
+        folder has one). Made only when asked, and at most so often that decoding previews takes no more than
+        PREVIEW_SHARE of the time (a full VAE decode of a large image can take seconds); None before the first step."""
         from leansd.server.images import unit_png
 
         with self._preview_lock:
             version, denoised = self.version, self._denoised
             if denoised is None:
                 return None
-            if self._preview is None or self._preview[0] != version:
-                self._preview = (version, unit_png(self.spec.model.pipe.preview(denoised)[0]))
-            return self._preview[1]
+            made = self._preview
+            wait = self._preview_cost * (1 / PREVIEW_SHARE - 1)
+            if made is None or made[0] != version and time.monotonic() - made[2] >= wait:
+                start = time.monotonic()
+                png = unit_png(self.spec.model.pipe.preview(denoised)[0])
+                self._preview_cost = time.monotonic() - start
+                self._preview = made = (version, png, time.monotonic())
+            return made[0], made[1]
+
+    def preview_png(self) -> bytes | None:
+        latest = self.preview()
+        return None if latest is None else latest[1]
 
     async def changed(self, seen: int, timeout: float) -> int:
         """Wait until the job's version moves past `seen` (or `timeout` seconds); return the version."""

@@ -128,9 +128,10 @@ def router(manager: JobManager) -> APIRouter:
 
 
 async def stream(manager: JobManager, job: Job) -> AsyncIterator[str]:
-    """`status` first, a `progress` event whenever the step moves (with a preview at most every
-    preview_interval seconds), a `status` event when the job starts, and one final done|failed|cancelled."""
-    version, status, step, last_preview = job.version, job.status, None, float("-inf")
+    """`status` first, a `progress` event whenever the step moves (with a new preview when one is ready, at most
+    every preview_interval seconds: see Job.preview), a `status` event when the job starts, and one final
+    done|failed|cancelled."""
+    version, status, step, last_preview, sent = job.version, job.status, None, float("-inf"), None
     yield sse("status", job_json(manager, job))
     while True:
         if job.status in FINISHED:
@@ -143,9 +144,10 @@ async def stream(manager: JobManager, job: Job) -> AsyncIterator[str]:
         if job.status == "running" and current != step and current > 0:
             step, preview = current, None
             if time.monotonic() - last_preview >= manager.limits.preview_interval:
-                png = await run_in_threadpool(job.preview_png)
-                if png is not None:
-                    preview, last_preview = "data:image/png;base64," + b64(png), time.monotonic()
+                latest = await run_in_threadpool(job.preview)
+                if latest is not None and latest[0] != sent:  # a new picture, not the one already sent
+                    sent, last_preview = latest[0], time.monotonic()
+                    preview = "data:image/png;base64," + b64(latest[1])
             yield sse("progress", {"step": current, "total": total, "preview": preview})
         seen = version
         version = await job.changed(version, 15.0)
