@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"jobs that may wait; more get HTTP 429 (default {d.max_queue})")
     limits.add_argument("--history", type=int, default=d.history, metavar="N", help=f"finished jobs kept with their images (default {d.history})")
     limits.add_argument("--preview-interval", type=float, default=d.preview_interval, metavar="S",
-                        help="seconds between step previews in a progress stream (default 0: every step)")
+                        help="fewest seconds between step previews in a progress stream (default 0: each new one; "
+                             "previews are decoded only while someone watches, and take at most a fifth of a job's time)")
     # For tests that watch or cancel a running job: seconds slept after every step (also LEANSD_SERVE_STEP_DELAY).
     p.add_argument("--step-delay", type=float, default=float(os.environ.get("LEANSD_SERVE_STEP_DELAY") or 0), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

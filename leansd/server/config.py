@@ -11,7 +11,7 @@ class Limits:
     max_width, max_height: pixels; max_steps: denoising steps; max_images: images per request (A1111's
     batch_size x n_iter, OpenAI's n, the job API's batch_size); max_body_bytes: a request body; max_queue: jobs
     waiting (not counting running ones) before requests get 429; history: finished jobs kept (with their images).
-    preview_interval: seconds between previews in one progress stream (0: every step).
+    preview_interval: fewest seconds between previews in one progress stream (0: each new one; see Job.preview).
     """
 
     max_width: int = 2048
