@@ -35,12 +35,16 @@ def test_previews_take_a_bounded_share_of_the_time():
     assert job.preview() is None  # before the first step
     job.progress(0, 1, 10, np.zeros((1, 4, 2, 2)))
     first = job.preview()
+    made_first = time.monotonic()
     assert pipe.calls == 1 and first[0] == job.version
     assert job.preview() == first and pipe.calls == 1  # the same step: decoded once
     job.progress(0, 2, 10, np.ones((1, 4, 2, 2)))
     assert job.preview() == first and pipe.calls == 1  # too soon after a 0.05 s decode: the last one again
-    time.sleep(0.05 * (1 / PREVIEW_SHARE - 1) + 0.01)
-    second = job.preview()
+    while (second := job.preview()) == first:  # a new one once the wait is over
+        assert time.monotonic() - made_first < 10
+        time.sleep(0.005)
+    # The decode took at least 0.05 s, so the next waited at least that / PREVIEW_SHARE - that.
+    assert time.monotonic() - made_first >= 0.05 * (1 / PREVIEW_SHARE - 1) - 0.02
     assert pipe.calls == 2 and second[0] == job.version and second[1] != first[1]
 
 
