@@ -34,7 +34,7 @@ def test_no_server_errors(api_schema, fuzzed_server):
     modes = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
     for operation, mode in ((operation, mode) for operation in operations for mode in modes):
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=10, deadline=None, phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck),
+        @settings(max_examples=8, deadline=None, phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck),
                   database=None)
         def fuzz(case) -> None:
             response = case.call(base_url=fuzzed_server.url, timeout=30)
