@@ -252,6 +252,20 @@ def test_dropped_png_fills_the_form(server_png: tuple[dict, bytes], page: Page, 
     assert [page.input_value(f"#{f}") for f in ("steps", "guidance_scale", "width", "height", "strength")] == ["33", "6.5", "72", "96", "0.35"]
     assert 'model "v1-5-pruned-emaonly" is not served here' in page.text_content("#status")
 
+    # The other two ways a PNG holds text: zTXt (compressed Latin-1) and plain iTXt (UTF-8).
+    for name, add in (("ztxt.png", lambda info, t: info.add_text("parameters", t, zip=True)),
+                      ("itxt.png", lambda info, t: info.add_itxt("parameters", t))):
+        prompt = f"ein Würfel aus {name} 🎲" if name == "itxt.png" else f"un cube vert ({name})"
+        info = PngImagePlugin.PngInfo()
+        add(info, f"{prompt}\nSteps: 9, Sampler: Euler, CFG scale: 3, Seed: 77, Size: 64x64")
+        out = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(out, format="PNG", pnginfo=info)
+        drop_file(page, out.getvalue(), name)
+        page.wait_for_function(f"document.getElementById('status').textContent.includes('{name}')")
+        assert [page.input_value("#prompt"), page.input_value("#steps"), page.input_value("#seed")] == [prompt, "9", "77"]
+    page.set_input_files("#png_file", files=[{"name": "a1111.png", "mimeType": "image/png", "buffer": a1111_png(text, True)}])
+    page.wait_for_function("document.getElementById('status').textContent.includes('a1111.png')")
+
     # The seed goes to the server digit for digit (it is past JavaScript's exact integers).
     page.fill("#steps", "2")
     job_id = submit(page, lambda: page.click("#generate"))
