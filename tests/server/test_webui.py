@@ -331,6 +331,16 @@ def test_inpainting_sends_the_painted_mask(page: Page, server: Server, tmp_path:
     assert page.evaluate(alpha, [32, 40]) == 0
     assert page.text_content("#mask_help").startswith("Image to image")
 
+    # A PNG dropped on the image area replaces the init image (its parameters are not loaded), sized to the model.
+    small = io.BytesIO()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "not this prompt\nSteps: 3, Sampler: Euler, Seed: 5")
+    Image.new("RGB", (16, 8), "green").save(small, format="PNG", pnginfo=info)
+    drop_file(page, small.getvalue(), "small.png", "#init_drop")
+    page.wait_for_function("document.getElementById('init_canvas').width === 16")
+    assert page.input_value("#prompt") == "a red circle on a blue background"
+    assert [page.input_value("#width"), page.input_value("#height")] == ["88", "48"]  # about 64x64's area
+
 
 def test_asks_for_the_api_key_once_and_keeps_it(browser: Browser, registry):
     with serving(create_app(registry, api_key=KEY)) as server:

@@ -565,7 +565,9 @@ function bindDrops() {
     if (!depth) overlay.hidden = true;
   });
   document.addEventListener("dragover", (e) => {
-    if (hasFiles(e)) e.preventDefault();
+    if (!hasFiles(e)) return;
+    e.preventDefault();
+    overlay.hidden = Boolean(e.target.closest && e.target.closest("#init_drop")); // there it sets the init image
   });
   document.addEventListener("drop", (e) => {
     depth = 0;
