@@ -222,6 +222,10 @@ def router(manager: JobManager) -> APIRouter:
     for name in ("upscalers", "sd-vae", "loras", "hypernetworks", "prompt-styles", "face-restorers", "latent-upscale-modes"):
         api.add_api_route(f"/{name}", lambda: [], methods=["GET"], name=name)
 
+    @api.get("/cmd-flags")
+    def cmd_flags() -> dict:
+        return {}
+
     @api.get("/embeddings")
     def embeddings() -> dict:
         return {"loaded": {}, "skipped": {}}

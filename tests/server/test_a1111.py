@@ -108,6 +108,9 @@ def test_lists(live_server):
     assert names == {"Euler a", "Euler", "LMS", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "PLMS", "LCM"}
     assert [s["name"] for s in call("GET", f"{live_server.url}/sdapi/v1/schedulers").json()] == ["automatic", "karras"]
     assert call("GET", f"{live_server.url}/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    for path in ("upscalers", "sd-vae", "loras", "prompt-styles"):  # what SillyTavern and others list: nothing here
+        assert call("GET", f"{live_server.url}/sdapi/v1/{path}").json() == []
+    assert call("GET", f"{live_server.url}/sdapi/v1/cmd-flags").json() == {}
 
 
 def test_png_info_reads_back_the_parameters(live_server):
