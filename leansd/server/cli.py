@@ -93,9 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     except LeanSDError as exc:
         print(f"sd-serve: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # RequestError for duplicate names
-        print(f"sd-serve: {exc}", file=sys.stderr)
-        return 2
     app = create_app(registry, limits_of(args), api_key=args.api_key, step_delay=args.step_delay)
     for model in registry.models.values():
         log.info("serving %s (%s, %s)", model.name, model.pipe.backend, model.pipe.bundle.root)

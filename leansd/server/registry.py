@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from leansd.runtime.errors import ModelFolderError
 from leansd.server.errors import RequestError
 
 if TYPE_CHECKING:
@@ -106,8 +107,8 @@ class ModelRegistry:
             root = Path(folder).expanduser().resolve() if folder is not None else bundled_model_path()
             name = root.name
             if any(m.name == name for m in models):
-                raise RequestError(f"two model folders are named {name!r}; requests pick a model by its folder name, "
-                                   "so give each a different name")
+                raise ModelFolderError(f"two model folders are named {name!r}; requests pick a model by its folder name, "
+                                       "so give each a different name")
             pipe = leansd.load(root if folder is not None else None, **load_options)
             models.append(ServedModel(name, pipe, fingerprint(root)))
         return cls(models)

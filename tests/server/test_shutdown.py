@@ -61,3 +61,12 @@ def test_refuses_a_missing_model_folder(tmp_path):
     result = subprocess.run([sys.executable, "-m", "leansd.server", "--model", str(tmp_path / "nope")], capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_refuses_two_folders_with_one_name(tmp_path, second_model):
+    twin = tmp_path / "again" / "second"
+    twin.parent.mkdir()
+    twin.symlink_to(second_model)
+    result = subprocess.run([sys.executable, "-m", "leansd.server", "--model", str(second_model), "--model", str(twin)],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert result.returncode == 2 and "two model folders are named 'second'" in result.stderr
