@@ -77,8 +77,10 @@ def parse_static(static: Mapping[str, int] | None, info: comp.ModelInfo) -> dict
 
 
 def family(source: Source) -> str:
-    """`sd2` for OpenCLIP-H models (1024-wide cross-attention), else `sd1`."""
-    return "sd2" if int(source.config("unet").get("cross_attention_dim", 768)) == 1024 else "sd1"
+    """`sd2` for OpenCLIP models (1024-wide cross-attention, or an OpenCLIP text encoder: GELU, where OpenAI CLIP's
+    is quick GELU), else `sd1`."""
+    openclip = source.config("text_encoder").get("hidden_act") == "gelu"
+    return "sd2" if openclip or int(source.config("unet").get("cross_attention_dim", 768)) == 1024 else "sd1"
 
 
 def export(
@@ -97,6 +99,8 @@ def export(
     deep_cache: bool = False,
     tiny_vae_source: str | os.PathLike[str] | None = None,
     unet_parts: int | None = None,
+    prediction_type: str | None = None,
+    image_size: int | None = None,
 ) -> Path:
     """See `leansd.export.export_model`."""
     if unet_parts is not None and (int(unet_parts) < 0 or int(unet_parts) == 1):
@@ -110,7 +114,7 @@ def export(
         raise ExportError(f"--opset {opset} is outside the supported range 14..20; use {DEFAULT_OPSET}")
     target = Path(output_dir).expanduser().absolute()
     layout.check_output(target, overwrite=overwrite)  # before any slow step
-    source = resolve_source(source_spec, single_file_config=single_file_config)
+    source = resolve_source(source_spec, single_file_config=single_file_config, prediction_type=prediction_type, image_size=image_size)
     try:
         if source.kind != "single_file" and target.resolve() == source.config_dir.resolve():
             raise ExportError("the output folder is the source folder; choose another output folder")
