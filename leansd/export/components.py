@@ -83,6 +83,11 @@ IO: dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {
 }
 # Optional: a user-supplied tiny VAE decoder (TAESD, `sd-export --tiny-vae`): a drop-in for the VAE decoder.
 IO[tiny_vae.COMPONENT] = IO["vae_decoder"]
+# Optional: the safety checker (`safety_checker`), images preprocessed by its feature extractor -> cosine similarities.
+IO["safety_checker"] = (
+    (Tensor("clip_input", "float32", {0: "batch_size"}),),
+    (Tensor("special_cos_dist", "float32", {0: "batch_size"}), Tensor("cos_dist", "float32", {0: "batch_size"})),
+)
 
 
 def input_names(component: str) -> list[str]:

@@ -171,6 +171,9 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-cutoff", type=number(0, 1), default=1.0, metavar="F",
                    help="stop classifier-free guidance after this fraction of the steps (e.g. 0.3): later steps cost half; "
                    "1 (default) guides every step. With --deep-cache, features are then reused on the unguided steps only")
+    p.add_argument("--safety-checker", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the model's safety checker (flagged images are written black, with a warning); default: on when the "
+                   "model folder has one (exported from a folder with safety_checker/), as in diffusers")
     p.add_argument("--tiny-vae", action="store_true",
                    help="decode with the tiny VAE decoder (TAESD; needs a folder exported with sd-export --tiny-vae): much faster, a little less detail")
 
@@ -273,7 +276,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     pipe = load(
         model, backend=args.backend, device=args.device, precision=args.precision,
         num_threads=args.threads, cache_dir=args.cache_dir, low_memory=args.low_memory, deep_cache=args.deep_cache,
-        vae_tiling=args.tiled_vae, tiny_vae=args.tiny_vae, guidance_cutoff=args.guidance_cutoff,
+        vae_tiling=args.tiled_vae, tiny_vae=args.tiny_vae, guidance_cutoff=args.guidance_cutoff, safety_checker=args.safety_checker,
     )
     results = generate(args, pipe, seed, init_image, mask)
     paths = write_outputs(args, plan, pipe, results)

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from leansd.runtime import backends
+from leansd.runtime import backends, safety
 from leansd.runtime import manifest as names
 from leansd.runtime.backends import LazySession, Session, SessionOptions
 from leansd.runtime.bundle import ModelBundle
@@ -126,11 +126,16 @@ def assemble(
     # The tiny decoder is exported in fp32 only; an int8 variant of the rest still uses it.
     tiny = lazy(names.TINY_VAE_DECODER, required=False) or lazy(names.TINY_VAE_DECODER, required=False, variant="fp32")
     encoder = lazy(names.VAE_ENCODER, component_options=transient) if bundle.has_component(names.VAE_ENCODER, backend) else None
+    checker = None
+    if safety.listed(bundle.manifest):  # exported in fp32 only; an int8 variant of the rest still uses it
+        session = lazy(names.SAFETY_CHECKER, required=False) or lazy(names.SAFETY_CHECKER, required=False, variant="fp32")
+        checker = safety.SafetyChecker(session, bundle.root / names.SAFETY_CHECKER, safety.feature_extractor(bundle.root)) if session else None
     models = Models(
         prompt_encoder=PromptEncoder([ClipTokenizer.from_folder(bundle.root / "tokenizer")], [TextEncoder(lazy(names.TEXT_ENCODER))]),
         denoiser=denoiser,
         vae_decoder=VaeDecoder(lazy(names.VAE_DECODER, component_options=transient), bundle.vae_config),
         vae_encoder=VaeEncoder(encoder, bundle.vae_config) if encoder else None,
         tiny_vae_decoder=VaeDecoder(tiny, bundle.component_config(names.TINY_VAE_DECODER)) if tiny else None,
+        safety_checker=checker,
     )
     return Pipeline(bundle, backend, precision, models, memory, defaults)

@@ -30,6 +30,7 @@ from leansd.runtime.loop import denoise
 from leansd.runtime.memory import MemoryPolicy
 from leansd.runtime.models import UNet, VaeDecoder, VaeEncoder
 from leansd.runtime.rng import TorchCompatibleGenerator
+from leansd.runtime.safety import SafetyChecker
 from leansd.runtime.schedulers import get_scheduler
 from leansd.runtime.settings import GenerationSettings, as_prompt_list
 from leansd.runtime.tasks import ImageToImage, Inpaint, Start, TextToImage
@@ -40,6 +41,8 @@ class PipelineOutput:
     """Generated images: a list of PIL images, a float32 NHWC array in [0, 1], or latents (per `output_type`).
 
     `settings` are the call's settings after the pipeline's defaults were applied; `timings` seconds per stage.
+    `nsfw_content_detected`: per image, whether the safety checker flagged it (and blacked it out); None when no checker
+    ran (none in the model folder, `safety_checker=False`, or output_type "latent"), as in diffusers.
     """
 
     images: list[Image.Image] | np.ndarray
@@ -49,6 +52,7 @@ class PipelineOutput:
     guidance_scale: float
     timings: dict[str, float] = field(default_factory=dict)
     settings: GenerationSettings = field(default_factory=GenerationSettings)
+    nsfw_content_detected: list[bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -60,11 +64,13 @@ class Models:
     vae_decoder: VaeDecoder
     vae_encoder: VaeEncoder | None = None
     tiny_vae_decoder: VaeDecoder | None = None
+    safety_checker: SafetyChecker | None = None
 
     def sessions(self) -> list:
         """Every model session of the pipeline."""
         d = self.denoiser
-        wrappers = (*self.prompt_encoder.encoders, d.unet, d.deep, d.shallow, self.vae_decoder, self.vae_encoder, self.tiny_vae_decoder)
+        wrappers = (*self.prompt_encoder.encoders, d.unet, d.deep, d.shallow, self.vae_decoder, self.vae_encoder, self.tiny_vae_decoder,
+                    self.safety_checker)
         return [w.session for w in wrappers if w is not None]
 
 
@@ -142,6 +148,11 @@ class Pipeline:
                 "this model was exported with static shapes, which fix the UNet's batch for guidance; "
                 "re-export it without --height/--width to stop guidance early, or leave guidance_cutoff at 1"
             )
+        if s.safety_checker and self.models.safety_checker is None:
+            raise ModelFolderError(
+                f"{where} safety checker for {self.backend}; export the model from a diffusers folder that has safety_checker/ and "
+                "feature_extractor/, or pass safety_checker=False"
+            )
         return s
 
 
@@ -152,6 +163,7 @@ class Generation:
         self.pipe, self.settings = pipe, settings
         s, defaults = settings, pipe.bundle.defaults()
         self.timings: dict[str, float] = {}
+        self.nsfw_content_detected: list[bool] | None = None
         self.prompts = as_prompt_list(s.prompt, "prompt")
         self.steps = int(s.num_inference_steps or defaults.get("num_inference_steps", 50))
         self.guidance_scale = float(s.guidance_scale if s.guidance_scale is not None else defaults.get("guidance_scale", 7.5))
@@ -198,7 +210,8 @@ class Generation:
         with self._timed("decode_s"):
             images = latents if s.output_type == "latent" else self._decode(latents)
         self.timings["total_s"] = time.perf_counter() - start
-        return PipelineOutput(images, self.seed, self.scheduler.name, self.steps, self.guidance_scale, self.timings, s)
+        return PipelineOutput(images, self.seed, self.scheduler.name, self.steps, self.guidance_scale, self.timings, s,
+                              self.nsfw_content_detected)
 
     def memory_estimate(self) -> budget.MemoryEstimate:
         """What this generation needs beyond what is loaded (see `leansd.runtime.budget`)."""
@@ -226,6 +239,14 @@ class Generation:
         with self.pipe.memory.stage(decoder.session):
             decoded = np.concatenate([decoder.decode(latents[i : i + 1], tiled=tiled) for i in range(latents.shape[0])])
         unit = decoded_to_unit(decoded)
+        checker = self.pipe.models.safety_checker
+        if checker is not None and self.settings.safety_checker is not False:  # on by default, as in diffusers
+            with self._timed("safety_checker_s"), self.pipe.memory.stage(checker.session):
+                unit, self.nsfw_content_detected = checker.check(unit)
+            if any(self.nsfw_content_detected):
+                flagged = [i for i, f in enumerate(self.nsfw_content_detected) if f]
+                warnings.warn(f"the safety checker flagged image(s) {', '.join(map(str, flagged))} of this call as possibly NSFW and "
+                              "returned black images instead; try another prompt or seed", LeanSDWarning, stacklevel=3)
         if self.settings.watermark is not None:  # on the 8-bit images, as the reference scripts mark them
             marked = [watermark.embed(img, self.settings.watermark) for img in (unit * 255).round().astype(np.uint8)]
             unit = np.stack(marked).astype(np.float32) / 255

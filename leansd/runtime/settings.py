@@ -53,6 +53,9 @@ class GenerationSettings:
     watermark: an ASCII text to mark every image with, invisibly, as the Stable Diffusion reference scripts do
         ("StableDiffusionV1" in SD 1's, "SDV2" in SD 2's; `leansd.runtime.watermark`, which also reads it back).
         Applied to the 8-bit images, for output_type "pil" and "np" (there, the marked 8-bit values / 255).
+    safety_checker: run the model's safety checker (diffusers' StableDiffusionSafetyChecker, exported when the source
+        had one) on the images: flagged ones become black and `nsfw_content_detected` says which. None: on when the
+        model folder has one, as in diffusers; True: required; False: off. Not run for output_type "latent".
     """
 
     prompt: str | Sequence[str] | None = None
@@ -79,6 +82,7 @@ class GenerationSettings:
     vae_tiling: bool | None = None
     memory_check: bool = True
     watermark: str | None = None
+    safety_checker: bool | None = None
 
     def merged(self, **overrides: Any) -> "GenerationSettings":
         """These settings with `overrides` (None values keep the default), checked."""
@@ -113,6 +117,8 @@ class GenerationSettings:
             value = getattr(self, name)
             if value is not None and not (callable(value) if name == "callback" else callable(getattr(value, "randn", None))):
                 raise InvalidInputError(f"{name} must be {'callable' if name == 'callback' else 'an object with randn(shape)'}, got {type(value).__name__}")
+        if self.safety_checker is not None and not isinstance(self.safety_checker, bool):
+            raise InvalidInputError(f"safety_checker must be True, False or None (the model's default), got {self.safety_checker!r:.60}")
         if self.watermark is not None and not (isinstance(self.watermark, str) and self.watermark.isascii() and self.watermark):
             raise InvalidInputError(f"watermark must be a non-empty ASCII text such as 'StableDiffusionV1', got {self.watermark!r:.60}")
         _finite("latents", self.latents)
