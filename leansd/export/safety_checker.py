@@ -30,11 +30,13 @@ VERIFY_BATCH = 2
 
 
 def present(source: Source) -> bool:
-    """Whether the source folder has a safety checker and its feature extractor (model_index.json names both)."""
+    """Whether the source folder has a safety checker (config and weights) and its feature extractor, and model_index.json
+    names both (a folder saved with safety_checker=None has neither entry)."""
     index = source.model_index()
     named = all(isinstance(index.get(n), list) and index[n][:1] != [None] for n in (COMPONENT, FEATURE_EXTRACTOR))
     folder = source.config_dir
-    return (named and source.kind != "single_file" and (folder / COMPONENT / "config.json").is_file()
+    weights = any((folder / COMPONENT / name).is_file() for name in ("model.safetensors", "pytorch_model.bin"))
+    return (named and source.kind != "single_file" and weights and (folder / COMPONENT / "config.json").is_file()
             and (folder / FEATURE_EXTRACTOR / PREPROCESSOR_FILE).is_file())
 
 
