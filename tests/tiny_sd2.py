@@ -19,15 +19,19 @@ OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp
                    "self_attn.out_proj": "attn.out_proj"}
 
 
-def build_tiny_sd2(path: Path, *, prediction_type: str = "v_prediction", inpainting: bool = False, seed: int = 3) -> Path:
-    """Save a tiny SD 2.x diffusers pipeline at `path` (VAE factor 2, 64-pixel native size) and return it."""
+def build_tiny_sd2(path: Path, *, prediction_type: str = "v_prediction", inpainting: bool = False, depth: bool = False, seed: int = 3) -> Path:
+    """Save a tiny SD 2.x diffusers pipeline at `path` (VAE factor 2, 64-pixel native size) and return it.
+
+    `inpainting`: a 9-channel UNet (StableDiffusionInpaintPipeline); `depth`: a 5-channel one (latents + depth map), saved
+    as a StableDiffusionDepth2ImgPipeline without a depth estimator (the released model has a DPT one)."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionDepth2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=9 if inpainting else 4, out_channels=4,
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=9 if inpainting else 5 if depth else 4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True, upcast_attention=True,
     )
@@ -37,9 +41,12 @@ def build_tiny_sd2(path: Path, *, prediction_type: str = "v_prediction", inpaint
                                                 max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", projection_dim=16))
     tokenizer = CLIPTokenizer(str(CLIP_VOCAB_DIR / "vocab.json"), str(CLIP_VOCAB_DIR / "merges.txt"), model_max_length=77, pad_token="!")
     scheduler = PNDMScheduler(**{**SD1_SCHEDULER, "prediction_type": prediction_type})
-    pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+    if depth:
+        pipe = StableDiffusionDepth2ImgPipeline(**parts, depth_estimator=None, feature_extractor=None)
+    else:
+        pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)

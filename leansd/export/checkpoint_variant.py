@@ -60,7 +60,7 @@ def native(family: str, prediction_type: str) -> int:
 
 def decide(path: Path, *, family: str, task: str, metadata: dict[str, str], global_step: int | None,
            prediction_type: str | None, image_size: int | None, config_given: bool) -> Variant:
-    """The variant to export `path` as. `family` is "sd1" or "sd2", `task` "text-to-image" or "inpainting".
+    """The variant to export `path` as. `family` is "sd1" or "sd2", `task` "text-to-image", "inpainting" or "depth".
 
     With the user's config folder (`config_given`) its scheduler and UNet configs stand unless overridden; with the
     shipped configs an SD 1.x file is an epsilon 512 model, and an SD 2.x text-to-image file needs evidence."""

@@ -117,12 +117,13 @@ def check_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], config: Pat
         raise ExportError(f"'{path}' is an {label} checkpoint but the config folder's text encoder is {other}'s "
                           f"(hidden_act {text.get('hidden_act', 'quick_gelu')}); pass {label} configs")
     channels = shapes[UNET_IN][1]
-    inpainting = channels == 9 and unet["in_channels"] == 4  # 2 x 4 latent channels + the mask
-    if channels != unet["in_channels"] and not inpainting:
-        task = EXTRA_CHANNELS.get(channels - unet["in_channels"])
+    task = unet_task(family, channels, unet["in_channels"])
+    if channels != unet["in_channels"] and task == "text-to-image":
+        extra = EXTRA_CHANNELS.get(channels - unet["in_channels"])
         raise ExportError(
             f"'{path}' has a UNet with {channels} input channels, the {label} config {unet['in_channels']}"
-            f"{f' ({task})' if task else ''}, which sd-export does not support; pass a text-to-image or inpainting {label} checkpoint"
+            f"{f' ({extra})' if extra else ''}, which sd-export does not support; pass a text-to-image, inpainting or "
+            f"(SD 2) depth {label} checkpoint"
         )
     context = {s[1] for k, s in shapes.items() if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")}
     if context and context != {unet["cross_attention_dim"]}:
@@ -131,7 +132,21 @@ def check_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], config: Pat
     width = shapes[TEXT_WIDTH[family]][1]
     if width != text.get("hidden_size"):
         raise ExportError(f"'{path}' has a {width}-wide text encoder, the config {text.get('hidden_size')}; pass {label} configs that fit it")
-    return inpainting
+    return task == "inpainting"
+
+
+# Pipelines of the UNets that take channels beyond the latents, when read with text-to-image configs.
+TASK_PIPELINES = {"inpainting": "StableDiffusionInpaintPipeline", "depth": "StableDiffusionDepth2ImgPipeline"}
+
+
+def unet_task(family: str, channels: int, config_channels: int) -> str:
+    """"inpainting" (latents + mask + masked image latents), "depth" (latents + depth map; SD 2's 512-depth only) or
+    "text-to-image", by the UNet's input channels in a checkpoint read with configs for `config_channels`."""
+    if channels == 2 * config_channels + 1 and config_channels == 4:
+        return "inpainting"
+    if channels == config_channels + 1 and family == "sd2":
+        return "depth"
+    return "text-to-image"
 
 
 def linear_projection(shapes: dict[str, tuple[int, ...]]) -> bool | None:
@@ -160,10 +175,11 @@ def apply_variant(config_dir: Path, variant: checkpoint_variant.Variant) -> None
         edit_config(config_dir, "unet/config.json", sample_size=variant.image_size // factor)
 
 
-def as_inpainting(config_dir: Path, channels: int) -> None:
-    """Turn a (temporary) text-to-image config folder into the inpainting model's: UNet input channels, pipeline class."""
+def as_inpainting(config_dir: Path, channels: int, task: str = "inpainting") -> None:
+    """Turn a (temporary) text-to-image config folder into the inpainting (or depth) model's: UNet input channels,
+    pipeline class."""
     edit_config(config_dir, "unet/config.json", in_channels=channels)
-    edit_config(config_dir, "model_index.json", _class_name="StableDiffusionInpaintPipeline")
+    edit_config(config_dir, "model_index.json", _class_name=TASK_PIPELINES[task])
 
 
 def assemble_config(config: Path | None, default: Path = SD1_CONFIG) -> Path:
@@ -209,14 +225,16 @@ def single_file_source(path: Path, *, config: Path | str | None = None, predicti
     try:
         checkpoint = checkpoint or read_checkpoint(path)
         shapes = checkpoint.shapes
-        inpainting = check_checkpoint(path, shapes, config_dir)
-        if inpainting:
-            as_inpainting(config_dir, shapes[UNET_IN][1])
+        check_checkpoint(path, shapes, config_dir)
+        family = checkpoint_family(path, shapes)
+        task = unet_task(family, shapes[UNET_IN][1], read_json(config_dir / "unet" / "config.json")["in_channels"])
+        if task != "text-to-image":
+            as_inpainting(config_dir, shapes[UNET_IN][1], task)
         linear = linear_projection(shapes)
         if linear is not None:  # decided by the weights' shapes, whatever the config folder says
             edit_config(config_dir, "unet/config.json", use_linear_projection=linear)
         variant = checkpoint_variant.decide(
-            path, family=checkpoint_family(path, shapes), task="inpainting" if inpainting or shapes[UNET_IN][1] == 9 else "text-to-image",
+            path, family=family, task=task,
             metadata=checkpoint.metadata, global_step=checkpoint.global_step, prediction_type=prediction_type,
             image_size=image_size, config_given=config is not None)
         apply_variant(config_dir, variant)

@@ -128,7 +128,7 @@ def optimum_model_index(source: Source) -> dict[str, Any]:
     index = dict(source.model_index())
     index["_diffusers_version"] = diffusers.__version__
     index["_name_or_path"] = source.spec
-    for name in ("safety_checker", "feature_extractor", "image_encoder"):
+    for name in ("safety_checker", "feature_extractor", "image_encoder", "depth_estimator"):
         index[name] = [None, None]
     index["requires_safety_checker"] = False
     return dict(sorted(index.items()))

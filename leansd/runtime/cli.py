@@ -132,6 +132,9 @@ def add_prompt_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", type=Path, default=None, metavar="PNG",
                    help="inpaint: repaint the white part of this mask in --init-image (or, in an image with transparency, "
                    "its transparent part: the init image itself can be the mask); resized to the output size")
+    p.add_argument("--depth-map", type=Path, default=None, metavar="FILE",
+                   help="depth-to-image models: the depth of --init-image, a greyscale image (16-bit PNG ok) or a .npy array, "
+                   "larger values nearer; resized to the output size")
     p.add_argument("--strength", type=number(0, 1, low_open=True), default=None,
                    help="how much to change the init image, in (0, 1] (default 0.8; 1 with --mask)")
 
@@ -193,6 +196,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                           (("model", "--model"), ("ckpt", "--ckpt"))):
         if getattr(args, first) and getattr(args, second):
             parser.error(f"{one} and {other} cannot be used together; pass one of them")
+    if args.depth_map is not None and args.init_image is None:
+        parser.error("--depth-map needs --init-image, the picture to redraw with that depth")
     if args.mask is not None and args.init_image is None:
         parser.error("--mask needs --init-image, the picture to inpaint")
     args.script_layout = args.output is None and bool(set(args.script_flags) - {"--prompt"})
@@ -251,7 +256,7 @@ def generate(args: argparse.Namespace, pipe: Pipeline, seed: int, init_image: Im
         pipe(
             infotext_prompt(args.prompt), negative_prompt=negative, num_inference_steps=args.steps,
             guidance_scale=args.guidance, num_images_per_prompt=args.num_images, height=args.height, width=args.width,
-            image=init_image, mask_image=mask, strength=args.strength, eta=args.eta, seed=seed + k, scheduler=args.scheduler,
+            image=init_image, mask_image=mask, strength=args.strength, depth_map=args.depth_map, eta=args.eta, seed=seed + k, scheduler=args.scheduler,
             callback=callback, memory_check=args.memory_check, watermark=args.watermark,
         )
         for k in range(args.n_iter)

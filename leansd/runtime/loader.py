@@ -24,7 +24,7 @@ from leansd.runtime.settings import GenerationSettings
 from leansd.runtime.tokenizer import ClipTokenizer
 
 # Diffusers pipelines whose folders need a task leansd does not run yet (they would load as text-to-image).
-_NOT_YET = ("Depth2Img", "Upscale", "XL", "InstructPix2Pix", "ControlNet")
+_NOT_YET = ("Upscale", "XL", "InstructPix2Pix", "ControlNet")
 # Called with (component, session) when a session opens; returns the session to use (e.g. one that records calls).
 SessionHook = Callable[[str, Session], Session]
 
@@ -98,10 +98,11 @@ def assemble(
         raise ModelFolderError(f"{bundle.root} holds a {kind}, which leansd does not run yet; it runs text-to-image, "
                                "image-to-image and inpainting models")
     channels, latent = bundle.unet_config.get("in_channels", 4), bundle.vae_config.get("latent_channels", 4)
-    if channels not in (latent, 2 * latent + 1):  # 2 x latent + 1: inpainting (latents, mask, masked image latents)
+    # 2 x latent + 1: inpainting (latents, mask, masked image latents); latent + 1: depth-to-image (latents, depth map)
+    if channels not in (latent, 2 * latent + 1, latent + 1):
         raise ModelFolderError(f"{bundle.root}: its UNet takes {channels} input channels, neither the VAE's {latent} latent channels "
-                               f"nor {2 * latent + 1} (inpainting): a depth or upscaling model, which leansd does not run yet; "
-                               "it runs text-to-image, image-to-image and inpainting models")
+                               f"nor {2 * latent + 1} (inpainting) nor {latent + 1} (depth): an upscaling or editing model, which leansd "
+                               "does not run yet; it runs text-to-image, image-to-image, inpainting and depth-to-image models")
     options = replace(options, low_memory=memory.low_memory)  # arenas off; ONNX Runtime streams a UNet cut in parts
 
     def lazy(component: str, required: bool = True, component_options: SessionOptions = options,

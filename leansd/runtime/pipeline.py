@@ -33,7 +33,7 @@ from leansd.runtime.rng import TorchCompatibleGenerator
 from leansd.runtime.safety import SafetyChecker
 from leansd.runtime.schedulers import get_scheduler
 from leansd.runtime.settings import GenerationSettings, as_prompt_list
-from leansd.runtime.tasks import ImageToImage, Inpaint, Start, TextToImage
+from leansd.runtime.tasks import DepthToImage, ImageToImage, Inpaint, Start, TextToImage
 
 
 @dataclass
@@ -255,7 +255,18 @@ class Generation:
     def _task(self) -> TextToImage:
         """The task the settings ask for; strength defaults as in diffusers (0.8 image-to-image, 1.0 inpainting)."""
         s, unet = self.settings, self.pipe.unet
-        inpainting_unet = unet.in_channels == 2 * self.pipe.models.vae_decoder.latent_channels + 1
+        latent = self.pipe.models.vae_decoder.latent_channels
+        inpainting_unet = unet.in_channels == 2 * latent + 1
+        if unet.in_channels == latent + 1:
+            if s.image is None or s.depth_map is None or s.mask_image is not None:
+                raise InvalidInputError(
+                    f"{self.pipe.bundle.root} is a depth-to-image model (its UNet takes latents and a depth map); pass image and "
+                    "depth_map, larger values nearer (sd-run --init-image IMAGE --depth-map DEPTH.png|.npy); leansd does not export "
+                    "the model's depth estimator yet"
+                )
+            return DepthToImage(s.image, 0.8 if s.strength is None else s.strength, s.depth_map)
+        if s.depth_map is not None:
+            raise InvalidInputError(f"depth_map is for depth-to-image models; {self.pipe.bundle.root} is not one (leave depth_map out)")
         if s.mask_image is not None:
             return Inpaint(s.image, s.mask_image, 1.0 if s.strength is None else s.strength, s.masked_image_latents, inpainting_unet)
         if inpainting_unet:

@@ -56,6 +56,9 @@ class GenerationSettings:
     safety_checker: run the model's safety checker (diffusers' StableDiffusionSafetyChecker, exported when the source
         had one) on the images: flagged ones become black and `nsfw_content_detected` says which. None: on when the
         model folder has one, as in diffusers; True: required; False: off. Not run for output_type "latent".
+    depth_map: with `image`, for depth-to-image models (diffusers' StableDiffusionDepth2ImgPipeline): an HxW or NxHxW
+        array, a .npy file or a greyscale image (16-bit PNGs keep their precision), larger values nearer; resized to
+        the latents and scaled to [-1, 1] per map, as diffusers does (`leansd.runtime.depth`).
     """
 
     prompt: str | Sequence[str] | None = None
@@ -83,6 +86,7 @@ class GenerationSettings:
     memory_check: bool = True
     watermark: str | None = None
     safety_checker: bool | None = None
+    depth_map: "str | Path | Any | None" = None
 
     def merged(self, **overrides: Any) -> "GenerationSettings":
         """These settings with `overrides` (None values keep the default), checked."""
@@ -123,7 +127,9 @@ class GenerationSettings:
             raise InvalidInputError(f"watermark must be a non-empty ASCII text such as 'StableDiffusionV1', got {self.watermark!r:.60}")
         _finite("latents", self.latents)
         _finite("masked_image_latents", self.masked_image_latents)
-        for name in ("image", "mask_image"):
+        if self.depth_map is not None and self.image is None:
+            raise InvalidInputError("depth_map needs image, the picture to redraw; pass both (sd-run --init-image IMAGE --depth-map DEPTH)")
+        for name in ("image", "mask_image", "depth_map"):
             if isinstance(getattr(self, name), np.ndarray):
                 _finite(name, getattr(self, name))
         return self

@@ -7,6 +7,8 @@ after each step. The loop, the schedulers, guidance and decoding are shared (`le
     Inpaint       an image and a mask (white = repaint): inpainting UNets (9 input channels) get the mask and the
                   masked image's latents beside the latents; ordinary UNets get the image put back outside the
                   mask after every step (diffusers' StableDiffusionInpaintPipeline, both ways)
+    DepthToImage  image-to-image whose UNet also gets a depth map (5 input channels: diffusers'
+                  StableDiffusionDepth2ImgPipeline, with the caller's `depth_map`)
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from leansd.runtime.conditioning import Conditioning
+from leansd.runtime.depth import depth_condition, load_depth_map
 from leansd.runtime.errors import InvalidInputError, LeanSDWarning, ModelFolderError
 from leansd.runtime.image import image_to_model_input, load_image, load_mask, mask_to_model_input, nearest_resize, unit_array_to_model_input
 from leansd.runtime.models import VaeEncoder
@@ -170,6 +173,21 @@ class Inpaint(ImageToImage):
             start.noise.randn((masked.shape[0], channels, h, w))
             return None
         return encode(start, masked.astype(np.float32))
+
+
+class DepthToImage(ImageToImage):
+    """Image-to-image on a depth-conditioned UNet: the latents start as image-to-image's (same draws, same order), and
+    the depth map, resized to the latents and scaled to [-1, 1] (`leansd.runtime.depth`), is the UNet's extra channel."""
+
+    def __init__(self, image: Any, strength: float, depth_map: Any):
+        super().__init__(image, strength)
+        self.depth = load_depth_map(depth_map)
+
+    def prepare(self, start: Start, cond: Conditioning) -> Prepared:
+        begun = super().prepare(start, cond)
+        batch, _, h, w = start.latent_shape
+        depth = spread(depth_condition(self.depth, h, w), batch, "depth maps")
+        return replace(begun, cond=replace(begun.cond, concat=depth))
 
 
 def encode(start: Start, pixels: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""sd-export refuses models it does not export (upscaler, depth-to-image, instruct-pix2pix, SDXL, UNets
+"""sd-export refuses models it does not export (upscaler, instruct-pix2pix, SDXL, UNets
 with class/added/guidance embeddings...) from their configs alone, before any weights load or anything is written.
 
 The folders here hold model_index.json and configs only: no weights. Loading a module fails the test.
@@ -58,9 +58,6 @@ CASES = [
     ("x4-upscaler-resaved", "StableDiffusionPipeline", UPSCALER_UNET, None, None, ["7 input channels", "x4 upscaler"]),
     ("upscaler-class-labels", "StableDiffusionPipeline", {"num_class_embeds": 1000}, None, None, ["num_class_embeds=1000"]),
     ("latent-upscaler", "StableDiffusionLatentUpscalePipeline", {"in_channels": 8}, None, None, ["StableDiffusionLatentUpscalePipeline"]),
-    ("depth2img", "StableDiffusionDepth2ImgPipeline", {"in_channels": 5}, None, {"depth_estimator": ["transformers", "DPTForDepthEstimation"]},
-     ["StableDiffusionDepth2ImgPipeline", "depth-to-image"]),
-    ("depth2img-resaved", "StableDiffusionPipeline", {"in_channels": 5}, None, None, ["5 input channels", "depth"]),
     ("inpaint-8-latent-channels", "StableDiffusionInpaintPipeline", {"in_channels": 9}, {"latent_channels": 8}, None,
      ["9 input channels", "8 latent channels"]),
     ("instruct-pix2pix", "StableDiffusionInstructPix2PixPipeline", {"in_channels": 8}, None, None,
@@ -203,13 +200,13 @@ def test_single_file_with_extra_unet_channels_is_refused(tmp_path, private_tmp, 
 
 
 def test_single_file_config_folder_of_another_task_is_refused(tmp_path, private_tmp, no_weights):
-    config = config_folder(tmp_path / "depth-configs", "StableDiffusionDepth2ImgPipeline", {"in_channels": 5})
+    config = config_folder(tmp_path / "upscaler-configs", "StableDiffusionUpscalePipeline", UPSCALER_UNET)
     ckpt = tmp_path / "model.safetensors"
     ckpt.write_bytes(b"never read")
     out = tmp_path / "out"
     with pytest.raises(ExportError) as err:
         export_model(ckpt, out, single_file_config=config)
-    assert_refusal(str(err.value), ["StableDiffusionDepth2ImgPipeline"])
+    assert_refusal(str(err.value), ["StableDiffusionUpscalePipeline"])
     assert str(config) in str(err.value)  # the user's folder, not the temporary copy
     assert_nothing_written(tmp_path, out)
     assert list(private_tmp.iterdir()) == []

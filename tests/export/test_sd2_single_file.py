@@ -223,6 +223,7 @@ def test_shipped_sd2_configs_fit_the_sd2_checkpoint_layout(full_size_sd2_shapes)
         ({}, None, 4, {"prediction_type": "epsilon", "image_size": 768}, ("epsilon", 96)),
         ({"modelspec.prediction_type": "v"}, 875000, 4, {"prediction_type": "epsilon"}, ("epsilon", 64)),  # the option wins
         ({}, None, 9, {}, ("epsilon", 64)),  # 512-inpainting-ema
+        ({}, None, 5, {}, ("epsilon", 64)),  # 512-depth-ema
     ],
 )
 def test_variant_is_decided_from_the_file_or_the_options(full_size_sd2_shapes, monkeypatch, tmp_path, metadata, global_step,
@@ -238,6 +239,8 @@ def test_variant_is_decided_from_the_file_or_the_options(full_size_sd2_shapes, m
         got = (source.config("scheduler")["prediction_type"], source.config("unet")["sample_size"])
         assert got == expected
         assert source.config("unet")["in_channels"] == channels and source.config("unet")["use_linear_projection"] is True
+        pipeline = {4: "StableDiffusionPipeline", 9: "StableDiffusionInpaintPipeline", 5: "StableDiffusionDepth2ImgPipeline"}[channels]
+        assert source.model_index()["_class_name"] == pipeline
     finally:
         source.close()
 
