@@ -128,7 +128,9 @@ def optimum_model_index(source: Source) -> dict[str, Any]:
     index = dict(source.model_index())
     index["_diffusers_version"] = diffusers.__version__
     index["_name_or_path"] = source.spec
-    for name in ("safety_checker", "feature_extractor", "image_encoder", "depth_estimator"):
+    for name in ("safety_checker", "feature_extractor", "image_encoder"):
         index[name] = [None, None]
+    if "depth_estimator" in index:  # a depth model's DPT, not exported (the caller gives the depth map)
+        index["depth_estimator"] = [None, None]
     index["requires_safety_checker"] = False
     return dict(sorted(index.items()))
