@@ -19,11 +19,13 @@ OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp
                    "self_attn.out_proj": "attn.out_proj"}
 
 
-def build_tiny_sd2(path: Path, *, prediction_type: str = "v_prediction", inpainting: bool = False, depth: bool = False, seed: int = 3) -> Path:
+def build_tiny_sd2(path: Path, *, prediction_type: str = "v_prediction", inpainting: bool = False, depth: bool = False,
+                   estimator: bool = False, seed: int = 3) -> Path:
     """Save a tiny SD 2.x diffusers pipeline at `path` (VAE factor 2, 64-pixel native size) and return it.
 
     `inpainting`: a 9-channel UNet (StableDiffusionInpaintPipeline); `depth`: a 5-channel one (latents + depth map), saved
-    as a StableDiffusionDepth2ImgPipeline without a depth estimator (the released model has a DPT one)."""
+    as a StableDiffusionDepth2ImgPipeline, with a tiny DPT depth estimator (ViT, 32x32 input) and its feature extractor
+    when `estimator` (the released model has a DPT-Hybrid one at 384x384), else without."""
     import torch
     from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionDepth2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
                            UNet2DConditionModel)
@@ -43,7 +45,8 @@ def build_tiny_sd2(path: Path, *, prediction_type: str = "v_prediction", inpaint
     scheduler = PNDMScheduler(**{**SD1_SCHEDULER, "prediction_type": prediction_type})
     parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
     if depth:
-        pipe = StableDiffusionDepth2ImgPipeline(**parts, depth_estimator=None, feature_extractor=None)
+        dpt, processor = tiny_depth_estimator() if estimator else (None, None)
+        pipe = StableDiffusionDepth2ImgPipeline(**parts, depth_estimator=dpt, feature_extractor=processor)
     else:
         pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
             **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -54,6 +57,19 @@ def build_tiny_sd2(path: Path, *, prediction_type: str = "v_prediction", inpaint
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "clip_sample": False}, indent=2))
     tmp.rename(path)
     return path
+
+
+def tiny_depth_estimator():
+    """A tiny DPT (ViT backbone; predicts 64x64 depth from 32x32 inputs) and a DPT feature extractor resizing to 32x32."""
+    import torch
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(7)
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=32, patch_size=8,
+                       neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, backbone_out_indices=[0, 1, 2, 3])
+    processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False, ensure_multiple_of=1,
+                                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return DPTForDepthEstimation(config).eval(), processor
 
 
 def text_encoder_to_open_clip(state: dict[str, Any], *, seed: int = 0) -> dict[str, Any]:

@@ -88,6 +88,8 @@ IO["safety_checker"] = (
     (Tensor("clip_input", "float32", {0: "batch_size"}),),
     (Tensor("special_cos_dist", "float32", {0: "batch_size"}), Tensor("cos_dist", "float32", {0: "batch_size"})),
 )
+# Optional: a depth model's depth estimator (`depth_estimator`, DPT), preprocessed images -> depth.
+IO["depth_estimator"] = ((Tensor("pixel_values", "float32", {0: "batch_size"}),), (Tensor("predicted_depth", "float32", {0: "batch_size"}),))
 
 
 def input_names(component: str) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from leansd.export import components as comp
-from leansd.export import attention, deepcache, layout, quantize, safety_checker, streaming, tiny_vae, verify
+from leansd.export import attention, deepcache, depth_estimator, layout, quantize, safety_checker, streaming, tiny_vae, verify
 from leansd.export.errors import ExportError, ParityError
 from leansd.export.onnx import DEFAULT_OPSET, export_onnx
 from leansd.export.openvino import XML, convert_openvino
@@ -139,6 +139,8 @@ def export(
             # The safety checker, when the source has one (fp32 only; a CLIP vision tower, held to the text encoder's tolerance).
             checker = (safety_checker.export(source, staging.path, chosen, int(opset), tolerances["text_encoder"])
                        if safety_checker.present(source) else None)
+            estimator = (depth_estimator.export(source, staging.path, chosen, int(opset), tolerances["unet"])
+                         if depth_estimator.present(source) else None)
             _write_configs(source, staging.path)
             if loaders:
                 tiny.save_config(staging.path / tiny_vae.COMPONENT)  # the runtime reads its scaling factor there
@@ -146,6 +148,8 @@ def export(
             files = {n: {b: {"fp32": f"{n}/{quantize.FILES[b][0]}"} for b in chosen} for n in names}
             if checker is not None:
                 files[safety_checker.COMPONENT], parity[safety_checker.COMPONENT] = checker
+            if estimator is not None:
+                files[depth_estimator.COMPONENT], parity[depth_estimator.COMPONENT] = estimator
             if UNET_PARTS in parity:
                 files[UNET_PARTS] = {"onnx": {"fp32": _relative(staging.path, streaming.index_path(staging.path / "unet" / "model.onnx"))}}
             int8 = None

@@ -130,7 +130,7 @@ def optimum_model_index(source: Source) -> dict[str, Any]:
     index["_name_or_path"] = source.spec
     for name in ("safety_checker", "feature_extractor", "image_encoder"):
         index[name] = [None, None]
-    if "depth_estimator" in index:  # a depth model's DPT, not exported (the caller gives the depth map)
+    if "depth_estimator" in index:  # exported when the source has it, listed in leansd.json (Optimum's loaders skip it)
         index["depth_estimator"] = [None, None]
     index["requires_safety_checker"] = False
     return dict(sorted(index.items()))

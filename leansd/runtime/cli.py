@@ -135,6 +135,9 @@ def add_prompt_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth-map", type=Path, default=None, metavar="FILE",
                    help="depth-to-image models: the depth of --init-image, a greyscale image (16-bit PNG ok) or a .npy array, "
                    "larger values nearer; resized to the output size")
+    p.add_argument("--save-depth-map", type=Path, default=None, metavar="PNG",
+                   help="depth-to-image models: also write the depth map used (the estimator's, or --depth-map's) as a 16-bit "
+                   "greyscale PNG, scaled to its full range, larger values nearer")
     p.add_argument("--strength", type=number(0, 1, low_open=True), default=None,
                    help="how much to change the init image, in (0, 1] (default 0.8; 1 with --mask)")
 
@@ -276,6 +279,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     model = model_folder(args)
     plan = plan_outputs(args, seed)
     check_preview(args.preview, plan, args.overwrite)
+    check_depth_output(args.save_depth_map, plan, args.overwrite)
     init_image = load_image(args.init_image) if args.init_image is not None else None
     mask = load_mask(args.mask) if args.mask is not None else None
     pipe = load(
@@ -283,7 +287,11 @@ def run(args: argparse.Namespace) -> list[Path]:
         num_threads=args.threads, cache_dir=args.cache_dir, low_memory=args.low_memory, deep_cache=args.deep_cache,
         vae_tiling=args.tiled_vae, tiny_vae=args.tiny_vae, guidance_cutoff=args.guidance_cutoff, safety_checker=args.safety_checker,
     )
+    if args.save_depth_map is not None and pipe.unet.in_channels != pipe.models.vae_decoder.latent_channels + 1:
+        raise LeanSDError(f"--save-depth-map is for depth-to-image models; {pipe.bundle.root} is not one (leave it out)")
     results = generate(args, pipe, seed, init_image, mask)
+    if args.save_depth_map is not None:
+        save_depth_map(results[0].depth_map[0], args.save_depth_map, args.overwrite)
     paths = write_outputs(args, plan, pipe, results)
     for path in paths:
         say_path(path)
@@ -293,6 +301,32 @@ def run(args: argparse.Namespace) -> list[Path]:
         print(f"{t['total_s']:.2f} s: text {t['text_encoder_s']:.2f} s, {steps} steps {t['denoise_s']:.2f} s, "
               f"decode {t['decode_s']:.2f} s ({pipe.backend}, {pipe.precision})", file=sys.stderr)
     return paths
+
+
+def check_depth_output(path: Path | None, plan, overwrite: bool) -> None:
+    """--save-depth-map: a .png that is none of the images, and not an existing file unless --overwrite."""
+    if path is None:
+        return
+    if path.suffix.lower() != ".png" or path.is_dir():
+        raise LeanSDError(f"--save-depth-map {path} must be a .png file path")
+    if path.resolve() in {p.resolve() for p in plan.files}:
+        raise LeanSDError(f"--save-depth-map {path} is also an output file; choose another path")
+    if path.exists() and not overwrite:
+        raise LeanSDError(f"--save-depth-map {path} already exists; choose another path or pass --overwrite")
+
+
+def save_depth_map(depth, path: Path, overwrite: bool) -> None:
+    """The depth map as a 16-bit greyscale PNG, its minimum black and its maximum white."""
+    import numpy as np
+    from PIL import Image
+
+    from leansd.runtime.image import save_png
+
+    low, high = float(depth.min()), float(depth.max())
+    scaled = (depth - low) / (high - low if high > low else 1.0) * 65535
+    image = Image.fromarray(np.round(scaled).astype(np.uint16))
+    writing(path, "--save-depth-map path", lambda: save_png(image, path, overwrite=overwrite))
+    say_path(path)
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:

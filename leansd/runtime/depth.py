@@ -2,12 +2,14 @@
 
 The UNet of SD 2's depth model takes a fifth channel beside the latents: the depth map, resized to the latents' size
 with PyTorch's bicubic interpolation (`interpolate(mode="bicubic", align_corners=False)`, reproduced here in numpy) and
-scaled per image to [-1, 1] by its own minimum and maximum. diffusers estimates the map with the model's DPT depth
-estimator when none is given; leansd does not export that estimator yet, so the caller gives the map: an array, a
-`.npy` file or a greyscale image (16-bit PNGs keep their precision), larger values nearer, as DPT (MiDaS) writes it.
+scaled per image to [-1, 1] by its own minimum and maximum. The map is the caller's (an array, a `.npy` file or a
+greyscale image, 16-bit PNGs keeping their precision; larger values nearer, as DPT/MiDaS writes it) or, as diffusers
+does when none is given, the one the model's DPT depth estimator predicts from the init image (`DepthEstimator`, when
+sd-export found one in the source folder).
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from leansd.runtime.errors import InvalidInputError
+from leansd.runtime.errors import InvalidInputError, ModelFolderError
 
 CUBIC_A = -0.75  # PyTorch's bicubic coefficient
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # integer and float images read without going through 8 bits
@@ -81,3 +83,52 @@ def depth_condition(depth: np.ndarray, height: int, width: int) -> np.ndarray:
         raise InvalidInputError("a depth map is flat (one value everywhere, at the latents' size), so it cannot be scaled to [-1, 1]; "
                                 "pass a map with some depth in it")
     return (np.float32(2.0) * (resized - low) / (high - low) - np.float32(1.0)).astype(np.float32)
+
+
+class DepthEstimator:
+    """The model's depth estimator (DPT, exported by sd-export when the source has one) with its feature extractor's
+    preprocessing (transformers' `DPTImageProcessor`: resize to a fixed size with pillow, rescale, normalise). `estimate`
+    is its verb."""
+
+    def __init__(self, session: Any, preprocessor: Path):
+        self.session = session
+        try:
+            config = json.loads(preprocessor.read_text(encoding="utf-8"))
+            size = config.get("size", 384)
+            size = {"height": size, "width": size} if isinstance(size, int) else size
+            multiple = int(config.get("ensure_multiple_of", 1))
+            self.height, self.width = (int(round(int(size[k]) / multiple) * multiple) for k in ("height", "width"))
+            self.resample = int(config.get("resample", Image.Resampling.BICUBIC))
+            self.rescale_factor = float(config.get("rescale_factor", 1 / 255)) if config.get("do_rescale", True) else None
+            normalize = config.get("do_normalize", True)
+            self.mean = np.asarray(config.get("image_mean", (0.5, 0.5, 0.5)), np.float32) if normalize else None
+            self.std = np.asarray(config.get("image_std", (0.5, 0.5, 0.5)), np.float32) if normalize else None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelFolderError(f"cannot read the depth estimator's preprocessing in {preprocessor} ({exc.__class__.__name__}); "
+                                   "re-export the model with sd-export") from None
+
+    def preprocess(self, pixels: list[np.ndarray]) -> np.ndarray:
+        """uint8 HxWx3 images -> float32 N x 3 x height x width `pixel_values`."""
+        out = []
+        for image in pixels:
+            array = np.asarray(Image.fromarray(image, "RGB").resize((self.width, self.height), resample=self.resample))
+            values = array.astype(np.float64) * self.rescale_factor if self.rescale_factor is not None else array
+            values = values.astype(np.float32)
+            if self.mean is not None:
+                values = (values - self.mean) / self.std
+            out.append(values.transpose(2, 0, 1))
+        return np.stack(out)
+
+    def estimate(self, pixels: list[np.ndarray]) -> np.ndarray:
+        """uint8 HxWx3 images -> their depth maps, N x H' x W' (larger nearer), as the model predicts them."""
+        with self.session.use() as session:
+            return session.run({"pixel_values": self.preprocess(pixels)})["predicted_depth"].astype(np.float32)
+
+
+def as_uint8_images(image: Any) -> list[np.ndarray]:
+    """The init image(s) as the depth estimator's feature extractor sees them: 8-bit RGB, one array per image."""
+    if isinstance(image, Image.Image):
+        return [np.asarray(image.convert("RGB"))]
+    array = np.asarray(image)
+    array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8) if array.dtype != np.uint8 else array
+    return list(array[None] if array.ndim == 3 else array)

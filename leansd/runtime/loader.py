@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from leansd.runtime import backends, safety
+from leansd.runtime.depth import DepthEstimator
 from leansd.runtime import manifest as names
 from leansd.runtime.backends import LazySession, Session, SessionOptions
 from leansd.runtime.bundle import ModelBundle
@@ -131,6 +132,11 @@ def assemble(
     if safety.listed(bundle.manifest):  # exported in fp32 only; an int8 variant of the rest still uses it
         session = lazy(names.SAFETY_CHECKER, required=False) or lazy(names.SAFETY_CHECKER, required=False, variant="fp32")
         checker = safety.SafetyChecker(session, bundle.root / names.SAFETY_CHECKER, safety.feature_extractor(bundle.root)) if session else None
+    estimator = None
+    if names.DEPTH_ESTIMATOR in ((bundle.manifest or {}).get("components") or {}):  # fp32 only, as the safety checker
+        session = lazy(names.DEPTH_ESTIMATOR, required=False) or lazy(names.DEPTH_ESTIMATOR, required=False, variant="fp32")
+        preprocessor = bundle.root / names.FEATURE_EXTRACTOR / "preprocessor_config.json"
+        estimator = DepthEstimator(session, preprocessor) if session else None
     models = Models(
         prompt_encoder=PromptEncoder([ClipTokenizer.from_folder(bundle.root / "tokenizer")], [TextEncoder(lazy(names.TEXT_ENCODER))]),
         denoiser=denoiser,
@@ -138,5 +144,6 @@ def assemble(
         vae_encoder=VaeEncoder(encoder, bundle.vae_config) if encoder else None,
         tiny_vae_decoder=VaeDecoder(tiny, bundle.component_config(names.TINY_VAE_DECODER)) if tiny else None,
         safety_checker=checker,
+        depth_estimator=estimator,
     )
     return Pipeline(bundle, backend, precision, models, memory, defaults)

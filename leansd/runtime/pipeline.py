@@ -30,6 +30,7 @@ from leansd.runtime.loop import denoise
 from leansd.runtime.memory import MemoryPolicy
 from leansd.runtime.models import UNet, VaeDecoder, VaeEncoder
 from leansd.runtime.rng import TorchCompatibleGenerator
+from leansd.runtime.depth import DepthEstimator
 from leansd.runtime.safety import SafetyChecker
 from leansd.runtime.schedulers import get_scheduler
 from leansd.runtime.settings import GenerationSettings, as_prompt_list
@@ -43,6 +44,7 @@ class PipelineOutput:
     `settings` are the call's settings after the pipeline's defaults were applied; `timings` seconds per stage.
     `nsfw_content_detected`: per image, whether the safety checker flagged it (and blacked it out); None when no checker
     ran (none in the model folder, `safety_checker=False`, or output_type "latent"), as in diffusers.
+    `depth_map`: depth-to-image only, the depth maps used (N x H x W, the caller's or the estimator's), before resizing.
     """
 
     images: list[Image.Image] | np.ndarray
@@ -53,6 +55,7 @@ class PipelineOutput:
     timings: dict[str, float] = field(default_factory=dict)
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     nsfw_content_detected: list[bool] | None = None
+    depth_map: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -65,12 +68,13 @@ class Models:
     vae_encoder: VaeEncoder | None = None
     tiny_vae_decoder: VaeDecoder | None = None
     safety_checker: SafetyChecker | None = None
+    depth_estimator: DepthEstimator | None = None
 
     def sessions(self) -> list:
         """Every model session of the pipeline."""
         d = self.denoiser
         wrappers = (*self.prompt_encoder.encoders, d.unet, d.deep, d.shallow, self.vae_decoder, self.vae_encoder, self.tiny_vae_decoder,
-                    self.safety_checker)
+                    self.safety_checker, self.depth_estimator)
         return [w.session for w in wrappers if w is not None]
 
 
@@ -210,8 +214,9 @@ class Generation:
         with self._timed("decode_s"):
             images = latents if s.output_type == "latent" else self._decode(latents)
         self.timings["total_s"] = time.perf_counter() - start
+        depth = self.task.depth if isinstance(self.task, DepthToImage) else None
         return PipelineOutput(images, self.seed, self.scheduler.name, self.steps, self.guidance_scale, self.timings, s,
-                              self.nsfw_content_detected)
+                              self.nsfw_content_detected, depth)
 
     def memory_estimate(self) -> budget.MemoryEstimate:
         """What this generation needs beyond what is loaded (see `leansd.runtime.budget`)."""
@@ -258,13 +263,14 @@ class Generation:
         latent = self.pipe.models.vae_decoder.latent_channels
         inpainting_unet = unet.in_channels == 2 * latent + 1
         if unet.in_channels == latent + 1:
-            if s.image is None or s.depth_map is None or s.mask_image is not None:
+            estimator = self.pipe.models.depth_estimator
+            if s.image is None or (s.depth_map is None and estimator is None) or s.mask_image is not None:
                 raise InvalidInputError(
-                    f"{self.pipe.bundle.root} is a depth-to-image model (its UNet takes latents and a depth map); pass image and "
-                    "depth_map, larger values nearer (sd-run --init-image IMAGE --depth-map DEPTH.png|.npy); leansd does not export "
-                    "the model's depth estimator yet"
+                    f"{self.pipe.bundle.root} is a depth-to-image model (its UNet takes latents and a depth map); pass image"
+                    f"{'' if estimator else ' and depth_map, larger values nearer'} (sd-run --init-image IMAGE"
+                    f"{'' if estimator else ' --depth-map DEPTH.png|.npy; the folder has no depth estimator: export one from a folder with depth_estimator/'})"
                 )
-            return DepthToImage(s.image, 0.8 if s.strength is None else s.strength, s.depth_map)
+            return DepthToImage(s.image, 0.8 if s.strength is None else s.strength, s.depth_map, estimator)
         if s.depth_map is not None:
             raise InvalidInputError(f"depth_map is for depth-to-image models; {self.pipe.bundle.root} is not one (leave depth_map out)")
         if s.mask_image is not None:

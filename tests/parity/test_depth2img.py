@@ -1,6 +1,6 @@
-"""Depth-to-image against diffusers' StableDiffusionDepth2ImgPipeline on a tiny SD 2 depth model (5-channel UNet), with
-the caller's depth map (leansd does not export the DPT depth estimator yet), exported from its folder and from a
-single-file checkpoint, both backends. Images must agree within 1e-4 (max-abs on [0, 1]); the errors are printed (-s).
+"""Depth-to-image against diffusers' StableDiffusionDepth2ImgPipeline on a tiny SD 2 depth model (5-channel UNet and a
+tiny DPT depth estimator), with the caller's depth map and with the estimator's, exported from its folder (and the UNet
+from a single-file checkpoint), both backends. Images must agree within 1e-4 (max-abs on [0, 1]); errors printed (-s).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def depth_map(height: int = 40, width: int = 60, seed: int = 0) -> np.ndarray:
 def depth_dir(tmp_path_factory) -> Path:
     from tests.tiny_sd2 import build_tiny_sd2
 
-    return build_tiny_sd2(tmp_path_factory.mktemp("models") / "tiny-sd2-depth", depth=True, prediction_type="epsilon", seed=5)
+    return build_tiny_sd2(tmp_path_factory.mktemp("models") / "tiny-sd2-depth", depth=True, estimator=True, prediction_type="epsilon", seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +64,15 @@ def pipes(exported_depth) -> dict:
     return {backend: leansd.load(exported_depth, backend=backend) for backend in BACKENDS}
 
 
-def reference(folder: Path, scheduler: str, seed: int, depth: np.ndarray, image: Image.Image, **kwargs) -> np.ndarray:
+def reference(folder: Path, scheduler: str, seed: int, depth: np.ndarray | None, image: Image.Image, **kwargs) -> np.ndarray:
     import diffusers
 
-    pipe = diffusers.StableDiffusionDepth2ImgPipeline.from_pretrained(folder, depth_estimator=None, feature_extractor=None)
+    pipe = diffusers.StableDiffusionDepth2ImgPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     name, extra = SCHEDULERS[scheduler]
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
     with torch.no_grad():
-        return pipe(image=image, depth_map=torch.from_numpy(depth), generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+        return pipe(image=image, depth_map=None if depth is None else torch.from_numpy(depth), generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
                     **kwargs).images
 
 
@@ -101,28 +101,69 @@ def test_depth_map_files(tmp_path):
         load_depth_map(np.zeros((1, 1, 4, 4)))
 
 
-@pytest.mark.parametrize("scheduler, negative, strength", [("pndm", None, 0.8), ("euler_a", "blurry, a triangle", 0.6), ("dpm++2m", None, 1.0)])
-def test_depth2img_matches_diffusers(depth_dir, pipes, scheduler, negative, strength):
-    image, depth = as_pil(init_image(4, 32, 48)), depth_map()
+@pytest.mark.parametrize("scheduler, negative, strength, given", [("pndm", None, 0.8, True), ("euler_a", "blurry, a triangle", 0.6, True),
+                                                                 ("dpm++2m", None, 1.0, False), ("euler", "a green square", 0.7, False)])
+def test_depth2img_matches_diffusers(depth_dir, pipes, scheduler, negative, strength, given):
+    """With the caller's depth map (`given`) and with the one the exported DPT estimates from the image."""
+    image, depth = as_pil(init_image(4, 32, 48)), depth_map() if given else None
     kwargs = dict(prompt=PROMPT, negative_prompt=negative, num_inference_steps=4, guidance_scale=7.5, strength=strength, num_images_per_prompt=2)
     expected = reference(depth_dir, scheduler, 9, depth, image, **kwargs)
     for backend, pipe in pipes.items():
         got = pipe(**kwargs, image=image, depth_map=depth, seed=9, scheduler=scheduler, output_type="np").images
         assert got.shape == expected.shape == (2, 32, 48, 3)
         err = float(np.abs(got - expected).max())
-        MEASURED[f"folder export / {backend}"] = max(MEASURED[f"folder export / {backend}"], err)
+        case = f"{'given' if given else 'estimated'} depth / {backend}"
+        MEASURED[case] = max(MEASURED[case], err)
         assert err < TOLERANCE, f"{scheduler} on {backend}: max-abs {err:.2e}"
 
 
-def test_depth_model_needs_image_and_depth_map(exported_depth, exported_tiny_sd):
+def test_estimated_depth_map_is_dpt_s(exported_depth, depth_dir, pipes):
+    """The depth map the output reports is the exported estimator's, equal to PyTorch's DPT on the feature extractor's input."""
+    from transformers import DPTForDepthEstimation, DPTImageProcessor
+
+    image = as_pil(init_image(4, 32, 48))
+    pixels = DPTImageProcessor.from_pretrained(depth_dir / "feature_extractor")(images=[image], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        want = DPTForDepthEstimation.from_pretrained(depth_dir / "depth_estimator")(pixel_values=pixels).predicted_depth.numpy()
+    for pipe in pipes.values():
+        got = pipe(PROMPT, image=image, num_inference_steps=2, output_type="latent").depth_map
+        assert got.shape == want.shape and float(np.abs(got - want).max()) <= 1e-4 * float(np.abs(want).max())
+
+
+def test_depth_model_needs_image_and_a_depth_map_without_estimator(exported_depth, exported_tiny_sd, tmp_path):
+    import shutil
+
     pipe = leansd.load(exported_depth, backend="onnxruntime")
-    for call in ({}, {"image": init_image(4, 32, 48)}):
-        with pytest.raises(InvalidInputError, match="depth-to-image model.*depth_map.*depth estimator"):
-            pipe(PROMPT, num_inference_steps=2, **call)
+    with pytest.raises(InvalidInputError, match="depth-to-image model.*pass image"):
+        pipe(PROMPT, num_inference_steps=2)
+    bare = shutil.copytree(exported_depth, tmp_path / "no-estimator")
+    manifest = json.loads((bare / "leansd.json").read_text())
+    del manifest["components"]["depth_estimator"]
+    (bare / "leansd.json").write_text(json.dumps(manifest))
+    with pytest.raises(InvalidInputError, match="depth-to-image model.*depth_map.*no depth estimator"):
+        leansd.load(bare, backend="onnxruntime")(PROMPT, image=init_image(4, 32, 48), num_inference_steps=2)
     with pytest.raises(InvalidInputError, match="depth_map is for depth-to-image models"):
         leansd.load(exported_tiny_sd, backend="onnxruntime")(PROMPT, image=init_image(), depth_map=depth_map(), num_inference_steps=2)
     with pytest.raises(InvalidInputError, match="depth_map needs image"):
         pipe(PROMPT, depth_map=depth_map())
+
+
+def test_sd_run_saves_the_estimated_depth_map(exported_depth, tmp_path):
+    from leansd.runtime.cli import main
+
+    image = init_image(4, 32, 48)
+    Image.fromarray((image * 255).round().astype(np.uint8)).save(tmp_path / "in.png")
+    args = [PROMPT, "--model", str(exported_depth), "--init-image", str(tmp_path / "in.png"), "--steps", "2", "-q", "-o", str(tmp_path / "o.png")]
+    assert main([*args, "--save-depth-map", str(tmp_path / "depth.png")]) == 0
+    saved = np.asarray(Image.open(tmp_path / "depth.png")).astype(np.float64)
+    used = leansd.load(exported_depth, backend="onnxruntime")(PROMPT, image=Image.open(tmp_path / "in.png"), num_inference_steps=2,
+                                                              output_type="latent").depth_map[0]
+    assert saved.shape == used.shape and saved.min() == 0 and saved.max() == 65535
+    assert np.abs(saved / 65535 - (used - used.min()) / (used.max() - used.min())).max() < 1e-4
+    before = (tmp_path / "depth.png").read_bytes()
+    other = [a if a != str(tmp_path / "o.png") else str(tmp_path / "o2.png") for a in args]
+    assert main([*other, "--save-depth-map", str(tmp_path / "depth.png")]) == 2  # refused before any work: it exists
+    assert (tmp_path / "depth.png").read_bytes() == before and not (tmp_path / "o2.png").exists()
 
 
 def test_sd_run_depth_map(exported_depth, tmp_path):
