@@ -72,6 +72,22 @@ def tiny_depth_estimator():
     return DPTForDepthEstimation(config).eval(), processor
 
 
+def tiny_hybrid_dpt():
+    """A tiny DPT-Hybrid, the architecture of SD 2 depth's estimator (Intel/dpt-hybrid-midas: a BiT backbone whose first
+    two stages feed the neck directly, then ViT layers), shrunk: 64x64 input."""
+    import torch
+    from transformers import BitConfig, DPTConfig, DPTForDepthEstimation
+
+    torch.manual_seed(8)
+    bit = BitConfig(global_padding="same", layer_type="bottleneck", depths=[1, 1, 1], hidden_sizes=[16, 32, 64], embedding_size=8,
+                    out_features=["stage1", "stage2", "stage3"], num_groups=4)
+    config = DPTConfig(is_hybrid=True, backbone_config=bit, backbone_featmap_shape=[1, 64, 4, 4], hidden_size=32, num_hidden_layers=4,
+                       num_attention_heads=4, intermediate_size=37, image_size=64, patch_size=16, neck_hidden_sizes=[16, 32, 32, 32],
+                       fusion_hidden_size=16, backbone_out_indices=[0, 1, 2, 3], reassemble_factors=[1, 1, 1, 0.5], neck_ignore_stages=[0, 1],
+                       readout_type="project")
+    return DPTForDepthEstimation(config).eval()
+
+
 def text_encoder_to_open_clip(state: dict[str, Any], *, seed: int = 0) -> dict[str, Any]:
     """A transformers `CLIPTextModel` state dict in OpenCLIP's names, as SD 2 checkpoints store it (q/k/v fused into
     `in_proj_*`), with the tensors the conversion drops (a `text_projection` and `logit_scale`) present as in real files."""

@@ -179,6 +179,25 @@ def test_sd_run_depth_map(exported_depth, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), np.asarray(want))
 
 
+def test_hybrid_dpt_exports_on_both_backends(tmp_path):
+    """SD 2 depth's estimator is a DPT-Hybrid (BiT + ViT): a tiny one traces and matches PyTorch on both backends."""
+    from leansd.export import verify
+    from leansd.export.depth_estimator import wrap
+    from leansd.export.onnx import export_onnx
+    from leansd.export.openvino import convert_openvino
+    from tests.tiny_sd2 import tiny_hybrid_dpt
+
+    graph = wrap(tiny_hybrid_dpt())
+    rng = np.random.default_rng(3)
+    export_onnx("depth_estimator", graph, {"pixel_values": rng.uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32)}, tmp_path / "model.onnx")
+    convert_openvino(tmp_path / "model.onnx", tmp_path / "openvino_model.xml")
+    feeds = {"pixel_values": rng.uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)}
+    with torch.no_grad():
+        want = {"predicted_depth": graph(torch.from_numpy(feeds["pixel_values"])).numpy()}
+    for run, path in ((verify.run_onnxruntime, tmp_path / "model.onnx"), (verify.run_openvino, tmp_path / "openvino_model.xml")):
+        assert verify.measure(want, run(path, feeds), 1e-4).passed, path.name
+
+
 def test_single_file_depth_checkpoint(depth_dir, exported_depth, tmp_path):
     """SD 2's 512-depth file layout (5-channel UNet) read with the text-to-image configs becomes a depth export equal to the
     folder's (the UNet on the same inputs)."""
