@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from leansd.runtime import backends, safety
-from leansd.runtime.depth import DepthEstimator
 from leansd.runtime import manifest as names
 from leansd.runtime.backends import LazySession, Session, SessionOptions
 from leansd.runtime.bundle import ModelBundle
 from leansd.runtime.conditioning import PromptEncoder
+from leansd.runtime.depth import DepthEstimator
 from leansd.runtime.denoiser import Denoiser
 from leansd.runtime.errors import BackendError, ModelFolderError
 from leansd.runtime.memory import MemoryPolicy
@@ -97,7 +97,7 @@ def assemble(
     kind = bundle.pipeline_class
     if any(tag in kind for tag in _NOT_YET):
         raise ModelFolderError(f"{bundle.root} holds a {kind}, which leansd does not run yet; it runs text-to-image, "
-                               "image-to-image and inpainting models")
+                               "image-to-image, inpainting and depth-to-image models")
     channels, latent = bundle.unet_config.get("in_channels", 4), bundle.vae_config.get("latent_channels", 4)
     # 2 x latent + 1: inpainting (latents, mask, masked image latents); latent + 1: depth-to-image (latents, depth map)
     if channels not in (latent, 2 * latent + 1, latent + 1):

@@ -23,6 +23,7 @@ from PIL import Image
 from leansd.runtime import budget, watermark
 from leansd.runtime.bundle import ModelBundle
 from leansd.runtime.conditioning import PromptEncoder
+from leansd.runtime.depth import DepthEstimator
 from leansd.runtime.denoiser import Denoiser, Guidance
 from leansd.runtime.errors import InsufficientMemoryError, InvalidInputError, LeanSDWarning, ModelFolderError
 from leansd.runtime.image import decoded_to_unit, unit_to_pil
@@ -30,7 +31,6 @@ from leansd.runtime.loop import denoise
 from leansd.runtime.memory import MemoryPolicy
 from leansd.runtime.models import UNet, VaeDecoder, VaeEncoder
 from leansd.runtime.rng import TorchCompatibleGenerator
-from leansd.runtime.depth import DepthEstimator
 from leansd.runtime.safety import SafetyChecker
 from leansd.runtime.schedulers import get_scheduler
 from leansd.runtime.settings import GenerationSettings, as_prompt_list
@@ -79,7 +79,8 @@ class Models:
 
 
 class Pipeline:
-    """Text-to-image, image-to-image and inpainting over one model folder and one backend. Build it with `leansd.load()`."""
+    """Text-to-image, image-to-image, inpainting and depth-to-image over one model folder and one backend. Build it with
+    `leansd.load()`."""
 
     def __init__(
         self, bundle: ModelBundle, backend: str, precision: str, models: Models, memory: MemoryPolicy,
