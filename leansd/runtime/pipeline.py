@@ -202,7 +202,8 @@ class Generation:
         encoder = models.prompt_encoder
         with self._timed("text_encoder_s"), pipe.memory.stage(*(e.session for e in encoder.encoders)):
             cond = encoder.condition(self.prompts, self.negatives, s.num_images_per_prompt)
-        with self._timed("prepare_s"):
+        estimator = models.depth_estimator if isinstance(self.task, DepthToImage) else None  # released after use in low-memory mode
+        with self._timed("prepare_s"), pipe.memory.stage(estimator.session if estimator else None):
             start_at = Start(self.plan, self.scheduler, self.noise, self.latent_shape, self.height, self.width, s.latents,
                              models.vae_encoder, f"{pipe.bundle.root} has no vae_encoder for {pipe.backend}; "
                              "re-export the model to use an init image")
