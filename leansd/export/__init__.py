@@ -33,12 +33,14 @@ def export_model(
     deep_cache: bool = False,
     tiny_vae: str | os.PathLike[str] | None = None,
     unet_parts: int | None = None,
+    prediction_type: str | None = None,
+    image_size: int | None = None,
 ) -> Path:
     """Export a Stable Diffusion 1.x/2.x or SDXL model to a leansd model folder and return the folder's path.
 
     Args:
-        source: a diffusers folder, a Hugging Face Hub id (needs network access), or an SD 1.x single-file
-            checkpoint (`.ckpt` / `.safetensors`, original CompVis layout).
+        source: a diffusers folder, a Hugging Face Hub id (needs network access), or an SD 1.x/2.x single-file
+            checkpoint (`.ckpt` / `.safetensors`, original CompVis / Stability layout).
         output_dir: the folder to create. It appears only once every component has been exported and
             verified; on any failure nothing is left at `output_dir` (nor a temporary folder).
         backends: "onnx", "openvino", "all", or a sequence of the first two.
@@ -49,7 +51,7 @@ def export_model(
         tolerance: the largest accepted relative error (max-abs error / max-abs reference output) of each
             exported component against PyTorch: one number, or {component: number}. Default 1e-3.
         single_file_config: a diffusers-layout folder of configs to convert a single-file checkpoint with
-            (default: the SD 1.x configs in `leansd/export/configs/sd1/`).
+            (default: the SD 1.x or SD 2.x configs in `leansd/export/configs/`, chosen by the text encoder's layout).
         progress: show a progress bar (None: only when stderr is a terminal).
         precisions: "fp32" (default), or "fp32,int8" / ("fp32", "int8") to also write int8 variants (fp32 is
             always written: it is the reference the int8 files are calibrated on and measured against). The
@@ -68,6 +70,11 @@ def export_model(
             (`leansd.load(..., low_memory=True)`); each chain is verified like the whole file. None (default):
             8 parts when the UNet keeps its weights in an external data file (models over 2 GB, like SD 1.5),
             none for smaller ones; 0: no parts. See `leansd.export.streaming`.
+        prediction_type: a single file's "epsilon" or "v_prediction", written into its scheduler config. Needed
+            for an SD 2.x text-to-image file that does not say (no model-spec metadata, no known global_step);
+            see `leansd.export.checkpoint_variant`.
+        image_size: a single file's native image side in pixels (the UNet's sample_size x the VAE factor);
+            default 512, or 768 for SD 2.x v_prediction files, or what the file's metadata or config folder says.
 
     Raises:
         ExportError: a problem the user can fix (bad source, existing output, bad size ...), one line.
@@ -91,4 +98,6 @@ def export_model(
         deep_cache=deep_cache,
         tiny_vae_source=tiny_vae,
         unet_parts=unet_parts,
+        prediction_type=prediction_type,
+        image_size=image_size,
     )

@@ -3,6 +3,7 @@
     sd-export SOURCE OUTPUT_DIR [--backend onnx|openvino|all] [--height H --width W --batch B]
               [--opset N] [--overwrite] [--tolerance T | --tolerance unet=T,vae_decoder=T]
               [--precision fp32|fp32,int8] [--force-int8] [--deep-cache] [--tiny-vae PATH]
+              [--config DIR] [--prediction-type epsilon|v_prediction] [--image-size N]   (single files)
 
 Exit status: 0 success; 2 a problem the message names (bad source, existing output, bad size, parity over
 the tolerance or an int8 model under its quality gate); 1 an unexpected failure (rerun with --verbose for the
@@ -31,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Export a Stable Diffusion 1.x/2.x or SDXL model to ONNX and OpenVINO IR, verified against PyTorch.")
-    p.add_argument("source", help="diffusers folder, Hugging Face Hub id (online only), or SD 1.x .ckpt/.safetensors file")
+    p.add_argument("source", help="diffusers folder, Hugging Face Hub id (online only), or SD 1.x/2.x .ckpt/.safetensors file")
     p.add_argument("output_dir", help="folder to create (written atomically)")
     p.add_argument("--backend", default="all", choices=["onnx", "openvino", "all"], help="which model files to write (default: all)")
     p.add_argument("--height", type=_positive_int, help="static image height in pixels (default: dynamic shapes)")
@@ -77,7 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="cut the ONNX UNet into N parts sharing its weights file, so that sd-run --low-memory on onnxruntime loads "
         "one part at a time (weight streaming); default: 8 when the UNet is over 2 GB (SD 1.5 and up), else none; 0: none",
     )
-    p.add_argument("--sd1-config", metavar="DIR", help="diffusers-layout config folder for single-file checkpoints (default: the SD 1.x configs shipped with leansd)")
+    p.add_argument("--config", "--sd1-config", dest="config", metavar="DIR",
+                   help="diffusers-layout config folder for single-file checkpoints (default: the SD 1.x or SD 2.x configs shipped with "
+                   "leansd, chosen by the checkpoint's text encoder)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                   help="single files: what the UNet predicts (SD 2 base 512: epsilon; SD 2 768-v: v_prediction); needed for an "
+                   "SD 2.x text-to-image file whose metadata and global_step do not say")
+    p.add_argument("--image-size", type=_positive_int, metavar="PIXELS",
+                   help="single files: the model's native image side (default 512; 768 for SD 2.x v_prediction)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="show library warnings and full tracebacks")
     return p
@@ -137,7 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             opset=args.opset,
             overwrite=args.overwrite,
             tolerance=args.tolerance,
-            single_file_config=args.sd1_config,
+            single_file_config=args.config,
+            prediction_type=args.prediction_type,
+            image_size=args.image_size,
             progress=False if args.quiet else None,
             precisions=args.precision,
             force_int8=args.force_int8,

@@ -92,6 +92,13 @@ IO: dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {
 }
 # Optional: a user-supplied tiny VAE decoder (TAESD, `sd-export --tiny-vae`): a drop-in for the VAE decoder.
 IO[tiny_vae.COMPONENT] = IO["vae_decoder"]
+# Optional: the safety checker (`safety_checker`), images preprocessed by its feature extractor -> cosine similarities.
+IO["safety_checker"] = (
+    (Tensor("clip_input", "float32", {0: "batch_size"}),),
+    (Tensor("special_cos_dist", "float32", {0: "batch_size"}), Tensor("cos_dist", "float32", {0: "batch_size"})),
+)
+# Optional: a depth model's depth estimator (`depth_estimator`, DPT), preprocessed images -> depth.
+IO["depth_estimator"] = ((Tensor("pixel_values", "float32", {0: "batch_size"}),), (Tensor("predicted_depth", "float32", {0: "batch_size"}),))
 
 
 # A class-conditioned UNet (the x4 upscaler, conditioned on the noise level of its low-resolution image) takes one

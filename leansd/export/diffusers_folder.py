@@ -75,14 +75,14 @@ def read_json(path: Path) -> dict[str, Any]:
 
 # What sd-export exports, said in every refusal of another kind of model.
 SUPPORTED = ("it exports text-to-image Stable Diffusion 1.x/2.x models (StableDiffusionPipeline folders; img2img and inpainting "
-             "run from the same export), inpainting models (StableDiffusionInpaintPipeline folders, 9-channel UNets) and the x4 "
-             "upscaler (StableDiffusionUpscalePipeline folders), and SDXL base, refiner and inpainting folders")
+             "run from the same export), inpainting models (StableDiffusionInpaintPipeline folders, 9-channel UNets), "
+             "depth-to-image models (StableDiffusionDepth2ImgPipeline folders, 5-channel UNets), the x4 upscaler "
+             "(StableDiffusionUpscalePipeline folders), and SDXL base, refiner and inpainting folders")
 
 # Pipelines for a task sd-export does not export, by a part of model_index.json's `_class_name` (diffusers' spelling;
 # the first match names the task).
 UNSUPPORTED_PIPELINES = (
     ("LatentUpscale", "the latent x2 upscaler"),
-    ("Depth2Img", "depth-to-image"),
     ("InstructPix2Pix", "instruct-pix2pix image editing"),
     ("ControlNet", "ControlNet"),
     ("Adapter", "T2I-Adapter"),
@@ -93,8 +93,8 @@ UNSUPPORTED_PIPELINES = (
 )
 
 # Input channels beyond the latents, in the UNets of the tasks that add them (as diffusers' pipelines concatenate them).
-# Inpainting (latent channels + 1 extra) and the x4 upscaler (+ 3, with a noise-level class embedding) are exported;
-# the others are refused.
+# Inpainting (latent channels + 1 extra), depth (one extra) and the x4 upscaler (+ 3, with a noise-level class
+# embedding) are exported; the others are refused.
 EXTRA_CHANNELS = {
     5: "inpainting: latents + mask + masked image",
     4: "image editing such as instruct-pix2pix: latents + the input image's latents",
@@ -154,7 +154,8 @@ def check_configs(path: Path) -> None:
     latent = vae.get("latent_channels") or 4
     channels = unet.get("in_channels") or 4
     upscaler = is_upscaler(unet, vae)
-    if channels not in (latent, 2 * latent + 1) and not upscaler:  # 2 x latent + 1: an inpainting UNet
+    depth = 5 if latent == 4 else None  # latents + the depth map: SD 2's depth model (no other latent space has one)
+    if channels not in (latent, 2 * latent + 1, depth) and not upscaler:  # 2 x latent + 1: an inpainting UNet
         task = EXTRA_CHANNELS.get(channels - latent) if latent == 4 else None
         raise _refuse(path, f"has a UNet with {channels} input channels, not the VAE's {latent} latent channels"
                             f"{f' ({task})' if task else ''}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from leansd.export import components as comp
-from leansd.export import attention, deepcache, layout, quantize, sdxl, streaming, tiny_vae, verify
+from leansd.export import attention, deepcache, depth_estimator, layout, quantize, safety_checker, sdxl, streaming, tiny_vae, verify
 from leansd.export.errors import ExportError, ParityError
 from leansd.export.onnx import DEFAULT_OPSET, export_onnx
 from leansd.export.openvino import XML, convert_openvino
@@ -83,11 +83,12 @@ def parse_static(static: Mapping[str, int] | None, info: comp.ModelInfo) -> dict
 
 
 def family(source: Source) -> str:
-    """`sdxl` for models with SDXL's added conditioning, `sd2` for OpenCLIP-H models (1024-wide cross-attention),
-    else `sd1`."""
+    """`sdxl` for models with SDXL's added conditioning, `sd2` for OpenCLIP models (1024-wide cross-attention, or an
+    OpenCLIP text encoder: GELU, where OpenAI CLIP's is quick GELU), else `sd1`."""
     if source.config("unet").get("addition_embed_type") == "text_time":
         return "sdxl"
-    return "sd2" if int(source.config("unet").get("cross_attention_dim", 768)) == 1024 else "sd1"
+    openclip = source.config("text_encoder").get("hidden_act") == "gelu"
+    return "sd2" if openclip or int(source.config("unet").get("cross_attention_dim", 768)) == 1024 else "sd1"
 
 
 def module_order(info: comp.ModelInfo, deep_cache: bool) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -116,6 +117,8 @@ def export(
     deep_cache: bool = False,
     tiny_vae_source: str | os.PathLike[str] | None = None,
     unet_parts: int | None = None,
+    prediction_type: str | None = None,
+    image_size: int | None = None,
 ) -> Path:
     """See `leansd.export.export_model`."""
     if unet_parts is not None and (int(unet_parts) < 0 or int(unet_parts) == 1):
@@ -129,7 +132,7 @@ def export(
         raise ExportError(f"--opset {opset} is outside the supported range 14..20; use {DEFAULT_OPSET}")
     target = Path(output_dir).expanduser().absolute()
     layout.check_output(target, overwrite=overwrite)  # before any slow step
-    source = resolve_source(source_spec, single_file_config=single_file_config)
+    source = resolve_source(source_spec, single_file_config=single_file_config, prediction_type=prediction_type, image_size=image_size)
     try:
         if source.kind != "single_file" and target.resolve() == source.config_dir.resolve():
             raise ExportError("the output folder is the source folder; choose another output folder")
@@ -157,11 +160,20 @@ def export(
         with layout.StagingFolder(target, overwrite=overwrite) as staging:
             parity = _export_components(source, staging.path, info, chosen, static, int(opset), tolerances, progress, order, loaders,
                                         unet_parts)
+            # The safety checker, when the source has one (fp32 only; a CLIP vision tower, held to the text encoder's tolerance).
+            checker = (safety_checker.export(source, staging.path, chosen, int(opset), tolerances["text_encoder"])
+                       if safety_checker.present(source) else None)
+            estimator = (depth_estimator.export(source, staging.path, chosen, int(opset), tolerances["unet"])
+                         if depth_estimator.present(source) else None)
             _write_configs(source, staging.path, names)
             if loaders:
                 tiny.save_config(staging.path / tiny_vae.COMPONENT)  # the runtime reads its scaling factor there
                 del loaders[tiny_vae.MODULE], tiny
             files = {n: {b: {"fp32": f"{n}/{quantize.FILES[b][0]}"} for b in chosen} for n in names}
+            if checker is not None:
+                files[safety_checker.COMPONENT], parity[safety_checker.COMPONENT] = checker
+            if estimator is not None:
+                files[depth_estimator.COMPONENT], parity[depth_estimator.COMPONENT] = estimator
             if UNET_PARTS in parity:
                 files[UNET_PARTS] = {"onnx": {"fp32": _relative(staging.path, streaming.index_path(staging.path / "unet" / "model.onnx"))}}
             int8 = None

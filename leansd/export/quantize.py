@@ -195,6 +195,8 @@ def task_inputs(pipe: Any, plan: RunPlan) -> dict[str, np.ndarray]:
     h, w = plan.height, plan.width
     y, x = np.mgrid[0:h, 0:w].astype(np.float32) / max(h, w)
     image = np.stack([x, y, 1.0 - x * y], axis=-1).astype(np.float32)
+    if pipe.unet.in_channels == pipe.models.vae_decoder.latent_channels + 1:  # depth-to-image: a ramp, near at the bottom
+        return {"image": image, "depth_map": y}
     mask = np.zeros((h, w), np.float32)
     mask[h // 4 : h - h // 4, w // 4 : w - w // 4] = 1.0
     return {"image": image, "mask_image": mask}

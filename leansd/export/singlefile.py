@@ -1,8 +1,10 @@
-"""Single-file SD 1.x checkpoints (`.ckpt` / `.safetensors` in the original CompVis layout), converted offline.
+"""Single-file SD 1.x and 2.x checkpoints (`.ckpt` / `.safetensors` in the CompVis / Stability layout), converted offline.
 
-diffusers' own `from_single_file` does the key conversion; it is pointed at a local folder of SD 1.x configs
-(`leansd/export/configs/sd1/`, with CLIP's vocabulary from `configs/clip/`) so it never reaches for the network.
-Pickled `.ckpt` files are only ever read with `weights_only=True` (tensors, no arbitrary Python objects).
+diffusers' own `from_single_file` does the key conversion; it is pointed at a local folder of configs
+(`leansd/export/configs/sd1/` or `sd2/`, with CLIP's vocabulary from `configs/clip/`, or the user's folder) so it never
+reaches for the network. SD 2.x is told from SD 1.x by its OpenCLIP text encoder (`cond_stage_model.model.*`); the
+variant (prediction type, native size) by `checkpoint_variant`. Pickled `.ckpt` files are only ever read with
+`weights_only=True` (tensors and plain values, no arbitrary Python objects).
 """
 from __future__ import annotations
 
@@ -10,32 +12,58 @@ import json
 import pickle
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from leansd.export import checkpoint_variant
 from leansd.export.diffusers_folder import EXTRA_CHANNELS, Source, check_configs, check_folder, check_pipeline_class, read_json
 from leansd.export.errors import ExportError
 
 # Shipped inside the package so an installed leansd converts single files offline.
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SD1_CONFIG = CONFIGS / "sd1"
+SD2_CONFIG = CONFIGS / "sd2"
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
 CLIP_VOCAB = CONFIGS / "clip"
 
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 VAE_IN = "first_stage_model.encoder.conv_in.weight"
 CLIP_SD1 = "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
 OPEN_CLIP = "cond_stage_model.model.token_embedding.weight"
+# The text encoder's width, by family: where each layout keeps a [tokens or positions, width] matrix.
+TEXT_WIDTH = {"sd1": CLIP_SD1, "sd2": OPEN_CLIP}
+# The text encoder's activation in diffusers' config, by family: OpenAI CLIP (SD 1) and OpenCLIP (SD 2) differ only there
+# and in the layout, so a config folder of the other family would convert without error and compute something else.
+TEXT_ACT = {"sd1": "quick_gelu", "sd2": "gelu"}
+PROJ_IN = "proj_in.weight"
 SDXL = "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What the exporter reads of a checkpoint before converting it: tensor shapes, the `.safetensors` header's
+    metadata, and the training step a `.ckpt` records."""
+
+    shapes: dict[str, tuple[int, ...]]
+    metadata: dict[str, str] = field(default_factory=dict)
+    global_step: int | None = None
 
 
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a checkpoint, without loading more than needed."""
+    return read_checkpoint(path).shapes
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Shapes and metadata of a checkpoint, without loading more than needed."""
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                return Checkpoint(shapes, {str(k): str(v) for k, v in (f.metadata() or {}).items()})
         except Exception as exc:  # noqa: BLE001 - a damaged or foreign file
             raise ExportError(f"'{path}' is not a readable .safetensors file ({exc.__class__.__name__}); check the download") from None
     import torch
@@ -51,56 +79,118 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         ) from None
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"'{path}' is not a readable PyTorch checkpoint ({exc.__class__.__name__}); check the file") from None
+    step = state.get("global_step") if isinstance(state, dict) else None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ExportError(f"'{path}' does not hold a state dict; pass a Stable Diffusion checkpoint")
-    return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+    try:
+        global_step = int(step) if step is not None and not isinstance(step, bool) else None
+    except (TypeError, ValueError, RuntimeError):  # a tensor of several values, a string: not a step count
+        global_step = None
+    return Checkpoint({k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}, global_step=global_step)
+
+
+def checkpoint_family(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
+    """"sd1" (OpenAI CLIP text encoder) or "sd2" (OpenCLIP); refuse other checkpoints."""
+    if SDXL in shapes:
+        raise ExportError(f"'{path}' is an SDXL checkpoint; sd-export converts SD 1.x/2.x single files only (export SDXL from a diffusers folder is not supported)")
+    family = "sd2" if OPEN_CLIP in shapes else "sd1"
+    missing = [k for k in (UNET_IN, VAE_IN, TEXT_WIDTH[family]) if k not in shapes]
+    if missing:
+        raise ExportError(f"'{path}' is not an {FAMILY_NAMES[family]} checkpoint in the original layout (no '{missing[0]}'); "
+                          "pass an SD 1.x/2.x .ckpt/.safetensors or a diffusers folder")
+    return family
 
 
 def check_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], config: Path) -> bool:
-    """Raise unless the checkpoint is an SD 1.x model that matches the configs in `config`. Returns True for an
-    inpainting checkpoint (a 9-channel UNet, as sd-v1-5-inpainting) read with text-to-image configs: the configs then
-    need the inpainting UNet's input channels (`as_inpainting`); everything else in SD 1.x's inpainting config is the same."""
-    if SDXL in shapes:
-        raise ExportError(f"'{path}' is an SDXL checkpoint; sd-export converts SD 1.x single files only (export SDXL from a diffusers folder is not supported)")
-    if OPEN_CLIP in shapes:
-        raise ExportError(f"'{path}' is an SD 2.x checkpoint; convert it to a diffusers folder first (diffusers' from_single_file + save_pretrained) and pass that folder")
-    missing = [k for k in (UNET_IN, VAE_IN, CLIP_SD1) if k not in shapes]
-    if missing:
-        raise ExportError(f"'{path}' is not an SD 1.x checkpoint in the original layout (no '{missing[0]}'); pass an SD 1.x .ckpt/.safetensors or a diffusers folder")
-    unet = json.loads((config / "unet" / "config.json").read_text())
+    """Raise unless the checkpoint is an SD 1.x/2.x model that matches the configs in `config`. Returns True for an
+    inpainting checkpoint (a 9-channel UNet, as sd-v1-5-inpainting or SD 2's 512-inpainting) read with text-to-image
+    configs: the configs then need the inpainting UNet's input channels (`as_inpainting`); everything else in the
+    family's inpainting config is the same."""
+    family = checkpoint_family(path, shapes)
+    label = FAMILY_NAMES[family]
+    unet = read_json(config / "unet" / "config.json")
+    text = read_json(config / "text_encoder" / "config.json")
+    if text.get("hidden_act", "quick_gelu") != TEXT_ACT[family]:
+        other = next(FAMILY_NAMES[f] for f, act in TEXT_ACT.items() if f != family)
+        raise ExportError(f"'{path}' is an {label} checkpoint but the config folder's text encoder is {other}'s "
+                          f"(hidden_act {text.get('hidden_act', 'quick_gelu')}); pass {label} configs")
     channels = shapes[UNET_IN][1]
-    inpainting = channels == 9 and unet["in_channels"] == 4  # 2 x 4 latent channels + the mask
-    if channels != unet["in_channels"] and not inpainting:
-        task = EXTRA_CHANNELS.get(channels - unet["in_channels"])
+    task = unet_task(family, channels, unet["in_channels"])
+    if channels != unet["in_channels"] and task == "text-to-image":
+        extra = EXTRA_CHANNELS.get(channels - unet["in_channels"])
         raise ExportError(
-            f"'{path}' has a UNet with {channels} input channels, the SD 1.x config {unet['in_channels']}"
-            f"{f' ({task})' if task else ''}, which sd-export does not support; pass a text-to-image SD 1.x checkpoint"
+            f"'{path}' has a UNet with {channels} input channels, the {label} config {unet['in_channels']}"
+            f"{f' ({extra})' if extra else ''}, which sd-export does not support; pass a text-to-image, inpainting or "
+            f"(SD 2) depth {label} checkpoint"
         )
     context = {s[1] for k, s in shapes.items() if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")}
     if context and context != {unet["cross_attention_dim"]}:
-        raise ExportError(f"'{path}' has cross-attention width {sorted(context)}, the config {unet['cross_attention_dim']}; it is not an SD 1.x model")
-    return inpainting
+        raise ExportError(f"'{path}' has cross-attention width {sorted(context)}, the config {unet['cross_attention_dim']}; it is not an {label} model "
+                          "for these configs")
+    width = shapes[TEXT_WIDTH[family]][1]
+    if width != text.get("hidden_size"):
+        raise ExportError(f"'{path}' has a {width}-wide text encoder, the config {text.get('hidden_size')}; pass {label} configs that fit it")
+    return task == "inpainting"
 
 
-def as_inpainting(config_dir: Path, channels: int) -> None:
-    """Turn a (temporary) text-to-image config folder into the inpainting model's: UNet input channels, pipeline class."""
-    for file, key, value in (("unet/config.json", "in_channels", channels), ("model_index.json", "_class_name", "StableDiffusionInpaintPipeline")):
-        data = read_json(config_dir / file)
-        data[key] = value
-        (config_dir / file).write_text(json.dumps(data, indent=2))
+# Pipelines of the UNets that take channels beyond the latents, when read with text-to-image configs.
+TASK_PIPELINES = {"inpainting": "StableDiffusionInpaintPipeline", "depth": "StableDiffusionDepth2ImgPipeline"}
 
 
-def assemble_config(config: Path | None) -> Path:
+def unet_task(family: str, channels: int, config_channels: int) -> str:
+    """"inpainting" (latents + mask + masked image latents), "depth" (latents + depth map; SD 2's 512-depth only) or
+    "text-to-image", by the UNet's input channels in a checkpoint read with configs for `config_channels`."""
+    if channels == 2 * config_channels + 1 and config_channels == 4:
+        return "inpainting"
+    if channels == config_channels + 1 and family == "sd2":
+        return "depth"
+    return "text-to-image"
+
+
+def linear_projection(shapes: dict[str, tuple[int, ...]]) -> bool | None:
+    """Whether the UNet's transformers project in and out with linear layers (SD 2) rather than 1x1 convolutions (SD 1);
+    None when it has no transformer."""
+    found = {len(s) == 2 for k, s in shapes.items() if k.startswith("model.diffusion_model.") and k.endswith(PROJ_IN)}
+    return found.pop() if len(found) == 1 else None
+
+
+def edit_config(config_dir: Path, file: str, **values: Any) -> None:
+    """Set keys of one JSON config in the (temporary) config folder."""
+    data = read_json(config_dir / file)
+    data.update(values)
+    (config_dir / file).write_text(json.dumps(data, indent=2))
+
+
+def apply_variant(config_dir: Path, variant: checkpoint_variant.Variant) -> None:
+    """Write the decided prediction type and native size into the temporary configs."""
+    if variant.prediction_type is not None:
+        edit_config(config_dir, "scheduler/scheduler_config.json", prediction_type=variant.prediction_type)
+    if variant.image_size is not None:
+        factor = 2 ** (len(read_json(config_dir / "vae" / "config.json")["block_out_channels"]) - 1)
+        if variant.image_size % factor:
+            raise ExportError(f"--image-size {variant.image_size} is not a multiple of {factor}, the VAE's scale factor; "
+                              f"use {variant.image_size - variant.image_size % factor + factor}")
+        edit_config(config_dir, "unet/config.json", sample_size=variant.image_size // factor)
+
+
+def as_inpainting(config_dir: Path, channels: int, task: str = "inpainting") -> None:
+    """Turn a (temporary) text-to-image config folder into the inpainting (or depth) model's: UNet input channels,
+    pipeline class."""
+    edit_config(config_dir, "unet/config.json", in_channels=channels)
+    edit_config(config_dir, "model_index.json", _class_name=TASK_PIPELINES[task])
+
+
+def assemble_config(config: Path | None, default: Path = SD1_CONFIG) -> Path:
     """A temporary diffusers-layout folder of configs only (no weights), with the tokenizer vocabulary filled in."""
-    src = Path(config) if config is not None else SD1_CONFIG
+    src = Path(config) if config is not None else default
     if not (src / "model_index.json").is_file():
-        raise ExportError(f"no SD 1.x configs at '{src}' (model_index.json missing); reinstall leansd from its source tree or pass a config folder")
+        raise ExportError(f"no single-file configs at '{src}' (model_index.json missing); reinstall leansd from its source tree or pass a config folder")
     # The kind of model, checked where the user's configs are (so that a refusal names that folder, not the copy).
     check_pipeline_class(src, read_json(src / "model_index.json"))
     check_configs(src)
-    out = Path(tempfile.mkdtemp(prefix="leansd-sd1-config-"))
+    out = Path(tempfile.mkdtemp(prefix="leansd-single-file-config-"))
     try:
         shutil.copyfile(src / "model_index.json", out / "model_index.json")
         for sub in ("unet", "vae", "text_encoder", "scheduler", "tokenizer"):
@@ -118,13 +208,36 @@ def assemble_config(config: Path | None) -> Path:
     return out
 
 
-def single_file_source(path: Path, *, config: Path | str | None = None) -> Source:
-    """Check a single-file checkpoint and return a `Source` that converts it once, on the first `load`."""
-    config_dir = assemble_config(Path(config) if config is not None else None)
+def single_file_source(path: Path, *, config: Path | str | None = None, prediction_type: str | None = None,
+                       image_size: int | None = None) -> Source:
+    """Check a single-file checkpoint and return a `Source` that converts it once, on the first `load`.
+
+    `config`: a diffusers-layout config folder (default: the shipped SD 1.x or SD 2.x configs, by the checkpoint's text
+    encoder). `prediction_type` / `image_size` override the scheduler's prediction type and the UNet's native size;
+    see `checkpoint_variant` for how they are decided without them."""
+    checkpoint_variant.check_options(prediction_type, image_size)
+    if config is not None:  # the user's configs are checked before the (possibly large) checkpoint is opened
+        config_dir = assemble_config(Path(config))
+        checkpoint = None
+    else:
+        checkpoint = read_checkpoint(path)
+        config_dir = assemble_config(None, SD2_CONFIG if checkpoint_family(path, checkpoint.shapes) == "sd2" else SD1_CONFIG)
     try:
-        shapes = read_shapes(path)
-        if check_checkpoint(path, shapes, config_dir):
-            as_inpainting(config_dir, shapes[UNET_IN][1])
+        checkpoint = checkpoint or read_checkpoint(path)
+        shapes = checkpoint.shapes
+        check_checkpoint(path, shapes, config_dir)
+        family = checkpoint_family(path, shapes)
+        task = unet_task(family, shapes[UNET_IN][1], read_json(config_dir / "unet" / "config.json")["in_channels"])
+        if task != "text-to-image":
+            as_inpainting(config_dir, shapes[UNET_IN][1], task)
+        linear = linear_projection(shapes)
+        if linear is not None:  # decided by the weights' shapes, whatever the config folder says
+            edit_config(config_dir, "unet/config.json", use_linear_projection=linear)
+        variant = checkpoint_variant.decide(
+            path, family=family, task=task,
+            metadata=checkpoint.metadata, global_step=checkpoint.global_step, prediction_type=prediction_type,
+            image_size=image_size, config_given=config is not None)
+        apply_variant(config_dir, variant)
     except BaseException:
         shutil.rmtree(config_dir, ignore_errors=True)
         raise
@@ -146,13 +259,13 @@ def _convert(path: Path, config_dir: Path) -> dict[str, Any]:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    try:
+    try:  # the text encoder's kind (CLIP or OpenCLIP) is told by diffusers from the keys, its size from our configs
         pipe = StableDiffusionPipeline.from_single_file(
             str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch.float32
         )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-        raise ExportError(f"cannot convert '{path}' with the SD 1.x configs: {first}; pass a diffusers folder instead") from None
+        raise ExportError(f"cannot convert '{path}' with its configs: {first}; pass a config folder that fits it (--config) or a diffusers folder") from None
     modules = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
     del pipe
     return modules

@@ -18,24 +18,29 @@ CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_source(spec: str | os.PathLike[str], *, single_file_config: str | os.PathLike[str] | None = None) -> Source:
+def resolve_source(spec: str | os.PathLike[str], *, single_file_config: str | os.PathLike[str] | None = None,
+                   prediction_type: str | None = None, image_size: int | None = None) -> Source:
     """Check `spec` and return a `Source`; raise `ExportError` naming the problem and the fix.
 
     `single_file_config` is the diffusers-layout config folder used to convert a single-file checkpoint
-    (default: the SD 1.x configs shipped in `leansd/export/configs/sd1/`).
+    (default: the SD 1.x or SD 2.x configs shipped in `leansd/export/configs/`); `prediction_type` and `image_size`
+    override a single file's variant (see `leansd.export.checkpoint_variant`).
     """
     text = os.fspath(spec)
     path = Path(text).expanduser()
+    if (prediction_type is not None or image_size is not None) and not (path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES):
+        raise ExportError(f"--prediction-type and --image-size apply to single-file checkpoints; for '{text}' edit its "
+                          "scheduler_config.json (prediction_type) or unet/config.json (sample_size) instead")
     if path.is_dir():
         return folder_source(path.absolute(), spec=str(path.absolute()), kind="folder")
     if path.is_file():
         if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
             raise ExportError(
-                f"'{text}' is a '{path.suffix}' file; pass a diffusers folder or an SD 1.x single-file checkpoint (.ckpt or .safetensors)"
+                f"'{text}' is a '{path.suffix}' file; pass a diffusers folder or an SD 1.x/2.x single-file checkpoint (.ckpt or .safetensors)"
             )
         from leansd.export.singlefile import single_file_source
 
-        return single_file_source(path.absolute(), config=single_file_config)
+        return single_file_source(path.absolute(), config=single_file_config, prediction_type=prediction_type, image_size=image_size)
     if _HUB_ID.match(text) and not text.startswith((".", "~")):
         return hub_source(text)
     raise ExportError(f"source '{text}' not found; pass an existing diffusers folder, a .ckpt/.safetensors file, or a Hub id (online only)")
@@ -131,5 +136,7 @@ def optimum_model_index(source: Source) -> dict[str, Any]:
     index["_name_or_path"] = source.spec
     for name in ("safety_checker", "feature_extractor", "image_encoder"):
         index[name] = [None, None]
+    if "depth_estimator" in index:  # exported when the source has it, listed in leansd.json (Optimum's loaders skip it)
+        index["depth_estimator"] = [None, None]
     index["requires_safety_checker"] = False
     return dict(sorted(index.items()))

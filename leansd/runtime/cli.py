@@ -137,6 +137,12 @@ def add_prompt_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", type=Path, default=None, metavar="PNG",
                    help="inpaint: repaint the white part of this mask in --init-image (or, in an image with transparency, "
                    "its transparent part: the init image itself can be the mask); resized to the output size")
+    p.add_argument("--depth-map", type=Path, default=None, metavar="FILE",
+                   help="depth-to-image models: the depth of --init-image, a greyscale image (16-bit PNG ok) or a .npy array, "
+                   "larger values nearer; resized to the output size")
+    p.add_argument("--save-depth-map", type=Path, default=None, metavar="PNG",
+                   help="depth-to-image models: also write the depth map used (the estimator's, or --depth-map's) as a 16-bit "
+                   "greyscale PNG, scaled to its full range, larger values nearer")
     p.add_argument("--strength", type=number(0, 1, low_open=True), default=None,
                    help="how much to change the init image, in (0, 1] (default 0.8; 1 with --mask)")
     p.add_argument("--noise-level", type=whole(0), default=None,
@@ -178,6 +184,9 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-cutoff", type=number(0, 1), default=1.0, metavar="F",
                    help="stop classifier-free guidance after this fraction of the steps (e.g. 0.3): later steps cost half; "
                    "1 (default) guides every step. With --deep-cache, features are then reused on the unguided steps only")
+    p.add_argument("--safety-checker", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the model's safety checker (flagged images are written black, with a warning); default: on when the "
+                   "model folder has one (exported from a folder with safety_checker/), as in diffusers")
     p.add_argument("--tiny-vae", action="store_true",
                    help="decode with the tiny VAE decoder (TAESD; needs a folder exported with sd-export --tiny-vae): much faster, a little less detail")
     p.add_argument("--refiner", type=Path, default=None, metavar="DIR",
@@ -202,6 +211,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                           (("model", "--model"), ("ckpt", "--ckpt"))):
         if getattr(args, first) and getattr(args, second):
             parser.error(f"{one} and {other} cannot be used together; pass one of them")
+    if args.depth_map is not None and args.init_image is None:
+        parser.error("--depth-map needs --init-image, the picture to redraw with that depth")
     if args.mask is not None and args.init_image is None:
         parser.error("--mask needs --init-image, the picture to inpaint")
     args.script_layout = args.output is None and bool(set(args.script_flags) - {"--prompt"})
@@ -264,7 +275,7 @@ def generate(args: argparse.Namespace, pipe: Pipeline, seed: int, init_image: Im
                       clip_skip=args.clip_skip)
         first = pipe(
             infotext_prompt(args.prompt), num_images_per_prompt=args.num_images, height=args.height, width=args.width,
-            image=init_image, mask_image=mask, strength=args.strength, noise_level=args.noise_level,
+            image=init_image, mask_image=mask, strength=args.strength, noise_level=args.noise_level, depth_map=args.depth_map,
             **({"denoising_end": args.refiner_switch, "output_type": "latent"} if refiner else {"watermark": args.watermark}), **common,
         )
         if refiner is None:
@@ -290,18 +301,24 @@ def run(args: argparse.Namespace) -> list[Path]:
     model = model_folder(args)
     plan = plan_outputs(args, seed)
     check_preview(args.preview, plan, args.overwrite)
+    check_depth_output(args.save_depth_map, plan, args.overwrite)
     init_image = load_image(args.init_image) if args.init_image is not None else None
     mask = load_mask(args.mask) if args.mask is not None else None
     pipe = load(
         model, backend=args.backend, device=args.device, precision=args.precision,
         num_threads=args.threads, cache_dir=args.cache_dir, low_memory=args.low_memory, deep_cache=args.deep_cache,
-        vae_tiling=args.tiled_vae, tiny_vae=args.tiny_vae, guidance_cutoff=args.guidance_cutoff,
+        vae_tiling=args.tiled_vae, tiny_vae=args.tiny_vae, guidance_cutoff=args.guidance_cutoff, safety_checker=args.safety_checker,
     )
+    if args.save_depth_map is not None and pipe.unet.in_channels != pipe.models.vae_decoder.latent_channels + 1:
+        raise LeanSDError(f"--save-depth-map is for depth-to-image models; {pipe.bundle.root} is not one (leave it out)")
     refiner = None
     if args.refiner is not None:
         refiner = load(args.refiner, backend=pipe.backend, device=args.device, precision=args.precision, num_threads=args.threads,
-                       cache_dir=args.cache_dir, low_memory=args.low_memory, vae_tiling=args.tiled_vae, tiny_vae=args.tiny_vae)
+                       cache_dir=args.cache_dir, low_memory=args.low_memory, vae_tiling=args.tiled_vae, tiny_vae=args.tiny_vae,
+                       safety_checker=args.safety_checker)
     results = generate(args, pipe, seed, init_image, mask, refiner)
+    if args.save_depth_map is not None:
+        save_depth_map(results[0].depth_map[0], args.save_depth_map, args.overwrite)
     paths = write_outputs(args, plan, pipe, results)
     for path in paths:
         say_path(path)
@@ -311,6 +328,32 @@ def run(args: argparse.Namespace) -> list[Path]:
         print(f"{t['total_s']:.2f} s: text {t['text_encoder_s']:.2f} s, {steps} steps {t['denoise_s']:.2f} s, "
               f"decode {t['decode_s']:.2f} s ({pipe.backend}, {pipe.precision})", file=sys.stderr)
     return paths
+
+
+def check_depth_output(path: Path | None, plan, overwrite: bool) -> None:
+    """--save-depth-map: a .png that is none of the images, and not an existing file unless --overwrite."""
+    if path is None:
+        return
+    if path.suffix.lower() != ".png" or path.is_dir():
+        raise LeanSDError(f"--save-depth-map {path} must be a .png file path")
+    if path.resolve() in {p.resolve() for p in plan.files}:
+        raise LeanSDError(f"--save-depth-map {path} is also an output file; choose another path")
+    if path.exists() and not overwrite:
+        raise LeanSDError(f"--save-depth-map {path} already exists; choose another path or pass --overwrite")
+
+
+def save_depth_map(depth, path: Path, overwrite: bool) -> None:
+    """The depth map as a 16-bit greyscale PNG, its minimum black and its maximum white."""
+    import numpy as np
+    from PIL import Image
+
+    from leansd.runtime.image import save_png
+
+    low, high = float(depth.min()), float(depth.max())
+    scaled = (depth - low) / (high - low if high > low else 1.0) * 65535
+    image = Image.fromarray(np.round(scaled).astype(np.uint16))
+    writing(path, "--save-depth-map path", lambda: save_png(image, path, overwrite=overwrite))
+    say_path(path)
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -10,11 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from leansd.runtime import backends
+from leansd.runtime import backends, safety
 from leansd.runtime import manifest as names
 from leansd.runtime.backends import LazySession, Session, SessionOptions
 from leansd.runtime.bundle import ModelBundle
 from leansd.runtime.conditioning import PromptEncoder
+from leansd.runtime.depth import DepthEstimator
 from leansd.runtime.denoiser import Denoiser
 from leansd.runtime.errors import BackendError, ModelFolderError
 from leansd.runtime.memory import MemoryPolicy
@@ -24,7 +25,7 @@ from leansd.runtime.settings import GenerationSettings
 from leansd.runtime.tokenizer import ClipTokenizer
 
 # Diffusers pipelines whose folders need a task leansd does not run yet (they would load as text-to-image).
-_NOT_YET = ("Depth2Img", "LatentUpscale", "InstructPix2Pix", "ControlNet")
+_NOT_YET = ("LatentUpscale", "InstructPix2Pix", "ControlNet")
 # Called with (component, session) when a session opens; returns the session to use (e.g. one that records calls).
 SessionHook = Callable[[str, Session], Session]
 
@@ -107,15 +108,16 @@ def assemble(
     kind = bundle.pipeline_class
     if any(tag in kind for tag in _NOT_YET):
         raise ModelFolderError(f"{bundle.root} holds a {kind}, which leansd does not run yet; it runs text-to-image, "
-                               "image-to-image, inpainting and x4 upscaler models")
+                               "image-to-image, inpainting, depth-to-image and x4 upscaler models")
     channels, latent = bundle.unet_config.get("in_channels", 4), bundle.vae_config.get("latent_channels", 4)
     upscaler = channels == latent + 3 and bundle.unet_config.get("num_class_embeds") is not None
-    # 2 x latent + 1: inpainting (latents, mask, masked image latents); latent + 3: the x4 upscaler (+ the RGB image)
-    if channels not in (latent, 2 * latent + 1) and not upscaler:
+    # 2 x latent + 1: inpainting (latents, mask, masked image latents); latent + 1: depth-to-image (latents, depth map);
+    # latent + 3: the x4 upscaler (latents, the RGB image)
+    if channels not in (latent, 2 * latent + 1, latent + 1) and not upscaler:
         raise ModelFolderError(f"{bundle.root}: its UNet takes {channels} input channels, neither the VAE's {latent} latent channels "
-                               f"nor {2 * latent + 1} (inpainting), nor {latent + 3} with a noise-level embedding (the x4 upscaler): a depth or "
-                               "image-editing model, which leansd does not run yet; it runs text-to-image, image-to-image, inpainting and "
-                               "x4 upscaler models")
+                               f"nor {2 * latent + 1} (inpainting), {latent + 1} (depth) or {latent + 3} with a noise-level embedding "
+                               "(the x4 upscaler): an image-editing model, which leansd does not run yet; it runs text-to-image, "
+                               "image-to-image, inpainting, depth-to-image and x4 upscaler models")
     options = replace(options, low_memory=memory.low_memory)  # arenas off; ONNX Runtime streams a UNet cut in parts
 
     def lazy(component: str, required: bool = True, component_options: SessionOptions = options,
@@ -140,11 +142,22 @@ def assemble(
     # The tiny decoder is exported in fp32 only; an int8 variant of the rest still uses it.
     tiny = lazy(names.TINY_VAE_DECODER, required=False) or lazy(names.TINY_VAE_DECODER, required=False, variant="fp32")
     encoder = lazy(names.VAE_ENCODER, component_options=transient) if bundle.has_component(names.VAE_ENCODER, backend) else None
+    checker = None
+    if safety.listed(bundle.manifest):  # exported in fp32 only; an int8 variant of the rest still uses it
+        session = lazy(names.SAFETY_CHECKER, required=False) or lazy(names.SAFETY_CHECKER, required=False, variant="fp32")
+        checker = safety.SafetyChecker(session, bundle.root / names.SAFETY_CHECKER, safety.feature_extractor(bundle.root)) if session else None
+    estimator = None
+    if names.DEPTH_ESTIMATOR in ((bundle.manifest or {}).get("components") or {}):  # fp32 only, as the safety checker
+        session = lazy(names.DEPTH_ESTIMATOR, required=False) or lazy(names.DEPTH_ESTIMATOR, required=False, variant="fp32")
+        preprocessor = bundle.root / names.FEATURE_EXTRACTOR / "preprocessor_config.json"
+        estimator = DepthEstimator(session, preprocessor) if session else None
     models = Models(
         prompt_encoder=prompt_encoder(bundle, backend, lazy),
         denoiser=denoiser,
         vae_decoder=VaeDecoder(lazy(names.VAE_DECODER, component_options=transient), bundle.vae_config),
         vae_encoder=VaeEncoder(encoder, bundle.vae_config) if encoder else None,
         tiny_vae_decoder=VaeDecoder(tiny, bundle.component_config(names.TINY_VAE_DECODER)) if tiny else None,
+        safety_checker=checker,
+        depth_estimator=estimator,
     )
     return Pipeline(bundle, backend, precision, models, memory, defaults)

@@ -23,6 +23,9 @@ TINY_VAE_DECODER = "vae_decoder_tiny"  # TAESD, written by `sd-export --tiny-vae
 UNET_DEEP = "unet_deep"  # the whole UNet that also returns its deep features (`sd-export --deep-cache`)
 UNET_SHALLOW = "unet_shallow"  # the UNet's outermost layers, fed cached deep features
 UNET_PARTS = "unet_parts"  # the index of the ONNX UNet's weight-streaming parts
+SAFETY_CHECKER = "safety_checker"  # diffusers' StableDiffusionSafetyChecker, when the source had one
+DEPTH_ESTIMATOR = "depth_estimator"  # a depth model's DPT, when the source had one
+FEATURE_EXTRACTOR = "feature_extractor"  # its image preprocessing (CLIPImageProcessor's preprocessor_config.json)
 
 PARTS_FORMAT = "leansd-onnx-parts"
 PARTS_FORMAT_VERSION = 1

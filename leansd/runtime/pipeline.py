@@ -23,6 +23,7 @@ from PIL import Image
 from leansd.runtime import budget, micro_conditioning, watermark
 from leansd.runtime.bundle import ModelBundle
 from leansd.runtime.conditioning import PromptEncoder
+from leansd.runtime.depth import DepthEstimator
 from leansd.runtime.denoiser import Denoiser, Guidance
 from leansd.runtime.errors import InsufficientMemoryError, InvalidInputError, LeanSDWarning, ModelFolderError
 from leansd.runtime.image import decoded_to_unit, unit_to_pil
@@ -30,10 +31,11 @@ from leansd.runtime.loop import denoise
 from leansd.runtime.memory import MemoryPolicy
 from leansd.runtime.models import UNet, VaeDecoder, VaeEncoder
 from leansd.runtime.rng import TorchCompatibleGenerator
+from leansd.runtime.safety import SafetyChecker
 from leansd.runtime.schedulers import get_scheduler
 from leansd.runtime.schedulers.common import window
 from leansd.runtime.settings import GenerationSettings, as_prompt_list
-from leansd.runtime.tasks import ImageToImage, Inpaint, Start, TextToImage, Upscale
+from leansd.runtime.tasks import DepthToImage, ImageToImage, Inpaint, Start, TextToImage, Upscale
 
 
 @dataclass
@@ -41,6 +43,9 @@ class PipelineOutput:
     """Generated images: a list of PIL images, a float32 NHWC array in [0, 1], or latents (per `output_type`).
 
     `settings` are the call's settings after the pipeline's defaults were applied; `timings` seconds per stage.
+    `nsfw_content_detected`: per image, whether the safety checker flagged it (and blacked it out); None when no checker
+    ran (none in the model folder, `safety_checker=False`, or output_type "latent"), as in diffusers.
+    `depth_map`: depth-to-image only, the depth maps used (N x H x W, the caller's or the estimator's), before resizing.
     """
 
     images: list[Image.Image] | np.ndarray
@@ -50,6 +55,8 @@ class PipelineOutput:
     guidance_scale: float
     timings: dict[str, float] = field(default_factory=dict)
     settings: GenerationSettings = field(default_factory=GenerationSettings)
+    nsfw_content_detected: list[bool] | None = None
+    depth_map: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -61,16 +68,20 @@ class Models:
     vae_decoder: VaeDecoder
     vae_encoder: VaeEncoder | None = None
     tiny_vae_decoder: VaeDecoder | None = None
+    safety_checker: SafetyChecker | None = None
+    depth_estimator: DepthEstimator | None = None
 
     def sessions(self) -> list:
         """Every model session of the pipeline."""
         d = self.denoiser
-        wrappers = (*self.prompt_encoder.encoders, d.unet, d.deep, d.shallow, self.vae_decoder, self.vae_encoder, self.tiny_vae_decoder)
+        wrappers = (*self.prompt_encoder.encoders, d.unet, d.deep, d.shallow, self.vae_decoder, self.vae_encoder, self.tiny_vae_decoder,
+                    self.safety_checker, self.depth_estimator)
         return [w.session for w in wrappers if w is not None]
 
 
 class Pipeline:
-    """Text-to-image, image-to-image and inpainting over one model folder and one backend. Build it with `leansd.load()`."""
+    """Text-to-image, image-to-image, inpainting and depth-to-image over one model folder and one backend. Build it with
+    `leansd.load()`."""
 
     def __init__(
         self, bundle: ModelBundle, backend: str, precision: str, models: Models, memory: MemoryPolicy,
@@ -143,6 +154,11 @@ class Pipeline:
                 "this model was exported with static shapes, which fix the UNet's batch for guidance; "
                 "re-export it without --height/--width to stop guidance early, or leave guidance_cutoff at 1"
             )
+        if s.safety_checker and self.models.safety_checker is None:
+            raise ModelFolderError(
+                f"{where} safety checker for {self.backend}; export the model from a diffusers folder that has safety_checker/ and "
+                "feature_extractor/, or pass safety_checker=False"
+            )
         return s
 
 
@@ -153,6 +169,7 @@ class Generation:
         self.pipe, self.settings = pipe, settings
         s, defaults = settings, pipe.bundle.defaults()
         self.timings: dict[str, float] = {}
+        self.nsfw_content_detected: list[bool] | None = None
         self.prompts = as_prompt_list(s.prompt, "prompt")
         self.steps = int(s.num_inference_steps or defaults.get("num_inference_steps", 50))
         self.guidance_scale = float(s.guidance_scale if s.guidance_scale is not None else defaults.get("guidance_scale", 7.5))
@@ -204,7 +221,8 @@ class Generation:
             aesthetic = bool((pipe.bundle.model_index or {}).get("requires_aesthetics_score"))
             ids = micro_conditioning.time_ids(s, self.height, self.width, aesthetic, img2img=s.image is not None)
             cond = micro_conditioning.with_time_ids(cond, *ids)
-        with self._timed("prepare_s"):
+        estimator = models.depth_estimator if isinstance(self.task, DepthToImage) else None  # released after use in low-memory mode
+        with self._timed("prepare_s"), pipe.memory.stage(estimator.session if estimator else None):
             start_at = Start(self.plan, self.scheduler, self.noise, self.latent_shape, self.height, self.width, s.latents,
                              models.vae_encoder, f"{pipe.bundle.root} has no vae_encoder for {pipe.backend}; "
                              "re-export the model to use an init image")
@@ -217,7 +235,9 @@ class Generation:
         with self._timed("decode_s"):
             images = latents if s.output_type == "latent" else self._decode(latents)
         self.timings["total_s"] = time.perf_counter() - start
-        return PipelineOutput(images, self.seed, self.scheduler.name, self.steps, self.guidance_scale, self.timings, s)
+        depth = self.task.depth if isinstance(self.task, DepthToImage) else None
+        return PipelineOutput(images, self.seed, self.scheduler.name, self.steps, self.guidance_scale, self.timings, s,
+                              self.nsfw_content_detected, depth)
 
     def memory_estimate(self) -> budget.MemoryEstimate:
         """What this generation needs beyond what is loaded (see `leansd.runtime.budget`)."""
@@ -245,6 +265,14 @@ class Generation:
         with self.pipe.memory.stage(decoder.session):
             decoded = np.concatenate([decoder.decode(latents[i : i + 1], tiled=tiled) for i in range(latents.shape[0])])
         unit = decoded_to_unit(decoded)
+        checker = self.pipe.models.safety_checker
+        if checker is not None and self.settings.safety_checker is not False:  # on by default, as in diffusers
+            with self._timed("safety_checker_s"), self.pipe.memory.stage(checker.session):
+                unit, self.nsfw_content_detected = checker.check(unit)
+            if any(self.nsfw_content_detected):
+                flagged = [i for i, f in enumerate(self.nsfw_content_detected) if f]
+                warnings.warn(f"the safety checker flagged image(s) {', '.join(map(str, flagged))} of this call as possibly NSFW and "
+                              "returned black images instead; try another prompt or seed", LeanSDWarning, stacklevel=3)
         if self.settings.watermark is not None:  # on the 8-bit images, as the reference scripts mark them
             marked = [watermark.embed(img, self.settings.watermark) for img in (unit * 255).round().astype(np.uint8)]
             unit = np.stack(marked).astype(np.float32) / 255
@@ -259,6 +287,17 @@ class Generation:
             return self._upscale()
         if s.noise_level is not None:
             raise InvalidInputError("noise_level is a setting of the x4 upscaler, and this model is not one; leave it unset")
+        if unet.in_channels == latent + 1:
+            estimator = self.pipe.models.depth_estimator
+            if s.image is None or (s.depth_map is None and estimator is None) or s.mask_image is not None:
+                raise InvalidInputError(
+                    f"{self.pipe.bundle.root} is a depth-to-image model (its UNet takes latents and a depth map); pass image"
+                    f"{'' if estimator else ' and depth_map, larger values nearer'} (sd-run --init-image IMAGE"
+                    f"{'' if estimator else ' --depth-map DEPTH.png|.npy; the folder has no depth estimator: export one from a folder with depth_estimator/'})"
+                )
+            return DepthToImage(s.image, 0.8 if s.strength is None else s.strength, s.depth_map, estimator)
+        if s.depth_map is not None:
+            raise InvalidInputError(f"depth_map is for depth-to-image models; {self.pipe.bundle.root} is not one (leave depth_map out)")
         if s.mask_image is not None:
             strength = s.strength if s.strength is not None else float(bundle.defaults().get("inpaint_strength", 1.0))
             return Inpaint(s.image, s.mask_image, strength, s.masked_image_latents, inpainting_unet)

@@ -66,6 +66,12 @@ class GenerationSettings:
     denoising_end: stop after this fraction of the schedule and return what is left to denoise (use with
         output_type="latent" and hand the latents to the refiner); denoising_start: start at this fraction, from
         `image` given as those latents (the refiner's half of the hand-off). Both as in diffusers.
+    safety_checker: run the model's safety checker (diffusers' StableDiffusionSafetyChecker, exported when the source
+        had one) on the images: flagged ones become black and `nsfw_content_detected` says which. None: on when the
+        model folder has one, as in diffusers; True: required; False: off. Not run for output_type "latent".
+    depth_map: with `image`, for depth-to-image models (diffusers' StableDiffusionDepth2ImgPipeline): an HxW or NxHxW
+        array, a .npy file or a greyscale image (16-bit PNGs keep their precision), larger values nearer; resized to
+        the latents and scaled to [-1, 1] per map, as diffusers does (`leansd.runtime.depth`).
     """
 
     prompt: str | Sequence[str] | None = None
@@ -106,6 +112,8 @@ class GenerationSettings:
     negative_aesthetic_score: float = 2.5
     denoising_start: float | None = None
     denoising_end: float | None = None
+    safety_checker: bool | None = None
+    depth_map: "str | Path | Any | None" = None
 
     def merged(self, **overrides: Any) -> "GenerationSettings":
         """These settings with `overrides` (None values keep the default), checked."""
@@ -149,11 +157,15 @@ class GenerationSettings:
             value = getattr(self, name)
             if value is not None and not (callable(value) if name == "callback" else callable(getattr(value, "randn", None))):
                 raise InvalidInputError(f"{name} must be {'callable' if name == 'callback' else 'an object with randn(shape)'}, got {type(value).__name__}")
+        if self.safety_checker is not None and not isinstance(self.safety_checker, bool):
+            raise InvalidInputError(f"safety_checker must be True, False or None (the model's default), got {self.safety_checker!r:.60}")
         if self.watermark is not None and not (isinstance(self.watermark, str) and self.watermark.isascii() and self.watermark):
             raise InvalidInputError(f"watermark must be a non-empty ASCII text such as 'StableDiffusionV1', got {self.watermark!r:.60}")
         _finite("latents", self.latents)
         _finite("masked_image_latents", self.masked_image_latents)
-        for name in ("image", "mask_image"):
+        if self.depth_map is not None and self.image is None:
+            raise InvalidInputError("depth_map needs image, the picture to redraw; pass both (sd-run --init-image IMAGE --depth-map DEPTH)")
+        for name in ("image", "mask_image", "depth_map"):
             if isinstance(getattr(self, name), np.ndarray):
                 _finite(name, getattr(self, name))
         return self

@@ -9,6 +9,8 @@ after each step. The loop, the schedulers, guidance and decoding are shared (`le
                   mask after every step (diffusers' StableDiffusionInpaintPipeline, both ways)
     Upscale       the x4 upscaler: noise at the low-resolution image's size, which the VAE decodes at 4x; the
                   image, noised to `noise_level`, beside the latents and the noise level as the UNet's class label
+    DepthToImage  image-to-image whose UNet also gets a depth map (5 input channels: diffusers'
+                  StableDiffusionDepth2ImgPipeline, with the caller's `depth_map`)
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from leansd.runtime.conditioning import Conditioning
+from leansd.runtime.depth import DepthEstimator, as_uint8_images, depth_condition, load_depth_map
 from leansd.runtime.errors import InvalidInputError, LeanSDWarning, ModelFolderError
 from leansd.runtime.image import image_to_model_input, load_image, load_mask, mask_to_model_input, nearest_resize, unit_array_to_model_input
 from leansd.runtime.models import VaeEncoder
@@ -241,6 +244,26 @@ class Upscale(TextToImage):
         latents = (self.start_noise(start) * np.float32(start.plan.init_noise_sigma)).astype(np.float32)
         labels = np.full((batch,), self.noise_level, dtype=np.int64)
         return Prepared(latents, replace(cond.with_inputs(class_labels=labels), concat=spread(noised, batch, "images")))
+
+
+class DepthToImage(ImageToImage):
+    """Image-to-image on a depth-conditioned UNet: the latents start as image-to-image's (same draws, same order), and
+    the depth map (the caller's, else the estimator's prediction from the init image), resized to the latents and scaled
+    to [-1, 1] (`leansd.runtime.depth`), is the UNet's extra channel. `depth` is the map used, before resizing."""
+
+    def __init__(self, image: Any, strength: float, depth_map: Any, estimator: DepthEstimator | None = None):
+        super().__init__(image, strength)
+        self.depth = None if depth_map is None else load_depth_map(depth_map)
+        self.estimator = estimator
+
+    def prepare(self, start: Start, cond: Conditioning) -> Prepared:
+        if self.depth is None:
+            assert self.estimator is not None, "checked when the task was chosen"
+            self.depth = self.estimator.estimate(as_uint8_images(self.image))
+        begun = super().prepare(start, cond)
+        batch, _, h, w = start.latent_shape
+        depth = spread(depth_condition(self.depth, h, w), batch, "depth maps")
+        return replace(begun, cond=replace(begun.cond, concat=depth))
 
 
 def encode(start: Start, pixels: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""sd-export refuses models it does not export (latent upscaler, depth-to-image, instruct-pix2pix, half-SDXL folders, UNets
+"""sd-export refuses models it does not export (latent upscaler, instruct-pix2pix, half-SDXL folders, UNets
 with class/added/guidance embeddings...) from their configs alone, before any weights load or anything is written.
 
 The folders here hold model_index.json and configs only: no weights. Loading a module fails the test.
@@ -50,7 +50,7 @@ def config_folder(root: Path, class_name: str = "StableDiffusionPipeline", unet:
     return root
 
 
-DEPTH_UNET = {"in_channels": 5}
+PIX2PIX_UNET = {"in_channels": 8}
 CASES = [
     # (id, pipeline class, unet config changes, vae config changes, model_index additions, fragments of the message)
     # The x4 upscaler is exported (tests/parity/test_upscale.py); 7 channels without its noise-level embedding are not.
@@ -58,9 +58,6 @@ CASES = [
      ["7 input channels", "x4 upscaler"]),
     ("upscaler-class-labels", "StableDiffusionPipeline", {"num_class_embeds": 1000}, None, None, ["num_class_embeds=1000"]),
     ("latent-upscaler", "StableDiffusionLatentUpscalePipeline", {"in_channels": 8}, None, None, ["StableDiffusionLatentUpscalePipeline"]),
-    ("depth2img", "StableDiffusionDepth2ImgPipeline", {"in_channels": 5}, None, {"depth_estimator": ["transformers", "DPTForDepthEstimation"]},
-     ["StableDiffusionDepth2ImgPipeline", "depth-to-image"]),
-    ("depth2img-resaved", "StableDiffusionPipeline", {"in_channels": 5}, None, None, ["5 input channels", "depth"]),
     ("inpaint-8-latent-channels", "StableDiffusionInpaintPipeline", {"in_channels": 9}, {"latent_channels": 8}, None,
      ["9 input channels", "8 latent channels"]),
     ("instruct-pix2pix", "StableDiffusionInstructPix2PixPipeline", {"in_channels": 8}, None, None,
@@ -152,10 +149,10 @@ def test_damaged_configs_are_named(tmp_path, no_weights, file, content, fragment
 
 
 def test_hub_model_is_refused_before_its_weights_download(tmp_path, monkeypatch):
-    """The configs of a Hub repo are fetched and checked first; a depth model never downloads its weights."""
+    """The configs of a Hub repo are fetched and checked first; an instruct-pix2pix model never downloads its weights."""
     import huggingface_hub
 
-    repo = config_folder(tmp_path / "snapshot", "StableDiffusionDepth2ImgPipeline", DEPTH_UNET)
+    repo = config_folder(tmp_path / "snapshot", "StableDiffusionInstructPix2PixPipeline", PIX2PIX_UNET)
     calls = []
 
     def fake_snapshot_download(repo_id, allow_patterns, local_files_only):
@@ -164,8 +161,8 @@ def test_hub_model_is_refused_before_its_weights_download(tmp_path, monkeypatch)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     with pytest.raises(ExportError) as err:
-        export_model("stabilityai/stable-diffusion-2-depth", tmp_path / "out")
-    assert_refusal(str(err.value), ["StableDiffusionDepth2ImgPipeline"])
+        export_model("timbrooks/instruct-pix2pix", tmp_path / "out")
+    assert_refusal(str(err.value), ["StableDiffusionInstructPix2PixPipeline"])
     assert calls and not any(p.endswith(".safetensors") for patterns in calls for p in patterns), calls
     assert_nothing_written(tmp_path, tmp_path / "out")
 
@@ -201,13 +198,13 @@ def test_single_file_with_extra_unet_channels_is_refused(tmp_path, private_tmp, 
 
 
 def test_single_file_config_folder_of_another_task_is_refused(tmp_path, private_tmp, no_weights):
-    config = config_folder(tmp_path / "depth-configs", "StableDiffusionDepth2ImgPipeline", {"in_channels": 5})
+    config = config_folder(tmp_path / "pix2pix-configs", "StableDiffusionInstructPix2PixPipeline", PIX2PIX_UNET)
     ckpt = tmp_path / "model.safetensors"
     ckpt.write_bytes(b"never read")
     out = tmp_path / "out"
     with pytest.raises(ExportError) as err:
         export_model(ckpt, out, single_file_config=config)
-    assert_refusal(str(err.value), ["StableDiffusionDepth2ImgPipeline"])
+    assert_refusal(str(err.value), ["StableDiffusionInstructPix2PixPipeline"])
     assert str(config) in str(err.value)  # the user's folder, not the temporary copy
     assert_nothing_written(tmp_path, out)
     assert list(private_tmp.iterdir()) == []
