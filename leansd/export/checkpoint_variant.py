@@ -60,12 +60,14 @@ def native(family: str, prediction_type: str) -> int:
 
 def decide(path: Path, *, family: str, task: str, metadata: dict[str, str], global_step: int | None,
            prediction_type: str | None, image_size: int | None, config_given: bool) -> Variant:
-    """The variant to export `path` as. `family` is "sd1" or "sd2", `task` "text-to-image", "inpainting" or "depth".
+    """The variant to export `path` as. `family` is "sd1" or "sd2", `task` "text-to-image", "inpainting", "depth" or "upscale".
 
     With the user's config folder (`config_given`) its scheduler and UNet configs stand unless overridden; with the
     shipped configs an SD 1.x file is an epsilon 512 model, and an SD 2.x text-to-image file needs evidence."""
     check_options(prediction_type, image_size)
     spec_prediction, spec_size = from_metadata(metadata)
+    if task == "upscale":  # one released model: its configs hold its prediction type (v) and size
+        return Variant(prediction_type, image_size, "--prediction-type" if prediction_type else "the x4 upscaler's configs")
     if prediction_type is not None:
         return Variant(prediction_type, image_size or (None if config_given else native(family, prediction_type)), "--prediction-type")
     if config_given:

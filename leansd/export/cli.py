@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Export a Stable Diffusion 1.x/2.x or SDXL model to ONNX and OpenVINO IR, verified against PyTorch.")
-    p.add_argument("source", help="diffusers folder, Hugging Face Hub id (online only), or SD 1.x/2.x .ckpt/.safetensors file")
+    p.add_argument("source", help="diffusers folder, Hugging Face Hub id (online only), or SD 1.x/2.x / x4-upscaler .ckpt/.safetensors file")
     p.add_argument("output_dir", help="folder to create (written atomically)")
     p.add_argument("--backend", default="all", choices=["onnx", "openvino", "all"], help="which model files to write (default: all)")
     p.add_argument("--height", type=_positive_int, help="static image height in pixels (default: dynamic shapes)")

@@ -24,6 +24,7 @@ from leansd.export.errors import ExportError
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SD1_CONFIG = CONFIGS / "sd1"
 SD2_CONFIG = CONFIGS / "sd2"
+X4_CONFIG = CONFIGS / "x4_upscaler"  # stable-diffusion-x4-upscaler (x4-upscaler-ema.safetensors)
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
 CLIP_VOCAB = CONFIGS / "clip"
 
@@ -37,6 +38,7 @@ TEXT_WIDTH = {"sd1": CLIP_SD1, "sd2": OPEN_CLIP}
 # and in the layout, so a config folder of the other family would convert without error and compute something else.
 TEXT_ACT = {"sd1": "quick_gelu", "sd2": "gelu"}
 PROJ_IN = "proj_in.weight"
+LABEL_EMB = "model.diffusion_model.label_emb.weight"  # the x4 upscaler's noise-level embedding
 SDXL = "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"
 
 
@@ -193,7 +195,8 @@ def assemble_config(config: Path | None, default: Path = SD1_CONFIG) -> Path:
     out = Path(tempfile.mkdtemp(prefix="leansd-single-file-config-"))
     try:
         shutil.copyfile(src / "model_index.json", out / "model_index.json")
-        for sub in ("unet", "vae", "text_encoder", "scheduler", "tokenizer"):
+        subfolders = ("unet", "vae", "text_encoder", "scheduler", "tokenizer")
+        for sub in (*subfolders, *(["low_res_scheduler"] if (src / "low_res_scheduler").is_dir() else [])):
             (out / sub).mkdir()
             for file in (src / sub).glob("*"):
                 if file.is_file() and file.suffix in (".json", ".txt"):
@@ -221,14 +224,16 @@ def single_file_source(path: Path, *, config: Path | str | None = None, predicti
         checkpoint = None
     else:
         checkpoint = read_checkpoint(path)
-        config_dir = assemble_config(None, SD2_CONFIG if checkpoint_family(path, checkpoint.shapes) == "sd2" else SD1_CONFIG)
+        config_dir = assemble_config(None, shipped_config(path, checkpoint.shapes))
     try:
         checkpoint = checkpoint or read_checkpoint(path)
         shapes = checkpoint.shapes
         check_checkpoint(path, shapes, config_dir)
         family = checkpoint_family(path, shapes)
         task = unet_task(family, shapes[UNET_IN][1], read_json(config_dir / "unet" / "config.json")["in_channels"])
-        if task != "text-to-image":
+        if "Upscale" in str(read_json(config_dir / "model_index.json").get("_class_name")):
+            task = "upscale"
+        elif task != "text-to-image":
             as_inpainting(config_dir, shapes[UNET_IN][1], task)
         linear = linear_projection(shapes)
         if linear is not None:  # decided by the weights' shapes, whatever the config folder says
@@ -255,12 +260,21 @@ def single_file_source(path: Path, *, config: Path | str | None = None, predicti
     return Source(spec=str(path), kind="single_file", config_dir=config_dir, _loader=load, _cleanup=cleanup)
 
 
+def shipped_config(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    """The shipped configs for a checkpoint: SD 1.x, SD 2.x, or the x4 upscaler (OpenCLIP, 7 UNet input channels and a
+    noise-level embedding)."""
+    if checkpoint_family(path, shapes) == "sd1":
+        return SD1_CONFIG
+    return X4_CONFIG if LABEL_EMB in shapes and shapes[UNET_IN][1] == 7 else SD2_CONFIG
+
+
 def _convert(path: Path, config_dir: Path) -> dict[str, Any]:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionUpscalePipeline
 
+    upscaler = "Upscale" in str(read_json(config_dir / "model_index.json").get("_class_name"))
     try:  # the text encoder's kind (CLIP or OpenCLIP) is told by diffusers from the keys, its size from our configs
-        pipe = StableDiffusionPipeline.from_single_file(
+        pipe = (StableDiffusionUpscalePipeline if upscaler else StableDiffusionPipeline).from_single_file(
             str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch.float32
         )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:

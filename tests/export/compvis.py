@@ -34,6 +34,7 @@ def unet_to_ldm(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]
         "conv_in": "input_blocks.0.0",
         "conv_norm_out": "out.0",
         "conv_out": "out.2",
+        "class_embedding": "label_emb",  # the x4 upscaler's noise-level embedding
     }
     resnets, attns = {}, {}
     for i in range(n):

@@ -149,3 +149,79 @@ def test_sd_run_upscales_the_init_image(upscaler_dir, exported_upscaler, tmp_pat
     assert written.shape == (48, 64, 3)
     assert np.abs(written - expected).max() <= 1 / 255 + TOLERANCE  # the PNG's 8-bit rounding
     assert_clean_error(sd_run(*args, "-o", "none.png", cwd=tmp_path), "x4 upscaler", "--init-image")
+
+
+# ---------------------------------------------------------------- the single-file checkpoint (x4-upscaler-ema.safetensors)
+
+def write_upscaler_checkpoint(diffusers_dir, path) -> None:
+    """The tiny upscaler in Stability's single-file layout (LDM UNet with `label_emb`, OpenCLIP text encoder)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    from tests.export.compvis import unet_to_ldm, vae_to_ldm
+    from tests.tiny_sd2 import text_encoder_to_open_clip
+
+    unet = UNet2DConditionModel.from_pretrained(diffusers_dir, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(diffusers_dir, subfolder="vae")
+    text = CLIPTextModel.from_pretrained(diffusers_dir, subfolder="text_encoder")
+    state = {**unet_to_ldm(unet.state_dict(), dict(unet.config)), **vae_to_ldm(vae.state_dict(), dict(vae.config)),
+             **text_encoder_to_open_clip(text.state_dict())}
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path))
+
+
+def test_single_file_upscaler_matches_diffusers(upscaler_dir, tmp_path):
+    """sd-export converts the upscaler's single file (with the model's configs, as diffusers' from_single_file takes
+    them) and the export upscales as diffusers' own conversion of the same file does."""
+    import diffusers
+
+    from leansd.export.cli import main
+
+    ckpt = tmp_path / "x4-upscaler-tiny.safetensors"
+    write_upscaler_checkpoint(upscaler_dir, ckpt)
+    out = tmp_path / "exported"
+    assert main([str(ckpt), str(out), "--config", str(upscaler_dir), "--quiet"]) == 0
+    assert (out / "low_res_scheduler" / "scheduler_config.json").is_file()
+    reference_pipe = diffusers.StableDiffusionUpscalePipeline.from_single_file(str(ckpt), config=str(upscaler_dir), local_files_only=True)
+    reference_pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt=PROMPT, image=low_res_image(16, 12), num_inference_steps=4, noise_level=30)
+    with torch.no_grad():
+        expected = reference_pipe(generator=torch.Generator("cpu").manual_seed(8), output_type="np", **kwargs).images
+    for backend in BACKENDS:
+        got = leansd.load(out, backend=backend)(seed=8, output_type="np", **kwargs).images
+        assert np.abs(got - expected).max() < TOLERANCE, backend
+
+
+def test_shipped_upscaler_configs_fit_the_checkpoint_layout(tmp_path):
+    """The shipped x4 configs against the released file's layout, by shapes (a full-size model on the meta device):
+    diffusers recognises the layout as its `upscale` model, and sd-export picks those configs for it by itself."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from leansd.export import checkpoint_variant
+    from leansd.export.singlefile import X4_CONFIG, assemble_config, check_checkpoint, shipped_config
+    from tests.export.compvis import unet_to_ldm, vae_to_ldm
+    from tests.tiny_sd2 import text_encoder_to_open_clip
+
+    cfg = {n: json.loads((X4_CONFIG / n / "config.json").read_text()) for n in ("unet", "vae", "text_encoder")}
+    with torch.device("meta"):
+        state = {**unet_to_ldm(UNet2DConditionModel.from_config(cfg["unet"]).state_dict(), cfg["unet"]),
+                 **vae_to_ldm(AutoencoderKL.from_config(cfg["vae"]).state_dict(), cfg["vae"]),
+                 **text_encoder_to_open_clip(CLIPTextModel(CLIPTextConfig(**{**cfg["text_encoder"], "num_hidden_layers": 24})).state_dict())}
+    assert infer_diffusers_model_type(state) == "upscale"
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    path = tmp_path / "x4-upscaler-ema.safetensors"
+    assert shipped_config(path, shapes) == X4_CONFIG
+    config = assemble_config(None, X4_CONFIG)
+    try:
+        assert check_checkpoint(path, shapes, config) is False
+        assert (config / "low_res_scheduler" / "scheduler_config.json").is_file()
+        variant = checkpoint_variant.decide(path, family="sd2", task="upscale", metadata={}, global_step=None,
+                                            prediction_type=None, image_size=None, config_given=False)
+        assert (variant.prediction_type, variant.image_size) == (None, None)  # the configs' v-prediction and size stand
+        assert json.loads((config / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    finally:
+        import shutil
+
+        shutil.rmtree(config)
