@@ -21,7 +21,8 @@ SDXL_SCHEDULER = {
 # SDXL-Turbo's: Euler ancestral with trailing timesteps (1-4 steps, no guidance).
 TURBO_SCHEDULER = {**{k: v for k, v in SDXL_SCHEDULER.items() if k not in ("interpolation_type", "use_karras_sigmas")},
                    "timestep_spacing": "trailing"}
-TEXT_WIDTH, TEXT_WIDTH_2, PROJECTION = 32, 32, 32
+# The two encoders differ in width, as in SDXL (768 and 1280): diffusers tells their weights apart by it.
+TEXT_WIDTH, TEXT_WIDTH_2, PROJECTION = 32, 48, 32
 TIME_EMBED = 8
 
 
@@ -82,3 +83,32 @@ def build_tiny_sdxl(path: Path, *, seed: int = 0, refiner: bool = False, inpaint
     pipe.save_pretrained(tmp)
     tmp.rename(path)
     return path
+
+
+def write_sdxl_checkpoint(diffusers_dir: Path, path: Path) -> None:
+    """Save the tiny SDXL pipeline at `diffusers_dir` as one file in Stability's SDXL layout (`sd_xl_base_1.0`'s key
+    names): the LDM UNet and VAE, `conditioner.embedders.0` the CLIP text encoder (transformers' names) and
+    `conditioner.embedders.1` (the refiner: `.0`) the OpenCLIP one with its projection stored transposed."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from tests.export.compvis import unet_to_ldm, vae_to_ldm
+    from tests.tiny_sd2 import OPEN_CLIP, text_encoder_to_open_clip
+
+    unet = UNet2DConditionModel.from_pretrained(diffusers_dir, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(diffusers_dir, subfolder="vae")
+    state = {**unet_to_ldm(unet.state_dict(), dict(unet.config)), **vae_to_ldm(vae.state_dict(), dict(vae.config))}
+    refiner = not (diffusers_dir / "text_encoder").is_dir()
+    if not refiner:
+        first = CLIPTextModel.from_pretrained(diffusers_dir, subfolder="text_encoder")
+        state.update({"conditioner.embedders.0.transformer." + k: v for k, v in first.state_dict().items()})
+    second = CLIPTextModelWithProjection.from_pretrained(diffusers_dir, subfolder="text_encoder_2")
+    weights = second.state_dict()
+    projection = weights.pop("text_projection.weight")
+    prefix = f"conditioner.embedders.{0 if refiner else 1}.model."
+    for key, value in text_encoder_to_open_clip(weights).items():
+        state[prefix + key[len(OPEN_CLIP):]] = value
+    state[prefix + "text_projection"] = projection.T
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path))

@@ -25,7 +25,8 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 SD1_CONFIG = CONFIGS / "sd1"
 SD2_CONFIG = CONFIGS / "sd2"
 X4_CONFIG = CONFIGS / "x4_upscaler"  # stable-diffusion-x4-upscaler (x4-upscaler-ema.safetensors)
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
+SDXL_CONFIGS = {"sdxl": CONFIGS / "sdxl_base", "sdxl_refiner": CONFIGS / "sdxl_refiner"}  # sd_xl_base_1.0 / sd_xl_refiner_1.0
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner"}
 CLIP_VOCAB = CONFIGS / "clip"
 
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
@@ -40,6 +41,8 @@ TEXT_ACT = {"sd1": "quick_gelu", "sd2": "gelu"}
 PROJ_IN = "proj_in.weight"
 LABEL_EMB = "model.diffusion_model.label_emb.weight"  # the x4 upscaler's noise-level embedding
 SDXL = "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"
+SDXL_REFINER = "conditioner.embedders.0.model.token_embedding.weight"  # the refiner's only encoder: OpenCLIP bigG
+SDXL_OPEN_CLIP = "conditioner.embedders.1.model.token_embedding.weight"  # the base model's second encoder
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,12 @@ def read_checkpoint(path: Path) -> Checkpoint:
 
 def checkpoint_family(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
     """"sd1" (OpenAI CLIP text encoder) or "sd2" (OpenCLIP); refuse other checkpoints."""
-    if SDXL in shapes:
-        raise ExportError(f"'{path}' is an SDXL checkpoint; sd-export converts SD 1.x/2.x single files only (export SDXL from a diffusers folder is not supported)")
+    if SDXL in shapes or SDXL_REFINER in shapes:
+        family = "sdxl" if SDXL in shapes else "sdxl_refiner"
+        if UNET_IN not in shapes or VAE_IN not in shapes or (family == "sdxl" and SDXL_OPEN_CLIP not in shapes):
+            raise ExportError(f"'{path}' looks like an {FAMILY_NAMES[family]} checkpoint but lacks part of one (UNet, VAE or its "
+                              "second text encoder); check the download")
+        return family
     family = "sd2" if OPEN_CLIP in shapes else "sd1"
     missing = [k for k in (UNET_IN, VAE_IN, TEXT_WIDTH[family]) if k not in shapes]
     if missing:
@@ -195,15 +202,17 @@ def assemble_config(config: Path | None, default: Path = SD1_CONFIG) -> Path:
     out = Path(tempfile.mkdtemp(prefix="leansd-single-file-config-"))
     try:
         shutil.copyfile(src / "model_index.json", out / "model_index.json")
-        subfolders = ("unet", "vae", "text_encoder", "scheduler", "tokenizer")
-        for sub in (*subfolders, *(["low_res_scheduler"] if (src / "low_res_scheduler").is_dir() else [])):
+        # SDXL adds text_encoder_2 and tokenizer_2 (its refiner has only those), the x4 upscaler low_res_scheduler.
+        subfolders = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler", "tokenizer", "tokenizer_2", "low_res_scheduler")
+        for sub in (s for s in subfolders if (src / s).is_dir()):
             (out / sub).mkdir()
             for file in (src / sub).glob("*"):
                 if file.is_file() and file.suffix in (".json", ".txt"):
                     shutil.copyfile(file, out / sub / file.name)
-        for name in ("vocab.json", "merges.txt"):
-            if not (out / "tokenizer" / name).is_file():
-                shutil.copyfile(CLIP_VOCAB / name, out / "tokenizer" / name)
+        for tokenizer in (t for t in ("tokenizer", "tokenizer_2") if (out / t).is_dir()):
+            for name in ("vocab.json", "merges.txt"):
+                if not (out / tokenizer / name).is_file():
+                    shutil.copyfile(CLIP_VOCAB / name, out / tokenizer / name)
         check_folder(out)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
@@ -228,6 +237,9 @@ def single_file_source(path: Path, *, config: Path | str | None = None, predicti
     try:
         checkpoint = checkpoint or read_checkpoint(path)
         shapes = checkpoint.shapes
+        if checkpoint_family(path, shapes) in SDXL_CONFIGS:
+            prepare_sdxl(path, shapes, config_dir, prediction_type, image_size)
+            return _converting_source(path, config_dir)
         check_checkpoint(path, shapes, config_dir)
         family = checkpoint_family(path, shapes)
         task = unet_task(family, shapes[UNET_IN][1], read_json(config_dir / "unet" / "config.json")["in_channels"])
@@ -246,6 +258,11 @@ def single_file_source(path: Path, *, config: Path | str | None = None, predicti
     except BaseException:
         shutil.rmtree(config_dir, ignore_errors=True)
         raise
+    return _converting_source(path, config_dir)
+
+
+def _converting_source(path: Path, config_dir: Path) -> Source:
+    """A `Source` that converts the file with the configs in `config_dir` on its first `load`."""
     modules: dict[str, Any] = {}
 
     def load(name: str) -> Any:
@@ -260,26 +277,63 @@ def single_file_source(path: Path, *, config: Path | str | None = None, predicti
     return Source(spec=str(path), kind="single_file", config_dir=config_dir, _loader=load, _cleanup=cleanup)
 
 
+def prepare_sdxl(path: Path, shapes: dict[str, tuple[int, ...]], config_dir: Path, prediction_type: str | None,
+                 image_size: int | None) -> None:
+    """Check an SDXL (base or refiner) checkpoint against its configs and adapt them: a 9-channel UNet makes it SDXL
+    inpainting; --prediction-type / --image-size override the configs (SDXL 1.0: epsilon, 1024)."""
+    family = checkpoint_family(path, shapes)
+    index = read_json(config_dir / "model_index.json")
+    refiner_configs = not (config_dir / "text_encoder").is_dir()
+    if refiner_configs != (family == "sdxl_refiner"):
+        raise ExportError(f"'{path}' is an {FAMILY_NAMES[family]} checkpoint but the configs are an "
+                          f"{'SDXL refiner' if refiner_configs else 'SDXL base model'}'s ({index.get('_class_name')}); pass configs that fit it")
+    unet = read_json(config_dir / "unet" / "config.json")
+    channels = shapes[UNET_IN][1]
+    if channels == 2 * unet["in_channels"] + 1 and family == "sdxl":
+        edit_config(config_dir, "unet/config.json", in_channels=channels)
+        edit_config(config_dir, "model_index.json", _class_name="StableDiffusionXLInpaintPipeline", requires_aesthetics_score=False)
+    elif channels != unet["in_channels"]:
+        raise ExportError(f"'{path}' has a UNet with {channels} input channels, the {FAMILY_NAMES[family]} config {unet['in_channels']}; "
+                          "sd-export converts SDXL text-to-image, refiner and inpainting single files")
+    context = {s[1] for k, s in shapes.items() if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")}
+    if context and context != {unet["cross_attention_dim"]}:
+        raise ExportError(f"'{path}' has cross-attention width {sorted(context)}, the config {unet['cross_attention_dim']}; "
+                          f"pass {FAMILY_NAMES[family]} configs that fit it")
+    reason = "--prediction-type" if prediction_type else "the SDXL configs"
+    apply_variant(config_dir, checkpoint_variant.Variant(prediction_type, image_size, reason))
+
+
 def shipped_config(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
-    """The shipped configs for a checkpoint: SD 1.x, SD 2.x, or the x4 upscaler (OpenCLIP, 7 UNet input channels and a
-    noise-level embedding)."""
-    if checkpoint_family(path, shapes) == "sd1":
+    """The shipped configs for a checkpoint: SD 1.x, SD 2.x, the x4 upscaler (OpenCLIP, 7 UNet input channels and a
+    noise-level embedding), SDXL base or refiner."""
+    family = checkpoint_family(path, shapes)
+    if family in SDXL_CONFIGS:
+        return SDXL_CONFIGS[family]
+    if family == "sd1":
         return SD1_CONFIG
     return X4_CONFIG if LABEL_EMB in shapes and shapes[UNET_IN][1] == 7 else SD2_CONFIG
 
 
-def _convert(path: Path, config_dir: Path) -> dict[str, Any]:
-    import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionUpscalePipeline
+# Pipelines whose own from_single_file converts a file of their kind (the class the config folder names).
+CONVERTERS = ("StableDiffusionUpscalePipeline", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+              "StableDiffusionXLInpaintPipeline")
 
-    upscaler = "Upscale" in str(read_json(config_dir / "model_index.json").get("_class_name"))
+
+def _convert(path: Path, config_dir: Path) -> dict[str, Any]:
+    import diffusers
+    import torch
+
+    name = str(read_json(config_dir / "model_index.json").get("_class_name"))
+    cls = getattr(diffusers, name) if name in CONVERTERS else diffusers.StableDiffusionPipeline
     try:  # the text encoder's kind (CLIP or OpenCLIP) is told by diffusers from the keys, its size from our configs
-        pipe = (StableDiffusionUpscalePipeline if upscaler else StableDiffusionPipeline).from_single_file(
+        pipe = cls.from_single_file(
             str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch.float32
         )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
         raise ExportError(f"cannot convert '{path}' with its configs: {first}; pass a config folder that fits it (--config) or a diffusers folder") from None
     modules = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        modules["text_encoder_2"] = pipe.text_encoder_2
     del pipe
     return modules

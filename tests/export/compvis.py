@@ -35,6 +35,8 @@ def unet_to_ldm(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]
         "conv_norm_out": "out.0",
         "conv_out": "out.2",
         "class_embedding": "label_emb",  # the x4 upscaler's noise-level embedding
+        "add_embedding.linear_1": "label_emb.0.0",  # SDXL's pooled-text + time-ids embedding
+        "add_embedding.linear_2": "label_emb.0.2",
     }
     resnets, attns = {}, {}
     for i in range(n):

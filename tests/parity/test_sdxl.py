@@ -210,3 +210,75 @@ def test_sd_run_with_a_refiner(base, refiner, tmp_path):
     parameters = written.text["parameters"]
     assert f"Refiner: {refiner_out.name}" in parameters and "Refiner switch at: 0.7" in parameters
     assert "Denoising strength" not in parameters
+
+
+# ---------------------------------------------------------------- single-file checkpoints (sd_xl_base_1.0.safetensors layout)
+
+@pytest.mark.parametrize("kind", ["base", "refiner"])
+def test_single_file_matches_diffusers(base, refiner, kind, tmp_path):
+    """A tiny SDXL base / refiner written in Stability's single-file layout exports (with the model's configs, as
+    diffusers' from_single_file takes them) to the images diffusers' own conversion of the file gives."""
+    import diffusers
+
+    from leansd.export.cli import main
+    from tests.tiny_sdxl import write_sdxl_checkpoint
+
+    source = (base if kind == "base" else refiner)[0]
+    ckpt = tmp_path / f"tiny-sdxl-{kind}.safetensors"
+    write_sdxl_checkpoint(source, ckpt)
+    out = tmp_path / "exported"
+    assert main([str(ckpt), str(out), "--config", str(source), "--quiet"]) == 0
+    cls = diffusers.StableDiffusionXLPipeline if kind == "base" else diffusers.StableDiffusionXLImg2ImgPipeline
+    pipe = cls.from_single_file(str(ckpt), config=str(source), local_files_only=True, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt=PROMPT, num_inference_steps=4, negative_prompt="blurry")
+    if kind == "base":
+        kwargs.update(height=SIZE, width=SIZE)
+    else:
+        kwargs["image"] = np.random.default_rng(3).random((SIZE, SIZE, 3)).astype(np.float32)
+    ref_kwargs = {**kwargs, **({"image": kwargs["image"][None]} if "image" in kwargs else {})}
+    with torch.no_grad():
+        expected = pipe(generator=generator(9), output_type="np", **ref_kwargs).images
+    for backend in BACKENDS:
+        got = leansd.load(out, backend=backend)(seed=9, output_type="np", **kwargs).images
+        assert np.abs(got - expected).max() < TOLERANCE, backend
+
+
+@pytest.mark.parametrize("family, model_type", [("sdxl", "xl_base"), ("sdxl_refiner", "xl_refiner")])
+def test_shipped_sdxl_configs_fit_the_checkpoint_layout(family, model_type, tmp_path):
+    """The shipped SDXL 1.0 base and refiner configs against the released files' layout, by shapes (full-size models on
+    the meta device): diffusers recognises the layout, and sd-export picks and accepts those configs by itself."""
+    import shutil
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from leansd.export.singlefile import SDXL_CONFIGS, assemble_config, checkpoint_family, prepare_sdxl, shipped_config
+    from tests.export.compvis import unet_to_ldm, vae_to_ldm
+    from tests.tiny_sd2 import OPEN_CLIP, text_encoder_to_open_clip
+
+    folder = SDXL_CONFIGS[family]
+    cfg = {n: json.loads((folder / n / "config.json").read_text()) for n in ("unet", "vae", "text_encoder_2")}
+    with torch.device("meta"):
+        state = {**unet_to_ldm(UNet2DConditionModel.from_config(cfg["unet"]).state_dict(), cfg["unet"]),
+                 **vae_to_ldm(AutoencoderKL.from_config(cfg["vae"]).state_dict(), cfg["vae"])}
+        if family == "sdxl":
+            first = CLIPTextModel(CLIPTextConfig(**json.loads((folder / "text_encoder" / "config.json").read_text())))
+            state.update({"conditioner.embedders.0.transformer." + k: v for k, v in first.state_dict().items()})
+        weights = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])).state_dict()
+        projection = weights.pop("text_projection.weight")
+        prefix = f"conditioner.embedders.{1 if family == 'sdxl' else 0}.model."
+        state.update({prefix + k[len(OPEN_CLIP):]: v for k, v in text_encoder_to_open_clip(weights).items()})
+        state[prefix + "text_projection"] = projection.T
+    assert infer_diffusers_model_type(state) == model_type
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    path = tmp_path / "sd_xl.safetensors"
+    assert checkpoint_family(path, shapes) == family and shipped_config(path, shapes) == folder
+    config = assemble_config(None, folder)
+    try:
+        prepare_sdxl(path, shapes, config, None, None)
+        assert (config / "tokenizer_2" / "vocab.json").is_file()
+        assert json.loads((config / "tokenizer_2" / "special_tokens_map.json").read_text())["pad_token"] == "!"
+    finally:
+        shutil.rmtree(config)
