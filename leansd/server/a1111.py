@@ -95,8 +95,19 @@ def build_spec(manager: JobManager, body: Txt2Img) -> JobSpec:
         raise RequestError(f"batch_size x n_iter is {count}, more than the server's {manager.limits.max_images} images "
                            "per request (sd-serve --max-images)", "batch_size")
     spec = JobSpec(model, body.prompt, body.negative_prompt, body.steps, body.cfg_scale, body.seed, body.width, body.height,
-                   sampler.scheduler if sampler else None, sampler.name if sampler else None, count, init, mask, strength, FIELDS)
+                   sampler.scheduler if sampler else None, sampler.name if sampler else None, count, init, mask, strength, FIELDS,
+                   clip_skip=clip_skip(body))
     return manager.check(spec)
+
+
+def clip_skip(body: Txt2Img) -> int:
+    """AUTOMATIC1111's clip skip setting (`override_settings.CLIP_stop_at_last_layers`, 1 = the last layer) in
+    diffusers' numbering (0 = the last layer)."""
+    value = (body.override_settings or {}).get("CLIP_stop_at_last_layers", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 12:
+        raise RequestError(f"override_settings.CLIP_stop_at_last_layers must be a whole number from 1 to 12, got {value!r:.40}",
+                           "override_settings.CLIP_stop_at_last_layers")
+    return value - 1
 
 
 def result(job: Job, body: Txt2Img) -> dict[str, Any]:

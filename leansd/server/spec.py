@@ -59,6 +59,7 @@ class JobSpec:
     mask: Image.Image | None = None
     strength: float | None = None
     fields: FieldNames = field(default_factory=lambda: FieldNames({}))
+    clip_skip: int = 0  # diffusers' numbering (AUTOMATIC1111's CLIP_stop_at_last_layers - 1)
 
     def call_settings(self, i: int) -> dict[str, Any]:
         """Keyword arguments of the pipeline call for image i."""
@@ -66,6 +67,7 @@ class JobSpec:
             "prompt": self.prompt, "negative_prompt": self.negative_prompt or None, "num_inference_steps": self.steps,
             "guidance_scale": self.guidance_scale, "seed": self.seed + i, "width": self.width, "height": self.height,
             "scheduler": self.sampler, "image": self.init_image, "mask_image": self.mask, "strength": self.strength,
+            "clip_skip": self.clip_skip,
         }
 
     def summary(self) -> dict[str, Any]:

@@ -42,6 +42,19 @@ def test_txt2img_response_shape_seeds_and_pixels(live_server, reference):
         assert np.array_equal(pixels(image), pixels(expected)), f"image {i}"
 
 
+def test_clip_skip_from_override_settings(live_server, reference):
+    """AUTOMATIC1111's clip skip (CLIP_stop_at_last_layers 2) is leansd's clip_skip=1, recorded as A1111 writes it."""
+    reply = txt2img(live_server, prompt=PROMPT, seed=7, steps=4, width=64, height=64,
+                    override_settings={"CLIP_stop_at_last_layers": 2})
+    assert reply.status == 200, reply.body
+    image = decode_png(reply.json()["images"][0])
+    assert parse_parameters(image.info["parameters"])["Clip skip"] == "2"
+    expected = reference(PROMPT, seed=7, num_inference_steps=4, guidance_scale=7.0, scheduler="euler", clip_skip=1).images[0]
+    assert np.array_equal(pixels(image), pixels(expected))
+    plain = reference(PROMPT, seed=7, num_inference_steps=4, guidance_scale=7.0, scheduler="euler").images[0]
+    assert not np.array_equal(pixels(image), pixels(plain))  # the setting changed the image
+
+
 @pytest.mark.parametrize("sampler", ["Euler a", "Euler", "LMS", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "PLMS", "LCM"])
 def test_every_sampler_by_display_name(live_server, sampler):
     data = txt2img(live_server, prompt=PROMPT, seed=1, steps=4, sampler_name=sampler).json()
@@ -168,6 +181,7 @@ def test_skip_drops_the_current_image_only(start_server):
     ("txt2img", {"n_iter": 5, "batch_size": 5}, "batch_size"),
     ("txt2img", {"width": 63}, "width"),
     ("txt2img", {"override_settings": {"sd_model_checkpoint": "nope"}}, "override_settings.sd_model_checkpoint"),
+    ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 0}}, "override_settings.CLIP_stop_at_last_layers"),
     ("img2img", {}, "init_images"),
     ("img2img", {"init_images": ["%%%"]}, "init_images"),
     ("img2img", {"init_images": [png_b64(Image.new("RGB", (64, 64)))], "denoising_strength": 0}, "denoising_strength"),
