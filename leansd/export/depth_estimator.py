@@ -14,11 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from leansd.export import verify
+from leansd.export.auxiliary import export_verified
 from leansd.export.diffusers_folder import Source, read_json
 from leansd.export.errors import ExportError
-from leansd.export.onnx import export_onnx
-from leansd.export.openvino import XML, convert_openvino
 from leansd.runtime.manifest import DEPTH_ESTIMATOR, FEATURE_EXTRACTOR
 
 COMPONENT = DEPTH_ESTIMATOR
@@ -83,22 +81,9 @@ def export(source: Source, root: Path, backends: tuple[str, ...], opset: int, to
     feeds = {"pixel_values": rng.uniform(-1, 1, size=(2, 3, height, width)).astype(np.float32)}
     with torch.no_grad():
         reference = {"predicted_depth": graph(torch.from_numpy(feeds["pixel_values"])).numpy()}
-    folder, scratch = root / COMPONENT, root / ".depth-estimator-scratch"
-    onnx_path = (folder if "onnx" in backends else scratch) / "model.onnx"
+    folder = root / COMPONENT
     example = {"pixel_values": rng.uniform(-1, 1, size=(1, 3, height, width)).astype(np.float32)}
-    export_onnx(COMPONENT, graph, example, onnx_path, opset=opset)
-    files: dict[str, dict[str, str]] = {}
-    parity: dict[str, dict[str, Any]] = {}
-    try:
-        if "onnx" in backends:
-            parity["onnx"] = {"fp32": verify.check(COMPONENT, "onnx", onnx_path, feeds, reference, tolerance).to_json()}
-            files["onnx"] = {"fp32": f"{COMPONENT}/model.onnx"}
-        if "openvino" in backends:
-            convert_openvino(onnx_path, folder / XML)
-            parity["openvino"] = {"fp32": verify.check(COMPONENT, "openvino", folder / XML, feeds, reference, tolerance).to_json()}
-            files["openvino"] = {"fp32": f"{COMPONENT}/{XML}"}
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    files, parity = export_verified(COMPONENT, graph, example, feeds, reference, root, backends, opset, tolerance)
     shutil.copyfile(source.config_dir / COMPONENT / "config.json", folder / "config.json")
     (root / FEATURE_EXTRACTOR).mkdir(exist_ok=True)
     shutil.copyfile(preprocessor, root / FEATURE_EXTRACTOR / PREPROCESSOR_FILE)

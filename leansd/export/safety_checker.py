@@ -16,11 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from leansd.export import verify
+from leansd.export.auxiliary import export_verified
 from leansd.export.diffusers_folder import Source
 from leansd.export.errors import ExportError
-from leansd.export.onnx import export_onnx
-from leansd.export.openvino import XML
 from leansd.runtime.manifest import FEATURE_EXTRACTOR, SAFETY_CHECKER
 
 COMPONENT = SAFETY_CHECKER
@@ -97,22 +95,8 @@ def export(source: Source, root: Path, backends: tuple[str, ...], opset: int, to
         special, concepts = graph(torch.from_numpy(feeds["clip_input"]))
     reference = {"special_cos_dist": special.numpy(), "cos_dist": concepts.numpy()}
     folder = root / COMPONENT
-    scratch = root / ".safety-checker-scratch"
-    onnx_path = (folder if "onnx" in backends else scratch) / "model.onnx"
     example = {"clip_input": rng.standard_normal((1, 3, size, size)).astype(np.float32)}
-    export_onnx(COMPONENT, graph, example, onnx_path, opset=opset)
-    files: dict[str, dict[str, str]] = {}
-    parity: dict[str, dict[str, Any]] = {}
-    try:
-        if "onnx" in backends:
-            parity["onnx"] = {"fp32": verify.check(COMPONENT, "onnx", onnx_path, feeds, reference, tolerance).to_json()}
-            files["onnx"] = {"fp32": f"{COMPONENT}/model.onnx"}
-        if "openvino" in backends:
-            convert_openvino(onnx_path, folder / XML)
-            parity["openvino"] = {"fp32": verify.check(COMPONENT, "openvino", folder / XML, feeds, reference, tolerance).to_json()}
-            files["openvino"] = {"fp32": f"{COMPONENT}/{XML}"}
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    files, parity = export_verified(COMPONENT, graph, example, feeds, reference, root, backends, opset, tolerance)
     thresholds = {
         "special_care_thresholds": [float(v) for v in checker.special_care_embeds_weights.detach().numpy()],
         "concept_thresholds": [float(v) for v in checker.concept_embeds_weights.detach().numpy()],

@@ -35,10 +35,17 @@ def choose_device(device: str) -> str:
     return wanted
 
 
+def _public_name(port) -> str:
+    """The port's declared name. Conversion can attach internal tensor names to a model input or output as well (an
+    ONNX graph's "/block/Cast_output_0" when the first op is a no-op cast), and get_any_name() may pick those."""
+    names = port.get_names()
+    return min(names, key=lambda n: (n.startswith("/") or "::" in n, len(n), n)) if names else port.get_any_name()
+
+
 def _spec(port) -> TensorSpec:
     pshape = port.get_partial_shape()
     shape = None if pshape.rank.is_dynamic else tuple(d.get_length() if d.is_static else None for d in pshape)
-    return TensorSpec(port.get_any_name(), shape, np.dtype(port.get_element_type().to_dtype()))
+    return TensorSpec(_public_name(port), shape, np.dtype(port.get_element_type().to_dtype()))
 
 
 class OpenVinoSession(Session):
