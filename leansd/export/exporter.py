@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from leansd.export import components as comp
-from leansd.export import attention, deepcache, layout, quantize, streaming, tiny_vae, verify
+from leansd.export import attention, deepcache, layout, quantize, streaming, tiny_vae, verify, weight_map
 from leansd.export.errors import ExportError, ParityError
 from leansd.export.onnx import DEFAULT_OPSET, export_onnx
 from leansd.export.openvino import XML, convert_openvino
@@ -130,8 +130,10 @@ def export(
         tolerances.update({n: tolerances["unet"] for n in comp.DEEP_CACHE_COMPONENTS})
         tolerances[tiny_vae.COMPONENT] = tolerances["vae_decoder"]
         with layout.StagingFolder(target, overwrite=overwrite) as staging:
+            prints: dict[str, weight_map.Fingerprints] = {}
             parity = _export_components(source, staging.path, info, chosen, static, int(opset), tolerances, progress, order, loaders,
-                                        unet_parts)
+                                        unet_parts, prints)
+            _write_weight_map(staging.path, chosen, prints)
             _write_configs(source, staging.path)
             if loaders:
                 tiny.save_config(staging.path / tiny_vae.COMPONENT)  # the runtime reads its scaling factor there
@@ -162,7 +164,7 @@ def export(
 
 
 def _export_components(source, root: Path, info, backends, static, opset, tolerances, progress, order=MODULE_ORDER, loaders=None,
-                       unet_parts: int | None = None) -> dict[str, Any]:
+                       unet_parts: int | None = None, prints: dict | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     per_component = 1 + (1 if "onnx" in backends else 0) + (2 if "openvino" in backends else 0)
@@ -174,6 +176,9 @@ def _export_components(source, root: Path, info, backends, static, opset, tolera
         for module_name, parts in order:
             bar.set_postfix_str(f"loading {module_name}")
             module = (loaders or {}).get(module_name, source.load)(module_name)
+            if prints is not None and module_name in MAPPED_MODULES:
+                found = weight_map.fingerprints(module)  # for weight_map.json: run-time LoRA finds weights by them
+                prints.update({name: found for name in parts})
             traced = [_trace(name, module, root if "onnx" in backends else scratch, info, static, opset, bar) for name in parts]
             # The PyTorch weights are no longer needed: free them before ONNX Runtime and OpenVINO load theirs.
             del module
@@ -192,6 +197,21 @@ def _export_components(source, root: Path, info, backends, static, opset, tolera
         bar.close()
         shutil.rmtree(scratch, ignore_errors=True)
     return parity
+
+
+# The modules whose weights run-time adapters change (LoRA, textual inversion): the map covers their files.
+MAPPED_MODULES = ("text_encoder", "unet")
+
+
+def _write_weight_map(root: Path, backends, prints: dict[str, weight_map.Fingerprints]) -> None:
+    """weight_map.json for the fp32 files of the text encoder and UNet (and its deep-cache parts)."""
+    files = {}
+    for name, found in prints.items():
+        for backend in backends:
+            path = root / name / quantize.FILES[backend][0]
+            if path.is_file():
+                files[_relative(root, path)] = (name, found)
+    weight_map.write(root, files)
 
 
 def _trace(name, module, folder: Path, info, static, opset, bar):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,8 @@ class GenerationSettings:
     watermark: an ASCII text to mark every image with, invisibly, as the Stable Diffusion reference scripts do
         ("StableDiffusionV1" in SD 1's, "SDV2" in SD 2's; `leansd.runtime.watermark`, which also reads it back).
         Applied to the 8-bit images, for output_type "pil" and "np" (there, the marked 8-bit values / 255).
+    loras: {LoRA file or name: multiplier} to run with (names are looked up in `load(..., lora_dir=)`); prompt tags
+        `<lora:NAME:0.8>` add to them. {} runs without LoRAs; see `leansd.runtime.adapters`.
     """
 
     prompt: str | Sequence[str] | None = None
@@ -79,6 +81,7 @@ class GenerationSettings:
     vae_tiling: bool | None = None
     memory_check: bool = True
     watermark: str | None = None
+    loras: Mapping[str | Path, float] | None = None
 
     def merged(self, **overrides: Any) -> "GenerationSettings":
         """These settings with `overrides` (None values keep the default), checked."""
@@ -115,12 +118,25 @@ class GenerationSettings:
                 raise InvalidInputError(f"{name} must be {'callable' if name == 'callback' else 'an object with randn(shape)'}, got {type(value).__name__}")
         if self.watermark is not None and not (isinstance(self.watermark, str) and self.watermark.isascii() and self.watermark):
             raise InvalidInputError(f"watermark must be a non-empty ASCII text such as 'StableDiffusionV1', got {self.watermark!r:.60}")
+        _check_loras(self.loras)
         _finite("latents", self.latents)
         _finite("masked_image_latents", self.masked_image_latents)
         for name in ("image", "mask_image"):
             if isinstance(getattr(self, name), np.ndarray):
                 _finite(name, getattr(self, name))
         return self
+
+
+def _check_loras(loras: Any) -> None:
+    if loras is None:
+        return
+    if not isinstance(loras, Mapping):
+        raise InvalidInputError(f"loras must be a mapping {{file or name: multiplier}}, e.g. {{'style.safetensors': 0.8}}, got {loras!r:.60}")
+    for key, value in loras.items():
+        if not isinstance(key, (str, Path)) or not str(key):
+            raise InvalidInputError(f"loras keys must be LoRA files or names, got {key!r:.60}")
+        if not (_real(value) and math.isfinite(value)):
+            raise InvalidInputError(f"the multiplier of LoRA {str(key)!r} must be a finite number such as 0.8, got {value!r:.60}")
 
 
 def _real(value: Any) -> bool:
