@@ -48,11 +48,21 @@ def _pair(rng: np.random.Generator, shape: tuple[int, ...], rank: int) -> tuple[
     return up, down
 
 
+def _save(tensors: dict[str, np.ndarray], path: Path, dtype: str = "float32", metadata: dict | None = None) -> Path:
+    """Save with safetensors' torch writer, so that bfloat16 (which numpy lacks) can be written too."""
+    import torch
+    from safetensors.torch import save_file
+
+    cast = getattr(torch, dtype)
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)).to(cast if v.ndim else torch.float32) for k, v in tensors.items()},
+              str(path), metadata=metadata)
+    return path
+
+
 def kohya_lora(folder: Path, path: Path, seed: int, rank: int = 4, alpha: float | None = 2.0, text: bool = True,
                dtype: str = "float32") -> Path:
-    """A kohya / AUTOMATIC1111 LoRA for the tiny model in `folder`: `lora_unet_..._to_q.lora_down.weight` etc."""
-    from safetensors.numpy import save_file
-
+    """A kohya / AUTOMATIC1111 LoRA for the tiny model in `folder`: `lora_unet_..._to_q.lora_down.weight` etc.,
+    stored in `dtype` (float32, float16, bfloat16)."""
     rng = np.random.default_rng(seed)
     tensors = {}
     shapes = _shapes(folder)
@@ -62,18 +72,15 @@ def kohya_lora(folder: Path, path: Path, seed: int, rank: int = 4, alpha: float 
         for module, shape in shapes[part].items():
             up, down = _pair(rng, shape, rank)
             name = prefix + module.replace(".", "_")
-            tensors[f"{name}.lora_down.weight"] = down.astype(dtype)
-            tensors[f"{name}.lora_up.weight"] = up.astype(dtype)
+            tensors[f"{name}.lora_down.weight"] = down
+            tensors[f"{name}.lora_up.weight"] = up
             if alpha is not None:
                 tensors[f"{name}.alpha"] = np.array(alpha, dtype=np.float32)
-    save_file(tensors, str(path), metadata={"ss_network_dim": str(rank)})
-    return path
+    return _save(tensors, path, dtype, metadata={"ss_network_dim": str(rank)})
 
 
 def peft_lora(folder: Path, path: Path, seed: int, rank: int = 2) -> Path:
     """A diffusers (PEFT) LoRA: `unet.<module>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<module>...`, no alphas."""
-    from safetensors.numpy import save_file
-
     rng = np.random.default_rng(seed)
     tensors = {}
     for part, layers in _shapes(folder).items():
@@ -81,8 +88,7 @@ def peft_lora(folder: Path, path: Path, seed: int, rank: int = 2) -> Path:
             up, down = _pair(rng, shape, rank)
             tensors[f"{part}.{module}.lora_A.weight"] = down
             tensors[f"{part}.{module}.lora_B.weight"] = up
-    save_file(tensors, str(path))
-    return path
+    return _save(tensors, path)
 
 
 def embedding_file(path: Path, vectors: int, dim: int, seed: int, key: str | None = None) -> Path:

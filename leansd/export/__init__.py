@@ -33,6 +33,7 @@ def export_model(
     deep_cache: bool = False,
     tiny_vae: str | os.PathLike[str] | None = None,
     unet_parts: int | None = None,
+    loras: Sequence[str | os.PathLike[str] | tuple[str | os.PathLike[str], float]] | None = None,
 ) -> Path:
     """Export a Stable Diffusion 1.x/2.x model to a leansd model folder and return the folder's path.
 
@@ -68,6 +69,11 @@ def export_model(
             (`leansd.load(..., low_memory=True)`); each chain is verified like the whole file. None (default):
             8 parts when the UNet keeps its weights in an external data file (models over 2 GB, like SD 1.5),
             none for smaller ones; 0: no parts. See `leansd.export.streaming`.
+        loras: LoRA `.safetensors` files to fuse into the UNet and text encoder before export, each "FILE",
+            "FILE:SCALE" or (FILE, SCALE) (kohya / AUTOMATIC1111 or diffusers / PEFT layouts, convolution LoRAs
+            included), with diffusers' `load_lora_weights` + `fuse_lora`; recorded in leansd.json. LoRAs can also
+            be applied at run time without re-export (`leansd.load(..., loras={FILE: SCALE})`), using the
+            `weight_map.json` every export writes.
 
     Raises:
         ExportError: a problem the user can fix (bad source, existing output, bad size ...), one line.
@@ -91,4 +97,5 @@ def export_model(
         deep_cache=deep_cache,
         tiny_vae_source=tiny_vae,
         unet_parts=unet_parts,
+        loras=loras,
     )

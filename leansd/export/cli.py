@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="cut the ONNX UNet into N parts sharing its weights file, so that sd-run --low-memory on onnxruntime loads "
         "one part at a time (weight streaming); default: 8 when the UNet is over 2 GB (SD 1.5 and up), else none; 0: none",
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        help="fuse this LoRA (.safetensors: kohya/AUTOMATIC1111 or diffusers/PEFT, convolution LoRAs too) into the model "
+        "at SCALE (default 1) before export; repeat for several. Without re-export, sd-run --lora applies LoRAs at run time",
+    )
     p.add_argument("--sd1-config", metavar="DIR", help="diffusers-layout config folder for single-file checkpoints (default: the SD 1.x configs shipped with leansd)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="show library warnings and full tracebacks")
@@ -144,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             deep_cache=args.deep_cache,
             tiny_vae=args.tiny_vae,
             unet_parts=args.unet_parts,
+            loras=args.lora,
         )
     except ExportError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

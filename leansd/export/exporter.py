@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from leansd.export import components as comp
 from leansd.export import attention, deepcache, layout, quantize, streaming, tiny_vae, verify, weight_map
+from leansd.export import lora as lora_fusion
 from leansd.export.errors import ExportError, ParityError
 from leansd.export.onnx import DEFAULT_OPSET, export_onnx
 from leansd.export.openvino import XML, convert_openvino
@@ -97,8 +98,10 @@ def export(
     deep_cache: bool = False,
     tiny_vae_source: str | os.PathLike[str] | None = None,
     unet_parts: int | None = None,
+    loras: Sequence[str | os.PathLike[str] | tuple] | None = None,
 ) -> Path:
     """See `leansd.export.export_model`."""
+    fused = lora_fusion.parse(loras)  # before any slow step: a missing file fails now
     if unet_parts is not None and (int(unet_parts) < 0 or int(unet_parts) == 1):
         raise ExportError(f"--unet-parts {unet_parts}: use 0 (no parts) or 2 and more")
     chosen = parse_backends(backends)
@@ -126,6 +129,8 @@ def export(
             info = dataclasses.replace(info, tiny_vae_scaling_factor=float(tiny.config.get("scaling_factor", 1.0)))
             order = (*order, (tiny_vae.MODULE, (tiny_vae.COMPONENT,)))
             loaders[tiny_vae.MODULE] = lambda name: tiny
+        for module_name in lora_fusion.COMPONENTS if fused else ():
+            loaders[module_name] = lora_fusion.fusing_loader(source.load, fused)
         names = [n for _, parts in order for n in parts]
         tolerances.update({n: tolerances["unet"] for n in comp.DEEP_CACHE_COMPONENTS})
         tolerances[tiny_vae.COMPONENT] = tolerances["vae_decoder"]
@@ -135,7 +140,7 @@ def export(
                                         unet_parts, prints)
             _write_weight_map(staging.path, chosen, prints)
             _write_configs(source, staging.path)
-            if loaders:
+            if tiny_vae.MODULE in loaders:
                 tiny.save_config(staging.path / tiny_vae.COMPONENT)  # the runtime reads its scaling factor there
                 del loaders[tiny_vae.MODULE], tiny
             files = {n: {b: {"fp32": f"{n}/{quantize.FILES[b][0]}"} for b in chosen} for n in names}
@@ -157,7 +162,7 @@ def export(
                     count = parity[UNET_PARTS]["onnx"]["fp32"]["parts"]
                     index, parity[UNET_PARTS]["onnx"]["int8"] = _split_int8_unet(staging.path / int8_unet, info, static, count)
                     files[UNET_PARTS]["onnx"]["int8"] = _relative(staging.path, index)
-            _write_manifest(source, staging.path, info, files, static, int(opset), parity, int8, names)
+            _write_manifest(source, staging.path, info, files, static, int(opset), parity, int8, names, [f.record() for f in fused])
             return staging.commit()
     finally:
         source.close()
@@ -401,7 +406,7 @@ def _write_configs(source: Source, root: Path) -> None:
 
 
 def _write_manifest(source: Source, root: Path, info, files, static, opset, parity, int8: quantize.Int8Result | None,
-                    names: Sequence[str] = comp.COMPONENTS) -> None:
+                    names: Sequence[str] = comp.COMPONENTS, loras: Sequence[dict] = ()) -> None:
     """leansd.json, written last: it hashes every other file."""
     metric = "max_rel = max|export - torch| / max|torch| <= tolerance; psnr_db = 20 log10(max|torch| / rms error)"
     if int8 is not None:
@@ -423,6 +428,7 @@ def _write_manifest(source: Source, root: Path, info, files, static, opset, pari
             **({"int8": int8.settings} if int8 is not None else {}),
             "io": {n: comp.io_manifest(n, static, info) for n in names},
             "opset": opset,
+            **({"loras": list(loras)} if loras else {}),  # fused into the weights: file, hashes, scale
             "provenance": _provenance(source),
         },
     )

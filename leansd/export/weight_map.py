@@ -109,3 +109,60 @@ def write(root: Path, files: dict[str, tuple[str, Fingerprints]]) -> Path:
     path = root / MAP_FILE
     layout.write_json(path, {"format": FORMAT, "format_version": FORMAT_VERSION, "files": entries})
     return path
+
+
+def add_to_folder(source_spec: str, folder: Path) -> Path:
+    """Write `weight_map.json` into a folder exported before maps existed, from the source it was exported from
+    (the weights are matched by value, so a different source finds nothing and is refused)."""
+    from leansd.export.errors import ExportError
+    from leansd.export.sources import resolve_source
+
+    folder = Path(folder)
+    if not (folder / layout.MANIFEST).is_file():
+        raise ExportError(f"{folder} is not a folder written by sd-export (no {layout.MANIFEST})")
+    source = resolve_source(source_spec)
+    files: dict[str, tuple[str, Fingerprints]] = {}
+    try:
+        for module_name, components in (("text_encoder", ("text_encoder",)), ("unet", ("unet", "unet_deep", "unet_shallow"))):
+            prints = fingerprints(source.load(module_name))
+            for component in components:
+                for name in ("model.onnx", "openvino_model.xml"):
+                    if (folder / component / name).is_file():
+                        files[f"{component}/{name}"] = (component, prints)
+    finally:
+        source.close()
+    path = write(folder, files)
+    import json
+
+    mapped = json.loads(path.read_text())["files"]
+    empty = [rel for rel, entry in mapped.items() if not entry["weights"]]
+    if empty:
+        path.unlink()
+        raise ExportError(f"none of the source's weights are in {empty[0]}: {source_spec} is not the model {folder} was exported from")
+    manifest = json.loads((folder / layout.MANIFEST).read_text())
+    manifest["files"] = layout.file_table(folder)
+    layout.write_json(folder / layout.MANIFEST, manifest)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m leansd.export.weight_map SOURCE FOLDER`: add the weight map run-time LoRA needs to an older export."""
+    import argparse
+    import sys
+
+    from leansd.export.errors import ExportError
+
+    parser = argparse.ArgumentParser(prog="python -m leansd.export.weight_map", description=main.__doc__)
+    parser.add_argument("source", help="the diffusers folder or checkpoint FOLDER was exported from")
+    parser.add_argument("folder", type=Path, help="a model folder written by sd-export")
+    args = parser.parse_args(argv)
+    try:
+        print(add_to_folder(args.source, args.folder))
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
