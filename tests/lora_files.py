@@ -99,3 +99,48 @@ def embedding_file(path: Path, vectors: int, dim: int, seed: int, key: str | Non
     values = np.random.default_rng(seed).standard_normal((vectors, dim)).astype(np.float32)
     save_file({key or "emb_params": values if vectors > 1 or key is None else values[0]}, str(path))
     return path
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None,
+                      bf16: bool = False) -> Path:
+    """Write a `.safetensors` file with numpy alone (for the torch-free tests); `bf16` stores float tensors as
+    bfloat16 (their upper 16 bits: values with zero low bits round-trip exactly)."""
+    import json
+    import struct
+
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    blobs, offset = [], 0
+    for name, value in tensors.items():
+        value = np.ascontiguousarray(value, dtype=np.float32)
+        raw = (value.view(np.uint32) >> 16).astype("<u2").tobytes() if bf16 and value.ndim else value.astype("<f4").tobytes()
+        header[name] = {"dtype": "BF16" if bf16 and value.ndim else "F32", "shape": list(value.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    return path
+
+
+def kohya_lora_from_map(folder: Path, path: Path, seed: int, rank: int = 2, scale: float = 0.3, bf16: bool = False,
+                        layers: int = 8) -> Path:
+    """A kohya LoRA for an exported folder, its layers chosen from the folder's weight_map.json (no torch needed):
+    the first `layers` 2-D and 4-D UNet weights and two text-encoder ones."""
+    import json
+
+    files = json.loads((folder / "weight_map.json").read_text())["files"]
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for component, prefix, count in (("unet", "lora_unet_", layers), ("text_encoder", "lora_te_", 2)):
+        entry = next(e for e in files.values() if e["component"] == component)
+        params = [p for p, (_, transposed, _, shape) in entry["weights"].items()
+                  if "layers" in p or component == "unet"][:count]
+        for param in params:
+            _, transposed, _, shape = entry["weights"][param]
+            shape = tuple(reversed(shape)) if transposed else tuple(shape)
+            up, down = _pair(rng, shape, rank)
+            name = prefix + param[: -len(".weight")].replace(".", "_")
+            tensors[f"{name}.lora_down.weight"] = down * scale
+            tensors[f"{name}.lora_up.weight"] = up
+            tensors[f"{name}.alpha"] = np.array(float(rank), np.float32)
+    return write_safetensors(path, tensors, {"ss_network_dim": str(rank)}, bf16=bf16)

@@ -183,6 +183,9 @@ def image_parameters(args: argparse.Namespace, pipe: Pipeline, result: PipelineO
         "CFG cutoff": used.guidance_cutoff if used.guidance_cutoff < 1 else None,
         "VAE": "tiny (TAESD)" if used.tiny_vae else None,
         "Watermark": used.watermark,
+        # As AUTOMATIC1111 records them: "name: short hash" for each LoRA run with and each embedding a prompt named.
+        "Lora hashes": ", ".join(f"{lora.name}: {lora.hash}" for lora in result.loras) or None,
+        "TI hashes": ", ".join(f"{e.token}: {e.hash}" for e in result.embeddings) or None,
         "Backend": f"leansd {__version__} {pipe.backend} {pipe.precision}",
     }
 

@@ -135,3 +135,14 @@ def test_large_model_layout_streamed_and_fused_attention(tiny_sd_dir, lora_files
     for low_memory in (False, True):
         got = leansd.load(out, backend="onnxruntime", low_memory=low_memory)(**CALL, seed=7, output_type="np", loras=loras).images
         assert float(np.abs(got - expected).max()) < TOLERANCE, f"low_memory={low_memory}"
+
+
+def test_pickled_embedding_converts_to_what_diffusers_reads(tmp_path):
+    from leansd.export.embeddings import convert
+    from leansd.runtime.adapters import read_embedding
+
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    torch.save({"string_to_param": {"*": vectors}, "name": "blotch", "step": 500}, tmp_path / "blotch.pt")
+    converted = read_embedding(convert(tmp_path / "blotch.pt", tmp_path / "blotch.safetensors"))
+    assert converted.tokens == ["blotch", "blotch_1"]
+    np.testing.assert_array_equal(converted.vectors, vectors.numpy())

@@ -134,9 +134,9 @@ class Adapters:
     def using(self, wanted: Sequence[tuple[Path, str, float, float]]) -> Iterator[list[AppliedLora]]:
         """Run with these LoRAs (waiting for calls that run with another set, then switching)."""
         active = [w for w in wanted if w[2] or w[3]]  # multiplier 0: as if absent
-        key = tuple(sorted((str(p), _stat(p), te, unet) for p, _, te, unet in active))
-        if key and self._refusal:
+        if active and self._refusal:
             raise InvalidInputError(self._refusal)
+        key = tuple(sorted((str(p), _stat(p), te, unet) for p, _, te, unet in active))
         if key and not self._has_map:
             raise ModelFolderError(f"{self.folder} was exported without a weight map ({MAP_FILE}), which run-time LoRA needs; "
                                    "re-export it with this version of sd-export, or fuse the LoRA at export: sd-export SRC OUT --lora FILE:SCALE")
@@ -219,5 +219,9 @@ class Adapters:
 
 
 def _stat(path: Path) -> tuple[int, int]:
-    st = os.stat(path)
+    """Size and modification time: a LoRA file replaced on disk is read again."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read LoRA {path} ({exc.strerror}); pass an existing .safetensors file") from None
     return st.st_size, st.st_mtime_ns
