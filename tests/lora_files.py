@@ -123,9 +123,10 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
 
 
 def kohya_lora_from_map(folder: Path, path: Path, seed: int, rank: int = 2, scale: float = 0.3, bf16: bool = False,
-                        layers: int = 8) -> Path:
+                        layers: int = 8, pick=None) -> Path:
     """A kohya LoRA for an exported folder, its layers chosen from the folder's weight_map.json (no torch needed):
-    the first `layers` 2-D and 4-D UNet weights and two text-encoder ones."""
+    the first `layers` 2-D and 4-D UNet weights and two text-encoder layers, or every weight `pick(component, name)`
+    accepts."""
     import json
 
     files = json.loads((folder / "weight_map.json").read_text())["files"]
@@ -133,8 +134,8 @@ def kohya_lora_from_map(folder: Path, path: Path, seed: int, rank: int = 2, scal
     tensors = {}
     for component, prefix, count in (("unet", "lora_unet_", layers), ("text_encoder", "lora_te_", 2)):
         entry = next(e for e in files.values() if e["component"] == component)
-        params = [p for p, (_, transposed, _, shape) in entry["weights"].items()
-                  if "layers" in p or component == "unet"][:count]
+        params = [p for p in entry["weights"] if "layers" in p or component == "unet"]
+        params = [p for p in params if pick(component, p)] if pick is not None else params[:count]
         for param in params:
             _, transposed, _, shape = entry["weights"][param]
             shape = tuple(reversed(shape)) if transposed else tuple(shape)
