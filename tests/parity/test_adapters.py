@@ -146,3 +146,15 @@ def test_pickled_embedding_converts_to_what_diffusers_reads(tmp_path):
     converted = read_embedding(convert(tmp_path / "blotch.pt", tmp_path / "blotch.safetensors"))
     assert converted.tokens == ["blotch", "blotch_1"]
     np.testing.assert_array_equal(converted.vectors, vectors.numpy())
+
+
+def test_loras_reach_the_deep_cache_parts(tiny_sd_dir, exported_tiny_sd_deepcache, lora_files):
+    """The deep and shallow UNet parts get the LoRA too: equal to diffusers with the LoRA, cached by DeepCache."""
+    from tests.parity.test_deepcache import deepcache_reference
+
+    kwargs = dict(CALL, num_inference_steps=4)
+    expected = reference_images(deepcache_reference(_diffusers_with(tiny_sd_dir, {lora_files["kohya"]: 0.8}), 2), seed=11, **kwargs)
+    for backend in BACKENDS:
+        pipe = leansd.load(exported_tiny_sd_deepcache, backend=backend)
+        got = pipe(**kwargs, seed=11, deep_cache=2, output_type="np", loras={str(lora_files["kohya"]): 0.8}).images
+        assert float(np.abs(got - expected).max()) < TOLERANCE, backend
