@@ -158,3 +158,25 @@ def test_loras_reach_the_deep_cache_parts(tiny_sd_dir, exported_tiny_sd_deepcach
         pipe = leansd.load(exported_tiny_sd_deepcache, backend=backend)
         got = pipe(**kwargs, seed=11, deep_cache=2, output_type="np", loras={str(lora_files["kohya"]): 0.8}).images
         assert float(np.abs(got - expected).max()) < TOLERANCE, backend
+
+
+def test_weight_map_locates_every_weight(exported_tiny_sd, tiny_sd_dir):
+    """Every 2-D and 4-D weight of the text encoder and UNet is found in each exported file, and the bytes the map
+    points at are PyTorch's values (in PyTorch's layout once un-transposed)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from leansd.runtime.adapters import WeightMap
+
+    modules = {"unet": UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet"),
+               "text_encoder": CLIPTextModel.from_pretrained(tiny_sd_dir, subfolder="text_encoder")}
+    weight_map = WeightMap.read(exported_tiny_sd)
+    entries = json.loads((exported_tiny_sd / "weight_map.json").read_text())["files"]
+    assert set(entries) == {f"{c}/{f}" for c in modules for f in ("model.onnx", "openvino_model.xml")}
+    for rel, entry in entries.items():
+        params = {n: p for n, p in modules[entry["component"]].named_parameters() if p.ndim in (2, 4)}
+        assert entry["unmatched"] == [] and set(entry["weights"]) == set(params), rel
+        graph = weight_map.graph(exported_tiny_sd / rel)
+        assert any(w.transposed for w in graph.weights.values())  # linear layers are stored transposed in ONNX/IR
+        for name, param in params.items():
+            np.testing.assert_array_equal(graph.base(name), param.detach().numpy(), err_msg=f"{rel}: {name}")

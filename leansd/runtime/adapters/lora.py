@@ -53,11 +53,13 @@ class LowRank:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
-    def delta(self, shape: tuple[int, ...], multiplier: float) -> np.ndarray:
-        """multiplier * scale * up @ down, shaped like the layer's weight."""
-        product = self.up.reshape(self.up.shape[0], self.rank) @ self.down.reshape(self.rank, -1)
-        return (product * np.float32(multiplier * self.scale)).reshape(shape)
-
+    def add_to(self, weight: np.ndarray, multiplier: float, transposed: bool = False) -> None:
+        """weight += multiplier * scale * up @ down, in place; `transposed`: `weight` is stored transposed (in x out),
+        as exported linear layers are, and the product is formed in that layout (no transposed copy)."""
+        up = self.up.reshape(self.up.shape[0], self.rank) * np.float32(multiplier * self.scale)
+        down = self.down.reshape(self.rank, -1)
+        product = down.T @ up.T if transposed else up @ down
+        weight += product.reshape(weight.shape)
 
 @dataclass
 class LoraFile:

@@ -99,7 +99,8 @@ class Adapters:
         for e, group in zip(embeddings, ids):
             grown[group] = e.vectors
         self.embeddings = embeddings
-        self._fixed[names.TEXT_ENCODER] = {TOKEN_TABLE: grown}
+        # kept in the layout the graph stores it in, as every replacement weight is
+        self._fixed[names.TEXT_ENCODER] = {TOKEN_TABLE: grown.T if graph.weights[TOKEN_TABLE].transposed else grown}
         self._overrides = self._build({})
 
     # ------------------------------------------------------------ per call
@@ -170,11 +171,13 @@ class Adapters:
                         if param not in graph.weights:
                             continue
                         current = changes.setdefault(component, {})
-                        base = current[param] if param in current else self._start(component, graph, param)
-                        if pair.down.size * pair.up.shape[0] // pair.rank != base.size:
+                        if param not in current:
+                            current[param] = self._start(component, graph, param)
+                        weight = current[param]
+                        if pair.down.size * pair.up.shape[0] // pair.rank != weight.size:
                             raise InvalidInputError(f"LoRA {path.name}: layer {param} has {pair.up.shape[0]}x{pair.down[0].size} values here "
-                                                    f"but {base.shape} in this model; it was made for another model")
-                        current[param] = base + pair.delta(base.shape, multiplier)
+                                                    f"but {weight.shape} in this model; it was made for another model")
+                        pair.add_to(weight, multiplier, graph.weights[param].transposed)
             applied.append(AppliedLora(name, lora.hash, path, te, unet))
         overrides = self._build(changes)
         touched = set(changes) | self._touched  # models whose weights differ between the old set and the new one
@@ -188,11 +191,12 @@ class Adapters:
         self.last_apply_s = time.perf_counter() - start
 
     def _start(self, component: str, graph: GraphWeights, param: str) -> np.ndarray:
+        """A new array holding the weight before LoRAs (the embeddings' table, else the file's), as the graph stores it."""
         fixed = self._fixed.get(component, {})
-        return fixed[param].copy() if param in fixed else np.array(graph.base(param), dtype=np.float32)
+        return fixed[param].copy() if param in fixed else graph.stored(param)
 
     def _build(self, changes: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
-        """Graph-named replacement weights per component: the embeddings' table, then the LoRA changes over it."""
+        """Graph-named replacement weights per component (graph layout): the embeddings' table, then the LoRA changes."""
         out = {}
         for component in set(self._fixed) | set(changes):
             values = {**self._fixed.get(component, {}), **changes.get(component, {})}

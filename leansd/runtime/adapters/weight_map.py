@@ -48,8 +48,8 @@ class GraphWeights:
     data: Path
     weights: Mapping[str, GraphWeight]
 
-    def base(self, param: str) -> np.ndarray:
-        """The exported value of `param`, in the PyTorch layout."""
+    def stored(self, param: str) -> np.ndarray:
+        """The exported value of `param` as the graph stores it (transposed for `transposed` entries), in a new array."""
         entry = self.weights[param]
         count = int(np.prod(entry.shape, dtype=np.int64))
         try:
@@ -58,17 +58,16 @@ class GraphWeights:
             raise ModelFolderError(f"cannot read {self.data} ({exc.strerror or exc}); re-export the model with sd-export") from None
         if values.size != count:
             raise ModelFolderError(f"{self.data} is shorter than its weight map says; re-export the model with sd-export")
-        values = values.reshape(entry.shape)
-        return values.T if entry.transposed else values
+        return values.astype(np.float32, copy=False).reshape(entry.shape)
+
+    def base(self, param: str) -> np.ndarray:
+        """The exported value of `param`, in the PyTorch layout."""
+        values = self.stored(param)
+        return values.T if self.weights[param].transposed else values
 
     def patched(self, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """New values by diffusers name (PyTorch layout) -> the same values by graph name, in the graph's layout."""
-        out = {}
-        for param, value in values.items():
-            entry = self.weights[param]
-            stored = value.T if entry.transposed else value
-            out[entry.name] = np.ascontiguousarray(stored, dtype=np.float32)
-        return out
+        """New values by diffusers name, in the graph's layout (see `stored`) -> the same values by graph name."""
+        return {self.weights[param].name: np.ascontiguousarray(value, dtype=np.float32) for param, value in values.items()}
 
 
 class WeightMap:
