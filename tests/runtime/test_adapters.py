@@ -142,3 +142,16 @@ def test_int8_pipelines_refuse_loras():
             pass
     with adapters.using([]):  # no LoRA: nothing to refuse
         pass
+
+
+def test_threads_with_different_lora_sets_get_their_own(lora):
+    """Calls on several threads that want different sets wait for each other instead of mixing weights."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipe = leansd.load(backend=BACKENDS[0])
+    wanted = [{}, {str(lora): 1.0}, {str(lora): 0.5}, {}, {str(lora): 1.0}, {str(lora): 0.5}]
+    alone = [pipe(**CALL, loras=w).images for w in wanted[:3]]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda w: pipe(**CALL, loras=w).images, wanted))
+    for k, images in enumerate(together):
+        np.testing.assert_array_equal(images, alone[k % 3])
