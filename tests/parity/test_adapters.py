@@ -181,3 +181,34 @@ def test_weight_map_locates_every_weight(exported_tiny_sd, tiny_sd_dir):
         assert any(w.transposed for w in graph.weights.values()) == rel.endswith(".onnx"), rel
         for name, param in params.items():
             np.testing.assert_array_equal(graph.base(name), param.detach().numpy(), err_msg=f"{rel}: {name}")
+
+
+def test_lora_saved_by_diffusers_with_its_alpha(exported_tiny_sd, tiny_sd_dir, tmp_path):
+    """A LoRA as diffusers' training scripts save it: PEFT layers on the attention projections (lora_alpha 8 at rank
+    4, so scale 2), converted to diffusers' key names (`to_k.lora.down.weight`) and written by `save_lora_weights`
+    with the adapter's config in the file's `lora_adapter_metadata`."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    unet.add_adapter(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=layers, safe_serialization=True,
+                                              unet_lora_adapter_metadata=config.to_dict())
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    from leansd.runtime.adapters import read_lora
+
+    assert {pair.scale for pair in read_lora(path).layers.values()} == {2.0}  # alpha / rank from the metadata
+    expected = reference_images(_diffusers_with(tiny_sd_dir, {path: 0.7}), seed=5, **CALL)
+    assert np.abs(expected - reference_images(reference_pipeline(tiny_sd_dir), seed=5, **CALL)).max() > 0.05
+    for backend in BACKENDS:
+        got = leansd.load(exported_tiny_sd, backend=backend)(**CALL, seed=5, output_type="np", loras={str(path): 0.7}).images
+        assert float(np.abs(got - expected).max()) < TOLERANCE, backend

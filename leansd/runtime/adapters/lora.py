@@ -127,7 +127,9 @@ def read_lora(path: str | Path) -> LoraFile:
     kohya = bool(names) and all(n.startswith(tuple(_KOHYA)) for n in names)
     hash_ = tensors.metadata.get("sshs_model_hash") or tensors.body_sha256()
     lora = LoraFile(path, hash_[:12], file_sha256(path), kohya=kohya)
-    groups = _group_kohya(names) if kohya else _group_dotted(names, _peft_alphas(tensors.metadata))
+    metadata = _peft_alphas(tensors.metadata)
+    _check_metadata(metadata, path)
+    groups = _group_kohya(names) if kohya else _group_dotted(names, metadata)
     for (component, module), parts in groups.items():
         if "down" not in parts or "up" not in parts:
             raise InvalidInputError(f"LoRA {path.name}: layer {module} has {'no up' if 'down' in parts else 'no down'} matrix; the file is incomplete")
@@ -210,3 +212,11 @@ def _pattern_alpha(meta: Mapping, component: str, module: str) -> float | None:
             return float(value)
     value = meta.get(f"{component}.lora_alpha")
     return None if value is None else float(value)
+
+
+def _check_metadata(meta: Mapping, path: Path) -> None:
+    """Refuse adapter settings that change the arithmetic in ways this module does not reproduce."""
+    for key, value in meta.items():
+        if key.rsplit(".", 1)[-1] in ("use_rslora", "use_dora", "lora_bias") and value:
+            raise InvalidInputError(f"LoRA {path.name} was trained with {key.rsplit('.', 1)[-1]}, which leansd does not apply; "
+                                    "fuse it at export instead (sd-export --lora)")
