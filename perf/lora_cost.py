@@ -1,6 +1,6 @@
 """What run-time LoRA costs: time to apply, memory, and the time per UNet step with and without it.
 
-    python perf/lora_cost.py MODEL_FOLDER [--backend onnxruntime] [--size 256] [--steps 3] [--rank 32] [--locon]
+    python perf/lora_cost.py MODEL_FOLDER [--backend onnxruntime] [--size 256] [--steps 3] [--rank 32] [--locon] [--alternate 3]
 
 Makes a kohya LoRA for the folder from its weight_map.json (every UNet attention-block weight and every text-encoder
 layer at `--rank`; with `--locon` also every resnet convolution), then: a call without LoRA (warm-up and baseline),
@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--locon", action="store_true")
     parser.add_argument("--low-memory", action="store_true")
+    parser.add_argument("--alternate", type=int, default=0, metavar="N",
+                        help="then N rounds of (without, with) LoRA, each measured on the second call after the switch: "
+                        "per-step times side by side on a loaded machine")
     args = parser.parse_args()
 
     import leansd
@@ -61,6 +64,13 @@ def main() -> None:
         if label == "lora":
             report["patched_weights"] = {c: len(v) for c, v in pipe.adapters._overrides.items()}
     report["runs"] = runs
+    steps: dict[str, list[float]] = {"without": [], "with": []}
+    for _ in range(args.alternate):
+        for label, loras in (("without", {}), ("with", {str(lora): 0.8})):
+            pipe(**call, loras=loras)  # the switch (and OpenVINO's compile)
+            steps[label].append(round(pipe(**call, loras=loras).timings["step_s"], 3))
+    if args.alternate:
+        report["alternating_step_s"] = {**steps, "median": {k: sorted(v)[len(v) // 2] for k, v in steps.items()}}
     print(json.dumps(report, indent=1))
 
 
