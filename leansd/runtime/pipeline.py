@@ -84,6 +84,9 @@ class Pipeline:
         # switched only between calls that ask for different sets (see `leansd.runtime.adapters.state`).
         self.adapters = adapters or Adapters(bundle.root, {}, False)
         self.defaults = self._checked(defaults.checked())
+        if self.defaults.loras:  # apply load()'s LoRAs before the models open, so they open once, patched
+            with self.adapters.using(self.adapters.resolve(self.defaults.loras, ())):
+                pass
         denoiser, decoder = models.denoiser, self._decoder(self.defaults)
         memory.preload(*(m.session for m in denoiser.models(self.defaults.deep_cache)), decoder.session,
                        *(e.session for e in models.prompt_encoder.encoders))

@@ -155,3 +155,10 @@ def test_threads_with_different_lora_sets_get_their_own(lora):
         together = list(pool.map(lambda w: pipe(**CALL, loras=w).images, wanted))
     for k, images in enumerate(together):
         np.testing.assert_array_equal(images, alone[k % 3])
+
+
+def test_loras_given_to_load_are_applied_before_the_models_open(lora):
+    pipe = leansd.load(backend=BACKENDS[0], loras={str(lora): 1.0})
+    out = pipe(**CALL)
+    assert out.timings["adapters_s"] < 0.05 and [a.name for a in out.loras] == ["tint"]
+    np.testing.assert_array_equal(out.images, leansd.load(backend=BACKENDS[0])(**CALL, loras={str(lora): 1.0}).images)
