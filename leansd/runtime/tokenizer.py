@@ -27,7 +27,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from leansd.runtime.errors import ModelFolderError
+from leansd.runtime.errors import InvalidInputError, ModelFolderError
 
 __all__ = ["ClipTokenizer", "MissingTokenizerFile"]
 
@@ -182,8 +182,6 @@ class ClipTokenizer:
         """Add new words (textual-inversion tokens) and return their ids. Each group is one embedding's words
         (`name`, `name_1`, ...); a prompt's `name` stands for the whole group, as diffusers' `maybe_convert_prompt`
         makes it. Words match case-insensitively, as the prompt is lowercased before matching."""
-        from leansd.runtime.errors import InvalidInputError
-
         out = []
         for group in groups:
             words = [w.lower() for w in group]
