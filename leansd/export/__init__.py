@@ -35,6 +35,7 @@ def export_model(
     unet_parts: int | None = None,
     prediction_type: str | None = None,
     image_size: int | None = None,
+    loras: Sequence[str | os.PathLike[str] | tuple[str | os.PathLike[str], float]] | None = None,
 ) -> Path:
     """Export a Stable Diffusion 1.x/2.x or SDXL model to a leansd model folder and return the folder's path.
 
@@ -75,6 +76,11 @@ def export_model(
             see `leansd.export.checkpoint_variant`.
         image_size: a single file's native image side in pixels (the UNet's sample_size x the VAE factor);
             default 512, or 768 for SD 2.x v_prediction files, or what the file's metadata or config folder says.
+        loras: LoRA `.safetensors` files to fuse into the UNet and text encoder before export, each "FILE",
+            "FILE:SCALE" or (FILE, SCALE) (kohya / AUTOMATIC1111 or diffusers / PEFT layouts, convolution LoRAs
+            included), with diffusers' `load_lora_weights` + `fuse_lora`; recorded in leansd.json. LoRAs can also
+            be applied at run time without re-export (`leansd.load(..., loras={FILE: SCALE})`), using the
+            `weight_map.json` every export writes.
 
     Raises:
         ExportError: a problem the user can fix (bad source, existing output, bad size ...), one line.
@@ -100,4 +106,5 @@ def export_model(
         unet_parts=unet_parts,
         prediction_type=prediction_type,
         image_size=image_size,
+        loras=loras,
     )

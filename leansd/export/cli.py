@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "SD 2.x text-to-image file whose metadata and global_step do not say")
     p.add_argument("--image-size", type=_positive_int, metavar="PIXELS",
                    help="single files: the model's native image side (default 512; 768 for SD 2.x v_prediction)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        help="fuse this LoRA (.safetensors: kohya/AUTOMATIC1111 or diffusers/PEFT, convolution LoRAs too) into the model "
+        "at SCALE (default 1) before export; repeat for several. Without re-export, sd-run --lora applies LoRAs at run time",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="show library warnings and full tracebacks")
     return p
@@ -154,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             deep_cache=args.deep_cache,
             tiny_vae=args.tiny_vae,
             unet_parts=args.unet_parts,
+            loras=args.lora,
         )
     except ExportError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

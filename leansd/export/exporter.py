@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from leansd.export import components as comp
-from leansd.export import attention, deepcache, depth_estimator, layout, quantize, safety_checker, sdxl, streaming, tiny_vae, verify
+from leansd.export import (attention, deepcache, depth_estimator, layout, quantize, safety_checker, sdxl, streaming, tiny_vae, verify,
+                           weight_map)
+from leansd.export import lora as lora_fusion
 from leansd.export.errors import ExportError, ParityError
 from leansd.export.onnx import DEFAULT_OPSET, export_onnx
 from leansd.export.openvino import XML, convert_openvino
@@ -119,8 +121,10 @@ def export(
     unet_parts: int | None = None,
     prediction_type: str | None = None,
     image_size: int | None = None,
+    loras: Sequence[str | os.PathLike[str] | tuple] | None = None,
 ) -> Path:
     """See `leansd.export.export_model`."""
+    fused = lora_fusion.parse(loras)  # before any slow step: a missing file fails now
     if unet_parts is not None and (int(unet_parts) < 0 or int(unet_parts) == 1):
         raise ExportError(f"--unet-parts {unet_parts}: use 0 (no parts) or 2 and more")
     chosen = parse_backends(backends)
@@ -154,19 +158,23 @@ def export(
             info = dataclasses.replace(info, tiny_vae_scaling_factor=float(tiny.config.get("scaling_factor", 1.0)))
             order = (*order, (tiny_vae.MODULE, (tiny_vae.COMPONENT,)))
             loaders[tiny_vae.MODULE] = lambda name: tiny
+        for module_name in lora_fusion.COMPONENTS if fused else ():
+            loaders[module_name] = lora_fusion.fusing_loader(source.load, fused)
         names = [n for _, parts in order for n in parts]
         tolerances.update({n: tolerances["unet"] for n in comp.DEEP_CACHE_COMPONENTS})
         tolerances[tiny_vae.COMPONENT] = tolerances["vae_decoder"]
         with layout.StagingFolder(target, overwrite=overwrite) as staging:
+            prints: dict[str, weight_map.Fingerprints] = {}
             parity = _export_components(source, staging.path, info, chosen, static, int(opset), tolerances, progress, order, loaders,
-                                        unet_parts)
+                                        unet_parts, prints)
             # The safety checker, when the source has one (fp32 only; a CLIP vision tower, held to the text encoder's tolerance).
             checker = (safety_checker.export(source, staging.path, chosen, int(opset), tolerances["text_encoder"])
                        if safety_checker.present(source) else None)
             estimator = (depth_estimator.export(source, staging.path, chosen, int(opset), tolerances["unet"])
                          if depth_estimator.present(source) else None)
+            _write_weight_map(staging.path, chosen, prints)
             _write_configs(source, staging.path, names)
-            if loaders:
+            if tiny_vae.MODULE in loaders:
                 tiny.save_config(staging.path / tiny_vae.COMPONENT)  # the runtime reads its scaling factor there
                 del loaders[tiny_vae.MODULE], tiny
             files = {n: {b: {"fp32": f"{n}/{quantize.FILES[b][0]}"} for b in chosen} for n in names}
@@ -192,14 +200,14 @@ def export(
                     count = parity[UNET_PARTS]["onnx"]["fp32"]["parts"]
                     index, parity[UNET_PARTS]["onnx"]["int8"] = _split_int8_unet(staging.path / int8_unet, info, static, count)
                     files[UNET_PARTS]["onnx"]["int8"] = _relative(staging.path, index)
-            _write_manifest(source, staging.path, info, files, static, int(opset), parity, int8, names)
+            _write_manifest(source, staging.path, info, files, static, int(opset), parity, int8, names, [f.record() for f in fused])
             return staging.commit()
     finally:
         source.close()
 
 
 def _export_components(source, root: Path, info, backends, static, opset, tolerances, progress, order=MODULE_ORDER, loaders=None,
-                       unet_parts: int | None = None) -> dict[str, Any]:
+                       unet_parts: int | None = None, prints: dict | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     per_component = 1 + (1 if "onnx" in backends else 0) + (2 if "openvino" in backends else 0)
@@ -211,6 +219,9 @@ def _export_components(source, root: Path, info, backends, static, opset, tolera
         for module_name, parts in order:
             bar.set_postfix_str(f"loading {module_name}")
             module = (loaders or {}).get(module_name, source.load)(module_name)
+            if prints is not None and module_name in MAPPED_MODULES:
+                found = weight_map.fingerprints(module)  # for weight_map.json: run-time LoRA finds weights by them
+                prints.update({name: found for name in parts})
             traced = [_trace(name, module, root if "onnx" in backends else scratch, info, static, opset, bar) for name in parts]
             # The PyTorch weights are no longer needed: free them before ONNX Runtime and OpenVINO load theirs.
             del module
@@ -229,6 +240,21 @@ def _export_components(source, root: Path, info, backends, static, opset, tolera
         bar.close()
         shutil.rmtree(scratch, ignore_errors=True)
     return parity
+
+
+# The modules whose weights run-time adapters change (LoRA, textual inversion): the map covers their files.
+MAPPED_MODULES = ("text_encoder", "unet")
+
+
+def _write_weight_map(root: Path, backends, prints: dict[str, weight_map.Fingerprints]) -> None:
+    """weight_map.json for the fp32 files of the text encoder and UNet (and its deep-cache parts)."""
+    files = {}
+    for name, found in prints.items():
+        for backend in backends:
+            path = root / name / quantize.FILES[backend][0]
+            if path.is_file():
+                files[_relative(root, path)] = (name, found)
+    weight_map.write(root, files)
 
 
 def _trace(name, module, folder: Path, info, static, opset, bar):
@@ -419,7 +445,7 @@ def _write_configs(source: Source, root: Path, names: Sequence[str] = comp.COMPO
 
 
 def _write_manifest(source: Source, root: Path, info, files, static, opset, parity, int8: quantize.Int8Result | None,
-                    names: Sequence[str] = comp.COMPONENTS) -> None:
+                    names: Sequence[str] = comp.COMPONENTS, loras: Sequence[dict] = ()) -> None:
     """leansd.json, written last: it hashes every other file."""
     metric = "max_rel = max|export - torch| / max|torch| <= tolerance; psnr_db = 20 log10(max|torch| / rms error)"
     if int8 is not None:
@@ -444,6 +470,7 @@ def _write_manifest(source: Source, root: Path, info, files, static, opset, pari
                if info.text_time is not None else {}),
             "io": {n: comp.io_manifest(n, static, info) for n in names},
             "opset": opset,
+            **({"loras": list(loras)} if loras else {}),  # fused into the weights: file, hashes, scale
             "provenance": _provenance(source),
         },
     )

@@ -75,6 +75,20 @@ def seed_value(text: str) -> int:
     return value
 
 
+def lora_option(text: str) -> tuple[str, float]:
+    """FILE or FILE:SCALE (the last colon separates the scale, so paths with colons still work)."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            value = float(tail)
+        except ValueError:
+            return text, 1.0
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"the scale of {head!r} must be a finite number, got {tail!r}")
+        return head, value
+    return text, 1.0
+
+
 def prompt_text(text: str) -> str:
     """A prompt as the shell gave it; bytes that were not valid text in the locale's encoding are refused."""
     bad = next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)
@@ -187,6 +201,15 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--safety-checker", action=argparse.BooleanOptionalAction, default=None,
                    help="run the model's safety checker (flagged images are written black, with a warning); default: on when the "
                    "model folder has one (exported from a folder with safety_checker/), as in diffusers")
+    p.add_argument("--lora", action="append", type=lora_option, default=None, metavar="FILE[:SCALE]",
+                   help="run with this LoRA (.safetensors: kohya/AUTOMATIC1111 or diffusers/PEFT) at SCALE (default 1), applied "
+                   "to the weights without re-export (needs a folder exported with a weight map); repeat for several. "
+                   "Prompts can also name LoRAs with <lora:NAME:SCALE> tags (see --lora-dir)")
+    p.add_argument("--lora-dir", type=Path, default=None, metavar="DIR",
+                   help="where <lora:NAME:SCALE> tags in the prompt find NAME.safetensors")
+    p.add_argument("--embedding", action="append", type=Path, default=None, metavar="FILE",
+                   help="a textual-inversion embedding (.safetensors: diffusers' learned_embeds or AUTOMATIC1111's, named by its "
+                   "file) that prompts can then name; repeat for several")
     p.add_argument("--tiny-vae", action="store_true",
                    help="decode with the tiny VAE decoder (TAESD; needs a folder exported with sd-export --tiny-vae): much faster, a little less detail")
     p.add_argument("--refiner", type=Path, default=None, metavar="DIR",
@@ -308,6 +331,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         model, backend=args.backend, device=args.device, precision=args.precision,
         num_threads=args.threads, cache_dir=args.cache_dir, low_memory=args.low_memory, deep_cache=args.deep_cache,
         vae_tiling=args.tiled_vae, tiny_vae=args.tiny_vae, guidance_cutoff=args.guidance_cutoff, safety_checker=args.safety_checker,
+        loras=dict(args.lora) if args.lora else None, lora_dir=args.lora_dir, embeddings=args.embedding,
     )
     if args.save_depth_map is not None and pipe.unet.in_channels != pipe.models.vae_decoder.latent_channels + 1:
         raise LeanSDError(f"--save-depth-map is for depth-to-image models; {pipe.bundle.root} is not one (leave it out)")

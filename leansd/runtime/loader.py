@@ -5,13 +5,14 @@ files), wraps each in its one-verb model class, and picks the pipeline for the f
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from leansd.runtime import backends, safety
 from leansd.runtime import manifest as names
+from leansd.runtime.adapters import Adapters, WeightMap
 from leansd.runtime.backends import LazySession, Session, SessionOptions
 from leansd.runtime.bundle import ModelBundle
 from leansd.runtime.conditioning import PromptEncoder
@@ -52,11 +53,20 @@ def choose_backend(bundle: ModelBundle, backend: str | None) -> str:
     )
 
 
-def prompt_encoder(bundle: ModelBundle, backend: str, lazy: Callable[[str], LazySession | None]) -> PromptEncoder:
+def prompt_encoder(bundle: ModelBundle, backend: str, lazy: Callable[[str], LazySession | None], adapters: Adapters,
+                   embeddings: Sequence[str | Path] | Mapping[str, str | Path] | None = None) -> PromptEncoder:
     """The folder's tokenizer and text encoder; SDXL's two (its refiner's second only), read at their penultimate layer
-    with the second's pooled embedding, as diffusers' SDXL pipelines do."""
+    with the second's pooled embedding, as diffusers' SDXL pipelines do. `embeddings`: textual inversions whose words
+    the tokenizer learns (SD 1.x/2.x)."""
     if not bundle.has_component(names.TEXT_ENCODER_2, backend):
-        return PromptEncoder([ClipTokenizer.from_folder(bundle.root / "tokenizer")], [TextEncoder(lazy(names.TEXT_ENCODER))])
+        tokenizer = ClipTokenizer.from_folder(bundle.root / "tokenizer")
+        if embeddings:
+            hidden = int(bundle.component_config(names.TEXT_ENCODER).get("hidden_size", 0))
+            adapters.add_embeddings(embeddings, tokenizer, hidden)
+        return PromptEncoder([tokenizer], [TextEncoder(lazy(names.TEXT_ENCODER))])
+    if embeddings:
+        raise ModelFolderError(f"{bundle.root} is an SDXL model; textual-inversion embeddings are supported for SD 1.x/2.x models "
+                               "only so far; leave embeddings out")
     pairs = [("tokenizer", names.TEXT_ENCODER)] if bundle.has_component(names.TEXT_ENCODER, backend) else []
     pairs.append(("tokenizer_2", names.TEXT_ENCODER_2))
     return PromptEncoder([ClipTokenizer.from_folder(bundle.root / t) for t, _ in pairs], [TextEncoder(lazy(e)) for _, e in pairs],
@@ -72,6 +82,8 @@ def load(
     num_threads: int | None = None,
     low_memory: bool = False,
     cache_dir: str | Path | None = None,
+    lora_dir: str | Path | None = None,
+    embeddings: Sequence[str | Path] | Mapping[str, str | Path] | None = None,
     **defaults: Any,
 ) -> Pipeline:
     """Load a model folder (None: the bundled default model) and return a ready `Pipeline`.
@@ -84,10 +96,15 @@ def load(
     cache_dir: a folder where the first run keeps its compiled (OpenVINO) or optimized (ONNX Runtime on CPU)
         models, so later runs start in about a second per model instead of re-optimizing; it holds about one
         copy of each model file used.
+    lora_dir: a folder of LoRA `.safetensors` files, where `<lora:NAME:0.8>` tags in prompts and names in `loras=`
+        are looked up (`NAME.safetensors`).
+    embeddings: textual-inversion files (`.safetensors`: diffusers' learned_embeds or AUTOMATIC1111's), as a list
+        (each named by its token, or its file name) or {token: file}; prompts then use them by name.
     defaults: generation settings every call starts from (any field of `GenerationSettings`), e.g.
         deep_cache=3 (reuse the UNet's deep features for 2 of every 3 steps; needs `sd-export --deep-cache`),
         guidance_cutoff=0.3, tiny_vae=True (needs `sd-export --tiny-vae`), vae_tiling=True, scheduler="euler_a",
-        num_inference_steps=20. A call overrides them.
+        num_inference_steps=20, loras={"style.safetensors": 0.8} (LoRAs at their multipliers, applied to the
+        weights the backend runs; needs a folder exported with a weight map). A call overrides them.
     """
     if path is None:
         path = bundled_model_path()
@@ -97,12 +114,13 @@ def load(
     chosen = choose_backend(bundle, backend)
     options = SessionOptions(device=device, num_threads=num_threads, cache_dir=Path(cache_dir) if cache_dir else None)
     settings = GenerationSettings().merged(**defaults)
-    return assemble(bundle, chosen, precision, options, MemoryPolicy(low_memory), settings)
+    return assemble(bundle, chosen, precision, options, MemoryPolicy(low_memory), settings, lora_dir=lora_dir, embeddings=embeddings)
 
 
 def assemble(
     bundle: ModelBundle, backend: str, precision: str, options: SessionOptions, memory: MemoryPolicy,
-    defaults: GenerationSettings = GenerationSettings(), hook: SessionHook | None = None,
+    defaults: GenerationSettings = GenerationSettings(), hook: SessionHook | None = None, *,
+    lora_dir: str | Path | None = None, embeddings: Sequence[str | Path] | Mapping[str, str | Path] | None = None,
 ) -> Pipeline:
     """The pipeline for `bundle` on `backend`. `hook` sees every session as it opens (tools that record calls)."""
     kind = bundle.pipeline_class
@@ -119,13 +137,18 @@ def assemble(
                                "(the x4 upscaler): an image-editing model, which leansd does not run yet; it runs text-to-image, "
                                "image-to-image, inpainting, depth-to-image and x4 upscaler models")
     options = replace(options, low_memory=memory.low_memory)  # arenas off; ONNX Runtime streams a UNet cut in parts
+    adapters = _adapters(bundle, backend, precision, lora_dir)
 
     def lazy(component: str, required: bool = True, component_options: SessionOptions = options,
              variant: str = precision) -> LazySession | None:
+        if component in _ADAPTABLE:
+            component_options = replace(component_options, weights=adapters.weights(component))
         opener = backends.component_opener(bundle, component, backend, variant, component_options, required)
         if opener is None:
             return None
-        return memory.lazy(opener if hook is None else (lambda: hook(component, opener())))
+        session = memory.lazy(opener if hook is None else (lambda: hook(component, opener())))
+        adapters.register(component, session)
+        return session
 
     # The VAE runs once per image with the largest activations of the pipeline (about 1 GB at 512x512 for
     # SD 1.5): they are returned after each call instead of being held by the process between images.
@@ -152,7 +175,7 @@ def assemble(
         preprocessor = bundle.root / names.FEATURE_EXTRACTOR / "preprocessor_config.json"
         estimator = DepthEstimator(session, preprocessor) if session else None
     models = Models(
-        prompt_encoder=prompt_encoder(bundle, backend, lazy),
+        prompt_encoder=prompt_encoder(bundle, backend, lazy, adapters, embeddings),
         denoiser=denoiser,
         vae_decoder=VaeDecoder(lazy(names.VAE_DECODER, component_options=transient), bundle.vae_config),
         vae_encoder=VaeEncoder(encoder, bundle.vae_config) if encoder else None,
@@ -160,4 +183,23 @@ def assemble(
         safety_checker=checker,
         depth_estimator=estimator,
     )
-    return Pipeline(bundle, backend, precision, models, memory, defaults)
+    return Pipeline(bundle, backend, precision, models, memory, defaults, adapters)
+
+
+# The models whose weights run-time adapters change.
+_ADAPTABLE = (names.TEXT_ENCODER, names.UNET, names.UNET_DEEP, names.UNET_SHALLOW)
+
+
+def _adapters(bundle: ModelBundle, backend: str, precision: str, lora_dir: str | Path | None) -> Adapters:
+    """The pipeline's adapter state: the weight map of the files this backend and precision run."""
+    files = backends.files_precision(backend, precision)
+    weight_map = WeightMap.read(bundle.root)
+    graphs = {}
+    if weight_map is not None and files == "fp32":
+        for component in _ADAPTABLE:
+            path = bundle.optional_component_file(component, backend, files)
+            graphs[component] = weight_map.graph(path) if path is not None else None
+    refusal = None if files == "fp32" else (
+        f"LoRA and embeddings change fp32 weights, and this pipeline runs the {precision} files; load it with precision='fp32'"
+        f"{' or bf16' if backend == 'openvino' else ''}, or fuse the LoRA into the model at export (sd-export --lora) and quantize that")
+    return Adapters(bundle.root, graphs, weight_map is not None, refusal, lora_dir)

@@ -187,6 +187,9 @@ def image_parameters(args: argparse.Namespace, pipe: Pipeline, result: PipelineO
         # AUTOMATIC1111's names for the SDXL refiner hand-off
         "Refiner": getattr(args, "refiner", None) and Path(args.refiner).name,
         "Refiner switch at": used.denoising_start,
+        # As AUTOMATIC1111 records them: "name: short hash" for each LoRA run with and each embedding a prompt named.
+        "Lora hashes": ", ".join(f"{lora.name}: {lora.hash}" for lora in result.loras) or None,
+        "TI hashes": ", ".join(f"{e.token}: {e.hash}" for e in result.embeddings) or None,
         "Backend": f"leansd {__version__} {pipe.backend} {pipe.precision}",
     }
 

@@ -13,7 +13,7 @@ import secrets
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from leansd.runtime import budget, micro_conditioning, watermark
+from leansd.runtime.adapters import Adapters, AppliedLora, Embedding, extract
 from leansd.runtime.bundle import ModelBundle
 from leansd.runtime.conditioning import PromptEncoder
 from leansd.runtime.depth import DepthEstimator
@@ -57,6 +58,8 @@ class PipelineOutput:
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     nsfw_content_detected: list[bool] | None = None
     depth_map: np.ndarray | None = None
+    loras: list[AppliedLora] = field(default_factory=list)  # the LoRAs it ran with
+    embeddings: list[Embedding] = field(default_factory=list)  # the textual-inversion embeddings its prompts named
 
 
 @dataclass(frozen=True)
@@ -85,11 +88,17 @@ class Pipeline:
 
     def __init__(
         self, bundle: ModelBundle, backend: str, precision: str, models: Models, memory: MemoryPolicy,
-        defaults: GenerationSettings = GenerationSettings(),
+        defaults: GenerationSettings = GenerationSettings(), adapters: Adapters | None = None,
     ):
         self.bundle, self.backend, self.precision = bundle, backend, precision
         self.models, self.memory = models, memory
+        # LoRAs and embeddings: the one part that changes after load (the weights a LoRA set puts in the models),
+        # switched only between calls that ask for different sets (see `leansd.runtime.adapters.state`).
+        self.adapters = adapters or Adapters(bundle.root, {}, False)
         self.defaults = self._checked(defaults.checked())
+        if self.defaults.loras:  # apply load()'s LoRAs before the models open, so they open once, patched
+            with self.adapters.using(self.adapters.resolve(self.defaults.loras, ())):
+                pass
         denoiser, decoder = models.denoiser, self._decoder(self.defaults)
         memory.preload(*(m.session for m in denoiser.models(self.defaults.deep_cache)), decoder.session,
                        *(e.session for e in models.prompt_encoder.encoders))
@@ -170,7 +179,7 @@ class Generation:
         s, defaults = settings, pipe.bundle.defaults()
         self.timings: dict[str, float] = {}
         self.nsfw_content_detected: list[bool] | None = None
-        self.prompts = as_prompt_list(s.prompt, "prompt")
+        self.prompts, self.loras = self._lora_tags(as_prompt_list(s.prompt, "prompt"))
         self.steps = int(s.num_inference_steps or defaults.get("num_inference_steps", 50))
         self.guidance_scale = float(s.guidance_scale if s.guidance_scale is not None else defaults.get("guidance_scale", 7.5))
         self.task = self._task()
@@ -204,11 +213,18 @@ class Generation:
         self.latent_shape = (batch, pipe.models.vae_decoder.latent_channels, self.height // factor, self.width // factor)
 
     def run(self) -> PipelineOutput:
-        pipe, models, s = self.pipe, self.pipe.models, self.settings
+        pipe, s = self.pipe, self.settings
         start = time.perf_counter()
         available = budget.available_bytes() if s.memory_check else None
         if available is not None and (needed := self.memory_estimate()).peak > available:
             raise InsufficientMemoryError(budget.describe(needed, available))
+        with ExitStack() as stack:
+            with self._timed("adapters_s"):  # switching LoRA sets (0 when the set is the one applied)
+                applied = stack.enter_context(pipe.adapters.using(self.loras))
+            return self._generate(start, applied)
+
+    def _generate(self, start: float, applied: list[AppliedLora]) -> PipelineOutput:
+        pipe, models, s = self.pipe, self.pipe.models, self.settings
         encoder = models.prompt_encoder
         with self._timed("text_encoder_s"), pipe.memory.stage(*(e.session for e in encoder.encoders)):
             # A static export's UNet takes one chunk of prompt (77 tokens) only.
@@ -236,8 +252,10 @@ class Generation:
             images = latents if s.output_type == "latent" else self._decode(latents)
         self.timings["total_s"] = time.perf_counter() - start
         depth = self.task.depth if isinstance(self.task, DepthToImage) else None
+        named = " ".join(self.prompts + (self.negatives or [])).lower()
+        used = [e for e in pipe.adapters.embeddings if e.token.lower() in named]
         return PipelineOutput(images, self.seed, self.scheduler.name, self.steps, self.guidance_scale, self.timings, s,
-                              self.nsfw_content_detected, depth)
+                              self.nsfw_content_detected, depth, applied, used)
 
     def memory_estimate(self) -> budget.MemoryEstimate:
         """What this generation needs beyond what is loaded (see `leansd.runtime.budget`)."""
@@ -351,9 +369,19 @@ class Generation:
         return Upscale(s.image, 20 if s.noise_level is None else s.noise_level, bundle.low_res_scheduler_config,
                        min(maximum, int(limit) - 1), self.pipe.vae_scale_factor)
 
+    def _lora_tags(self, prompts: list[str]) -> tuple[list[str], list]:
+        """The prompts without their `<lora:...>` tags, and the LoRAs the call runs with (the settings' and the tags')."""
+        parsed = [extract(p) for p in prompts]
+        asked = {tuple(tags) for _, tags in parsed}
+        if len(asked) > 1:
+            raise InvalidInputError("the prompts of one call ask for different LoRA tags; one call runs with one set of LoRAs: "
+                                    "give every prompt the same tags, or make separate calls")
+        return [p for p, _ in parsed], self.pipe.adapters.resolve(self.settings.loras, parsed[0][1])
+
     def _negatives(self) -> list[str]:
         s, count = self.settings, len(self.prompts)
         negatives = [""] * count if s.negative_prompt is None else as_prompt_list(s.negative_prompt, "negative_prompt")
+        negatives = [extract(n)[0] for n in negatives]  # tags in a negative prompt are dropped, not applied
         if len(negatives) == 1 and count > 1:
             negatives = negatives * count
         if len(negatives) != count:

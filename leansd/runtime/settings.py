@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,8 @@ class GenerationSettings:
     depth_map: with `image`, for depth-to-image models (diffusers' StableDiffusionDepth2ImgPipeline): an HxW or NxHxW
         array, a .npy file or a greyscale image (16-bit PNGs keep their precision), larger values nearer; resized to
         the latents and scaled to [-1, 1] per map, as diffusers does (`leansd.runtime.depth`).
+    loras: {LoRA file or name: multiplier} to run with (names are looked up in `load(..., lora_dir=)`); prompt tags
+        `<lora:NAME:0.8>` add to them. {} runs without LoRAs; see `leansd.runtime.adapters`.
     """
 
     prompt: str | Sequence[str] | None = None
@@ -114,6 +116,7 @@ class GenerationSettings:
     denoising_end: float | None = None
     safety_checker: bool | None = None
     depth_map: "str | Path | Any | None" = None
+    loras: Mapping[str | Path, float] | None = None
 
     def merged(self, **overrides: Any) -> "GenerationSettings":
         """These settings with `overrides` (None values keep the default), checked."""
@@ -161,6 +164,7 @@ class GenerationSettings:
             raise InvalidInputError(f"safety_checker must be True, False or None (the model's default), got {self.safety_checker!r:.60}")
         if self.watermark is not None and not (isinstance(self.watermark, str) and self.watermark.isascii() and self.watermark):
             raise InvalidInputError(f"watermark must be a non-empty ASCII text such as 'StableDiffusionV1', got {self.watermark!r:.60}")
+        _check_loras(self.loras)
         _finite("latents", self.latents)
         _finite("masked_image_latents", self.masked_image_latents)
         if self.depth_map is not None and self.image is None:
@@ -176,6 +180,18 @@ def _pair(name: str, value: Any) -> None:
         return
     if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(_real(v) and v >= 0 for v in value)):
         raise InvalidInputError(f"{name} must be a pair of numbers >= 0 such as (1024, 1024), got {value!r:.60}")
+
+
+def _check_loras(loras: Any) -> None:
+    if loras is None:
+        return
+    if not isinstance(loras, Mapping):
+        raise InvalidInputError(f"loras must be a mapping {{file or name: multiplier}}, e.g. {{'style.safetensors': 0.8}}, got {loras!r:.60}")
+    for key, value in loras.items():
+        if not isinstance(key, (str, Path)) or not str(key):
+            raise InvalidInputError(f"loras keys must be LoRA files or names, got {key!r:.60}")
+        if not (_real(value) and math.isfinite(value)):
+            raise InvalidInputError(f"the multiplier of LoRA {str(key)!r} must be a finite number such as 0.8, got {value!r:.60}")
 
 
 def _real(value: Any) -> bool:

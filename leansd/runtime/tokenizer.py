@@ -27,7 +27,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from leansd.runtime.errors import ModelFolderError
+from leansd.runtime.errors import InvalidInputError, ModelFolderError
 
 __all__ = ["ClipTokenizer", "MissingTokenizerFile"]
 
@@ -127,6 +127,7 @@ class ClipTokenizer:
         self.bos_token_id: int = tokenizer.token_to_id(bos_token)
         self.eos_token_id: int = tokenizer.token_to_id(eos_token)
         self.pad_token_id: int = tokenizer.token_to_id(pad_token)
+        self._expand: dict[int, list[int]] = {}  # a textual-inversion word -> the ids of all its vectors
 
     @classmethod
     def from_files(cls, vocab: str | Path, merges: str | Path, **kwargs: Any) -> "ClipTokenizer":
@@ -172,7 +173,26 @@ class ClipTokenizer:
         if not isinstance(prompt, str):
             raise TypeError(f"a prompt must be a str, got {type(prompt).__name__}")
         # One prompt at a time: encode_batch would start the library's thread pool, which breaks after a fork.
-        return self._tokenizer.encode(prompt, add_special_tokens=False).ids
+        ids = self._tokenizer.encode(prompt, add_special_tokens=False).ids
+        if self._expand:
+            ids = [j for i in ids for j in self._expand.get(i, (i,))]
+        return ids
+
+    def add_words(self, groups: Sequence[Sequence[str]]) -> list[list[int]]:
+        """Add new words (textual-inversion tokens) and return their ids. Each group is one embedding's words
+        (`name`, `name_1`, ...); a prompt's `name` stands for the whole group, as diffusers' `maybe_convert_prompt`
+        makes it. Words match case-insensitively, as the prompt is lowercased before matching."""
+        out = []
+        for group in groups:
+            words = [w.lower() for w in group]
+            taken = [w for w in words if self._tokenizer.token_to_id(w) is not None]
+            if taken:
+                raise InvalidInputError(f"the embedding word {taken[0]!r} is already in the tokenizer's vocabulary; give the embedding another token")
+            self._tokenizer.add_tokens([AddedToken(w, normalized=True) for w in words])
+            ids = [self._tokenizer.token_to_id(w) for w in words]
+            self._expand[ids[0]] = ids
+            out.append(ids)
+        return out
 
     def token_id(self, token: str) -> int | None:
         """The id of a vocabulary entry such as ",</w>" (None when the vocabulary lacks it)."""

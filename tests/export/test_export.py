@@ -25,7 +25,7 @@ def vae_factor(source: Path) -> int:
 def test_layout(exported):
     out, _ = exported
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    expected = {"model_index.json", "leansd.json", "scheduler/scheduler_config.json"}
+    expected = {"model_index.json", "leansd.json", "weight_map.json", "scheduler/scheduler_config.json"}
     expected |= {f"tokenizer/{n}" for n in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")}
     for c in COMPONENTS:
         expected |= {f"{c}/config.json", f"{c}/model.onnx", f"{c}/openvino_model.xml", f"{c}/openvino_model.bin"}

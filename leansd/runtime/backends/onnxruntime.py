@@ -65,11 +65,45 @@ def _spec(arg) -> TensorSpec:
     return TensorSpec(arg.name, shape, np.dtype(_ONNX_TYPES.get(arg.type, np.float32)))
 
 
-def _open(path: Path, options: SessionOptions, providers: list[str]) -> tuple[ort.InferenceSession, Path]:
+def with_weights(so: ort.SessionOptions, weights: dict[str, ort.OrtValue], external: bool) -> ort.SessionOptions:
+    """`so` with initializers replaced by `weights` (ONNX Runtime reads them from these buffers, which the caller
+    keeps alive as long as the session).
+
+    `external`: the graph keeps these weights in an external data file (models over 2 GB) and has all of them;
+    they are then injected as that data, before the graph is optimized, so full optimization sees them. Otherwise
+    they replace initializers after the graph transformers ran (names the graph lacks are ignored), and as the
+    layout transformers of level ALL copy the file's values first (blocked convolution weights), such sessions
+    run at the EXTENDED level."""
+    if not weights:
+        return so
+    if external:
+        so.add_external_initializers(list(weights), list(weights.values()))
+        return so
+    for name, value in weights.items():
+        so.add_initializer(name, value)
+    if so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    return so
+
+
+def _external_data(path: Path) -> bool:
+    """Whether the model keeps its weights in an external data file beside it (sd-export's and Optimum's name)."""
+    return any(path.parent.glob("*.onnx_data"))
+
+
+def weight_values(options: SessionOptions) -> dict[str, ort.OrtValue]:
+    """The session's replacement weights as ONNX Runtime values (sharing the arrays' memory)."""
+    return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+            for name, array in options.weight_overrides().items()}
+
+
+def _open(path: Path, options: SessionOptions, providers: list[str],
+          weights: dict[str, ort.OrtValue] | None = None) -> tuple[ort.InferenceSession, Path]:
     """A session for `path` and the file it was opened from. With a cache folder (CPU only) that is the graph an
-    earlier process optimized, or `path`, optimized now and saved for the next process (see `graph_cache`)."""
-    if options.cache_dir is None or providers != ["CPUExecutionProvider"]:
-        return inference_session(path, session_options(options), providers), path
+    earlier process optimized, or `path`, optimized now and saved for the next process (see `graph_cache`).
+    Replaced weights bypass the cache: the saved graph would hold them."""
+    if options.cache_dir is None or providers != ["CPUExecutionProvider"] or weights:
+        return inference_session(path, with_weights(session_options(options), weights or {}, _external_data(path)), providers), path
     entry = graph_cache.lookup(path, options.cache_dir, ort.__version__)
     if entry.ready:
         try:  # optimized before it was saved: open it as it is
@@ -105,8 +139,9 @@ class OnnxRuntimeSession(Session):
             # 512x512 VAE decode 14.7 s against 19.3 s without it) and is shrunk when the call ends.
             self._run_options = ort.RunOptions()
             self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self._weights = weight_values(options)  # kept alive for the session, which reads them in place
         # opened_from: the optimized copy instead of `path`, when a cache entry was used.
-        self._session, self.opened_from = _open(path, options, choose_providers(options.device))
+        self._session, self.opened_from = _open(path, options, choose_providers(options.device), self._weights)
         self.device = self._session.get_providers()[0]
         self.inputs = [_spec(a) for a in self._session.get_inputs()]
         self.outputs = [_spec(a) for a in self._session.get_outputs()]

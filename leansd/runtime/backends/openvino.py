@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,23 @@ def _spec(port) -> TensorSpec:
     return TensorSpec(_public_name(port), shape, np.dtype(port.get_element_type().to_dtype()))
 
 
+def replace_weights(model: ov.Model, weights: Mapping[str, np.ndarray], path: Path) -> None:
+    """Swap constants of `model` (by name) for new values before it is compiled: how run-time adapters change
+    weights. The new constants share the arrays' memory; the caller keeps them alive."""
+    if not weights:
+        return
+    constants = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "Constant"}
+    for name, array in weights.items():
+        old = constants.get(name)
+        if old is None:
+            raise ModelFolderError(f"{path} has no weight {name!r}, which its weight_map.json names; re-export the model with sd-export")
+        new = ov.op.Constant(ov.Tensor(array, shared_memory=True))
+        new.set_friendly_name(name)
+        for target in list(old.output(0).get_target_inputs()):
+            target.replace_source_output(new.output(0))
+    model.validate_nodes_and_infer_types()
+
+
 class OpenVinoSession(Session):
     def __init__(self, path: Path, options: SessionOptions):
         self.path = path
@@ -58,6 +76,8 @@ class OpenVinoSession(Session):
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelFolderError(f"{path} is not a readable OpenVINO IR ({first}); re-export it with sd-export") from None
+        self._weights = options.weight_overrides()  # the replaced constants read these arrays: keep them alive
+        replace_weights(self._model, self._weights, path)
         self.device = choose_device(options.device)
         self._config = {"PERFORMANCE_HINT": "LATENCY"}
         if options.num_threads:

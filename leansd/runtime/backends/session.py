@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,8 @@ class SessionOptions:
     release_after_run: keep the memory arena during a call but return its memory after each call (ONNX Runtime's
         arena shrinkage; for models that run rarely with large activations, such as the VAE).
     inference_precision: "f32" (exact) or "bf16" (OpenVINO computes in bfloat16 on CPUs that have it natively).
+    weights: called when the model opens; returns weights to run instead of the file's, by their name in the graph
+        (ONNX initializers, OpenVINO constants): how run-time LoRA and textual inversion reach the backend.
     """
 
     device: str = "cpu"
@@ -42,6 +44,11 @@ class SessionOptions:
     low_memory: bool = False
     release_after_run: bool = False
     inference_precision: str = "f32"
+    weights: Callable[[], Mapping[str, np.ndarray]] | None = field(default=None, compare=False)
+
+    def weight_overrides(self) -> Mapping[str, np.ndarray]:
+        """The weights to use instead of the file's now (empty: the file's own)."""
+        return self.weights() if self.weights is not None else {}
 
 
 class Session(ABC):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from leansd.runtime.backends.onnxruntime import choose_providers, inference_session, session_options
+from leansd.runtime.backends.onnxruntime import choose_providers, inference_session, session_options, weight_values, with_weights
 from leansd.runtime.backends.session import Session, SessionOptions, TensorSpec
 from leansd.runtime.errors import ModelFolderError
 from leansd.runtime.manifest import read_parts_index
@@ -45,6 +45,9 @@ class StreamedOnnxSession(Session):
         self._session_options = session_options(options, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         self._session_options.enable_cpu_mem_arena = False
         self._session_options.add_session_config_entry("session.disable_prepacking", "1")
+        # Replaced weights (run-time LoRA) stay in memory for every part: streaming keeps only the file's weights out.
+        self._weights = weight_values(options)
+        with_weights(self._session_options, self._weights, external=False)  # each part holds only some of them
 
     @property
     def part_count(self) -> int:
