@@ -32,19 +32,25 @@ class MemoryEstimate:
         return max(self.unet, self.decode) + self.weights
 
 
+TEXT_TOKENS = 77  # what cross-attention attends to (one prompt chunk)
+
+
 def unet_elements(config: dict, batch: int, h: int, w: int, fused_attention: bool) -> int:
     """float32 elements alive at the peak of one UNet call on `batch` latents of h x w."""
     channels = list(config.get("block_out_channels", [320, 640, 1280, 1280]))
     layers = int(config.get("layers_per_block", 2))
     heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
     kinds = list(config.get("down_block_types", ["CrossAttnDownBlock2D"] * len(channels)))
+    # Blocks with cross-attention only (the x4 upscaler's outer levels) attend to the text tokens, not to every pixel.
+    cross_only = config.get("only_cross_attention", False)
     total = 0
     for level, width in enumerate(channels):
         area = -(-h // 2**level) * -(-w // 2**level)
         total += (layers + 2) * width * area  # skip connections kept for the up path, and the working tensors
         if "Attn" in kinds[level] and not fused_attention:
             level_heads = heads[level] if isinstance(heads, (list, tuple)) else heads
-            total += 2 * int(level_heads) * area * area  # scores and their softmax
+            keys = TEXT_TOKENS if (cross_only[level] if isinstance(cross_only, (list, tuple)) else cross_only) else area
+            total += 2 * int(level_heads) * area * keys  # scores and their softmax
     return batch * total
 
 

@@ -133,3 +133,18 @@ def test_an_init_image_much_larger_than_the_model_size_is_warned_about(pipe):
     big = np.zeros((256, 256, 3), np.float32)  # the bundled model draws 64x64
     with pytest.warns(LeanSDWarning, match="the output is 256x256 because the init image is; this model draws at 64x64"):
         pipe(PROMPT, image=big, strength=0.5, output_type="latent")
+
+
+def test_memory_estimate_counts_cross_attention_only_blocks_by_the_text_tokens():
+    """The x4 upscaler's outer levels attend to the prompt only: their scores are pixels x 77, not pixels squared,
+    so upscaling 512x512 to 2048x2048 is estimated at gigabytes, not the hundreds of GB full self-attention would take."""
+    from leansd.runtime.budget import unet_elements
+
+    config = {"block_out_channels": [256, 512, 512, 1024], "layers_per_block": 2, "attention_head_dim": 8,
+              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]}
+    self_attention = unet_elements(config, 2, 512, 512, fused_attention=False)
+    cross_only = unet_elements({**config, "only_cross_attention": [True, True, True, False]}, 2, 512, 512, fused_attention=False)
+    assert self_attention * 4 / 2**30 > 100  # hundreds of GB: every pixel would attend to every pixel at 256x256
+    assert cross_only * 4 / 2**30 < 20
+    level3 = 2 * 8 * 64 * 64 * 64 * 64  # the innermost level keeps its self-attention
+    assert cross_only >= 2 * level3
