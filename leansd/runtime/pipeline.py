@@ -273,8 +273,18 @@ class Generation:
 
     def _tiled(self, decoder: VaeDecoder) -> bool:
         # The tiny decoder's activations are small at any size; a static export's decoder takes one size only.
-        return (self.pipe.memory.vae_tiling(self.settings.vae_tiling) and decoder is self.pipe.models.vae_decoder
-                and not self.pipe.bundle.static_shapes)
+        if decoder is not self.pipe.models.vae_decoder or self.pipe.bundle.static_shapes:
+            return False
+        if self.settings.vae_tiling is None and not self.pipe.memory.low_memory:
+            return self._whole_decode_too_large(decoder)
+        return self.pipe.memory.vae_tiling(self.settings.vae_tiling)
+
+    def _whole_decode_too_large(self, decoder: VaeDecoder) -> bool:
+        """Whether decoding one image whole would clearly not fit in the memory available now (e.g. the x4 upscaler's
+        2048x2048 output, whose VAE attends over every latent pixel): then tiles are the default."""
+        available = budget.available_bytes()
+        _, _, h, w = self.latent_shape
+        return available is not None and budget.vae_elements(decoder.config, h, w) * 4 * budget.VAE_FACTOR > available
 
     def _decode(self, latents: np.ndarray) -> list[Image.Image] | np.ndarray:
         """Decode one image at a time, to keep the VAE's activations small."""

@@ -49,7 +49,8 @@ class GenerationSettings:
         the generation (`leansd.Cancelled` is raised).
     deep_cache: reuse the UNet's deep features for N-1 of every N steps (1 = off).
     guidance_cutoff: stop guidance after this fraction of the steps (1 = guide every step).
-    tiny_vae: decode with the tiny VAE decoder. vae_tiling: decode large images in tiles (None: in low-memory mode).
+    tiny_vae: decode with the tiny VAE decoder. vae_tiling: decode large images in tiles (None: in low-memory mode, and
+        whenever decoding the image whole would clearly not fit in the memory available).
     memory_check: refuse a generation that clearly needs more memory than is available (`leansd.runtime.budget`).
     watermark: an ASCII text to mark every image with, invisibly, as the Stable Diffusion reference scripts do
         ("StableDiffusionV1" in SD 1's, "SDV2" in SD 2's; `leansd.runtime.watermark`, which also reads it back).

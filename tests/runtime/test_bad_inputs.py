@@ -148,3 +148,21 @@ def test_memory_estimate_counts_cross_attention_only_blocks_by_the_text_tokens()
     assert cross_only * 4 / 2**30 < 20
     level3 = 2 * 8 * 64 * 64 * 64 * 64  # the innermost level keeps its self-attention
     assert cross_only >= 2 * level3
+
+
+def test_decode_is_tiled_by_default_when_a_whole_decode_would_not_fit(monkeypatch):
+    """vae_tiling=None: tiles whenever decoding whole clearly exceeds the memory available (as for the x4 upscaler's
+    2048x2048 outputs), not only in low-memory mode; explicit True/False still decide."""
+    import numpy as np
+
+    import leansd
+    from leansd.runtime import budget
+
+    pipe = leansd.load(backend="onnxruntime")
+    call = dict(prompt="a red circle on a blue background", seed=3, num_inference_steps=2, height=128, width=128, output_type="np")
+    tiled, whole = pipe(vae_tiling=True, **call).images, pipe(vae_tiling=False, **call).images
+    assert not np.array_equal(tiled, whole)  # at 128x128 the bundled model's decoder works in several tiles
+    assert np.array_equal(pipe(**call).images, whole)  # plenty of memory: whole, as before
+    monkeypatch.setattr(budget, "available_bytes", lambda: 1024)
+    assert np.array_equal(pipe(memory_check=False, **call).images, tiled)
+    assert np.array_equal(pipe(memory_check=False, vae_tiling=False, **call).images, whole)
