@@ -83,11 +83,12 @@ def test_upscale_matches_diffusers(upscaler_dir, pipes, backend, case):
     assert np.abs(out.images - expected).max() < TOLERANCE
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scheduler", ["euler_a", "dpm++2m"])
-def test_upscale_with_other_schedulers(upscaler_dir, pipes, scheduler):
-    kwargs = dict(prompt=PROMPT, image=low_res_image(16, 16, seed=2), num_inference_steps=4)
+def test_upscale_with_other_schedulers(upscaler_dir, pipes, scheduler, backend):
+    kwargs = dict(prompt=PROMPT, image=low_res_image(16, 16, seed=2), num_inference_steps=4, negative_prompt="noise")
     expected = reference(upscaler_dir, 11, scheduler, **kwargs)
-    out = pipes["onnxruntime"](seed=11, scheduler=scheduler, output_type="np", **kwargs)
+    out = pipes[backend](seed=11, scheduler=scheduler, output_type="np", **kwargs)
     assert np.abs(out.images - expected).max() < TOLERANCE
 
 
