@@ -150,8 +150,7 @@ def assemble(
         adapters.register(component, session)
         return session
 
-    # The VAE runs once per image with the largest activations of the pipeline (about 1 GB at 512x512 for
-    # SD 1.5): they are returned after each call instead of being held by the process between images.
+    # The VAE's activations, the pipeline's largest (1 GB at 512x512 for SD 1.5), are returned after each call.
     transient = replace(options, release_after_run=True)
     unet_config = bundle.unet_config
     deep, shallow = lazy(names.UNET_DEEP, required=False), lazy(names.UNET_SHALLOW, required=False)
@@ -162,18 +161,12 @@ def assemble(
         memory.split_guidance(bool((bundle.static_shapes or {}).get("unet_batch"))),
         *backends.unet_weights(bundle, backend, precision, memory.low_memory),
     )
-    # The tiny decoder is exported in fp32 only; an int8 variant of the rest still uses it.
-    tiny = lazy(names.TINY_VAE_DECODER, required=False) or lazy(names.TINY_VAE_DECODER, required=False, variant="fp32")
+    def fp32_only(component: str) -> LazySession | None:  # tiny decoder, safety checker, depth estimator: also for int8
+        return lazy(component, required=False) or lazy(component, required=False, variant="fp32")
+
+    tiny = fp32_only(names.TINY_VAE_DECODER)
     encoder = lazy(names.VAE_ENCODER, component_options=transient) if bundle.has_component(names.VAE_ENCODER, backend) else None
-    checker = None
-    if safety.listed(bundle.manifest):  # exported in fp32 only; an int8 variant of the rest still uses it
-        session = lazy(names.SAFETY_CHECKER, required=False) or lazy(names.SAFETY_CHECKER, required=False, variant="fp32")
-        checker = safety.SafetyChecker(session, bundle.root / names.SAFETY_CHECKER, safety.feature_extractor(bundle.root)) if session else None
-    estimator = None
-    if names.DEPTH_ESTIMATOR in ((bundle.manifest or {}).get("components") or {}):  # fp32 only, as the safety checker
-        session = lazy(names.DEPTH_ESTIMATOR, required=False) or lazy(names.DEPTH_ESTIMATOR, required=False, variant="fp32")
-        preprocessor = bundle.root / names.FEATURE_EXTRACTOR / "preprocessor_config.json"
-        estimator = DepthEstimator(session, preprocessor) if session else None
+    checker, estimator = _image_models(bundle, fp32_only)
     models = Models(
         prompt_encoder=prompt_encoder(bundle, backend, lazy, adapters, embeddings),
         denoiser=denoiser,
@@ -184,6 +177,19 @@ def assemble(
         depth_estimator=estimator,
     )
     return Pipeline(bundle, backend, precision, models, memory, defaults, adapters)
+
+
+def _image_models(bundle: ModelBundle, fp32_only: Callable[[str], LazySession | None]) -> tuple:
+    """The folder's safety checker and depth estimator (each None when it has none)."""
+    checker = estimator = None
+    session = fp32_only(names.SAFETY_CHECKER) if safety.listed(bundle.manifest) else None
+    if session is not None:
+        checker = safety.SafetyChecker(session, bundle.root / names.SAFETY_CHECKER, safety.feature_extractor(bundle.root))
+    listed = names.DEPTH_ESTIMATOR in ((bundle.manifest or {}).get("components") or {})
+    session = fp32_only(names.DEPTH_ESTIMATOR) if listed else None
+    if session is not None:
+        estimator = DepthEstimator(session, bundle.root / names.FEATURE_EXTRACTOR / "preprocessor_config.json")
+    return checker, estimator
 
 
 # The models whose weights run-time adapters change.

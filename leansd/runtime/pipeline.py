@@ -34,9 +34,9 @@ from leansd.runtime.models import UNet, VaeDecoder, VaeEncoder
 from leansd.runtime.rng import TorchCompatibleGenerator
 from leansd.runtime.safety import SafetyChecker
 from leansd.runtime.schedulers import get_scheduler
-from leansd.runtime.schedulers.common import window
 from leansd.runtime.settings import GenerationSettings, as_prompt_list
-from leansd.runtime.tasks import DepthToImage, ImageToImage, Inpaint, Start, TextToImage, Upscale
+from leansd.runtime.task_choice import choose_task
+from leansd.runtime.tasks import DepthToImage, Start, TextToImage, Upscale
 
 
 @dataclass
@@ -190,9 +190,7 @@ class Generation:
             raise InvalidInputError(f"a {self.width}x{self.height} image has room for {watermark.capacity(self.height, self.width)} "
                                     f"watermark bits (one per 8x8 block), not {len(s.watermark) * 8}; use a shorter watermark")
         self.scheduler = get_scheduler(s.scheduler, pipe.bundle.scheduler_config, eta=s.eta)
-        self.plan = self.scheduler.plan(self.steps, self.task.strength)
-        if s.denoising_start is not None or s.denoising_end is not None:
-            self.plan = self._window(self.plan)
+        self.plan = self.scheduler.plan(self.steps, self.task.strength, s.denoising_start, s.denoising_end)
         if len(self.plan.timesteps) == 0:
             if s.denoising_start is not None or s.denoising_end is not None:
                 raise InvalidInputError(f"denoising_start {s.denoising_start} / denoising_end {s.denoising_end} with {self.steps} steps "
@@ -307,52 +305,9 @@ class Generation:
         return unit if self.settings.output_type == "np" else unit_to_pil(unit)
 
     def _task(self) -> TextToImage:
-        """The task the settings ask for; strength defaults as in diffusers (0.8 image-to-image, 1.0 inpainting)."""
-        s, unet, bundle = self.settings, self.pipe.unet, self.pipe.bundle
-        latent = self.pipe.models.vae_decoder.latent_channels
-        inpainting_unet = unet.in_channels == 2 * latent + 1
-        if unet.in_channels == latent + 3 and bundle.unet_config.get("num_class_embeds") is not None:
-            return self._upscale()
-        if s.noise_level is not None:
-            raise InvalidInputError("noise_level is a setting of the x4 upscaler, and this model is not one; leave it unset")
-        if unet.in_channels == latent + 1:
-            estimator = self.pipe.models.depth_estimator
-            if s.image is None or (s.depth_map is None and estimator is None) or s.mask_image is not None:
-                raise InvalidInputError(
-                    f"{self.pipe.bundle.root} is a depth-to-image model (its UNet takes latents and a depth map); pass image"
-                    f"{'' if estimator else ' and depth_map, larger values nearer'} (sd-run --init-image IMAGE"
-                    f"{'' if estimator else ' --depth-map DEPTH.png|.npy; the folder has no depth estimator: export one from a folder with depth_estimator/'})"
-                )
-            return DepthToImage(s.image, 0.8 if s.strength is None else s.strength, s.depth_map, estimator)
-        if s.depth_map is not None:
-            raise InvalidInputError(f"depth_map is for depth-to-image models; {self.pipe.bundle.root} is not one (leave depth_map out)")
-        if s.mask_image is not None:
-            strength = s.strength if s.strength is not None else float(bundle.defaults().get("inpaint_strength", 1.0))
-            return Inpaint(s.image, s.mask_image, strength, s.masked_image_latents, inpainting_unet)
-        if inpainting_unet:
-            raise InvalidInputError(
-                f"{self.pipe.bundle.root} is an inpainting model (its UNet takes {unet.in_channels} channels: latents, mask and "
-                "masked image); pass image and mask_image (sd-run --init-image IMAGE --mask MASK)"
-            )
-        if s.denoising_start is not None and s.image is None:
-            raise InvalidInputError("denoising_start continues a generation: pass image, the latents the base model returned "
-                                    "with denoising_end and output_type='latent' (or an image)")
-        if s.image is None:
-            if bundle.pipeline_class.endswith("Img2ImgPipeline"):  # SDXL's refiner
-                raise InvalidInputError(f"{bundle.root} is an image-to-image model (a refiner); pass image: a picture, or the "
-                                        "latents a base model returned with denoising_end and output_type='latent'")
-            return TextToImage()
-        strength = s.strength if s.strength is not None else float(bundle.defaults().get("strength", 0.8))
-        return ImageToImage(s.image, strength, self.pipe.vae_scale_factor, add_noise=s.denoising_start is None)
-
-    def _window(self, plan):
-        """The plan cut to [denoising_start, denoising_end) of the schedule, as diffusers' SDXL pipelines cut it."""
-        s = self.settings
-        if s.denoising_start is not None and s.denoising_end is not None and s.denoising_start >= s.denoising_end:
-            raise InvalidInputError(f"denoising_start {s.denoising_start} is not before denoising_end {s.denoising_end}; "
-                                    "start must come first")
-        num_train = int(self.pipe.bundle.scheduler_config.get("num_train_timesteps", 1000))
-        return window(plan, num_train, s.denoising_start, s.denoising_end)
+        models = self.pipe.models
+        return choose_task(self.settings, self.pipe.bundle, self.pipe.unet.in_channels, models.vae_decoder.latent_channels,
+                           self.pipe.vae_scale_factor, models.depth_estimator)
 
     def _prompt_list(self, name: str) -> list[str] | None:
         """prompt_2 / negative_prompt_2 as one entry per prompt, or None when not given."""
@@ -365,19 +320,6 @@ class Generation:
         if len(items) != len(self.prompts):
             raise InvalidInputError(f"{name} has {len(items)} entries but prompt has {len(self.prompts)}; give one per prompt")
         return items
-
-    def _upscale(self) -> Upscale:
-        s, bundle = self.settings, self.pipe.bundle
-        if s.image is None:
-            raise InvalidInputError(f"{bundle.root} is the x4 upscaler; pass image, the picture to upscale (sd-run --init-image IMAGE)")
-        for name in ("mask_image", "strength", "masked_image_latents"):
-            if getattr(s, name) is not None:
-                raise InvalidInputError(f"{name} does not apply to the x4 upscaler; leave it unset (noise_level sets how much it invents)")
-        # diffusers' defaults: noise level 20 of at most 350 (the pipeline's registered max_noise_level)
-        maximum = int((bundle.model_index or {}).get("max_noise_level", 350))
-        limit = bundle.unet_config.get("num_class_embeds")
-        return Upscale(s.image, 20 if s.noise_level is None else s.noise_level, bundle.low_res_scheduler_config,
-                       min(maximum, int(limit) - 1), self.pipe.vae_scale_factor)
 
     def _lora_tags(self, prompts: list[str]) -> tuple[list[str], list]:
         """The prompts without their `<lora:...>` tags, and the LoRAs the call runs with (the settings' and the tags')."""

@@ -139,6 +139,9 @@ class GenerationSettings:
         _whole("noise_level", self.noise_level, 0, optional=True)
         for name in ("denoising_start", "denoising_end"):
             _number(name, getattr(self, name), 0.0, 1.0, optional=True, what="a fraction of the schedule")
+        if None not in (self.denoising_start, self.denoising_end) and self.denoising_start >= self.denoising_end:
+            raise InvalidInputError(f"denoising_start {self.denoising_start} is not before denoising_end {self.denoising_end}; "
+                                    "start must come first")
         for name in ("aesthetic_score", "negative_aesthetic_score"):
             _number(name, getattr(self, name), -1e6)
         for name in ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",

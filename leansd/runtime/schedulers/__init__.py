@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
@@ -63,8 +63,21 @@ class Scheduler:
         """step() wants a fresh noise array (drawn like diffusers' randn_tensor) every step."""
         return self._module.uses_noise(self.eta)
 
-    def plan(self, num_inference_steps: int, strength: float = 1.0) -> Plan:
-        return self._module.plan(self.config, num_inference_steps, strength, **({"eta": self.eta} if self.eta else {}))
+    def plan(self, num_inference_steps: int, strength: float = 1.0, start: float | None = None, end: float | None = None) -> Plan:
+        """The steps of a generation: from `strength` (image-to-image), or between the fractions `start` and `end` of
+        the training schedule (diffusers' SDXL `denoising_start` / `denoising_end`: a base model stops where a
+        refiner takes over; `start` replaces the strength's starting point)."""
+        plan = self._module.plan(self.config, num_inference_steps, strength, **({"eta": self.eta} if self.eta else {}))
+        if start is None and end is None:
+            return plan
+        schedule = plan.schedule if plan.schedule is not None else plan.timesteps
+        begin, n = plan.begin_index, self.config.num_train_timesteps
+        if start is not None:  # the steps whose timestep is below the start's cutoff
+            begin = len(schedule) - int((schedule < int(round(n * (1 - start)))).sum())
+        kept = schedule[begin:]
+        if end is not None:  # ... and at or above the end's
+            kept = kept[: int((kept >= int(round(n * (1 - end)))).sum())]
+        return replace(plan, timesteps=kept, begin_index=begin)
 
     def scale_model_input(self, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
         return self._module.scale_model_input(self.config, plan, i, sample)

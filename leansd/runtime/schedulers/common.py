@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 import numpy as np
@@ -165,21 +165,6 @@ def make_plan(schedule: np.ndarray, num_inference_steps: int, strength: float, *
     init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
     start = max(num_inference_steps - init_timestep, 0)
     return Plan(timesteps=schedule[start:], num_inference_steps=num_inference_steps, begin_index=start, schedule=schedule, **fields)
-
-
-def window(plan: Plan, num_train_timesteps: int, start: float | None, end: float | None) -> Plan:
-    """The part of `plan` between the fractions `start` and `end` of the training schedule (diffusers' SDXL
-    `denoising_start` / `denoising_end`: a base model stops where a refiner takes over). `start` replaces the
-    strength's starting point; the steps kept are those whose timestep is below the start's cutoff and at or
-    above the end's."""
-    schedule = plan.schedule if plan.schedule is not None else plan.timesteps
-    begin = plan.begin_index
-    if start is not None:
-        begin = len(schedule) - int((schedule < int(round(num_train_timesteps * (1 - start)))).sum())
-    kept = schedule[begin:]
-    if end is not None:
-        kept = kept[: int((kept >= int(round(num_train_timesteps * (1 - end)))).sum())]
-    return replace(plan, timesteps=kept, begin_index=begin)
 
 
 def split_prediction(
