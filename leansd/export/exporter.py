@@ -298,6 +298,11 @@ def _verify_and_convert(name, onnx_path: Path, feeds, reference, root: Path, bac
         bar.set_postfix_str(f"{name}: verify OpenVINO")
         result["openvino"] = {"fp32": verify.check(name, "openvino", xml, feeds, reference, tolerance).to_json()}
         bar.update()
+    if name in quantize.GATES and verify.bf16_capable():
+        # OpenVINO reads the ONNX file when no IR was written, so bf16 is measured whichever backend was exported.
+        bar.set_postfix_str(f"{name}: measure bf16")
+        path = root / name / XML if "openvino" in backends else onnx_path
+        result.setdefault("openvino", {})["bf16"] = verify.measure_bf16(path, feeds, reference, quantize.GATES[name].min_psnr_db)
     if "onnx" not in backends:
         shutil.rmtree(onnx_path.parent, ignore_errors=True)
     return result

@@ -184,7 +184,9 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", type=Path, default=None, action=ScriptFlag, help="a model folder; a .ckpt/.safetensors file must be converted with sd-export first")
     p.add_argument("--backend", default=None, help="onnxruntime or openvino (default: what is installed)")
     p.add_argument("--device", default="cpu", help="cpu, auto, or a backend device such as cuda, dml, gpu")
-    p.add_argument("--precision", default="fp32", help="model variant: fp32 or int8 when the folder has it")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32 (exact, default), int8 when the folder has it, bf16 (OpenVINO on CPUs with native bfloat16), "
+                        "or auto: the fastest of these this CPU runs well and the export measured within its quality gate")
     p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                    help="keep optimized/compiled models here so later runs start faster (about one copy of each model file)")
     p.add_argument("--threads", type=whole(1), default=None, help="intra-op threads (default: the backend's choice)")
@@ -351,6 +353,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         steps = sum(r.num_inference_steps for r in results)
         print(f"{t['total_s']:.2f} s: text {t['text_encoder_s']:.2f} s, {steps} steps {t['denoise_s']:.2f} s, "
               f"decode {t['decode_s']:.2f} s ({pipe.backend}, {pipe.precision})", file=sys.stderr)
+        if pipe.precision_reason:
+            print(f"precision {pipe.precision}: {pipe.precision_reason}", file=sys.stderr)
     return paths
 
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from leansd.runtime import backends, safety
+from leansd.runtime import backends, cpu_features, precision_choice, safety
 from leansd.runtime import manifest as names
 from leansd.runtime.adapters import Adapters, WeightMap
 from leansd.runtime.backends import LazySession, Session, SessionOptions
@@ -91,7 +91,9 @@ def load(
     backend: "onnxruntime", "openvino", or None for the first installed one the folder has files for.
     device: "cpu", "auto" (a GPU execution provider / OpenVINO GPU when available, else CPU), or a
         backend device name ("cuda", "dml", "gpu"...).
-    precision: "fp32" or another variant the folder holds (see its leansd.json).
+    precision: "fp32" (exact, the default), "int8" when the folder holds it, "bf16" (OpenVINO on CPUs with native
+        bfloat16), or "auto": the fastest of these this CPU runs well and the export measured within its quality
+        gate (see `leansd.runtime.precision_choice`); `pipe.precision` and `pipe.precision_reason` say what it picked.
     low_memory: load each model only while it is needed; see `leansd.runtime.memory` for all it changes.
     cache_dir: a folder where the first run keeps its compiled (OpenVINO) or optimized (ONNX Runtime on CPU)
         models, so later runs start in about a second per model instead of re-optimizing; it holds about one
@@ -111,10 +113,23 @@ def load(
         if not path.is_dir():
             raise ModelFolderError("the bundled default model is not installed in this copy of leansd; pass a model folder")
     bundle = ModelBundle.open(path)
+    precision = precision.strip().lower()
+    if precision not in precision_choice.PRECISIONS:
+        raise BackendError(f"unknown precision {precision!r}: choose fp32, int8, bf16 or auto")
+    auto = precision == "auto"
+    if auto and backend is None:
+        backend = precision_choice.preferred_backend(bundle, cpu_features.detect()) if device.lower() == "cpu" else None
     chosen = choose_backend(bundle, backend)
+    reason = ""
+    if auto:
+        picked = (precision_choice.choose(bundle, chosen, cpu_features.detect()) if device.lower() == "cpu" else
+                  precision_choice.PrecisionChoice("fp32", "auto: fp32 (reduced precisions are picked on CPUs only)"))
+        precision, reason = picked.precision, picked.reason
     options = SessionOptions(device=device, num_threads=num_threads, cache_dir=Path(cache_dir) if cache_dir else None)
     settings = GenerationSettings().merged(**defaults)
-    return assemble(bundle, chosen, precision, options, MemoryPolicy(low_memory), settings, lora_dir=lora_dir, embeddings=embeddings)
+    pipe = assemble(bundle, chosen, precision, options, MemoryPolicy(low_memory), settings, lora_dir=lora_dir, embeddings=embeddings)
+    pipe.precision_reason = reason
+    return pipe
 
 
 def assemble(

@@ -190,7 +190,7 @@ def image_parameters(args: argparse.Namespace, pipe: Pipeline, result: PipelineO
         # As AUTOMATIC1111 records them: "name: short hash" for each LoRA run with and each embedding a prompt named.
         "Lora hashes": ", ".join(f"{lora.name}: {lora.hash}" for lora in result.loras) or None,
         "TI hashes": ", ".join(f"{e.token}: {e.hash}" for e in result.embeddings) or None,
-        "Backend": f"leansd {__version__} {pipe.backend} {pipe.precision}",
+        "Backend": f"leansd {__version__} {pipe.backend} {pipe.precision}" + (" (auto)" if pipe.precision_reason else ""),
     }
 
 

@@ -60,6 +60,7 @@ class PipelineOutput:
     depth_map: np.ndarray | None = None
     loras: list[AppliedLora] = field(default_factory=list)  # the LoRAs it ran with
     embeddings: list[Embedding] = field(default_factory=list)  # the textual-inversion embeddings its prompts named
+    precision: str = ""  # the precision the models ran in ("fp32", "int8", "bf16"; what precision="auto" picked)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class Pipeline:
         defaults: GenerationSettings = GenerationSettings(), adapters: Adapters | None = None,
     ):
         self.bundle, self.backend, self.precision = bundle, backend, precision
+        self.precision_reason = ""  # why precision="auto" picked `precision` (set by load)
         self.models, self.memory = models, memory
         # LoRAs and embeddings: the one part that changes after load (the weights a LoRA set puts in the models),
         # switched only between calls that ask for different sets (see `leansd.runtime.adapters.state`).
@@ -253,7 +255,7 @@ class Generation:
         named = " ".join(self.prompts + (self.negatives or [])).lower()
         used = [e for e in pipe.adapters.embeddings if e.token.lower() in named]
         return PipelineOutput(images, self.seed, self.scheduler.name, self.steps, self.guidance_scale, self.timings, s,
-                              self.nsfw_content_detected, depth, applied, used)
+                              self.nsfw_content_detected, depth, applied, used, pipe.precision)
 
     def memory_estimate(self) -> budget.MemoryEstimate:
         """What this generation needs beyond what is loaded (see `leansd.runtime.budget`)."""
