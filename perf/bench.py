@@ -154,7 +154,7 @@ class Bench:
     # --------------------------------------------------------------------------------------- source model
     def source(self) -> Path | None:
         src = self.cache / "source"
-        sections = {k: self.config[k] for k in ("seed", "unet", "vae", "text_encoder", "scheduler")}
+        sections = {k: self.config[k] for k in ("seed", "unet", "vae", "text_encoder", "scheduler", "scheduler_class") if k in self.config}
         versions = report.versions()
         key = digest({"model": sections, "torch": versions["torch"], "diffusers": versions["diffusers"], "transformers": versions["transformers"]})
         stamp = self.stamps / "source.json"

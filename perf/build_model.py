@@ -22,7 +22,8 @@ CLIP_DIR = REPO / "leansd" / "export" / "configs" / "clip"
 
 def build(config: dict, out: Path) -> Path:
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(int(config.get("seed", 0)))
@@ -31,7 +32,8 @@ def build(config: dict, out: Path) -> Path:
         unet = UNet2DConditionModel(**config["unet"]).eval()
         vae = AutoencoderKL(**config["vae"]).eval()
     tokenizer = CLIPTokenizer(str(CLIP_DIR / "vocab.json"), str(CLIP_DIR / "merges.txt"), model_max_length=77)
-    scheduler = PNDMScheduler(**config["scheduler"])
+    # SD 1.5's PNDM unless the config names another (SD-Turbo ships EulerDiscreteScheduler).
+    scheduler = getattr(diffusers, config.get("scheduler_class", "PNDMScheduler"))(**config["scheduler"])
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -123,8 +123,14 @@ def ort_int8(name: str, label: str, prime: bool = False, **options) -> "Peer":
 PEERS = [
     Peer("diffusers-pt-fp32", "diffusers PyTorch fp32", "diffusers", None),
     Peer("optimum-ort-fp32", "Optimum ONNX Runtime fp32", "optimum-ort", "optimum-onnx"),
-    Peer("optimum-ov-fp32", "Optimum Intel OpenVINO fp32, static", "optimum-ov", "optimum-ov-fp32", {"static": True}),
-    Peer("optimum-ov-int8", "Optimum Intel OpenVINO int8 weight-only, static", "optimum-ov", "optimum-ov-int8", {"static": True}),
+    # No precision option set: OpenVINO's default, which is bf16 arithmetic on CPUs with native bf16 (AVX512_BF16, AMX).
+    Peer("optimum-ov-fp32", "Optimum Intel OpenVINO fp32 files, default precision (bf16 on bf16 CPUs), static", "optimum-ov",
+         "optimum-ov-fp32", {"static": True}),
+    # The exact configuration: fp32 arithmetic asked for (`ov_config={"INFERENCE_PRECISION_HINT": "f32"}`).
+    Peer("optimum-ov-fp32-f32", "Optimum Intel OpenVINO fp32, f32 precision hint (exact), static", "optimum-ov", "optimum-ov-fp32",
+         {"static": True, "inference_precision": "f32"}),
+    Peer("optimum-ov-int8", "Optimum Intel OpenVINO int8 weight-only, default precision, static", "optimum-ov", "optimum-ov-int8",
+         {"static": True}),
     Peer("optimum-ov-fp32-cached", "Optimum Intel OpenVINO fp32, static, compile cache warm (2nd process)", "optimum-ov",
          "optimum-ov-fp32", {"static": True, "cache_dir": "@fresh"}, prime=True),
     Peer(
@@ -183,6 +189,16 @@ PEERS = [
     Peer("leansd-ov-bf16", "leansd openvino bf16", "leansd", "leansd", {**LEANSD_OV, "precision": "bf16"}),
     Peer("leansd-ov-bf16-fast", "leansd openvino bf16, guidance cutoff 0.3, deep cache every 3 unguided steps, tiny VAE decoder",
          "leansd", "leansd", {**LEANSD_OV, "precision": "bf16", "guidance_cutoff": 0.3, "deep_cache": 3, "tiny_vae": True}),
+    Peer("leansd-ov-bf16-tinyvae", "leansd openvino bf16, tiny VAE decoder", "leansd", "leansd",
+         {**LEANSD_OV, "precision": "bf16", "tiny_vae": True}),
+    Peer("leansd-ov-bf16-fast-dc5", "leansd openvino bf16, guidance cutoff 0.3, deep cache every 5 unguided steps, tiny VAE decoder",
+         "leansd", "leansd", {**LEANSD_OV, "precision": "bf16", "guidance_cutoff": 0.3, "deep_cache": 5, "tiny_vae": True}),
+    Peer("leansd-ov-bf16-fast-cached",
+         "leansd openvino bf16, guidance cutoff 0.3, deep cache every 3 unguided steps, tiny VAE decoder, compile cache warm (2nd process)",
+         "leansd", "leansd", {**LEANSD_OV, "precision": "bf16", "guidance_cutoff": 0.3, "deep_cache": 3, "tiny_vae": True,
+                              "cache_dir": "@fresh"}, prime=True),
+    # precision="auto" with no backend named: what a user gets who asks for the fastest safe precision.
+    Peer("leansd-auto", "leansd precision auto (backend chosen by it)", "leansd", "leansd", {"backend": None, "precision": "auto"}),
     Peer("leansd-ov-fp32-tinyvae", "leansd openvino fp32, tiny VAE decoder", "leansd", "leansd", {**LEANSD_OV, "tiny_vae": True}),
     Peer("leansd-ov-fp32-deepcache3-tinyvae", "leansd openvino fp32, deep cache every 3 steps, tiny VAE decoder", "leansd", "leansd",
          {**LEANSD_OV, "deep_cache": 3, "tiny_vae": True}),

@@ -104,8 +104,9 @@ def results_table(data: dict) -> list[str]:
         psnr = peer.get("psnr_db")
         diff_text = "–" if diff is None else f"{diff:.1e} / " + ("∞" if psnr is None else f"{psnr:.1f}")
         busy = _other(peer.get("other_cpu_cores")) if by_cpu else _load(peer.get("loadavg"))
+        label = peer["label"] + (f" — computes in {r['precision']}" if r.get("precision") else "")
         lines.append(
-            "| " + " | ".join([peer["label"]] + values + [diff_text, busy, _status(peer)]) + " |"
+            "| " + " | ".join([label] + values + [diff_text, busy, _status(peer)]) + " |"
         )
     return lines
 
@@ -247,8 +248,11 @@ def render(data: dict) -> str:
            if others else " each row shows it at the moment its process started. Above 1.0 (marked busy) other work"
            " shared the CPU and the timings are inflated."),
         f"- **Model:** {cfg['description']}. Seed {cfg.get('seed', 0)}; parameters: {data.get('source', {}).get('params', '?')}.",
-        f"- **Generation:** {run['height']}×{run['width']}, {run['steps']} steps of the model's scheduler (PNDM, which calls the"
-        f" UNet {data.get('unet_calls_per_image', '?')} times), guidance {run['guidance_scale']} (UNet batch 2), seed 0, one prompt, fp32.",
+        f"- **Generation:** {run['height']}×{run['width']}, {run['steps']} steps of "
+        + (f"the {run['scheduler']} scheduler" if run.get("scheduler") else "the model's scheduler (PNDM")
+        + f"{', which' if run.get('scheduler') else ', which'} calls the UNet {data.get('unet_calls_per_image', '?')} times"
+        + ("" if run.get("scheduler") else ")")
+        + f", guidance {run['guidance_scale']} (UNet batch {2 if run['guidance_scale'] > 1 else 1}), seed 0, one prompt.",
         f"- **Repeats:** component timings are the median of {data['repeats']} calls after 1 warm-up, on the peer's own component"
         f" objects with the inputs its pipeline feeds them; {data['images']} whole image(s) per process, the first is the cold one"
         " (process spawn → first image, imports and compilation included) and `image (warm)` is the median of the rest.",

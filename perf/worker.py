@@ -112,8 +112,12 @@ class LeansdPeer:
             width=run["width"],
             seed=seed,
             output_type="np",
+            **({"scheduler": run["scheduler"]} if run.get("scheduler") else {}),
         )
         return self.np.asarray(out.images, dtype=self.np.float32)
+
+    def precision(self) -> dict:
+        return {"precision": self.pipe.precision, "precision_reason": self.pipe.precision_reason}
 
     def micro(self, run: dict):
         """(text encoder, UNet, VAE decode) callables on fixed inputs, as the pipeline feeds them."""
@@ -188,12 +192,21 @@ class DiffusersLikePeer:
         else:
             # What Optimum Intel's documentation recommends for CPU: load, reshape to the static size, compile.
             # With a cache folder, OpenVINO keeps the compiled models there (Optimum Intel's `ov_config`).
-            ov_config = {"CACHE_DIR": opts["cache_dir"]} if opts.get("cache_dir") else None
+            ov_config = {"CACHE_DIR": opts["cache_dir"]} if opts.get("cache_dir") else {}
+            if opts.get("inference_precision"):  # unset: OpenVINO's default, bf16 on CPUs with native bf16
+                ov_config["INFERENCE_PRECISION_HINT"] = opts["inference_precision"]
             pipe = cls.from_pretrained(spec["folder"], compile=False, **({"ov_config": ov_config} if ov_config else {}))
             if opts.get("static", True):
                 pipe.reshape(batch_size=1, height=run["height"], width=run["width"], num_images_per_prompt=1)
             pipe.compile()
         pipe.set_progress_bar_config(disable=True)
+        if run.get("scheduler"):  # the same scheduler leansd is asked for, from the model's scheduler config
+            import diffusers
+
+            classes = {"lcm": "LCMScheduler", "euler": "EulerDiscreteScheduler"}
+            if run["scheduler"] not in classes:
+                raise ValueError(f"the benchmark sets only {', '.join(classes)} on diffusers-like peers, not {run['scheduler']!r}")
+            pipe.scheduler = getattr(diffusers, classes[run["scheduler"]]).from_config(pipe.scheduler.config)
         self.load_s = time.perf_counter() - t0
         self.pipe = pipe
         self.unet_timer = CallTimer(pipe.unet.forward)
@@ -201,6 +214,16 @@ class DiffusersLikePeer:
 
     def threads(self) -> dict:
         return {"torch_threads": self.torch.get_num_threads()}
+
+    def precision(self) -> dict:
+        """What OpenVINO computes in (Optimum Intel peers): the compiled UNet's inference precision."""
+        request = getattr(getattr(self.pipe, "unet", None), "request", None)
+        if request is None or not hasattr(request, "get_property"):
+            return {}
+        try:
+            return {"precision": str(request.get_property("INFERENCE_PRECISION_HINT"))}
+        except Exception:  # noqa: BLE001 - only informative
+            return {}
 
     def image(self, run: dict, seed: int):
         torch = self.torch
@@ -278,6 +301,7 @@ def measure(spec: dict, result: dict, spawn: float) -> None:
     result["ready_s"] = time.time() - spawn
     result["rss_ready_mb"] = peak_rss_mb()
     result["threads"] = peer.threads()
+    result.update(peer.precision())
 
     images = []
     for i in range(int(run.get("images", 1))):
