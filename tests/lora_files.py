@@ -28,16 +28,44 @@ TEXT_LAYERS = (
 )
 
 
-def _shapes(folder: Path) -> dict[str, dict[str, tuple[int, ...]]]:
+# The tiny SDXL's (tests/tiny_sdxl.py, 1 layer per block) layers a LoRA changes, with their names in Stability's layout,
+# which kohya's SDXL LoRAs use (written out by hand from that layout, independently of leansd's mapping): attention
+# (linear, in blocks with 2 transformer layers), linear projections, 3x3 and 1x1 convolutions, the resnets' time
+# projections, the downsampler and the upsampler.
+SDXL_UNET_LAYERS = {
+    "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q": "input_blocks.3.1.transformer_blocks.1.attn1.to_q",
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": "input_blocks.3.1.transformer_blocks.0.attn2.to_k",
+    "down_blocks.1.attentions.0.proj_in": "input_blocks.3.1.proj_in",
+    "down_blocks.0.resnets.0.conv1": "input_blocks.1.0.in_layers.2",
+    "down_blocks.0.downsamplers.0.conv": "input_blocks.2.0.op",
+    "down_blocks.1.resnets.0.time_emb_proj": "input_blocks.3.0.emb_layers.1",
+    "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0": "middle_block.1.transformer_blocks.0.attn2.to_out.0",
+    "mid_block.resnets.1.conv2": "middle_block.2.out_layers.3",
+    "up_blocks.0.resnets.0.conv_shortcut": "output_blocks.0.0.skip_connection",
+    "up_blocks.0.attentions.1.transformer_blocks.1.ff.net.0.proj": "output_blocks.1.1.transformer_blocks.1.ff.net.0.proj",
+    "up_blocks.0.attentions.0.proj_out": "output_blocks.0.1.proj_out",
+    "up_blocks.0.upsamplers.0.conv": "output_blocks.1.2.conv",
+    "up_blocks.1.resnets.1.conv1": "output_blocks.3.0.in_layers.2",
+}
+SDXL_TEXT_LAYERS = ("text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.2.self_attn.out_proj",
+                    "text_model.encoder.layers.1.mlp.fc2")
+
+
+def _shapes(folder: Path, sdxl: bool = False) -> dict[str, dict[str, tuple[int, ...]]]:
     import torch
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.no_grad():
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
         text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
-        return {"unet": {n: tuple(unet.get_submodule(n).weight.shape) for n in UNET_LAYERS},
-                "text_encoder": {n: tuple(text.get_submodule(n).weight.shape) for n in TEXT_LAYERS}}
+        if not sdxl:
+            return {"unet": {n: tuple(unet.get_submodule(n).weight.shape) for n in UNET_LAYERS},
+                    "text_encoder": {n: tuple(text.get_submodule(n).weight.shape) for n in TEXT_LAYERS}}
+        text_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")
+        return {"unet": {n: tuple(unet.get_submodule(n).weight.shape) for n in SDXL_UNET_LAYERS},
+                "text_encoder": {n: tuple(text.get_submodule(n).weight.shape) for n in SDXL_TEXT_LAYERS},
+                "text_encoder_2": {n: tuple(text_2.get_submodule(n).weight.shape) for n in SDXL_TEXT_LAYERS}}
 
 
 def _pair(rng: np.random.Generator, shape: tuple[int, ...], rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +117,45 @@ def peft_lora(folder: Path, path: Path, seed: int, rank: int = 2) -> Path:
             tensors[f"{part}.{module}.lora_A.weight"] = down
             tensors[f"{part}.{module}.lora_B.weight"] = up
     return _save(tensors, path)
+
+
+def sdxl_kohya_lora(folder: Path, path: Path, seed: int, rank: int = 4, alpha: float | None = 2.0, dtype: str = "float32") -> Path:
+    """A kohya SDXL LoRA for the tiny SDXL in `folder`: UNet layers in Stability's layout (`lora_unet_input_blocks_3_1_...`),
+    `lora_te1_` / `lora_te2_` for the two text encoders."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for part, layers in _shapes(folder, sdxl=True).items():
+        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[part]
+        for module, shape in layers.items():
+            up, down = _pair(rng, shape, rank)
+            name = prefix + (SDXL_UNET_LAYERS[module] if part == "unet" else module).replace(".", "_")
+            tensors[f"{name}.lora_down.weight"] = down
+            tensors[f"{name}.lora_up.weight"] = up
+            if alpha is not None:
+                tensors[f"{name}.alpha"] = np.array(alpha, dtype=np.float32)
+    return _save(tensors, path, dtype, metadata={"ss_network_dim": str(rank), "ss_base_model_version": "sdxl_base_v1-0"})
+
+
+def sdxl_peft_lora(folder: Path, path: Path, seed: int, rank: int = 2) -> Path:
+    """A diffusers (PEFT) SDXL LoRA: `unet.`, `text_encoder.` and `text_encoder_2.` layers with lora_A / lora_B."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for part, layers in _shapes(folder, sdxl=True).items():
+        for module, shape in layers.items():
+            up, down = _pair(rng, shape, rank)
+            tensors[f"{part}.{module}.lora_A.weight"] = down
+            tensors[f"{part}.{module}.lora_B.weight"] = up
+    return _save(tensors, path)
+
+
+def sdxl_embedding_file(path: Path, vectors: int, dims: tuple[int, int], seed: int) -> Path:
+    """An AUTOMATIC1111 SDXL textual-inversion file: `clip_l` (vectors x dims[0]) and `clip_g` (vectors x dims[1])."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    save_file({"clip_l": rng.standard_normal((vectors, dims[0])).astype(np.float32),
+               "clip_g": rng.standard_normal((vectors, dims[1])).astype(np.float32)}, str(path))
+    return path
 
 
 def embedding_file(path: Path, vectors: int, dim: int, seed: int, key: str | None = None) -> Path:

@@ -76,7 +76,7 @@ def export_model(
             see `leansd.export.checkpoint_variant`.
         image_size: a single file's native image side in pixels (the UNet's sample_size x the VAE factor);
             default 512, or 768 for SD 2.x v_prediction files, or what the file's metadata or config folder says.
-        loras: LoRA `.safetensors` files to fuse into the UNet and text encoder before export, each "FILE",
+        loras: LoRA `.safetensors` files to fuse into the UNet and text encoder(s) before export, each "FILE",
             "FILE:SCALE" or (FILE, SCALE) (kohya / AUTOMATIC1111 or diffusers / PEFT layouts, convolution LoRAs
             included), with diffusers' `load_lora_weights` + `fuse_lora`; recorded in leansd.json. LoRAs can also
             be applied at run time without re-export (`leansd.load(..., loras={FILE: SCALE})`), using the

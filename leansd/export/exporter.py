@@ -159,7 +159,7 @@ def export(
             order = (*order, (tiny_vae.MODULE, (tiny_vae.COMPONENT,)))
             loaders[tiny_vae.MODULE] = lambda name: tiny
         for module_name in lora_fusion.COMPONENTS if fused else ():
-            loaders[module_name] = lora_fusion.fusing_loader(source.load, fused)
+            loaders[module_name] = lora_fusion.fusing_loader(source.load, fused, sdxl=info.text_time is not None)
         names = [n for _, parts in order for n in parts]
         tolerances.update({n: tolerances["unet"] for n in comp.DEEP_CACHE_COMPONENTS})
         tolerances[tiny_vae.COMPONENT] = tolerances["vae_decoder"]
@@ -243,7 +243,7 @@ def _export_components(source, root: Path, info, backends, static, opset, tolera
 
 
 # The modules whose weights run-time adapters change (LoRA, textual inversion): the map covers their files.
-MAPPED_MODULES = ("text_encoder", "unet")
+MAPPED_MODULES = ("text_encoder", "text_encoder_2", "unet")
 
 
 def _write_weight_map(root: Path, backends, prints: dict[str, weight_map.Fingerprints]) -> None:

@@ -1,7 +1,8 @@
 """LoRAs fused into the model at export (`sd-export ... --lora FILE[:SCALE]`), with diffusers' own loader.
 
 Each PyTorch module is loaded from the source, given the LoRAs with diffusers' `load_lora_into_unet` /
-`load_lora_into_text_encoder` (kohya / AUTOMATIC1111 and diffusers / PEFT files alike, convolution LoRAs too),
+`load_lora_into_text_encoder` (kohya / AUTOMATIC1111 and diffusers / PEFT files alike, convolution LoRAs too; for
+SDXL its SDXL loader, which reads kohya's Stability-layout UNet names and the second text encoder's layers),
 weighted with `set_adapters`, fused with `fuse_lora` and unwrapped, then exported as usual: the exported model
 equals diffusers' pipeline after `load_lora_weights` + `fuse_lora`. leansd.json records each LoRA (file name,
 hashes, scale).
@@ -17,8 +18,8 @@ from typing import Any
 
 from leansd.export.errors import ExportError
 
-# The modules a LoRA file can change, by the component names diffusers' SD loader uses.
-COMPONENTS = {"unet": "unet", "text_encoder": "text_encoder"}
+# The modules a LoRA file can change, by the component names diffusers' loaders use (SDXL: also text_encoder_2).
+COMPONENTS = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
 
 
 @dataclass(frozen=True)
@@ -62,39 +63,52 @@ def parse(specs: Sequence[str | os.PathLike[str] | tuple] | None) -> list[LoraSp
 
 
 class _Holder:
-    """The attributes diffusers' SD LoRA mixin looks up on a pipeline, for one module at a time."""
+    """The attributes diffusers' LoRA mixins look up on a pipeline, for one module at a time."""
 
     def __init__(self, **modules: Any):
         self.unet = modules.get("unet")
         self.text_encoder = modules.get("text_encoder")
+        self.text_encoder_2 = modules.get("text_encoder_2")
         self.hf_device_map = None
 
 
-def fuse(module: Any, component: str, loras: Sequence[LoraSpec]) -> Any:
-    """Load `loras` into `module` (the UNet or the text encoder) with diffusers, fuse them at their scales, and
-    return the plain module. Components a LoRA does not touch are returned unchanged."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+def _belongs(key: str, component: str) -> bool:
+    """Whether a key of diffusers' converted state dict is for `component`; keys without a component prefix are
+    UNet layers (older diffusers files), as diffusers reads them."""
+    part = key.split(".", 1)[0]
+    if component == "unet":
+        return part not in ("text_encoder", "text_encoder_2")
+    return part == component
+
+
+def fuse(module: Any, component: str, loras: Sequence[LoraSpec], sdxl: bool = False) -> Any:
+    """Load `loras` into `module` (the UNet or a text encoder) with diffusers, fuse them at their scales, and
+    return the plain module. `sdxl`: read the files as diffusers' SDXL pipeline does (kohya's SDXL UNet names,
+    `lora_te2_` / `text_encoder_2.` layers). Components a LoRA does not touch are returned unchanged."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
     if component not in COMPONENTS or not loras:
         return module
-    holder_class = type("LoraHolder", (_Holder, StableDiffusionLoraLoaderMixin), {})
-    holder = holder_class(**{component: module})
+    pipeline, mixin = (StableDiffusionXLPipeline, StableDiffusionXLLoraLoaderMixin) if sdxl else \
+        (StableDiffusionPipeline, StableDiffusionLoraLoaderMixin)
+    holder = type("LoraHolder", (_Holder, mixin), {})(**{component: module})
+    # the UNet's config tells diffusers how kohya's SDXL block numbers (input_blocks_4_1...) map to its own
+    extra = {"unet_config": module.config} if sdxl and component == "unet" else {}
     names, scales = [], []
     for k, spec in enumerate(loras):
         try:
-            state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(spec.path), return_lora_metadata=True)
+            state, alphas, metadata = pipeline.lora_state_dict(str(spec.path), return_lora_metadata=True, **extra)
         except Exception as exc:  # diffusers raises several types for unreadable or foreign files
             raise ExportError(f"--lora {spec.path.name}: diffusers cannot read it ({str(exc).splitlines()[0][:160]})") from None
-        # Keys without a component prefix are UNet layers (older diffusers files), as diffusers reads them.
-        te_keys = [key for key in state if key.startswith("text_encoder.")]
-        if not te_keys if component == "text_encoder" else len(te_keys) == len(state):
+        if not any(_belongs(key, component) for key in state):
             continue
         name = f"lora{k}"
         if component == "unet":
-            StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=module, adapter_name=name, metadata=metadata)
+            pipeline.load_lora_into_unet(state, alphas, unet=module, adapter_name=name, metadata=metadata)
         else:
-            StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder=module, adapter_name=name, metadata=metadata)
+            pipeline.load_lora_into_text_encoder(state, alphas, text_encoder=module, prefix=component, adapter_name=name,
+                                                 metadata=metadata)
         names.append(name)
         scales.append(spec.scale)
     if names:
@@ -104,12 +118,12 @@ def fuse(module: Any, component: str, loras: Sequence[LoraSpec]) -> Any:
     return module
 
 
-def fusing_loader(load: Callable[[str], Any], loras: Sequence[LoraSpec]) -> Callable[[str], Any]:
-    """A source loader whose UNet and text encoder come with `loras` fused in."""
+def fusing_loader(load: Callable[[str], Any], loras: Sequence[LoraSpec], sdxl: bool = False) -> Callable[[str], Any]:
+    """A source loader whose UNet and text encoder(s) come with `loras` fused in."""
     if not loras:
         return load
 
     def loaded(name: str) -> Any:
-        return fuse(load(name), name, loras)
+        return fuse(load(name), name, loras, sdxl)
 
     return loaded

@@ -1,4 +1,4 @@
-"""Write `weight_map.json`: where each PyTorch weight of the text encoder and UNet lives in the exported files.
+"""Write `weight_map.json`: where each PyTorch weight of the text encoder(s) and UNet lives in the exported files.
 
 See `leansd.runtime.adapters.weight_map` for the format and why it is needed. Weights are found by value: the
 PyTorch module's 2-D and 4-D float weights are fingerprinted (as they are, and transposed for 2-D ones), and
@@ -123,7 +123,10 @@ def add_to_folder(source_spec: str, folder: Path) -> Path:
     source = resolve_source(source_spec)
     files: dict[str, tuple[str, Fingerprints]] = {}
     try:
-        for module_name, components in (("text_encoder", ("text_encoder",)), ("unet", ("unet", "unet_deep", "unet_shallow"))):
+        for module_name, components in (("text_encoder", ("text_encoder",)), ("text_encoder_2", ("text_encoder_2",)),
+                                        ("unet", ("unet", "unet_deep", "unet_shallow"))):
+            if not any((folder / c).is_dir() for c in components):
+                continue  # SD 1.x/2.x have no second text encoder; SDXL's refiner no first
             prints = fingerprints(source.load(module_name))
             for component in components:
                 for name in ("model.onnx", "openvino_model.xml"):

@@ -57,20 +57,17 @@ def prompt_encoder(bundle: ModelBundle, backend: str, lazy: Callable[[str], Lazy
                    embeddings: Sequence[str | Path] | Mapping[str, str | Path] | None = None) -> PromptEncoder:
     """The folder's tokenizer and text encoder; SDXL's two (its refiner's second only), read at their penultimate layer
     with the second's pooled embedding, as diffusers' SDXL pipelines do. `embeddings`: textual inversions whose words
-    the tokenizer learns (SD 1.x/2.x)."""
-    if not bundle.has_component(names.TEXT_ENCODER_2, backend):
-        tokenizer = ClipTokenizer.from_folder(bundle.root / "tokenizer")
-        if embeddings:
-            hidden = int(bundle.component_config(names.TEXT_ENCODER).get("hidden_size", 0))
-            adapters.add_embeddings(embeddings, tokenizer, hidden)
-        return PromptEncoder([tokenizer], [TextEncoder(lazy(names.TEXT_ENCODER))])
+    the tokenizers learn."""
+    sdxl = bundle.has_component(names.TEXT_ENCODER_2, backend)
+    pairs = [("tokenizer", names.TEXT_ENCODER)] if not sdxl or bundle.has_component(names.TEXT_ENCODER, backend) else []
+    if sdxl:
+        pairs.append(("tokenizer_2", names.TEXT_ENCODER_2))
+    tokenizers = [ClipTokenizer.from_folder(bundle.root / t) for t, _ in pairs]
     if embeddings:
-        raise ModelFolderError(f"{bundle.root} is an SDXL model; textual-inversion embeddings are supported for SD 1.x/2.x models "
-                               "only so far; leave embeddings out")
-    pairs = [("tokenizer", names.TEXT_ENCODER)] if bundle.has_component(names.TEXT_ENCODER, backend) else []
-    pairs.append(("tokenizer_2", names.TEXT_ENCODER_2))
-    return PromptEncoder([ClipTokenizer.from_folder(bundle.root / t) for t, _ in pairs], [TextEncoder(lazy(e)) for _, e in pairs],
-                         layer=-2, pooled=True)
+        widths = [int(bundle.component_config(e).get("hidden_size", 0)) for _, e in pairs]
+        adapters.add_embeddings(embeddings, [(e, tok, w) for (_, e), tok, w in zip(pairs, tokenizers, widths)])
+    encoders = [TextEncoder(lazy(e)) for _, e in pairs]
+    return PromptEncoder(tokenizers, encoders, layer=-2, pooled=True) if sdxl else PromptEncoder(tokenizers, encoders)
 
 
 def load(
@@ -208,7 +205,7 @@ def _image_models(bundle: ModelBundle, fp32_only: Callable[[str], LazySession | 
 
 
 # The models whose weights run-time adapters change.
-_ADAPTABLE = (names.TEXT_ENCODER, names.UNET, names.UNET_DEEP, names.UNET_SHALLOW)
+_ADAPTABLE = (names.TEXT_ENCODER, names.TEXT_ENCODER_2, names.UNET, names.UNET_DEEP, names.UNET_SHALLOW)
 
 
 def _adapters(bundle: ModelBundle, backend: str, precision: str, lora_dir: str | Path | None) -> Adapters:

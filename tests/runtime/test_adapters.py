@@ -124,12 +124,26 @@ def test_refusals_name_the_problem_and_the_fix(tmp_path, lora, capsys):
     wide = write_safetensors(tmp_path / "wide.safetensors", {"emb_params": np.ones((1, 768), np.float32)})
     with pytest.raises(InvalidInputError, match="768 values.*takes 32"):
         leansd.load(embeddings=[wide])
+    xl = write_safetensors(tmp_path / "xl-emb.safetensors", {"clip_l": np.ones((1, 32), np.float32), "clip_g": np.ones((1, 48), np.float32)})
+    with pytest.raises(InvalidInputError, match="SDXL's two text encoders"):
+        leansd.load(embeddings=[xl])
     with pytest.raises(InvalidInputError, match="'nope' not found"):
         leansd.load()(**{**CALL, "prompt": "a <lora:nope>"})
     with pytest.raises(InvalidInputError, match="multiplier of LoRA"):
         leansd.load()(**CALL, loras={str(lora): float("nan")})
     with pytest.raises(InvalidInputError, match="different LoRA tags"):
         leansd.load(lora_dir=lora.parent)(**{**CALL, "prompt": ["a <lora:tint>", "b"]})
+
+
+def test_sdxl_unet_names_in_stabilitys_layout():
+    """kohya's SDXL LoRAs name UNet layers as Stability's UNet does; the tiny SDXL's names, written out by hand."""
+    from leansd.runtime.adapters.sgm_names import SgmNames
+    from tests.lora_files import SDXL_UNET_LAYERS
+
+    sgm = SgmNames(SDXL_UNET_LAYERS)
+    assert {module: sgm(module) for module in SDXL_UNET_LAYERS} == SDXL_UNET_LAYERS
+    assert sgm("conv_in") == "input_blocks.0.0" and sgm("add_embedding.linear_2") == "label_emb.0.2"
+    assert sgm("down_blocks.1.attentions.0.norm") == "input_blocks.3.1.norm" and sgm("encoder_hid_proj") is None
 
 
 def test_int8_pipelines_refuse_loras():

@@ -11,6 +11,7 @@ Convolution LoRAs (LoCon: 3x3 `down`, 1x1 `up`) reshape to the same product. Key
 - kohya / AUTOMATIC1111: `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight`,
   `.lora_up.weight`, `.alpha`; `lora_te_` (`lora_te1_`, `lora_te2_`) for the text encoder(s). The module path is
   the diffusers one with dots turned into underscores; it is resolved against the model's own module names.
+  kohya's SDXL files name UNet layers in Stability's layout (`lora_unet_input_blocks_4_1_...`, see `sgm_names`).
 - diffusers / PEFT: `unet.<module>.lora_A.weight` (down) and `.lora_B.weight` (up), `text_encoder.<module>...`,
   alphas from `<module>.alpha` keys or the `lora_adapter_metadata` diffusers writes in the header.
 - older diffusers: `<module>.lora.down.weight` / `.lora.up.weight`, `<attn>.processor.to_q_lora.down.weight`,
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from leansd.runtime.adapters.sgm_names import SgmNames
 from leansd.runtime.adapters.tensor_file import TensorFile, file_sha256
 from leansd.runtime.errors import InvalidInputError, LeanSDWarning
 
@@ -78,8 +80,7 @@ class LoraFile:
     def resolve(self, known: Mapping[str, Iterable[str]]) -> dict[str, dict[str, LowRank]]:
         """The pairs by component and diffusers weight name (`<module>.weight`), given each component's weight
         names. Layers the model does not have are reported in one warning; none at all is an error."""
-        lookup = {c: {_module_key(p[: -len(".weight")], self.kohya): p for p in params if p.endswith(".weight")}
-                  for c, params in known.items()}
+        lookup = {c: _lookup(params, c, self.kohya) for c, params in known.items()}
         out: dict[str, dict[str, LowRank]] = {}
         missing = []
         for (component, module), pair in self.layers.items():
@@ -110,6 +111,19 @@ def _unsupported(name: str) -> str | None:
 
 def _module_key(module: str, kohya: bool) -> str:
     return module.replace(".", "_") if kohya else module
+
+
+def _lookup(params: Iterable[str], component: str, kohya: bool) -> dict[str, str]:
+    """A file's module key -> the model's weight name; kohya UNet keys also in Stability's layout (its SDXL files)."""
+    modules = {p[: -len(".weight")]: p for p in params if p.endswith(".weight")}
+    out = {_module_key(m, kohya): p for m, p in modules.items()}
+    if kohya and component == "unet":
+        sgm = SgmNames(modules)
+        for module, param in modules.items():
+            name = sgm(module)
+            if name is not None:
+                out.setdefault(_module_key(name, kohya), param)
+    return out
 
 
 def read_lora(path: str | Path) -> LoraFile:

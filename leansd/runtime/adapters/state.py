@@ -16,20 +16,24 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from leansd.runtime import manifest as names
-from leansd.runtime.adapters.embeddings import Embedding, read_embedding
+from leansd.runtime.adapters.embeddings import Embedding, read_embedding_parts
 from leansd.runtime.adapters.lora import LoraFile, read_lora
 from leansd.runtime.adapters.tags import LoraRequest
-from leansd.runtime.adapters.weight_map import MAP_FILE, GraphWeights, WeightMap
+from leansd.runtime.adapters.weight_map import MAP_FILE, GraphWeights
 from leansd.runtime.backends.session import LazySession
 from leansd.runtime.errors import InvalidInputError, ModelFolderError
 
 TOKEN_TABLE = "text_model.embeddings.token_embedding.weight"
 # Which graphs a LoRA's layers for a model part are applied to.
-TARGETS = {"unet": (names.UNET, names.UNET_DEEP, names.UNET_SHALLOW), "text_encoder": (names.TEXT_ENCODER,)}
+TARGETS = {"unet": (names.UNET, names.UNET_DEEP, names.UNET_SHALLOW), "text_encoder": (names.TEXT_ENCODER,),
+           "text_encoder_2": (names.TEXT_ENCODER_2,)}
+# Which text encoder an SDXL embedding file's tensor is for.
+_SDXL_PARTS = {"clip_l": names.TEXT_ENCODER, "clip_g": names.TEXT_ENCODER_2}
 
 
 @dataclass(frozen=True)
@@ -76,32 +80,49 @@ class Adapters:
         if session is not None:
             self._sessions.setdefault(component, []).append(session)
 
-    def add_embeddings(self, specs: "Sequence[str | Path] | Mapping[str, str | Path]", tokenizer, hidden_size: int) -> None:
-        """Read embedding files, add their words to `tokenizer` and their vectors to the text encoder's token table."""
+    def add_embeddings(self, specs: "Sequence[str | Path] | Mapping[str, str | Path]",
+                       encoders: Sequence[tuple[str, Any, int]]) -> None:
+        """Read embedding files, add their words to the tokenizers and their vectors to the text encoders' token
+        tables. `encoders`: (component, tokenizer, hidden size) of each text encoder, in the model's order. An SDXL
+        file's `clip_l` vectors go to `text_encoder`, its `clip_g` ones to `text_encoder_2`; a one-tensor file goes to
+        the encoder of its width."""
         items = list(specs.items()) if isinstance(specs, Mapping) else [(None, p) for p in specs]
         if not items:
             return
-        embeddings = [read_embedding(path, token) for token, path in items]
-        for e in embeddings:
-            if e.vectors.shape[1] != hidden_size:
-                raise InvalidInputError(f"embedding {e.path.name} has vectors of {e.vectors.shape[1]} values; this model's text encoder "
-                                        f"takes {hidden_size}: it was made for another model")
+        per_encoder: dict[str, list[Embedding]] = {c: [] for c, _, _ in encoders}
+        reported: list[Embedding] = []
+        for token, path in items:
+            parts = read_embedding_parts(path, token)
+            for part, embedding in parts.items():
+                component = _encoder_for(part, embedding, encoders)
+                if component is not None:
+                    per_encoder[component].append(embedding)
+            reported.append(next(iter(parts.values())))
+        if not any(per_encoder.values()):
+            raise InvalidInputError(f"embedding {reported[0].path.name} has no vectors for this model's text encoder(s)")
+        for component, tokenizer, _ in encoders:
+            embeddings = per_encoder[component]
+            if embeddings:
+                self._fixed[component] = {TOKEN_TABLE: self._grown_table(component, tokenizer, embeddings)}
+        self.embeddings = reported
+        self._overrides = self._build({})
+
+    def _grown_table(self, component: str, tokenizer, embeddings: Sequence[Embedding]) -> np.ndarray:
+        """The encoder's token table with the embeddings' vectors as new rows, in the layout the graph stores it."""
         seen = [e.token.lower() for e in embeddings]
         if len(set(seen)) != len(seen):
             raise InvalidInputError(f"two embeddings are named {next(t for t in seen if seen.count(t) > 1)!r}; give each its own token")
-        graph = self._graph(names.TEXT_ENCODER, "textual-inversion embeddings")
+        graph = self._graph(component, "textual-inversion embeddings")
         if TOKEN_TABLE not in graph.weights:
-            raise ModelFolderError(f"{self.folder / MAP_FILE} does not locate the text encoder's token table; re-export the model with sd-export")
+            raise ModelFolderError(f"{self.folder / MAP_FILE} does not locate the {component}'s token table; re-export the model with sd-export")
         ids = tokenizer.add_words([e.tokens for e in embeddings])
         table = graph.base(TOKEN_TABLE)
         grown = np.zeros((max(table.shape[0], max(i for group in ids for i in group) + 1), table.shape[1]), np.float32)
         grown[: table.shape[0]] = table
         for e, group in zip(embeddings, ids):
             grown[group] = e.vectors
-        self.embeddings = embeddings
         # kept in the layout the graph stores it in, as every replacement weight is
-        self._fixed[names.TEXT_ENCODER] = {TOKEN_TABLE: grown.T if graph.weights[TOKEN_TABLE].transposed else grown}
-        self._overrides = self._build({})
+        return grown.T if graph.weights[TOKEN_TABLE].transposed else grown
 
     # ------------------------------------------------------------ per call
 
@@ -164,7 +185,7 @@ class Adapters:
         for path, name, te, unet in active:
             lora = self._lora(path)
             for part, layers in lora.resolve(known).items():
-                multiplier = te if part == "text_encoder" else unet
+                multiplier = unet if part == "unet" else te
                 for component in TARGETS.get(part, ()):
                     graph = self._graphs.get(component)
                     for param, pair in layers.items() if graph is not None and multiplier else ():
@@ -229,3 +250,27 @@ def _stat(path: Path) -> tuple[int, int]:
     except OSError as exc:
         raise InvalidInputError(f"cannot read LoRA {path} ({exc.strerror}); pass an existing .safetensors file") from None
     return st.st_size, st.st_mtime_ns
+
+
+def _encoder_for(part: str | None, embedding: Embedding, encoders: Sequence[tuple[str, Any, int]]) -> str | None:
+    """The text encoder an embedding's vectors go to (None: an SDXL file's part for an encoder the model lacks, such
+    as clip_l on the refiner)."""
+    width = embedding.vectors.shape[1]
+    if part is not None:
+        if all(c != names.TEXT_ENCODER_2 for c, _, _ in encoders):
+            raise InvalidInputError(f"embedding {embedding.path.name} is for SDXL's two text encoders (clip_l, clip_g); this model has one")
+        component = _SDXL_PARTS[part]
+        match = [(c, h) for c, _, h in encoders if c == component]
+        if match and match[0][1] != width:
+            raise InvalidInputError(f"embedding {embedding.path.name}: its {part} vectors have {width} values; this model's {component} "
+                                    f"takes {match[0][1]}: it was made for another model")
+        return component if match else None
+    fitting = [c for c, _, h in encoders if h == width]
+    if not fitting:
+        sizes = " or ".join(str(h) for _, _, h in encoders)
+        raise InvalidInputError(f"embedding {embedding.path.name} has vectors of {width} values; this model's text encoder takes {sizes}: "
+                                "it was made for another model")
+    if len(fitting) > 1:
+        raise InvalidInputError(f"embedding {embedding.path.name} fits both text encoders ({width} values); use an SDXL file with "
+                                "clip_l and clip_g tensors")
+    return fitting[0]
