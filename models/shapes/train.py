@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 CLIP_DIR = HERE.parents[1] / "leansd" / "export" / "configs" / "clip"
 sys.path.insert(0, str(HERE))
 import data  # noqa: E402
+from denoising import denoising_loss  # noqa: E402
 
 
 @dataclass
@@ -274,17 +275,8 @@ def train_denoiser(cfg: Config, unet, text_encoder, tokenizer, scheduler, pool, 
         captions = [data.caption(scenes[i], rng) if rng.random() >= cfg.caption_dropout else "" for i in idx]
         idx_t = torch.from_numpy(idx)
         latents = (mean[idx_t] + std[idx_t] * torch.randn_like(mean[idx_t])) * scaling
-        noise = torch.randn_like(latents)
-        if cfg.offset_noise:
-            noise = noise + cfg.offset_noise * torch.randn(latents.shape[0], latents.shape[1], 1, 1)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        hidden = text_encoder(tokens(captions))[0]
-        pred = unet(noisy, t, encoder_hidden_states=hidden).sample
-        snr = alphas[t] / (1 - alphas[t])
-        weight = snr.clamp(max=cfg.min_snr_gamma) / snr if cfg.min_snr_gamma else torch.ones_like(snr)
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))).mean()
+        loss = denoising_loss(unet, latents, lambda c=captions: text_encoder(tokens(c))[0], alphas,
+                              cfg.offset_noise, cfg.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -63,6 +63,7 @@ def shapes_module(name: str):
         sys.path.insert(0, folder)
     spec = importlib.util.spec_from_file_location(f"leansd_shapes_{name}", REPO / "models" / "shapes" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # registered before it runs, as an import does (dataclasses look themselves up)
     spec.loader.exec_module(module)
     return module
 
