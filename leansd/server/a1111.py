@@ -230,8 +230,15 @@ def router(manager: JobManager) -> APIRouter:
     def script_info() -> list:
         return []
 
-    for name in ("upscalers", "sd-vae", "loras", "hypernetworks", "prompt-styles", "face-restorers", "latent-upscale-modes"):
+    for name in ("upscalers", "sd-vae", "hypernetworks", "prompt-styles", "face-restorers", "latent-upscale-modes"):
         api.add_api_route(f"/{name}", lambda: [], methods=["GET"], name=name)
+
+    @api.get("/loras")
+    def loras() -> list:
+        """The LoRA files `<lora:NAME:WEIGHT>` can name (sd-serve --lora-dir), as AUTOMATIC1111 lists them."""
+        folder = registry.current.pipe.adapters.lora_dir
+        files = sorted(folder.glob("*.safetensors")) if folder is not None and folder.is_dir() else []
+        return [{"name": f.stem, "alias": f.stem, "path": str(f.name), "metadata": {}} for f in files]
 
     @api.get("/cmd-flags")
     def cmd_flags() -> dict:
@@ -239,7 +246,10 @@ def router(manager: JobManager) -> APIRouter:
 
     @api.get("/embeddings")
     def embeddings() -> dict:
-        return {"loaded": {}, "skipped": {}}
+        """The textual-inversion embeddings of the current model (sd-serve --embedding), as AUTOMATIC1111 lists them."""
+        loaded = {e.token: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": int(e.vectors.shape[-1]),
+                            "vectors": int(e.vectors.shape[0])} for e in registry.current.pipe.adapters.embeddings}
+        return {"loaded": loaded, "skipped": {}}
 
     @api.post("/png-info")
     async def png_info(body: PngInfoRequest) -> dict:

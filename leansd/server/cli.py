@@ -35,6 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-threads", type=int, metavar="N", help="CPU threads per model (default: the backend's)")
     p.add_argument("--low-memory", action="store_true", help="load each model part only while it is needed")
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help="keep compiled models here for faster starts")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32 (exact, default), int8 when exported, bf16 (OpenVINO, CPUs with native bf16), or auto")
+    p.add_argument("--lora-dir", type=Path, metavar="DIR",
+                   help="folder of LoRA .safetensors files that <lora:NAME:WEIGHT> in prompts name (listed at /sdapi/v1/loras)")
+    p.add_argument("--embedding", action="append", type=Path, metavar="FILE", dest="embeddings",
+                   help="a textual-inversion embedding prompts may name (repeatable; listed at /sdapi/v1/embeddings)")
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-size", type=int, default=d.max_width, metavar="PX", help=f"largest width and height (default {d.max_width})")
     limits.add_argument("--max-steps", type=int, default=d.max_steps, metavar="N", help=f"most steps per image (default {d.max_steps})")
@@ -89,13 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the server", args.host)
     try:
         registry = ModelRegistry.load(args.models or [None], backend=args.backend, num_threads=args.num_threads,
-                                      low_memory=args.low_memory, cache_dir=args.cache_dir)
+                                      low_memory=args.low_memory, cache_dir=args.cache_dir, precision=args.precision,
+                                      lora_dir=args.lora_dir, embeddings=args.embeddings)
     except LeanSDError as exc:
         print(f"sd-serve: {exc}", file=sys.stderr)
         return 2
     app = create_app(registry, limits_of(args), api_key=args.api_key, step_delay=args.step_delay)
     for model in registry.models.values():
-        log.info("serving %s (%s, %s)", model.name, model.pipe.backend, model.pipe.bundle.root)
+        log.info("serving %s (%s %s, %s)", model.name, model.pipe.backend, model.pipe.precision, model.pipe.bundle.root)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=10, log_level="info"))
     stop_jobs_first(server, app.state.manager)
     server.run()
