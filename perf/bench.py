@@ -207,11 +207,14 @@ class Bench:
         stamp = self.stamps / f"export-{key}.json"
         versions = {k: v for k, v in report.versions().items() if k != "leansd"}
         want = {"source": self.source_info["key"], "command": exp.display(), "versions": versions}
-        if key.startswith("leansd"):  # the exporter is being developed: re-export when its code changes
+        if key.startswith("leansd") and not self.args.reuse_exports:  # the exporter is being developed: re-export when its code changes
             want["exporter_code"] = digest([f.read_text() for f in sorted((REPO / "leansd" / "export").glob("*.py"))])
         if out.is_dir() and stamp.is_file() and not self.args.reexport:
             saved = json.loads(stamp.read_text())
-            if digest(saved.get("inputs")) == digest(want):
+            saved_inputs = dict(saved.get("inputs") or {})
+            if self.args.reuse_exports:
+                saved_inputs.pop("exporter_code", None)
+            if digest(saved_inputs) == digest(want):
                 entry.update(ok=True, cached=True, wall_s=saved.get("wall_s"), peak_rss_mb=saved.get("peak_rss_mb"),
                              measured_at=saved.get("measured_at"), size_gb=folder_size_gb(out))  # fmt: skip
                 return entry
@@ -366,6 +369,8 @@ def parse_args(argv):
     p.add_argument("--hybrid", action="store_true", help="also export and run Optimum Intel's hybrid int8 (slow NNCF calibration)")
     p.add_argument("--timeout", type=float, help="seconds per measuring process (default: from the config)")
     p.add_argument("--export-timeout", type=float, default=None, help="seconds per build/export process (default: 3 h full, 30 min quick)")
+    p.add_argument("--reuse-exports", action="store_true",
+                   help="keep cached leansd exports although leansd's exporter code changed since (when the change does not touch these files)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the random-weight model (and so every export)")
     p.add_argument("--reexport", action="store_true", help="redo the exports even if the cached ones are current")
     p.add_argument("--output", type=Path, help="report path (default: perf/RESULTS.md, or perf/RESULTS-quick.md with --quick)")

@@ -190,7 +190,7 @@ def export(
                 for name, per_backend in int8.components.items():
                     for backend, rel in per_backend.items():
                         files[name][backend]["int8"] = rel
-                    parity[name] = {b: {**parity[name][b], **int8.parity[name][b]} for b in parity[name]}
+                    parity[name] = {b: {**parity[name][b], **int8.parity[name].get(b, {})} for b in parity[name]}
                 parity["pipeline"] = int8.parity["pipeline"]
                 int8_unet = int8.components.get("unet", {}).get("onnx")
                 if "onnx" in chosen:

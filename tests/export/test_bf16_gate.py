@@ -28,3 +28,14 @@ def test_bf16_is_measured_and_gated_where_the_cpu_has_it(exported_tiny_sd):
         assert entry["psnr_db"] < parity[component]["openvino"]["fp32"]["psnr_db"] - 20, (component, entry)
         assert entry["passed"], (component, entry)
 
+
+
+def test_an_onnx_only_int8_export_records_bf16_beside_int8(tiny_sd_dir, tmp_path):
+    """OpenVINO reads the ONNX file when no IR is written, so bf16 is measured for ONNX-only exports too, and the
+    int8 figures are merged beside it."""
+    from tests.export.fixtures import _export
+
+    out = _export(tiny_sd_dir, tmp_path / "onnx-int8", backends="onnx", precisions="fp32,int8", force_int8=True)
+    parity = json.loads((out / "leansd.json").read_text())["parity"]
+    assert parity["unet"]["onnx"]["int8"]["passed"] in (True, False)
+    assert ("bf16" in parity["unet"].get("openvino", {})) == verify.bf16_capable()
