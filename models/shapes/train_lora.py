@@ -112,14 +112,24 @@ def save_lora(unet, out: Path) -> None:
 
 def train_lora(weights: Path, out: Path, cfg: LoraConfig | None = None) -> dict:
     """Train the LoRA on the diffusers folder `weights` and save it to `out`; return a record of the run."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     cfg = cfg or LoraConfig()
     if cfg.background not in data.COLOURS:
         raise SystemExit(f"unknown colour {cfg.background!r}; known: {', '.join(data.COLOURS)}")
+    # Process-wide settings, put back afterwards: a test process goes on to code that needs subnormal floats.
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(True)
+    try:
+        return _train(weights, out, cfg)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+
+
+def _train(weights: Path, out: Path, cfg: LoraConfig) -> dict:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     t_start = time.time()
