@@ -129,6 +129,12 @@ PEERS = [
     # The exact configuration: fp32 arithmetic asked for (`ov_config={"INFERENCE_PRECISION_HINT": "f32"}`).
     Peer("optimum-ov-fp32-f32", "Optimum Intel OpenVINO fp32, f32 precision hint (exact), static", "optimum-ov", "optimum-ov-fp32",
          {"static": True, "inference_precision": "f32"}),
+    # Unguided runs (LCM, SD-Turbo): Optimum Intel's static reshape always sizes the UNet for guidance (batch 2), so these
+    # runs use its default dynamic shapes.
+    Peer("optimum-ov-fp32-dynamic", "Optimum Intel OpenVINO fp32 files, default precision (bf16 on bf16 CPUs), dynamic shapes",
+         "optimum-ov", "optimum-ov-fp32", {"static": False}),
+    Peer("optimum-ov-fp32-f32-dynamic", "Optimum Intel OpenVINO fp32, f32 precision hint (exact), dynamic shapes", "optimum-ov",
+         "optimum-ov-fp32", {"static": False, "inference_precision": "f32"}),
     Peer("optimum-ov-int8", "Optimum Intel OpenVINO int8 weight-only, default precision, static", "optimum-ov", "optimum-ov-int8",
          {"static": True}),
     Peer("optimum-ov-fp32-cached", "Optimum Intel OpenVINO fp32, static, compile cache warm (2nd process)", "optimum-ov",

@@ -221,7 +221,8 @@ class DiffusersLikePeer:
         if request is None or not hasattr(request, "get_property"):
             return {}
         try:
-            return {"precision": str(request.get_property("INFERENCE_PRECISION_HINT"))}
+            value = request.get_property("INFERENCE_PRECISION_HINT")
+            return {"precision": value.to_string() if hasattr(value, "to_string") else str(value)}
         except Exception:  # noqa: BLE001 - only informative
             return {}
 
