@@ -113,14 +113,13 @@ def load(
     precision = precision.strip().lower()
     if precision not in precision_choice.PRECISIONS:
         raise BackendError(f"unknown precision {precision!r}: choose fp32, int8, bf16 or auto")
-    auto = precision == "auto"
-    if auto and backend is None:
-        backend = precision_choice.preferred_backend(bundle, cpu_features.detect()) if device.lower() == "cpu" else None
+    cpu = cpu_features.detect() if device.lower() == "cpu" else None
+    if precision == "auto" and backend is None and cpu is not None:
+        backend = precision_choice.preferred_backend(bundle, cpu)
     chosen = choose_backend(bundle, backend)
     reason = ""
-    if auto:
-        picked = (precision_choice.choose(bundle, chosen, cpu_features.detect()) if device.lower() == "cpu" else
-                  precision_choice.PrecisionChoice("fp32", "auto: fp32 (reduced precisions are picked on CPUs only)"))
+    if precision == "auto":
+        picked = precision_choice.choose(bundle, chosen, cpu)
         precision, reason = picked.precision, picked.reason
     options = SessionOptions(device=device, num_threads=num_threads, cache_dir=Path(cache_dir) if cache_dir else None)
     settings = GenerationSettings().merged(**defaults)

@@ -67,8 +67,10 @@ def _int8_verdict(bundle: ModelBundle, backend: str) -> tuple[bool, str]:
     return True, "int8 files within their quality gate at export"
 
 
-def choose(bundle: ModelBundle, backend: str, cpu: CpuFeatures) -> PrecisionChoice:
-    """The precision `precision="auto"` runs `bundle` with on `backend`."""
+def choose(bundle: ModelBundle, backend: str, cpu: CpuFeatures | None) -> PrecisionChoice:
+    """The precision `precision="auto"` runs `bundle` with on `backend`; `cpu` None: the models run on another device."""
+    if cpu is None:
+        return PrecisionChoice("fp32", "auto: fp32 (reduced precisions are picked on CPUs only)")
     why_not = []
     if backend == "openvino":
         ok, reason = bf16_verdict(bundle, cpu)

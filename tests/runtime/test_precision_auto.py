@@ -21,8 +21,8 @@ from leansd.runtime.cpu_features import CpuFeatures
 from leansd.runtime.loader import bundled_model_path
 
 pytestmark = pytest.mark.skipif(not (bundled_model_path() / "leansd.json").is_file(), reason="no bundled model")
-BF16_CPU = CpuFeatures(bf16=True, int8_dot=True, flags=("avx512_bf16", "avx512_vnni"))
-AVX2_CPU = CpuFeatures(bf16=False, int8_dot=False, flags=("avx2",))
+BF16_CPU = CpuFeatures(bf16=True)
+AVX2_CPU = CpuFeatures(bf16=False)
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
 
@@ -49,8 +49,9 @@ def test_bf16_is_picked_on_openvino_only_where_the_cpu_has_it_and_the_export_pas
     without = precision_choice.choose(bundle, "openvino", AVX2_CPU)
     assert without.precision == "fp32" and "no native bfloat16" in without.reason
     assert precision_choice.preferred_backend(bundle, AVX2_CPU) is None
-    # ONNX Runtime has no bf16 CPU kernels: never bf16 there, whatever the CPU.
+    # ONNX Runtime has no bf16 CPU kernels: never bf16 there, whatever the CPU; nor on a GPU device (no CPU given).
     assert precision_choice.choose(bundle, "onnxruntime", BF16_CPU).precision == "fp32"
+    assert precision_choice.choose(bundle, "openvino", None).precision == "fp32"
 
 
 def test_bf16_is_not_picked_when_a_component_missed_its_gate_or_was_not_measured(tmp_path):
