@@ -1,7 +1,9 @@
 """OpenVINO sessions: read the IR, reshape to static input shapes, compile.
 
 Static shapes make OpenVINO markedly faster on CPU, so the model is reshaped to the shapes of the first call
-and recompiled only when they change.
+and recompiled only when they change. When calls alternate between two batch sizes at otherwise equal shapes (a
+guidance cutoff runs the UNet at batch 2, then 1), the two are served by one model compiled for the range of
+batch sizes: one compile and one copy of the compiled weights instead of two.
 """
 from __future__ import annotations
 
@@ -66,6 +68,49 @@ def replace_weights(model: ov.Model, weights: Mapping[str, np.ndarray], path: Pa
     model.validate_nodes_and_infer_types()
 
 
+Dim = int | tuple[int, int]
+ShapeKey = tuple[tuple[str, tuple[Dim, ...]], ...]
+
+
+def covers(key: ShapeKey, shapes: ShapeKey) -> bool:
+    """Whether a model compiled for `key` takes inputs of these exact `shapes`."""
+    if [name for name, _ in key] != [name for name, _ in shapes]:
+        return False
+    for (_, dims), (_, actual) in zip(key, shapes):
+        if len(dims) != len(actual):
+            return False
+        for dim, size in zip(dims, actual):
+            if not (size == dim if isinstance(dim, int) else dim[0] <= size <= dim[1]):
+                return False
+    return True
+
+
+def batch_range(a: ShapeKey, b: ShapeKey) -> ShapeKey | None:
+    """One key taking the inputs of both `a` and `b` when the two differ only in the batch (first) dimension, else
+    None. Only the batch is ever made dynamic: a range of image sizes would slow every convolution."""
+    if [name for name, _ in a] != [name for name, _ in b]:
+        return None
+    widened = []
+    for (name, dims), (_, other) in zip(a, b):
+        if len(dims) != len(other) or dims[1:] != other[1:] or any(not isinstance(d, int) for d in dims[1:]):
+            return None
+        if not dims:
+            widened.append((name, dims))
+            continue
+        (lo_a, hi_a), (lo_b, hi_b) = (_bounds(dims[0]), _bounds(other[0]))
+        low, high = min(lo_a, lo_b), max(hi_a, hi_b)
+        widened.append((name, (low if low == high else (low, high), *dims[1:])))
+    return tuple(widened)
+
+
+def _bounds(dim: Dim) -> tuple[int, int]:
+    return dim if isinstance(dim, tuple) else (dim, dim)
+
+
+def _partial_shape(dims: tuple[Dim, ...]) -> ov.PartialShape:
+    return ov.PartialShape([ov.Dimension(*d) if isinstance(d, tuple) else ov.Dimension(d) for d in dims])
+
+
 class OpenVinoSession(Session):
     def __init__(self, path: Path, options: SessionOptions):
         self.path = path
@@ -92,20 +137,27 @@ class OpenVinoSession(Session):
             self._config["INFERENCE_PRECISION_HINT"] = options.inference_precision
         self.inputs = [_spec(p) for p in self._model.inputs]
         self.outputs = [_spec(p) for p in self._model.outputs]
-        # Compiled models by input shapes, most recent last. Two are kept (one in low-memory mode): a guidance cutoff
-        # switches the UNet between two batch sizes in every image, and recompiling costs seconds each time.
-        self._compiled: dict[tuple, tuple[ov.CompiledModel, ov.InferRequest]] = {}
+        # Compiled models by input shapes (a dimension is an int, or a (low, high) range), most recent last. Two are
+        # kept (one in low-memory mode): an image can alternate between two sizes, and recompiling costs seconds.
+        self._compiled: dict[ShapeKey, tuple[ov.CompiledModel, ov.InferRequest]] = {}
         self._keep = 1 if options.low_memory else 2
         # One infer request per compiled shape: calls from several threads take turns.
         self._lock = threading.Lock()
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
-            key = tuple(sorted((name, array.shape) for name, array in feeds.items()))
-            if key not in self._compiled:
+            shapes = tuple(sorted((name, array.shape) for name, array in feeds.items()))
+            key = next((k for k in self._compiled if covers(k, shapes)), None)
+            if key is None:
+                key = shapes
+                for old in list(self._compiled):
+                    merged = batch_range(old, key)
+                    if merged is not None:  # the same call at another batch size: one model for both
+                        del self._compiled[old]
+                        key = merged
                 while len(self._compiled) >= self._keep:  # free the oldest before building the next one
                     del self._compiled[next(iter(self._compiled))]
-                self._model.reshape({name: ov.PartialShape(list(shape)) for name, shape in key})
+                self._model.reshape({name: _partial_shape(dims) for name, dims in key})
                 compiled = core().compile_model(self._model, self.device, self._config)
                 self._compiled[key] = (compiled, compiled.create_infer_request())
             compiled, request = self._compiled.pop(key)
