@@ -146,8 +146,6 @@ def export(
         if info.class_embeddings and "int8" in wanted:
             # Calibration runs text-to-image generations, which a class-conditioned UNet (the upscaler) cannot.
             raise ExportError("int8 is not available for the x4 upscaler yet; export it with --precision fp32")
-        if info.text_time is not None and "int8" in wanted:
-            raise ExportError("int8 is not available for SDXL yet; export it with --precision fp32")
         if deep_cache:
             deepcache.check_supported(source.config("unet"))
         order = module_order(info, deep_cache)
@@ -411,7 +409,8 @@ def _export_int8(root: Path, info, backends, static, files, force: bool, progres
 
     size = (static["height"], static["width"]) if static else (info.default_size, info.default_size)
     plan = quantize.RunPlan(height=size[0], width=size[1], batch=static["batch"] if static else 1)
-    total = ("openvino" in backends) + 1 + len(backends) * (len(comp.COMPONENTS) + 1)  # see the step() calls in build()
+    components = [n for n in quantize.GATES if n in files]  # SDXL adds text_encoder_2; its refiner has no text_encoder
+    total = ("openvino" in backends) + 1 + len(backends) * (len(components) + 1)  # see the step() calls in build()
     bar = tqdm(total=total, desc="sd-export int8", unit="step", file=sys.stderr,
                disable=None if progress is None else not progress, dynamic_ncols=True)
     done = [False]
@@ -424,12 +423,13 @@ def _export_int8(root: Path, info, backends, static, files, force: bool, progres
 
     def provisional(int8_files: dict[str, dict[str, str]]) -> None:
         # Just enough manifest for the runtime to load the int8 variant; replaced by the real one at the end.
-        both = {n: {b: {**files[n][b], "int8": int8_files[n][b]} for b in backends} for n in comp.COMPONENTS}
+        both = {n: {b: {**files[n][b], "int8": int8_files[n][b]} for b in backends} for n in components}
         layout.write_json(root / layout.MANIFEST, {"format": layout.FORMAT, "format_version": layout.FORMAT_VERSION, "components": both,
                                                    "static_shapes": _static_entry(static)})
 
     try:
-        result = quantize.build(root, backends, plan, force=force, step=step, write_provisional_manifest=provisional)
+        result = quantize.build(root, backends, plan, components=components, force=force, step=step,
+                                write_provisional_manifest=provisional)
         bar.update()
         return result
     finally:

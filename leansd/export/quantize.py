@@ -10,6 +10,7 @@ What each backend gets:
                              (its input's scale follows the noise level), for a negligible share of the compute;
                              keeping it float raised the UNet's PSNR by 2-8 dB.
               text_encoder,  int8 weights only (nncf.compress_weights, INT8_ASYM, per output channel).
+              text_encoder_2 (SDXL),
               vae_encoder,
               vae_decoder
     ONNX      every model    onnxruntime dynamic quantization: MatMul, Gemm and embedding (Gather) weights int8
@@ -37,7 +38,7 @@ call; `GATES`). It is there to catch quantization that went wrong, not to promis
     vae_decoder, vae_encoder  42 dB: RMS error at most ~0.8 % of the output's peak, about one 8-bit level of a
                               decoded image. Weight-only int8 measured 45-56 dB (OpenVINO), 63-101 dB (ONNX).
                               Below the gate the int8 variant keeps the fp32 file for that part.
-    text_encoder              30 dB: int8 measured 35-38 dB (ONNX), 42-49 dB (OpenVINO); saturated u8 x s8
+    text_encoder(_2)          30 dB: int8 measured 35-38 dB (ONNX), 42-49 dB (OpenVINO); saturated u8 x s8
                               arithmetic (8-bit weights on AVX2) or activation-quantized softmax/LayerNorm: 21-23 dB.
     unet                      24 dB: the hybrid recipe measured 27-31 dB on three test models (Optimum Intel's own
                               hybrid export of one of them: 25 dB), dynamic ONNX 45-57 dB; saturated arithmetic
@@ -96,6 +97,7 @@ class Gate:
 GATES = {
     "unet": Gate(24.0, "fail"),
     "text_encoder": Gate(30.0, "fail"),
+    "text_encoder_2": Gate(30.0, "fail"),
     "vae_encoder": Gate(42.0, "fp32"),
     "vae_decoder": Gate(42.0, "fp32"),
 }
@@ -128,8 +130,8 @@ def check_available(backends: Sequence[str]) -> None:
 class Recording:
     """Every call's inputs (and outputs) per component, and the generated images, of some pipeline runs."""
 
-    inputs: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=lambda: {c: [] for c in comp.COMPONENTS})
-    outputs: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=lambda: {c: [] for c in comp.COMPONENTS})
+    inputs: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=lambda: {c: [] for c in GATES})
+    outputs: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=lambda: {c: [] for c in GATES})
     images: list[np.ndarray] = field(default_factory=list)
 
 
@@ -189,12 +191,13 @@ def record(root: Path, backend: str, precision: str, prompts: Sequence[str], see
 
 def task_inputs(pipe: Any, plan: RunPlan) -> dict[str, np.ndarray]:
     """What the recorded generations add to the prompt: nothing for text-to-image UNets; an inpainting UNet (which
-    takes a mask and a masked image beside the latents) inpaints the middle quarter of a smooth synthetic picture."""
-    if pipe.unet.in_channels == pipe.models.vae_decoder.latent_channels:
-        return {}
+    takes a mask and a masked image beside the latents) inpaints the middle quarter of a smooth synthetic picture;
+    an image-to-image-only model (SDXL's refiner) refines that picture at its default strength."""
     h, w = plan.height, plan.width
     y, x = np.mgrid[0:h, 0:w].astype(np.float32) / max(h, w)
     image = np.stack([x, y, 1.0 - x * y], axis=-1).astype(np.float32)
+    if pipe.unet.in_channels == pipe.models.vae_decoder.latent_channels:
+        return {"image": image} if pipe.bundle.pipeline_class.endswith("Img2ImgPipeline") else {}
     if pipe.unet.in_channels == pipe.models.vae_decoder.latent_channels + 1:  # depth-to-image: a ramp, near at the bottom
         return {"image": image, "depth_map": y}
     mask = np.zeros((h, w), np.float32)
@@ -393,11 +396,13 @@ def build(
     backends: Sequence[str],
     plan: RunPlan,
     *,
+    components: Sequence[str] = comp.COMPONENTS,
     force: bool = False,
     step: Callable[[str], None] = lambda what: None,
     write_provisional_manifest: Callable[[dict[str, Any]], None],
 ) -> Int8Result:
-    """Write the int8 files of every component and backend into `root` (an fp32 export) and measure them.
+    """Write the int8 files of `components` (for SDXL also text_encoder_2; the refiner has no text_encoder) for every
+    backend into `root` (an fp32 export) and measure them.
 
     `write_provisional_manifest(components)` must write a `leansd.json` that maps each component/backend/precision
     to its file, so the runtime can load the int8 variant for the whole-pipeline check.
@@ -410,15 +415,15 @@ def build(
         unet_calibration = record(root, recorder, "fp32", CALIBRATION_PROMPTS, CALIBRATION_SEED, plan).inputs["unet"]
     step("recording held-out runs")
     held_out = record(root, recorder, "fp32", HELD_OUT_PROMPTS, HELD_OUT_SEED, plan)
-    held_feeds = {c: spread(held_out.inputs[c], HELD_OUT_UNET_CALLS) if c == "unet" else held_out.inputs[c] for c in comp.COMPONENTS}
+    held_feeds = {c: spread(held_out.inputs[c], HELD_OUT_UNET_CALLS) if c == "unet" else held_out.inputs[c] for c in components}
     gc.collect()
 
-    components: dict[str, dict[str, str]] = {c: {} for c in comp.COMPONENTS}
-    parity: dict[str, dict[str, dict[str, Any]]] = {c: {} for c in comp.COMPONENTS}
+    files: dict[str, dict[str, str]] = {c: {} for c in components}
+    parity: dict[str, dict[str, dict[str, Any]]] = {c: {} for c in components}
     for backend in backends:
         misses = []
         fp32_name, int8_name = FILES[backend]
-        for component in comp.COMPONENTS:
+        for component in components:
             src, dst = root / component / fp32_name, root / component / int8_name
             step(f"{component}: {backend} int8")
             quantize_component(component, backend, src, dst, unet_calibration)
@@ -433,7 +438,7 @@ def build(
                     _remove_model(dst)
                 else:
                     misses.append(f"{component} ({backend}) {figures['psnr_db']:.1f} dB < {gate.min_psnr_db:g} dB")
-            components[component][backend] = f"{component}/{int8_name if uses == 'int8' else fp32_name}"
+            files[component][backend] = f"{component}/{int8_name if uses == 'int8' else fp32_name}"
             parity[component][backend] = {"int8": {**figures, "min_psnr_db": gate.min_psnr_db, "passed": passed, "uses": uses,
                                                    "method": method(component, backend)}}
         if misses:
@@ -442,7 +447,7 @@ def build(
                 "Export fp32 only, or pass --force-int8 to keep int8 files below the gate"
             )
 
-    write_provisional_manifest(components)
+    write_provisional_manifest(files)
     pipeline: dict[str, dict[str, Any]] = {}
     for backend in backends:
         step(f"whole held-out generation: {backend} int8")
@@ -456,9 +461,9 @@ def build(
         "size": [plan.height, plan.width],
         "unet_calibration_calls": len(unet_calibration),
         "held_out_unet_calls": len(held_feeds["unet"]),
-        "gates_min_psnr_db": {c: g.min_psnr_db for c, g in GATES.items()},
+        "gates_min_psnr_db": {c: GATES[c].min_psnr_db for c in components},
     }
-    return Int8Result(components, parity, settings)
+    return Int8Result(files, parity, settings)
 
 
 def compare_generations(root: Path, backend: str, reference: Recording, plan: RunPlan) -> dict[str, Any]:

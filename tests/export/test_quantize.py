@@ -70,7 +70,7 @@ def test_int8_files_manifest_and_hashes(int8_export):
     for backend in ("onnx", "openvino"):
         run = m["parity"]["pipeline"][backend]["int8"]
         assert run["images"]["psnr_db"] > 25 and run["latents"]["psnr_db"] > 20
-    assert m["int8"]["gates_min_psnr_db"] == {c: g.min_psnr_db for c, g in q.GATES.items()}
+    assert m["int8"]["gates_min_psnr_db"] == {c: q.GATES[c].min_psnr_db for c in COMPONENTS}
     assert m["int8"]["unet_calibration_calls"] == len(q.CALIBRATION_PROMPTS) * (q.STEPS + 1)  # PNDM: one extra call
     on_disk = {p.relative_to(out).as_posix(): p for p in out.rglob("*") if p.is_file() and p.name != "leansd.json"}
     assert {"unet/model_int8.onnx", "unet/openvino_model_int8.xml", "unet/openvino_model_int8.bin"} <= set(on_disk)

@@ -19,7 +19,6 @@ pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 
 import leansd  # noqa: E402
-from leansd.export.errors import ExportError  # noqa: E402
 from leansd.runtime.errors import InvalidInputError  # noqa: E402
 from tests.parity.test_pipeline import BACKENDS  # noqa: E402
 
@@ -173,9 +172,7 @@ def test_export_records_sdxl(base, refiner):
     assert (base[1] / "tokenizer_2" / "vocab.json").is_file() and not (refiner[1] / "tokenizer").exists()
 
 
-def test_bad_sdxl_settings_are_named(base, refiner, tmp_path):
-    from leansd.export import export_model
-
+def test_bad_sdxl_settings_are_named(base, refiner):
     pipe = leansd.load(base[1], backend="onnxruntime")
     with pytest.raises(InvalidInputError, match="denoising_start 0.8 is not before denoising_end 0.5"):
         pipe(PROMPT, image=np.zeros((1, 4, 16, 16), np.float32), denoising_start=0.8, denoising_end=0.5)
@@ -187,8 +184,6 @@ def test_bad_sdxl_settings_are_named(base, refiner, tmp_path):
         pipe(PROMPT, prompt_2=["a", "b"], num_inference_steps=1)
     with pytest.raises(InvalidInputError, match="is an image-to-image model \\(a refiner\\); pass image"):
         leansd.load(refiner[1], backend="onnxruntime")(PROMPT)
-    with pytest.raises(ExportError, match="int8 is not available for SDXL yet"):
-        export_model(base[0], tmp_path / "int8", precisions=["fp32", "int8"], progress=False)
 
 
 def test_sd_run_with_a_refiner(base, refiner, tmp_path):
