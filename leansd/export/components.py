@@ -120,7 +120,7 @@ def io(component: str, info: "ModelInfo | None" = None) -> tuple[tuple[Tensor, .
     inputs, outputs = IO[component]
     if component == "unet" and info is not None and info.class_embeddings:
         inputs = (*inputs, CLASS_LABELS)
-    if component == "unet" and xl is not None:
+    if component in ("unet", *DEEP_CACHE_COMPONENTS) and xl is not None:
         inputs = (*inputs, Tensor("text_embeds", "float32", {0: "batch_size"}), Tensor("time_ids", "float32", {0: "batch_size"}))
     if component == "text_encoder" and xl is not None and xl.first_encoder_layers is not None:
         # SDXL reads unnormalized hidden states (its clip skip too): those replace the normalized stack
@@ -224,7 +224,7 @@ def make_inputs(component: str, info: ModelInfo, *, batch: int, height: int, wid
         }
         if component == "unet" and info.class_embeddings:
             feeds["class_labels"] = rng.integers(0, info.class_embeddings, size=(b,), dtype=np.int64)
-        if component == "unet" and info.text_time is not None:
+        if info.text_time is not None:
             xl = info.text_time
             feeds["text_embeds"] = rng.standard_normal((b, xl.pooled_width), dtype=np.float32)
             # original size, crop corner, target size (and the refiner's aesthetic score), as pipelines pass them
@@ -343,7 +343,7 @@ def _fixed_shapes(component: str, info: ModelInfo, batch: int = 1, height: int =
     h, w = height // f, width // f
     c, seq = info.latent_channels, info.max_tokens
     xl = info.text_time
-    if xl is not None and component in ("text_encoder", sdxl.TEXT_ENCODER_2, "unet"):
+    if xl is not None and component in ("text_encoder", sdxl.TEXT_ENCODER_2, "unet", *DEEP_CACHE_COMPONENTS):
         return _fixed_shapes_sdxl(component, info, xl, batch, h, w)
     return {
         "text_encoder": {
@@ -380,10 +380,13 @@ def _fixed_shapes(component: str, info: ModelInfo, batch: int = 1, height: int =
 
 def _fixed_shapes_sdxl(component: str, info: ModelInfo, xl: sdxl.TextTime, batch: int, h: int, w: int) -> dict[str, list[int]]:
     seq = info.max_tokens
-    if component == "unet":
+    if component in ("unet", *DEEP_CACHE_COMPONENTS):
         b = 2 * batch
-        return {"sample": [b, info.unet_in_channels, h, w], "timestep": [b], "encoder_hidden_states": [b, seq, info.cross_attention_dim],
-                "text_embeds": [b, xl.pooled_width], "time_ids": [b, xl.time_ids], "out_sample": [b, info.latent_channels, h, w]}
+        shapes = {"sample": [b, info.unet_in_channels, h, w], "timestep": [b], "encoder_hidden_states": [b, seq, info.cross_attention_dim],
+                  "text_embeds": [b, xl.pooled_width], "time_ids": [b, xl.time_ids], "out_sample": [b, info.latent_channels, h, w]}
+        if component != "unet":  # the deep part returns the features, the shallow part takes them
+            shapes["deep_features"] = [b, info.deep_feature_channels, h, w]
+        return shapes
     if component == "text_encoder":
         width, layers, pooled = info.text_hidden_size, xl.first_encoder_layers or 0, {"pooler_output": [batch, info.text_hidden_size]}
     else:

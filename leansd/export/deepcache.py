@@ -14,7 +14,8 @@ output head), so a step that reuses cached features costs a fraction of a full s
 Why not a deep graph that stops at the cut, with refresh = deep then shallow: that repeats conv_in and the
 first down layer (a top-resolution attention block) on every refresh, 0.107 TFLOP of SD 1.5's 1.607 per
 guided step, plus a second session call. The two graphs still hold one UNet's weights plus the shallow
-branch's (about 2 % of SD 1.5's). Only SD 1.x / 2.x UNets are supported (no added embeddings).
+branch's (about 2 % of SD 1.5's). SD 1.x / 2.x UNets and SDXL's (whose added conditioning, `text_embeds` and
+`time_ids`, both parts take as two more inputs) are supported; other added embeddings are refused.
 """
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ from leansd.export.errors import ExportError
 from leansd.runtime.manifest import UNET_DEEP, UNET_SHALLOW
 
 PARTS = (UNET_DEEP, UNET_SHALLOW)
+TEXT_TIME = "text_time"  # SDXL's added conditioning
+
+
+def _added(unet: Any, text_embeds: Any, time_ids: Any) -> dict[str, Any] | None:
+    """diffusers' `added_cond_kwargs` for an SDXL UNet (None for SD's)."""
+    return {"text_embeds": text_embeds, "time_ids": time_ids} if unet.config.addition_embed_type == TEXT_TIME else None
 
 
 def check_supported(config: dict[str, Any]) -> None:
@@ -32,13 +39,13 @@ def check_supported(config: dict[str, Any]) -> None:
     if not isinstance(config.get("layers_per_block", 2), int):
         problems.append("per-block layers_per_block")
     for key in ("class_embed_type", "num_class_embeds", "addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim_type"):
-        if config.get(key) is not None:
+        if config.get(key) is not None and not (key == "addition_embed_type" and config[key] == TEXT_TIME):
             problems.append(key)
     if len(config.get("block_out_channels", ())) < 2:
         problems.append("a single-level UNet")
     if problems:
         raise ExportError(
-            f"--deep-cache supports SD 1.x/2.x UNets; this one has {', '.join(problems)}; export without --deep-cache"
+            f"--deep-cache supports SD 1.x/2.x and SDXL UNets; this one has {', '.join(problems)}; export without --deep-cache"
         )
 
 
@@ -64,7 +71,8 @@ def _attention(block: Any, index: int, hidden: Any, context: Any) -> Any:
 
 
 def wrap_deep(unet: Any) -> Any:
-    """A module: (sample, timestep, encoder_hidden_states) -> (out_sample, deep_features), diffusers' own forward.
+    """A module: (sample, timestep, encoder_hidden_states[, text_embeds, time_ids]) -> (out_sample, deep_features),
+    diffusers' own forward (SDXL's UNet takes its added conditioning as the two last inputs).
 
     The feature is read with a hook on the layer that consumes it, so the whole graph is diffusers' code path,
     shape-dependent upsampling included.
@@ -82,7 +90,8 @@ def wrap_deep(unet: Any) -> Any:
             self.model = unet
 
         def forward(
-            self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+            self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+            text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
         ) -> tuple[torch.Tensor, torch.Tensor]:
             captured: list[torch.Tensor] = []
 
@@ -92,7 +101,8 @@ def wrap_deep(unet: Any) -> Any:
 
             handle = consumer.register_forward_pre_hook(grab)
             try:
-                (out,) = self.model(sample, timestep, encoder_hidden_states, return_dict=False)
+                (out,) = self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=_added(self.model, text_embeds, time_ids),
+                                    return_dict=False)
             finally:
                 handle.remove()
             return out, captured[0]
@@ -101,7 +111,7 @@ def wrap_deep(unet: Any) -> Any:
 
 
 def wrap_shallow(unet: Any) -> Any:
-    """A module: (sample, timestep, encoder_hidden_states, deep_features) -> out_sample."""
+    """A module: (sample, timestep, encoder_hidden_states, deep_features[, text_embeds, time_ids]) -> out_sample."""
     import torch
 
     check_supported(dict(unet.config))
@@ -113,10 +123,14 @@ def wrap_shallow(unet: Any) -> Any:
             self.model = unet
 
         def forward(
-            self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, deep_features: torch.Tensor
+            self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, deep_features: torch.Tensor,
+            text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
         ) -> torch.Tensor:
             m = self.model
             emb = m.time_embedding(m.get_time_embed(sample=sample, timestep=timestep), None)
+            added = _added(m, text_embeds, time_ids)
+            if added is not None:  # SDXL: the pooled text and size embeddings join the time embedding, as in forward()
+                emb = emb + m.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
             if m.time_embed_act is not None:
                 emb = m.time_embed_act(emb)
             first = m.conv_in(sample)

@@ -93,8 +93,9 @@ def test_shallow_part_is_deepcaches_reuse_step(tiny_sd_dir, which, side):
 def test_unsupported_unet_is_refused():
     from leansd.export.errors import ExportError
 
-    with pytest.raises(ExportError, match="--deep-cache supports SD 1.x/2.x"):
-        deepcache.check_supported({"block_out_channels": [32, 64], "layers_per_block": 1, "addition_embed_type": "text_time"})
+    with pytest.raises(ExportError, match="--deep-cache supports SD 1.x/2.x and SDXL UNets; this one has addition_embed_type"):
+        deepcache.check_supported({"block_out_channels": [32, 64], "layers_per_block": 1, "addition_embed_type": "image"})
+    deepcache.check_supported({"block_out_channels": [32, 64], "layers_per_block": 1, "addition_embed_type": "text_time"})  # SDXL
 
 
 # The reference cache is the DeepCache authors' own (PyPI `DeepCache`, requirements/dev.txt), not leansd's split:
