@@ -58,6 +58,9 @@ class WholeUNet:
     def __call__(self, sample: np.ndarray, t: float, inputs: Inputs, step: int, branch: str, reuse: bool) -> np.ndarray:
         return prediction(self.unet.predict(sample, t, inputs))
 
+    def expect_batch_sizes(self, sizes: frozenset[int]) -> None:
+        self.unet.expect_batch_sizes(sizes)
+
 
 class FeatureReuse:
     """DeepCache: the deep features of each guidance branch are refreshed every `interval` steps, and on every
@@ -80,6 +83,11 @@ class FeatureReuse:
             self.cache[branch] = out["deep_features"]
             return out["out_sample"]
         return self.shallow.predict(sample, t, {**inputs, "deep_features": self.cache[branch]})["out_sample"]
+
+    def expect_batch_sizes(self, sizes: frozenset[int]) -> None:
+        # Guided steps refresh the features, so only the deep part sees both batch sizes; the shallow part
+        # runs on unguided steps only (or on guided ones only, when every step is guided).
+        self.deep.expect_batch_sizes(sizes)
 
 
 @dataclass(frozen=True)
@@ -109,9 +117,14 @@ class DenoiserRun:
 
     def __init__(self, evaluate: WholeUNet | FeatureReuse, guidance: Guidance, split_guidance: bool):
         self.evaluate, self.guidance, self.split = evaluate, guidance, split_guidance
+        self.hinted = False
 
     def predict(self, latents: np.ndarray, t: float, cond: Conditioning, step: int) -> np.ndarray:
         """The model output for the scaled `latents` at step `step` (timestep `t`)."""
+        if not self.hinted and not self.split:  # (split guidance runs batch B throughout)
+            self.hinted = True
+            cutoff = 0 < self.guidance.guided_steps < self.guidance.total_steps  # batch 2B, then B
+            self.evaluate.expect_batch_sizes(frozenset({latents.shape[0], 2 * latents.shape[0]}) if cutoff else frozenset())
         if not self.guidance.guides(step):
             return self.evaluate(cond.sample(latents), t, cond.positive, step, "cond", True)
         reuse = self.guidance.reuse_when_guided

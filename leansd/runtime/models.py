@@ -93,6 +93,11 @@ class UNet:
         if config.get("time_cond_proj_dim") is not None:
             raise ModelFolderError("this UNet needs a guidance embedding (time_cond_proj_dim), which leansd does not support yet")
 
+    def expect_batch_sizes(self, sizes: frozenset[int]) -> None:
+        """Tell the backend the batch sizes a generation will call this model with (see `Session.expect_batch_sizes`)."""
+        with self.session.use() as session:
+            session.expect_batch_sizes(sizes)
+
     def predict(self, sample: np.ndarray, timestep: float, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The model's outputs by name (the prediction is `out_sample` in leansd's and Optimum's exports)."""
         with self.session.use() as session:

@@ -78,7 +78,10 @@ def test_guidance_plan_follows_diffusers_cutoff_callback(scale, cutoff, total, g
 
 class RecordingUNet:
     def __init__(self, name, calls):
-        self.name, self.calls = name, calls
+        self.name, self.calls, self.expected_batches = name, calls, None
+
+    def expect_batch_sizes(self, sizes):
+        self.expected_batches = sizes
 
     def predict(self, sample, t, inputs):
         self.calls.append((self.name, sample.shape[0], "deep_features" in inputs))
@@ -91,7 +94,8 @@ class RecordingUNet:
 @pytest.mark.parametrize("split", [False, True])
 def test_feature_reuse_refreshes_on_schedule_and_keeps_the_prompts_half_at_the_cutoff(split):
     calls = []
-    denoiser = Denoiser(RecordingUNet("whole", calls), RecordingUNet("deep", calls), RecordingUNet("shallow", calls), split)
+    unets = [RecordingUNet(name, calls) for name in ("whole", "deep", "shallow")]
+    denoiser = Denoiser(*unets, split)
     cond = Conditioning({"encoder_hidden_states": np.ones((1, 3))}, {"encoder_hidden_states": np.zeros((1, 3))})
     run = denoiser.start(Guidance.plan(5.0, 0.4, 8), deep_cache=3)  # steps 0-3 guided (int(8 * 0.4) = 3), 4-7 not
     latents = np.zeros((1, 4, 2, 2), np.float32)
@@ -106,6 +110,8 @@ def test_feature_reuse_refreshes_on_schedule_and_keeps_the_prompts_half_at_the_c
     assert names[4 * halves :] == ["shallow", "shallow", "deep", "shallow"]
     assert all(batch == 1 for _, batch, _ in calls[4 * halves :])
     assert "whole" not in names
+    # The deep part is told it will run at batch 2 and 1 (one compile for both); split guidance runs batch 1 only.
+    assert [u.expected_batches for u in unets] == [None, None if split else {1, 2}, None]
 
 
 def test_settings_are_checked_once_with_named_errors():

@@ -107,6 +107,11 @@ def _bounds(dim: Dim) -> tuple[int, int]:
     return dim if isinstance(dim, tuple) else (dim, dim)
 
 
+def with_batch(key: ShapeKey, batch: int) -> ShapeKey:
+    """`key` with every input's batch (first) dimension set to `batch` (scalars stay scalars)."""
+    return tuple((name, (batch, *dims[1:]) if dims else dims) for name, dims in key)
+
+
 def _partial_shape(dims: tuple[Dim, ...]) -> ov.PartialShape:
     return ov.PartialShape([ov.Dimension(*d) if isinstance(d, tuple) else ov.Dimension(d) for d in dims])
 
@@ -141,8 +146,13 @@ class OpenVinoSession(Session):
         # kept (one in low-memory mode): an image can alternate between two sizes, and recompiling costs seconds.
         self._compiled: dict[ShapeKey, tuple[ov.CompiledModel, ov.InferRequest]] = {}
         self._keep = 1 if options.low_memory else 2
+        self._expected_batches: frozenset[int] = frozenset()  # see expect_batch_sizes
         # One infer request per compiled shape: calls from several threads take turns.
         self._lock = threading.Lock()
+
+    def expect_batch_sizes(self, sizes: frozenset[int]) -> None:
+        with self._lock:
+            self._expected_batches = frozenset(sizes)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
@@ -150,6 +160,8 @@ class OpenVinoSession(Session):
             key = next((k for k in self._compiled if covers(k, shapes)), None)
             if key is None:
                 key = shapes
+                for batch in self._expected_batches:  # compile once for every batch size this image will use
+                    key = batch_range(key, with_batch(key, batch)) or key
                 for old in list(self._compiled):
                     merged = batch_range(old, key)
                     if merged is not None:  # the same call at another batch size: one model for both

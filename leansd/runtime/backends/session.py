@@ -102,6 +102,10 @@ class Session(ABC):
     @abstractmethod
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    def expect_batch_sizes(self, sizes: frozenset[int]) -> None:
+        """A hint: calls will come at these batch sizes (a guidance cutoff: 2B, then B). Backends that compile per
+        shape can compile once for all of them; the others ignore it."""
+
     def close(self) -> None:
         """Release the backend's memory. The session cannot run afterwards."""
 
