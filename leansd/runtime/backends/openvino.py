@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
+from leansd.runtime.backends import file_pages
 from leansd.runtime.backends.session import Session, SessionOptions, TensorSpec
 from leansd.runtime.errors import BackendError, ModelFolderError
 
@@ -171,6 +172,8 @@ class OpenVinoSession(Session):
                     del self._compiled[next(iter(self._compiled))]
                 self._model.reshape({name: _partial_shape(dims) for name, dims in key})
                 compiled = core().compile_model(self._model, self.device, self._config)
+                if self.device == "CPU":  # the compiled model holds its own copy of the weights
+                    file_pages.release(self.path.parent)
                 self._compiled[key] = (compiled, compiled.create_infer_request())
             compiled, request = self._compiled.pop(key)
             self._compiled[key] = (compiled, request)
