@@ -66,15 +66,20 @@ def _weight_bytes(tensor: Any) -> int:
 
 
 def _assign(nodes: list, initializers: dict, count: int) -> list[int]:
-    """Part index of each node: consecutive runs holding about 1/count of the weights each."""
-    total = sum(_weight_bytes(t) for t in initializers.values())
-    budget = total / count
+    """Part index of each node: consecutive runs holding about 1/count of the weights each.
+
+    Each part's budget is what is left divided by the parts left, so the shortfall of the parts before (each closes
+    before the tensor that would overflow it) is spread over the rest instead of piling up in the last part.
+    """
+    left = sum(_weight_bytes(t) for t in initializers.values())
+    budget = left / count
     assignment, part, held, seen = [], 0, 0, set()
     for node in nodes:
         new = {name for name in node.input if name in initializers and name not in seen}
         added = sum(_weight_bytes(initializers[name]) for name in new)
         if held and held + added > budget and part < count - 1:
-            part, held = part + 1, 0
+            part, left = part + 1, left - held
+            held, budget = 0, left / (count - part)
         seen |= new
         held += added
         assignment.append(part)

@@ -118,3 +118,17 @@ def test_stage_lines_when_stderr_is_a_file(capsys):
     assert len(lines) == 2 and lines[0].endswith("] sd-export: unet: ONNX export") and lines[1].endswith("sd-export: done")
     assert lines[0].startswith("[") and " s, peak " in lines[0] and " GB]" in lines[0]
     assert not isinstance(bar(10, "sd-export", False), StageLines)
+
+
+def test_parts_spread_the_shortfall_instead_of_piling_it_on_the_last():
+    """Ten equal weights in 4 parts: a fixed budget of 1/4 would leave 2, 2, 2, 4 (the last part twice the others);
+    the budget recomputed over what is left gives 2, 2, 3, 3."""
+    pytest.importorskip("onnx")
+    from onnx import helper, numpy_helper
+
+    from leansd.export.streaming import _assign
+
+    weights = {f"w{i}": numpy_helper.from_array(np.zeros(7, np.float32), f"w{i}") for i in range(10)}
+    nodes = [helper.make_node("Add", ["x", f"w{i}"], [f"y{i}"]) for i in range(10)]
+    assignment = _assign(nodes, weights, 4)
+    assert [assignment.count(p) for p in range(4)] == [2, 2, 3, 3] and assignment == sorted(assignment)
