@@ -38,7 +38,7 @@ class StageLines:
         """Steps are counted by the bar only; the lines already say which stage runs."""
 
     def close(self) -> None:
-        self.set_postfix_str("done")
+        """Nothing to clear: the CLI's last line says the export finished (or why it failed)."""
 
 
 def bar(total: int, desc: str, progress: bool | None) -> Any:

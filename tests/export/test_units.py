@@ -113,9 +113,10 @@ def test_stage_lines_when_stderr_is_a_file(capsys):
     assert isinstance(log, StageLines)  # pytest's captured stderr is not a terminal
     log.set_postfix_str("unet: ONNX export")
     log.update()
+    log.set_postfix_str("unet: verify ONNX")
     log.close()
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 2 and lines[0].endswith("] sd-export: unet: ONNX export") and lines[1].endswith("sd-export: done")
+    assert len(lines) == 2 and lines[0].endswith("] sd-export: unet: ONNX export") and lines[1].endswith("] sd-export: unet: verify ONNX")
     assert lines[0].startswith("[") and " s, peak " in lines[0] and " GB]" in lines[0]
     assert not isinstance(bar(10, "sd-export", False), StageLines)
 
