@@ -32,9 +32,8 @@ COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 # Optional: the UNet cut in two for feature reuse across steps (`sd-export --deep-cache`, see `deepcache`).
 DEEP_CACHE_COMPONENTS = deepcache.PARTS
 NORMED_HIDDEN_STATES = "normed_hidden_states"  # the text encoder's output for clip skip (see the docstring)
-# Dynamic-shape exports are traced and checked at most at 64x64 latents (SD 1.x's native size): every spatial axis
-# stays symbolic, so a larger sample checks nothing more, and SDXL's native 128x128 costs 4x the time and the
-# activations (its VAE decoder traced at 1024x1024, batch 2, alone needs several GB).
+# Dynamic-shape exports are traced and checked at most at 64x64 latents (SD 1.x's size): every spatial axis stays
+# symbolic, so more checks nothing more, and SDXL's 128x128 costs 4x the time and activations (VAE: several GB).
 SAMPLE_MAX_LATENT = 64
 
 
