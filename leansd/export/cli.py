@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="cut the ONNX UNet into N parts sharing its weights file, so that sd-run --low-memory on onnxruntime loads "
-        "one part at a time (weight streaming); default: 8 when the UNet is over 2 GB (SD 1.5 and up), else none; 0: none",
+        "one part at a time (weight streaming); default when the UNet is over 2 GB: 8 parts, or more so that none holds "
+        "much over 640 MB (SD 1.5: 8, SDXL: 16); else none; 0: none",
     )
     p.add_argument("--config", "--sd1-config", dest="config", metavar="DIR",
                    help="diffusers-layout config folder for single-file checkpoints (default: the SD 1.x or SD 2.x configs shipped with "

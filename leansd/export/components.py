@@ -32,6 +32,9 @@ COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 # Optional: the UNet cut in two for feature reuse across steps (`sd-export --deep-cache`, see `deepcache`).
 DEEP_CACHE_COMPONENTS = deepcache.PARTS
 NORMED_HIDDEN_STATES = "normed_hidden_states"  # the text encoder's output for clip skip (see the docstring)
+# Dynamic-shape exports are traced and checked at most at 64x64 latents (SD 1.x's size): every spatial axis stays
+# symbolic, so more checks nothing more, and SDXL's 128x128 costs 4x the time and activations (VAE: several GB).
+SAMPLE_MAX_LATENT = 64
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,11 @@ class ModelInfo:
         """The image side the model was trained at (UNet sample size x VAE factor): 512 for SD 1.x."""
         return self.unet_sample_size * self.vae_scale_factor
 
+    @property
+    def sample_latent_side(self) -> int:
+        """The latent side a dynamic-shape export is traced and checked at: the native one, at most `SAMPLE_MAX_LATENT`."""
+        return min(self.unet_sample_size, SAMPLE_MAX_LATENT)
+
 
 def make_inputs(component: str, info: ModelInfo, *, batch: int, height: int, width: int, seed: int) -> dict[str, np.ndarray]:
     """Seeded inputs of realistic range for one component, for `batch` images of `height` x `width` pixels.
@@ -250,7 +258,7 @@ def trace_size(component: str, info: ModelInfo) -> tuple[int, int]:
     its general path (upsample to the skip connection's size), which the graph keeps for every size. Traced
     at a multiple, the graph would only work at multiples.
     """
-    side = info.unet_sample_size
+    side = info.sample_latent_side
     if component in ("unet", "unet_deep") and info.unet_up_factor > 1:
         side = side - 1 if (side - 1) % info.unet_up_factor else side + 1
     return side * info.vae_scale_factor, side * info.vae_scale_factor

@@ -21,6 +21,7 @@ from leansd.export import lora as lora_fusion
 from leansd.export.errors import ExportError, ParityError
 from leansd.export.onnx import DEFAULT_OPSET, export_onnx
 from leansd.export.openvino import XML, convert_openvino
+from leansd.export.progress import bar as progress_bar
 from leansd.export.sources import Source, copy_assets, optimum_model_index, resolve_source
 from leansd.runtime.manifest import UNET_PARTS, fused_whole_file
 
@@ -206,11 +207,8 @@ def export(
 
 def _export_components(source, root: Path, info, backends, static, opset, tolerances, progress, order=MODULE_ORDER, loaders=None,
                        unet_parts: int | None = None, prints: dict | None = None) -> dict[str, Any]:
-    from tqdm import tqdm
-
     per_component = 1 + (1 if "onnx" in backends else 0) + (2 if "openvino" in backends else 0)
-    bar = tqdm(total=sum(len(parts) for _, parts in order) * per_component, desc="sd-export", unit="step", file=sys.stderr,
-               disable=None if progress is None else not progress, dynamic_ncols=True)
+    bar = progress_bar(sum(len(parts) for _, parts in order) * per_component, "sd-export", progress)
     parity: dict[str, Any] = {}
     scratch = root / ".onnx-scratch"  # the ONNX files of an OpenVINO-only export
     try:
@@ -229,8 +227,7 @@ def _export_components(source, root: Path, info, backends, static, opset, tolera
                 if name in comp.DEEP_CACHE_COMPONENTS and "onnx" in backends:
                     parity[name]["onnx"]["fp32"]["fused_attention"] = _fuse_and_check(name, onnx_path, feeds, reference, tolerances[name])
                 if name == "unet" and "onnx" in backends:
-                    count = unet_parts if unet_parts is not None else (
-                        streaming.DEFAULT_PARTS if streaming.has_external_data(onnx_path) else 0)
+                    count = unet_parts if unet_parts is not None else streaming.default_parts(onnx_path)
                     if count:
                         bar.set_postfix_str(f"unet: {count} streaming parts")
                         parity[UNET_PARTS] = {"onnx": {"fp32": _split_and_check(onnx_path, count, feeds, reference, tolerances[name])}}
@@ -274,9 +271,10 @@ def _trace(name, module, folder: Path, info, static, opset, bar):
 
 
 def _verification_inputs(name: str, info, static) -> dict:
-    """The inputs every exported file of a component is checked on: the static size, else one image at the model's size."""
-    at = {k: static[k] for k in ("batch", "height", "width")} if static else {
-        "batch": 1, "height": info.default_size, "width": info.default_size}
+    """The inputs every exported file of a component is checked on: the static size, else one image at the model's size
+    (at most 64x64 latents, `components.SAMPLE_MAX_LATENT`)."""
+    side = info.sample_latent_side * info.vae_scale_factor
+    at = {k: static[k] for k in ("batch", "height", "width")} if static else {"batch": 1, "height": side, "width": side}
     return comp.make_inputs(name, info, seed=VERIFY_SEED, **at)
 
 
@@ -405,14 +403,11 @@ def _relative(root: Path, path: Path) -> str:
 
 def _export_int8(root: Path, info, backends, static, files, force: bool, progress) -> quantize.Int8Result:
     """Calibrate on the fp32 files just written, write and measure the int8 files (see `leansd.export.quantize`)."""
-    from tqdm import tqdm
-
     size = (static["height"], static["width"]) if static else (info.default_size, info.default_size)
     plan = quantize.RunPlan(height=size[0], width=size[1], batch=static["batch"] if static else 1)
     components = [n for n in quantize.GATES if n in files]  # SDXL adds text_encoder_2; its refiner has no text_encoder
     total = ("openvino" in backends) + 1 + len(backends) * (len(components) + 1)  # see the step() calls in build()
-    bar = tqdm(total=total, desc="sd-export int8", unit="step", file=sys.stderr,
-               disable=None if progress is None else not progress, dynamic_ncols=True)
+    bar = progress_bar(total, "sd-export int8", progress)
     done = [False]
 
     def step(what: str) -> None:

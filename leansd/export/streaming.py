@@ -23,6 +23,7 @@ embedding, the text states) are outputs of the part that makes them and inputs o
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +32,30 @@ from leansd.export.errors import ExportError
 from leansd.runtime.manifest import PARTS_FORMAT, PARTS_FORMAT_VERSION, parts_index_path as index_path  # noqa: F401
 
 DEFAULT_PARTS = 8
+# The most weight one part should hold when the model is cut by default. Low-memory mode keeps one part mapped at
+# a time beside the activations, so this bounds the UNet's share of its peak: SD 1.5 (3.4 GB) keeps 8 parts of
+# 0.43 GB, SDXL's UNet (10.3 GB) gets 16 of 0.64 GB, which leaves room for 1024x1024 activations under 3 GB.
+PART_BYTES = 640 * 2**20
 
 
 def has_external_data(model_path: Path) -> bool:
     """Whether the model keeps its weights in an external data file (models over 2 GB do)."""
+    return external_bytes(model_path) > 0
+
+
+def external_bytes(model_path: Path) -> int:
+    """Bytes of the model's weights kept in external data files (0: all inside the model file)."""
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    return sum(_weight_bytes(t) for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+
+
+def default_parts(model_path: Path) -> int:
+    """How many parts to cut a model into when not told: none when its weights are inside the file (under 2 GB),
+    else `DEFAULT_PARTS`, or more so that no part holds much over `PART_BYTES`."""
+    size = external_bytes(model_path)
+    return 0 if not size else max(DEFAULT_PARTS, math.ceil(size / PART_BYTES))
 
 
 def _weight_bytes(tensor: Any) -> int:
@@ -49,15 +66,20 @@ def _weight_bytes(tensor: Any) -> int:
 
 
 def _assign(nodes: list, initializers: dict, count: int) -> list[int]:
-    """Part index of each node: consecutive runs holding about 1/count of the weights each."""
-    total = sum(_weight_bytes(t) for t in initializers.values())
-    budget = total / count
+    """Part index of each node: consecutive runs holding about 1/count of the weights each.
+
+    Each part's budget is what is left divided by the parts left, so the shortfall of the parts before (each closes
+    before the tensor that would overflow it) is spread over the rest instead of piling up in the last part.
+    """
+    left = sum(_weight_bytes(t) for t in initializers.values())
+    budget = left / count
     assignment, part, held, seen = [], 0, 0, set()
     for node in nodes:
         new = {name for name in node.input if name in initializers and name not in seen}
         added = sum(_weight_bytes(initializers[name]) for name in new)
         if held and held + added > budget and part < count - 1:
-            part, held = part + 1, 0
+            part, left = part + 1, left - held
+            held, budget = 0, left / (count - part)
         seen |= new
         held += added
         assignment.append(part)

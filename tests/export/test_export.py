@@ -161,3 +161,45 @@ def test_large_models_get_one_external_data_file(tiny_sd_dir, tmp_path):
     assert locations == {"model.onnx_data"}
     models = torch_models(str(tiny_sd_dir))
     assert_close(run("onnx", path, feeds), torch_outputs("text_encoder", models, feeds))
+
+
+def test_relocation_streams_weight_files_into_one(tiny_sd_dir, tmp_path):
+    """Over 2 GB the ONNX exporter writes one file per tensor; they are appended one by one to model.onnx_data (each
+    deleted once copied), which then holds every weight exactly once, and both runtimes compute what they computed
+    from the weights inline."""
+    import onnx
+    from onnx import numpy_helper
+    from transformers import CLIPTextModel
+
+    from leansd.export import components as comp
+    from leansd.export.onnx import _relocate, export_onnx
+
+    info = comp.ModelInfo.from_configs(*(json.loads((tiny_sd_dir / d / "config.json").read_text()) for d in ("unet", "vae", "text_encoder")))
+    wrapper = comp.wrap("text_encoder", CLIPTextModel.from_pretrained(tiny_sd_dir, subfolder="text_encoder"))
+    feeds = comp.make_inputs("text_encoder", info, batch=2, height=32, width=32, seed=0)
+    inline = tmp_path / "inline" / "model.onnx"
+    export_onnx("text_encoder", wrapper, feeds, inline)
+    pieces = tmp_path / "pieces" / "model.onnx"
+    pieces.parent.mkdir()
+    onnx.save_model(onnx.load(str(inline)), str(pieces), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(inline)).graph.initializer}
+    assert len(list(pieces.parent.iterdir())) == len(weights) + 1 > 10  # the exporter's layout: one file per tensor
+
+    streamed = tmp_path / "streamed" / "model.onnx"
+    written = _relocate(pieces, streamed, 0)
+    assert [p.name for p in pieces.parent.iterdir()] == ["model.onnx"]  # each piece deleted once appended
+    assert sorted(p.name for p in streamed.parent.iterdir()) == ["model.onnx", "model.onnx_data"] == sorted(p.name for p in written)
+    graph = onnx.load(str(streamed), load_external_data=False).graph
+    spans = sorted((int(e["offset"]), int(e["length"])) for e in
+                   ({x.key: x.value for x in t.external_data} for t in graph.initializer) if e)
+    assert all(a + n == b for (a, n), (b, _) in zip(spans, spans[1:]))  # back to back: no weight twice, no gap
+    assert spans[0][0] == 0 and sum(n for _, n in spans) == (streamed.parent / "model.onnx_data").stat().st_size
+    assert len(spans) == len(weights)
+    loaded = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(streamed)).graph.initializer}
+    assert loaded.keys() == weights.keys()
+    for name, value in weights.items():
+        np.testing.assert_array_equal(loaded[name], value)
+    for backend in ("onnx", "openvino"):
+        want, got = run(backend, inline, feeds), run(backend, streamed, feeds)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{backend} {name}")

@@ -63,3 +63,73 @@ def test_static_shapes_default_and_check():
     assert parse_static({"batch": 2}, Info) == {"height": 512, "width": 512, "batch": 2}
     with pytest.raises(ExportError, match="--width 500 is not a positive multiple of 8.*use 496 or 504"):
         parse_static({"width": 500}, Info)
+
+
+def test_samples_stay_at_most_64_latents(tmp_path):
+    """SDXL (128x128 latents) is traced and checked at 64x64, SD 1.x at its own 64x64, tiny models at their size;
+    the UNet's trace size stays off a multiple of its upsampling factor."""
+    from leansd.export import components as comp
+    from leansd.export.exporter import _verification_inputs
+
+    def info(sample_size: int, ups: int):
+        unet = {"up_block_types": ["UpBlock2D"] * (ups + 1), "cross_attention_dim": 8, "sample_size": sample_size}
+        return comp.ModelInfo.from_configs(unet, {"block_out_channels": [4] * 4}, {"hidden_size": 8, "vocab_size": 100})
+
+    for sample_size, ups, side, unet_trace in ((128, 2, 64, 63), (64, 3, 64, 63), (16, 1, 16, 15), (96, 3, 64, 63)):
+        model = info(sample_size, ups)
+        assert model.sample_latent_side == side and model.default_size == sample_size * 8
+        assert comp.trace_size("vae_decoder", model) == (side * 8, side * 8)
+        assert comp.trace_size("unet", model) == (unet_trace * 8, unet_trace * 8) and unet_trace % 2**ups
+        assert _verification_inputs("unet", model, None)["sample"].shape[2:] == (side, side)
+
+
+def test_default_parts_follow_the_weight_size(tmp_path, monkeypatch):
+    """No parts for weights inside the file, 8 for SD 1.5-size external weights, more past 8 x PART_BYTES."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper, numpy_helper
+
+    from leansd.export import streaming
+
+    weights = [numpy_helper.from_array(np.full((256,), i, np.float32), f"w{i}") for i in range(3)]  # 1 KiB each
+    nodes = [helper.make_node("Add", ["x", "w0"], ["y0"]), helper.make_node("Add", ["y0", "w1"], ["y1"]),
+             helper.make_node("Add", ["y1", "w2"], ["y"])]
+    value = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [256])
+    out = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [256])
+    model = helper.make_model(helper.make_graph(nodes, "g", [value], [out], weights))
+    onnx.save_model(model, str(tmp_path / "inline.onnx"))
+    onnx.save_model(model, str(tmp_path / "external.onnx"), save_as_external_data=True, location="external.onnx_data", size_threshold=0)
+    assert streaming.default_parts(tmp_path / "inline.onnx") == 0
+    assert streaming.external_bytes(tmp_path / "external.onnx") == 3 * 1024
+    assert streaming.default_parts(tmp_path / "external.onnx") == streaming.DEFAULT_PARTS
+    monkeypatch.setattr(streaming, "PART_BYTES", 256)
+    assert streaming.default_parts(tmp_path / "external.onnx") == 12
+
+
+def test_stage_lines_when_stderr_is_a_file(capsys):
+    """Redirected to a file, the export logs one line per stage with the elapsed time and the peak memory."""
+    from leansd.export.progress import StageLines, bar
+
+    log = bar(10, "sd-export", None)
+    assert isinstance(log, StageLines)  # pytest's captured stderr is not a terminal
+    log.set_postfix_str("unet: ONNX export")
+    log.update()
+    log.set_postfix_str("unet: verify ONNX")
+    log.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0].endswith("] sd-export: unet: ONNX export") and lines[1].endswith("] sd-export: unet: verify ONNX")
+    assert lines[0].startswith("[") and " s, peak " in lines[0] and " GB]" in lines[0]
+    assert not isinstance(bar(10, "sd-export", False), StageLines)
+
+
+def test_parts_spread_the_shortfall_instead_of_piling_it_on_the_last():
+    """Ten equal weights in 4 parts: a fixed budget of 1/4 would leave 2, 2, 2, 4 (the last part twice the others);
+    the budget recomputed over what is left gives 2, 2, 3, 3."""
+    pytest.importorskip("onnx")
+    from onnx import helper, numpy_helper
+
+    from leansd.export.streaming import _assign
+
+    weights = {f"w{i}": numpy_helper.from_array(np.zeros(7, np.float32), f"w{i}") for i in range(10)}
+    nodes = [helper.make_node("Add", ["x", f"w{i}"], [f"y{i}"]) for i in range(10)]
+    assignment = _assign(nodes, weights, 4)
+    assert [assignment.count(p) for p in range(4)] == [2, 2, 3, 3] and assignment == sorted(assignment)
