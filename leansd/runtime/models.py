@@ -150,13 +150,15 @@ class VaeDecoder(_Vae):
         size = vae_config.get("sample_size", 512)
         self.tile_size = int(size[0] if isinstance(size, (list, tuple)) else size)  # pixels; latents: / scale_factor
 
-    def decode(self, latents: np.ndarray, tiled: bool = False) -> np.ndarray:
+    def decode(self, latents: np.ndarray, tiled: bool = False, tile_size: int | None = None) -> np.ndarray:
         """Decode; with `tiled`, latents larger than one tile are decoded in overlapping tiles whose seams are
-        blended linearly (diffusers' `vae.enable_tiling()`): memory stays that of one tile at any image size."""
+        blended linearly (diffusers' `vae.enable_tiling()`, whose `tile_sample_min_size` is `tile_size`, by
+        default the VAE's native size): memory stays that of one tile at any image size."""
         scaled = (latents / self.scaling_factor + self.shift_factor).astype(np.float32)
-        tile = self.tile_size // self.scale_factor
+        size = tile_size or self.tile_size
+        tile = size // self.scale_factor
         if tiled and (scaled.shape[-1] > tile or scaled.shape[-2] > tile):
-            return self._decode_tiled(scaled, tile)
+            return self._decode_tiled(scaled, tile, size)
         return self._run(scaled)
 
     def _run(self, scaled: np.ndarray) -> np.ndarray:
@@ -164,10 +166,10 @@ class VaeDecoder(_Vae):
             out = session.run({_first_input(session, ("latent_sample",), "VAE decoder"): scaled})
         return out.get("sample", next(iter(out.values())))
 
-    def _decode_tiled(self, scaled: np.ndarray, tile: int) -> np.ndarray:
+    def _decode_tiled(self, scaled: np.ndarray, tile: int, size: int) -> np.ndarray:
         stride = int(tile * (1 - self.TILE_OVERLAP))
-        blend = int(self.tile_size * self.TILE_OVERLAP)
-        keep = self.tile_size - blend
+        blend = int(size * self.TILE_OVERLAP)
+        keep = size - blend
         rows = [
             [np.array(self._run(np.ascontiguousarray(scaled[:, :, i : i + tile, j : j + tile]))) for j in range(0, scaled.shape[3], stride)]
             for i in range(0, scaled.shape[2], stride)

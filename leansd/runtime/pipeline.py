@@ -265,7 +265,7 @@ class Generation:
         unet = budget.unet_elements(pipe.bundle.unet_config, unet_batch, h, w, d.fused_attention) * 4 * budget.UNET_FACTOR
         decoder = pipe._decoder(self.settings)
         if self._tiled(decoder):
-            tile = decoder.tile_size // decoder.scale_factor
+            tile = pipe.memory.vae_tile_size(decoder.tile_size) // decoder.scale_factor
             h, w = min(h, tile), min(w, tile)
         images = batch * self.height * self.width * 3 * 4 * 2  # float images and their 8-bit copies, all kept
         decode = budget.vae_elements(decoder.config, h, w) * 4 * budget.VAE_FACTOR + images
@@ -289,9 +289,9 @@ class Generation:
     def _decode(self, latents: np.ndarray) -> list[Image.Image] | np.ndarray:
         """Decode one image at a time, to keep the VAE's activations small."""
         decoder = self.pipe._decoder(self.settings)
-        tiled = self._tiled(decoder)
+        tiled, tile = self._tiled(decoder), self.pipe.memory.vae_tile_size(decoder.tile_size)
         with self.pipe.memory.stage(decoder.session):
-            decoded = np.concatenate([decoder.decode(latents[i : i + 1], tiled=tiled) for i in range(latents.shape[0])])
+            decoded = np.concatenate([decoder.decode(latents[i : i + 1], tiled, tile) for i in range(latents.shape[0])])
         unit = decoded_to_unit(decoded)
         checker = self.pipe.models.safety_checker
         if checker is not None and self.settings.safety_checker is not False:  # on by default, as in diffusers

@@ -193,3 +193,28 @@ def test_ddim_eta_matches_diffusers(tiny_sd_dir, pipes, backend):
     err = float(np.abs(got - expected).max())
     assert err < TOLERANCE, f"DDIM eta on {backend}: max-abs {err:.2e}"
     assert float(np.abs(got - plain).max()) > 10 * TOLERANCE  # eta changed the image by far more than the tolerance
+
+
+def test_a_smaller_tile_matches_diffusers_tiling_with_that_tile(tiny_sd_dir, exported_tiny_sd):
+    """Low-memory mode caps the tile at 512 pixels (SDXL's native 1024 would decode 1024x1024 whole): the tile size
+    is diffusers' `tile_sample_min_size`, checked here at 16 pixels on the tiny VAE (native 32)."""
+    from diffusers import AutoencoderKL
+
+    from leansd.runtime.memory import MemoryPolicy
+
+    assert MemoryPolicy(low_memory=True).vae_tile_size(1024) == 512 and MemoryPolicy(low_memory=True).vae_tile_size(32) == 32
+    assert MemoryPolicy(low_memory=False).vae_tile_size(1024) == 1024
+    vae = AutoencoderKL.from_pretrained(tiny_sd_dir, subfolder="vae").eval()
+    vae.enable_tiling()
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae.tile_sample_min_size, vae.tile_latent_min_size = 16, 16 // scale
+    latents = torch.randn(1, vae.config.latent_channels, 40 // scale, 56 // scale, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = vae.decode(latents / vae.config.scaling_factor).sample.numpy()
+    for backend in BACKENDS:
+        decoder = leansd.load(exported_tiny_sd, backend=backend).models.vae_decoder
+        got = decoder.decode(latents.numpy(), tiled=True, tile_size=16)
+        untiled = decoder.decode(latents.numpy())
+        assert float(np.abs(untiled - expected).max()) > 1e-3  # 16-pixel tiles change the image
+        err = float(np.abs(got - expected).max())
+        assert err < TOLERANCE * 2, f"16-pixel tiles on {backend}: max-abs {err:.2e}"
