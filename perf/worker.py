@@ -372,6 +372,7 @@ def measure(spec: dict, result: dict, spawn: float) -> None:
             result[f"{name}_samples_s"] = times
             result[f"{name}_s"] = statistics.median(times)
     result["rss_self_peak_mb"] = peak_rss_mb()
+    result["major_page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt  # weights read back from disk
 
 
 def main(argv: list[str]) -> int:
