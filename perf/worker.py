@@ -22,6 +22,7 @@ import time
 
 T_MAIN = time.time()
 
+import importlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
@@ -30,7 +31,7 @@ import sys  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-# kind -> (module, prefix): its pipeline class is PREFIX + "StableDiffusionPipeline" (or "StableDiffusionXLPipeline")
+# kind -> (module, prefix of its StableDiffusionPipeline / StableDiffusionXLPipeline class)
 PIPELINE_CLASSES = {"diffusers": ("diffusers", ""), "optimum-ort": ("optimum.onnxruntime", "ORT"), "optimum-ov": ("optimum.intel", "OV")}
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
 
@@ -138,7 +139,7 @@ class LeansdPeer:
                 return {"encoder_hidden_states": text_encoder.encode(ids).hidden}
         cond = text()
         self.release("text_encoder")
-        emb2 = {name: np.concatenate([value, value]) for name, value in cond.items()}
+        emb2 = {name: np.concatenate([v, v]) for name, v in cond.items()}
         if pipe.bundle.unet_config.get("addition_embed_type") == "text_time":  # SDXL's micro-conditioning, its defaults
             h, w = run["height"], run["width"]
             emb2["time_ids"] = np.tile(np.asarray([h, w, 0, 0, h, w], dtype=np.float32), (2, 1))
@@ -187,8 +188,6 @@ class DiffusersLikePeer:
         kind, opts = spec["kind"], spec["options"]
         self.sdxl = spec["run"].get("pipeline") == "sdxl"
         t0 = time.perf_counter()
-        import importlib
-
         import numpy as np
         import torch
 
@@ -371,6 +370,7 @@ def measure(spec: dict, result: dict, spawn: float) -> None:
             peer.release(component)
             result[f"{name}_samples_s"] = times
             result[f"{name}_s"] = statistics.median(times)
+            result[f"peak_rss_after_{name}_mb"] = peak_rss_mb()  # which stage set the peak
     result["rss_self_peak_mb"] = peak_rss_mb()
     result["major_page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt  # weights read back from disk
 
