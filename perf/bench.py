@@ -33,6 +33,8 @@ PERF = Path(__file__).resolve().parent
 REPO = PERF.parent
 sys.path.insert(0, str(PERF))
 
+import adopt  # noqa: E402
+import ir_weights  # noqa: E402
 import peers as registry  # noqa: E402
 import report  # noqa: E402
 
@@ -153,17 +155,25 @@ class Bench:
 
     # --------------------------------------------------------------------------------------- source model
     def source(self) -> Path | None:
-        src = self.cache / "source"
-        sections = {k: self.config[k] for k in ("seed", "unet", "vae", "text_encoder", "scheduler", "scheduler_class") if k in self.config}
-        versions = report.versions()
-        key = digest({"model": sections, "torch": versions["torch"], "diffusers": versions["diffusers"], "transformers": versions["transformers"]})
+        key = self.source_key()
         stamp = self.stamps / "source.json"
+        saved = json.loads(stamp.read_text()) if stamp.is_file() else {}
+        self.source_info["command"] = f"python perf/build_model.py perf/configs/{self.config['name']}.json SRC"
+        if self.args.adopt_source and (saved.get("path") != str(self.args.adopt_source.resolve()) or saved.get("key") != key):
+            try:
+                saved = adopt.source(stamp, self.args.adopt_source, key, self.source_info["command"].replace("SRC", str(self.args.adopt_source)))
+            except adopt.AdoptError as exc:
+                raise SystemExit(f"bench.py: {exc}") from exc
+            for old in self.stamps.glob("export-*.json"):  # new weights: every export is stale
+                old.unlink()
+            log(f"adopted the source model {saved['path']} ({saved['built_outside']})")
+        # An adopted folder stays where it was built; a stale one is never rebuilt in place (it is someone else's).
+        src = Path(saved["path"]) if saved.get("path") and saved.get("key") == key else self.cache / "source"
         config_file = self.run_dir / "model-config.json"
         config_file.write_text(json.dumps(self.config, indent=1))
         cmd = [sys.executable, str(PERF / "build_model.py"), str(config_file), str(src)]
-        self.source_info["command"] = f"python perf/build_model.py perf/configs/{self.config['name']}.json SRC"
-        if src.is_dir() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key and not self.args.rebuild:
-            self.source_info.update(json.loads(stamp.read_text()), cached=True)
+        if src.is_dir() and saved.get("key") == key and not self.args.rebuild:
+            self.source_info.update(saved, cached=True)
         else:
             log(f"building the {self.config['name']} model with random weights -> {src}")
             res = launch(cmd, self.run_dir / "build.log", self.args.export_timeout)
@@ -177,10 +187,23 @@ class Bench:
             stamp.write_text(json.dumps(info))
             self.source_info.update(info, cached=False)
             log(f"  built in {res['wall_s']:.0f} s, peak RSS {res['peak_rss_mb'] / 1024:.1f} GB")
-        sizes = {c: sum(f.stat().st_size for f in (src / c).glob("*.safetensors")) / 4 / 1e6 for c in ("unet", "text_encoder", "vae")}
+        width = {"float16": 2, "bfloat16": 2}.get(self.config.get("save_dtype"), 4)  # bytes per stored parameter
+        parts = [c for c in ("unet", "text_encoder", "text_encoder_2", "vae") if (src / c).is_dir()]
+        sizes = {c: sum(f.stat().st_size for f in (src / c).glob("*.safetensors")) / width / 1e6 for c in parts}
         self.source_info["params"] = ", ".join(f"{c} {n:.0f} M" for c, n in sizes.items())
         self.source_info["ok"] = True
         return src
+
+    def source_key(self) -> str:
+        """What the random-weight model is built from: the config's model sections (SDXL: the shipped configs it names,
+        with their content, its overrides and the dtype it is stored in) and the libraries that build it."""
+        keys = ("seed", "unet", "vae", "text_encoder", "scheduler", "scheduler_class", "pipeline", "configs", "save_dtype", "overrides")
+        sections = {k: self.config[k] for k in keys if k in self.config}
+        if "configs" in self.config:
+            shipped = sorted(p for p in (REPO / self.config["configs"]).rglob("*.json"))
+            sections["configs_content"] = digest({str(p.relative_to(REPO)): p.read_text() for p in shipped})
+        versions = report.versions()
+        return digest({"model": sections, "torch": versions["torch"], "diffusers": versions["diffusers"], "transformers": versions["transformers"]})
 
     def tiny_vae_source(self) -> Path | None:
         """A seeded random TAESD-architecture `AutoencoderTiny` folder (built once, ~10 MB)."""
@@ -197,7 +220,7 @@ class Bench:
     def export(self, key: str, src: Path | None) -> dict:
         if key in self.exports:
             return self.exports[key]
-        exp = registry.EXPORTS[key]
+        exp = registry.exports_for(self.config.get("pipeline"))[key]
         out = self.cache / key
         entry = {"label": exp.label, "display": exp.display(), "ok": False, "path": str(out)}
         self.exports[key] = entry
@@ -209,15 +232,28 @@ class Bench:
         want = {"source": self.source_info["key"], "command": exp.display(), "versions": versions}
         if key.startswith("leansd") and not self.args.reuse_exports:  # the exporter is being developed: re-export when its code changes
             want["exporter_code"] = digest([f.read_text() for f in sorted((REPO / "leansd" / "export").glob("*.py"))])
-        if out.is_dir() and stamp.is_file() and not self.args.reexport:
-            saved = json.loads(stamp.read_text())
+        if key in self.args.adopt_export:
+            folder, log_path = self.args.adopt_export[key]
+            try:
+                adopt.export(stamp, folder, log_path, {k: v for k, v in want.items() if k != "exporter_code"}, exp.display())
+            except adopt.AdoptError as exc:
+                entry["error"] = str(exc)
+                log(f"  cannot adopt the {key} export: {exc}")
+                return entry
+        saved = json.loads(stamp.read_text()) if stamp.is_file() else {}
+        out = Path(saved.get("path") or out)  # an adopted export stays where it was made
+        entry["path"] = str(out)
+        if out.is_dir() and saved and not self.args.reexport:
             saved_inputs = dict(saved.get("inputs") or {})
-            if self.args.reuse_exports:
+            if self.args.reuse_exports or saved.get("adopted"):  # an adopted export is never redone for a code change
                 saved_inputs.pop("exporter_code", None)
+                want.pop("exporter_code", None)
             if digest(saved_inputs) == digest(want):
                 entry.update(ok=True, cached=True, wall_s=saved.get("wall_s"), peak_rss_mb=saved.get("peak_rss_mb"),
-                             measured_at=saved.get("measured_at"), size_gb=folder_size_gb(out))  # fmt: skip
+                             measured_at=saved.get("measured_at"), size_gb=folder_size_gb(out), adopted=saved.get("adopted"),
+                             weights=ir_weights.summary(out))  # fmt: skip
                 return entry
+        out = self.cache / key
         taesd = self.tiny_vae_source() if exp.needs_tiny_vae else None
         if exp.needs_tiny_vae and taesd is None:
             entry["error"] = "could not build the tiny VAE"
@@ -235,7 +271,7 @@ class Bench:
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
-        entry.update(ok=True, size_gb=folder_size_gb(out))
+        entry.update(ok=True, size_gb=folder_size_gb(out), weights=ir_weights.summary(out))
         stamp.write_text(json.dumps({"inputs": want, "wall_s": res["wall_s"], "peak_rss_mb": res["peak_rss_mb"],
                                      "measured_at": datetime.now().isoformat(timespec="seconds")}))  # fmt: skip
         log(f"  done in {res['wall_s']:.0f} s, peak RSS {res['peak_rss_mb'] / 1024:.1f} GB, {entry['size_gb']:.2f} GB on disk")
@@ -283,13 +319,14 @@ class Bench:
         if options.get("cache_dir") == "@fresh":
             options["cache_dir"] = str(out_dir / "compile-cache")
             row["options"]["cache_dir"] = "<fresh folder>"
-        run = {**self.config["run"], "seed": 0, "repeats": self.args.repeats, "images": self.args.images}
+        run = {**self.config["run"], "seed": 0, "repeats": self.args.repeats, "images": self.args.images, "pipeline": self.config.get("pipeline")}
         if peer.prime:
             prime = self._spawn(peer, folder, options, {**run, "steps": 1, "images": 1, "repeats": 0}, out_dir / "prime")
             row["prime"] = {k: prime.get(k) for k in ("status", "reason", "peak_rss_mb")} | {"cold_s": (prime.get("result") or {}).get("cold_s")}
             if prime["status"] != "ok":
                 row.update(status="failed", reason=f"priming run failed: {prime.get('reason')}")
                 return row
+        row["run"] = {k: run[k] for k in ("steps", "height", "width", "guidance_scale", "repeats", "images")}
         row.update(self._spawn(peer, folder, options, run, out_dir))
         if options.get("cache_dir") and peer.options.get("cache_dir") == "@fresh":
             shutil.rmtree(options["cache_dir"], ignore_errors=True)  # compiled blobs are as big as the model
@@ -322,22 +359,27 @@ class Bench:
     def compare_images(self, rows: list[dict]) -> None:
         import numpy as np
 
-        # diffusers is the reference; without it, leansd's own fp32 run (itself within ~1e-6 of diffusers).
-        ref_row = next((r for name in ("diffusers-pt-fp32", "leansd-ov-fp32", "leansd-ort-fp32") for r in rows
-                        if r["name"] == name and r.get("status") == "ok"), None)
-        if ref_row is None:
-            return
-        self.image_reference = ref_row["label"]
-
         def image_path(row: dict) -> Path:  # rows kept from an earlier run (--add-to) live in that run's folder
-            return (REPO / row["run_dir"] if row.get("run_dir") else self.run_dir) / row["name"] / "image.npy"
+            return (REPO / row["run_dir"] if row.get("run_dir") else self.run_dir) / row.get("peer", row["name"]) / "image.npy"
 
-        if not image_path(ref_row).is_file():  # an earlier run's folder may have been cleaned up
+        # diffusers is the reference; without it, leansd's own fp32 run (itself within ~1e-6 of diffusers). Only rows
+        # that made an image count (an earlier run's folder may have been cleaned up, a row may time components only).
+        # Images are compared at equal step counts (rows of another --steps run have their own reference).
+        def steps(row: dict) -> int | None:
+            return (row.get("run") or {}).get("steps")
+
+        refs: dict = {}
+        for name in ("diffusers-pt-fp32", "leansd-ov-fp32", "leansd-ort-fp32"):
+            for r in rows:
+                if r.get("peer", r["name"]) == name and r.get("status") == "ok" and image_path(r).is_file():
+                    refs.setdefault(steps(r), r)
+        if not refs:
             return
-        ref = np.load(image_path(ref_row))
+        self.image_reference = " / ".join(dict.fromkeys(r["label"] for r in refs.values()))
         for r in rows:
             path = image_path(r)
-            if r.get("status") == "ok" and path.is_file():
+            if r.get("status") == "ok" and path.is_file() and steps(r) in refs:
+                ref = np.load(image_path(refs[steps(r)]))
                 img = np.load(path)
                 if img.shape == ref.shape:
                     r["max_abs_diff"] = float(np.abs(img - ref).max())
@@ -359,6 +401,10 @@ def select_peers(args) -> list[registry.Peer]:
     return sorted(chosen, key=lambda p: p.name != "diffusers-pt-fp32")
 
 
+def default_output(mode: str) -> Path:
+    return PERF / ("RESULTS.md" if mode == "full" else f"RESULTS-{mode}.md")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="perf/bench.py", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="reduced architecture at 256x256, 10 steps (minutes, not SD 1.5 numbers)")
@@ -378,9 +424,27 @@ def parse_args(argv):
                    help="build the model and the exports the selected configurations need, then stop (prepare on a busy machine, measure on an idle one)")
     p.add_argument("--add-to", type=Path, metavar="RESULTS_JSON",
                    help="measure the chosen configurations and merge them into an earlier run's results (its other rows are kept)")
+    p.add_argument("--steps", type=int, help="denoising steps of each whole image (default: from the config)")
+    p.add_argument("--adopt-source", type=Path, metavar="DIR",
+                   help="use this diffusers folder, built outside the benchmark with perf/build_model.py and this config, as the model")
+    p.add_argument("--adopt-export", action="append", default=[], metavar="KEY=DIR,LOG",
+                   help="use DIR as export KEY, made outside the benchmark with the command --list shows for KEY and timed by "
+                        "/usr/bin/time -v into LOG (its wall time and peak RSS go into the report)")
+    p.add_argument("--row-suffix", metavar="TEXT",
+                   help="name this run's rows CONFIGURATION@TEXT and add ', TEXT' to their labels, so that with --add-to they sit beside "
+                        "the earlier rows of the same configurations (e.g. 'whole image', '4 steps') instead of replacing them")
     p.add_argument("--list", action="store_true", help="list the configurations and exports, then exit")
     p.add_argument("--render", type=Path, metavar="RESULTS_JSON", help="only rewrite the report from a saved results JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    adopted = {}
+    for item in args.adopt_export:
+        key, _, rest = item.partition("=")
+        folder, _, log_path = rest.partition(",")
+        if not key or not folder or not log_path:
+            p.error(f"--adopt-export {item!r}: expected KEY=DIR,LOG")
+        adopted[key] = (Path(folder), Path(log_path))
+    args.adopt_export = adopted
+    return args
 
 
 def main(argv=None) -> int:
@@ -392,22 +456,26 @@ def main(argv=None) -> int:
         print()
         for e in registry.EXPORTS.values():
             print(f"export {e.key:18s} {e.display()}" + (f" [opt-in: {e.opt_in}]" if e.opt_in else ""))
+        for e in registry.SDXL_EXPORTS.values():
+            print(f"export {e.key:18s} {e.display()} [SDXL configs]")
         return 0
     if args.render:
         data = json.loads(args.render.read_text())
-        output = args.output or PERF / ("RESULTS-quick.md" if data["mode"] == "quick" else "RESULTS.md")
+        output = args.output or default_output(data["mode"])
         output.write_text(report.render(data))
         log(f"wrote {output}")
         return 0
     config_path = args.config or PERF / "configs" / ("quick.json" if args.quick else "full.json")
     config = json.loads(config_path.read_text())
     mode = config["name"]
+    if args.steps is not None:
+        config["run"]["steps"] = args.steps
     args.repeats = config["run"]["repeats"] if args.repeats is None else args.repeats
     args.images = config["run"].get("images", 2) if args.images is None else args.images
     if args.export_timeout is None:
-        args.export_timeout = 1800.0 if mode == "quick" else 3 * 3600.0
-    output = args.output or PERF / ("RESULTS-quick.md" if mode == "quick" else "RESULTS.md")
-    cache = PERF / "cache" / mode
+        args.export_timeout = 1800.0 if mode.endswith("quick") else 3 * 3600.0
+    output = args.output or default_output(mode)
+    cache = PERF / "cache" / config.get("cache", mode)  # configs of one model (SDXL and SDXL-Turbo) share its exports
     cache.mkdir(parents=True, exist_ok=True)
 
     started = datetime.now().isoformat(timespec="seconds")
@@ -416,7 +484,7 @@ def main(argv=None) -> int:
     if load0 > 1.0:
         log(f"warning: load average {load0:.2f}: other work is using the CPU, timings will be inflated")
     free_gb = available_memory_gb()
-    if free_gb is not None and free_gb < (4 if mode == "quick" else 14):
+    if free_gb is not None and free_gb < (4 if mode.endswith("quick") else 14):
         log(f"warning: only {free_gb:.1f} GB of memory available; the full-size exports need about 11 GB")
     bench = Bench(args, config, cache)
     src = bench.source()
@@ -435,10 +503,12 @@ def main(argv=None) -> int:
         log(f"{peer.name}: ...")
         row = bench.measure(peer, src)
         row["run_dir"] = str(bench.run_dir.relative_to(REPO))
+        if args.row_suffix:  # rows of their own beside the same configurations' earlier rows (--add-to)
+            row.update(peer=peer.name, name=f"{peer.name}@{args.row_suffix}", label=f"{peer.label}, {args.row_suffix}")
         rows.append(row)
         r = row.get("result") or {}
         if row["status"] == "ok":
-            log(f"  cold {r.get('cold_s', 0):.1f} s, UNet step {r.get('unet_step_s', float('nan')):.3f} s, "
+            log(f"  cold {r.get('cold_s', float('nan')):.1f} s, UNet step {r.get('unet_step_s', float('nan')):.3f} s, "
                 f"peak RSS {row['peak_rss_mb'] / 1024:.2f} GB")  # fmt: skip
         else:
             log(f"  {row['status']}: {row.get('reason')}")
@@ -450,7 +520,8 @@ def main(argv=None) -> int:
         fresh = {r["name"] for r in rows}
         kept = [{**r, "run_dir": r.get("run_dir") or previous["run_dir"]} for r in previous["peers"] if r["name"] not in fresh]
         order = {p.name: i for i, p in enumerate(registry.PEERS)}
-        rows = sorted(kept + rows, key=lambda r: (r["name"] != "diffusers-pt-fp32", order.get(r["name"], len(order))))
+        rows = sorted(kept + rows, key=lambda r: (r.get("peer", r["name"]) != "diffusers-pt-fp32", order.get(r.get("peer", r["name"]), len(order)),
+                                                  r["name"]))
         earlier = previous.get("runs") or [{"started": previous["started"], "command": previous["command"],
                                             "run_dir": previous["run_dir"], "peers": [r["name"] for r in kept]}]
         runs = earlier + [this_run]
@@ -458,10 +529,10 @@ def main(argv=None) -> int:
         started = previous["started"]
         load0 = min(load0, previous.get("loadavg_start", load0))
     bench.compare_images(rows)
-    calls = {r["result"].get("unet_calls_per_image") for r in rows if r.get("status") == "ok" and r.get("result")}
+    calls = {r["result"].get("unet_calls_per_image") for r in rows if r.get("status") == "ok" and r.get("result")} - {None}
     data = {
         "mode": mode,
-        "config": config,
+        "config": previous["config"] if previous else config,  # the first run's settings; --row-suffix rows name theirs
         "started": started,
         "finished": datetime.now().isoformat(timespec="seconds"),
         "loadavg_start": load0,
@@ -470,8 +541,8 @@ def main(argv=None) -> int:
         "machine": report.machine(),
         "versions": report.versions(),
         "command": this_command,
-        "repeats": args.repeats,
-        "images": args.images,
+        "repeats": previous["repeats"] if previous else args.repeats,
+        "images": previous["images"] if previous else args.images,
         "source": bench.source_info,
         "exports": bench.exports,
         "peers": rows,

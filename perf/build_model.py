@@ -58,15 +58,17 @@ def build(config: dict, out: Path) -> Path:
 
 def build_sdxl(config: dict, out: Path) -> Path:
     """An SDXL folder from the architecture configs leansd ships for single-file checkpoints (`config["configs"]`,
-    relative to the repository), seeded random weights. `save_dtype` float16 halves the folder (7 GB instead of
-    14 GB for the base model); diffusers, Optimum and sd-export all load it back as float32."""
+    relative to the repository) with the config's `overrides` per component, seeded random weights. `save_dtype` float16
+    halves the folder (7 GB instead of 14 GB for the base model); diffusers and sd-export load it back as float32."""
     import torch
     import diffusers
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     configs = REPO / config["configs"]
-    read = lambda name: json.loads((configs / name / "config.json").read_text())  # noqa: E731
+    # `overrides` replaces some keys of a shipped config (a narrow model for a quick check of the harness).
+    overrides = config.get("overrides", {})
+    read = lambda name: {**json.loads((configs / name / "config.json").read_text()), **overrides.get(name, {})}  # noqa: E731
     torch.manual_seed(int(config.get("seed", 0)))
     dtype = getattr(torch, config.get("save_dtype", "float32"))
     with torch.no_grad():

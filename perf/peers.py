@@ -89,6 +89,11 @@ EXPORTS = {
             ("{tool:optimum-cli}", "export", "openvino", "--model", "{src}", "--task", "text-to-image", "--weight-format", "int8", "{out}"),
         ),
         Export(
+            "optimum-ov",
+            "Optimum Intel OpenVINO export, its default settings (weights as stored; int8 weight-only for parts of 1 B parameters or more)",
+            ("{tool:optimum-cli}", "export", "openvino", "--model", "{src}", "--task", "text-to-image", "{out}"),
+        ),
+        Export(
             "optimum-ov-hybrid",
             "Optimum Intel OpenVINO export, hybrid int8 (NNCF, UNet activations + weights)",
             ("{python}", "{perf}/export_hybrid.py", "{src}", "{out}"),
@@ -96,6 +101,19 @@ EXPORTS = {
         ),
     )
 }
+
+
+# SDXL: sd-export refuses the deep-cache parts, the tiny VAE and int8 for SDXL today, so its export is the plain one
+# (the command the SDXL export was made with, ONNX + OpenVINO IR fp32 with the UNet's streamed parts).
+SDXL_EXPORTS = {
+    "leansd": Export("leansd", "leansd sd-export (ONNX + OpenVINO IR, fp32, with the UNet's streamed parts)",
+                     ("{tool:sd-export}", "--backend", "all", "{src}", "{out}")),
+}
+
+
+def exports_for(pipeline: str | None) -> dict[str, Export]:
+    """The export commands for a model config's `pipeline` ("sdxl", or None for SD 1.x/2.x)."""
+    return {**EXPORTS, **SDXL_EXPORTS} if pipeline == "sdxl" else EXPORTS
 
 
 @dataclass(frozen=True)
@@ -137,6 +155,11 @@ PEERS = [
          "optimum-ov-fp32", {"static": False, "inference_precision": "f32"}),
     Peer("optimum-ov-int8", "Optimum Intel OpenVINO int8 weight-only, default precision, static", "optimum-ov", "optimum-ov-int8",
          {"static": True}),
+    # Optimum Intel as its documentation's defaults leave it: `optimum-cli export openvino` without options (for a UNet of
+    # 1 B parameters or more, int8 weight-only), OpenVINO's default precision; static for guided runs, dynamic for unguided.
+    Peer("optimum-ov", "Optimum Intel OpenVINO, default export and precision, static", "optimum-ov", "optimum-ov", {"static": True}),
+    Peer("optimum-ov-dynamic", "Optimum Intel OpenVINO, default export and precision, dynamic shapes", "optimum-ov", "optimum-ov",
+         {"static": False}),
     Peer("optimum-ov-fp32-cached", "Optimum Intel OpenVINO fp32, static, compile cache warm (2nd process)", "optimum-ov",
          "optimum-ov-fp32", {"static": True, "cache_dir": "@fresh"}, prime=True),
     Peer(

@@ -196,21 +196,26 @@ def exports_table(data: dict) -> list[str]:
         rss = "–" if e.get("peak_rss_mb") is None else f"{e['peak_rss_mb'] / 1024:.2f}"
         size = "–" if e.get("size_gb") is None else f"{e['size_gb']:.2f}"
         status = "ok" if e["ok"] else f"failed: {e.get('error', '')}".replace("|", "/")
-        if e.get("cached"):
+        if e.get("adopted"):
+            status += f" ({e['adopted']}, finished {e.get('measured_at', 'earlier')})"
+        elif e.get("cached"):
             status += f" (reused from cache, measured {e.get('measured_at', 'earlier')})"
+        for ir, kinds in (e.get("weights") or {}).items():
+            status += f"; `{ir}` weights: " + ", ".join(f"{kind} {gb:.2f} GB" for kind, gb in kinds.items())
         lines.append(f"| {e['label']} | {wall} | {rss} | {size} | {status} |")
     return lines
 
 
 def render(data: dict) -> str:
     cfg, run, m = data["config"], data["config"]["run"], data["machine"]
-    quick = data["mode"] == "quick"
+    quick = data["mode"].endswith("quick")
     out = []
-    title = "leansd benchmark — QUICK MODE (reduced architecture: not SD 1.5 numbers)" if quick else "leansd benchmark — Stable Diffusion 1.5 architecture"
+    family = cfg.get("title", "Stable Diffusion 1.5 architecture")
+    title = f"leansd benchmark — QUICK MODE (reduced architecture: not {family} numbers)" if quick else f"leansd benchmark — {family}"
     out += [f"# {title}", ""]
     if quick:
         out += [
-            "> **Quick mode.** A narrow model with the SD 1.5 block structure at a small size. It checks that every",
+            f"> **Quick mode.** A narrow model with the {family}'s block structure at a small size. It checks that every",
             "> configuration builds, exports and runs, and shows start-up and memory overheads; the speed ratios",
             "> say little about the full model, whose compute is dominated by wide convolutions and attention.",
             "",
@@ -292,7 +297,9 @@ def render(data: dict) -> str:
           [f"{run['command']}    # {run['started']}: {', '.join(run['peers'])}" for run in data["runs"]]),
         "```",
         "",
-        f"The model is built by `{data.get('source', {}).get('command', 'python perf/build_model.py CONFIG SRC')}`, then exported with:",
+        f"The model is built by `{data.get('source', {}).get('command', 'python perf/build_model.py CONFIG SRC')}`"
+        + (f" ({data['source']['built_outside']}; SRC = {data['source']['path']})" if data.get("source", {}).get("built_outside") else "")
+        + ", then exported with:",
         "",
         "```bash",
     ]
@@ -328,6 +335,6 @@ def render(data: dict) -> str:
                 f"- `{p['name']}`: a first process filled the compile cache (1 step, start → image {prime['cold_s']:.1f} s,"
                 f" peak RSS {prime['peak_rss_mb'] / 1024:.2f} GB); the row is the second process, which reads it."
             )
-    if data.get("notes"):
-        out += [f"- {n}" for n in data["notes"]]
+    notes = [*(cfg.get("notes") or []), *(data.get("notes") or [])]
+    out += [f"- {n}" for n in notes]
     return "\n".join(out) + "\n"

@@ -22,6 +22,7 @@ import time
 
 T_MAIN = time.time()
 
+import importlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
@@ -30,6 +31,8 @@ import sys  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+# kind -> (module, prefix of its StableDiffusionPipeline / StableDiffusionXLPipeline class)
+PIPELINE_CLASSES = {"diffusers": ("diffusers", ""), "optimum-ort": ("optimum.onnxruntime", "ORT"), "optimum-ov": ("optimum.intel", "OV")}
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
 
 
@@ -83,6 +86,9 @@ class LeansdPeer:
             guidance_cutoff=float(opts.get("guidance_cutoff", 1.0)),
         )
         self.load_s = time.perf_counter() - t0
+        # A run may change the folder's scheduler config (SDXL-Turbo's trailing timesteps on the SDXL base folder): the
+        # pipeline plans every generation from this dict, as if the folder's scheduler_config.json said so.
+        self.pipe.bundle.scheduler_config.update(spec["run"].get("scheduler_config") or {})
         self.low_memory = bool(opts.get("low_memory"))
         self.deep_cache = int(opts.get("deep_cache") or 1)
         self.num_threads = opts.get("num_threads")
@@ -123,17 +129,28 @@ class LeansdPeer:
         """(text encoder, UNet, VAE decode) callables on fixed inputs, as the pipeline feeds them."""
         np, pipe = self.np, self.pipe
         prompt_encoder, denoiser = pipe.models.prompt_encoder, pipe.models.denoiser
-        text_encoder = prompt_encoder.encoders[0]
-        ids = prompt_encoder.tokenizers[0]([PROMPT])
-        emb = text_encoder.encode(ids).hidden
-        if self.low_memory:
-            text_encoder.session.close()
-        emb2 = {"encoder_hidden_states": np.concatenate([emb, emb])}
+        if len(prompt_encoder.encoders) > 1:  # SDXL: both encoders (penultimate layers, pooled embedding), as the pipeline
+            def text():
+                return prompt_encoder.encode([PROMPT])
+        else:
+            text_encoder, ids = prompt_encoder.encoders[0], prompt_encoder.tokenizers[0]([PROMPT])
+
+            def text():
+                return {"encoder_hidden_states": text_encoder.encode(ids).hidden}
+        cond = text()
+        self.release("text_encoder")
+        emb2 = {name: np.concatenate([v, v]) for name, v in cond.items()}
+        if pipe.bundle.unet_config.get("addition_embed_type") == "text_time":  # SDXL's micro-conditioning, its defaults
+            h, w = run["height"], run["width"]
+            emb2["time_ids"] = np.tile(np.asarray([h, w, 0, 0, h, w], dtype=np.float32), (2, 1))
         f = pipe.vae_scale_factor
         rng = np.random.default_rng(0)
         shape = (2, pipe.unet.in_channels, run["height"] // f, run["width"] // f)
         sample = rng.standard_normal(shape, dtype=np.float32)
         latents = sample[:1].copy()
+        # Low-memory mode runs a guided step as two calls of batch 1 and decodes large images in tiles: time what it runs.
+        split = denoiser.split_guidance
+        tiled = self.low_memory and self.decoder is pipe.models.vae_decoder
         if self.deep_cache > 1:
             def unet():
                 features = denoiser.deep.predict(sample, 500, emb2)["deep_features"]
@@ -143,12 +160,10 @@ class LeansdPeer:
             fn = self.unet_timer.fn
 
             def unet():
+                if split:
+                    return [fn(sample[i : i + 1], 500, {k: v[i : i + 1] for k, v in emb2.items()}) for i in (0, 1)]
                 return fn(sample, 500, emb2)
-        return (
-            lambda: text_encoder.encode(ids),
-            unet,
-            lambda: self.decoder.decode(latents),
-        )
+        return text, unet, lambda: self.decoder.decode(latents, tiled=tiled)
 
     def release(self, component: str) -> None:
         """In low-memory mode only one model is loaded at a time, during the component timings too."""
@@ -158,44 +173,46 @@ class LeansdPeer:
                 for unet in (models.denoiser.unet, models.denoiser.deep, models.denoiser.shallow):
                     if unet is not None:
                         unet.session.close()
+            elif component == "text_encoder":
+                for encoder in models.prompt_encoder.encoders:
+                    encoder.session.close()
             else:
-                {"text_encoder": models.prompt_encoder.encoders[0], "vae_decoder": self.decoder}[component].session.close()
+                self.decoder.session.close()
 
 
 class DiffusersLikePeer:
-    """diffusers' StableDiffusionPipeline and Optimum's subclasses of it (ONNX Runtime, OpenVINO)."""
+    """diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) and Optimum's subclasses of it (ONNX Runtime,
+    OpenVINO)."""
 
     def __init__(self, spec: dict):
         kind, opts = spec["kind"], spec["options"]
+        self.sdxl = spec["run"].get("pipeline") == "sdxl"
         t0 = time.perf_counter()
         import numpy as np
         import torch
 
-        if kind == "diffusers":
-            from diffusers import StableDiffusionPipeline as cls
-        elif kind == "optimum-ort":
-            from optimum.onnxruntime import ORTStableDiffusionPipeline as cls
-        elif kind == "optimum-ov":
-            from optimum.intel import OVStableDiffusionPipeline as cls
-        else:
-            raise ValueError(f"unknown peer kind {kind!r}")
+        module, prefix = PIPELINE_CLASSES[kind]
+        cls = getattr(importlib.import_module(module), prefix + ("StableDiffusionXLPipeline" if self.sdxl else "StableDiffusionPipeline"))
         self.np, self.torch = np, torch
         self.import_s = time.perf_counter() - t0
         if opts.get("num_threads"):
             torch.set_num_threads(int(opts["num_threads"]))
         run = spec["run"]
         t0 = time.perf_counter()
+        # SDXL pipelines add an invisible watermark (invisible-watermark installed); leansd only when asked: off here.
+        extra = {"add_watermarker": False} if self.sdxl else {}
         if kind == "diffusers":
-            pipe = cls.from_pretrained(spec["folder"], torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
+            no_checker = {} if self.sdxl else {"safety_checker": None, "requires_safety_checker": False}  # SDXL has none
+            pipe = cls.from_pretrained(spec["folder"], torch_dtype=torch.float32, **no_checker, **extra)
         elif kind == "optimum-ort":
-            pipe = cls.from_pretrained(spec["folder"])
+            pipe = cls.from_pretrained(spec["folder"], **extra)
         else:
             # What Optimum Intel's documentation recommends for CPU: load, reshape to the static size, compile.
             # With a cache folder, OpenVINO keeps the compiled models there (Optimum Intel's `ov_config`).
             ov_config = {"CACHE_DIR": opts["cache_dir"]} if opts.get("cache_dir") else {}
             if opts.get("inference_precision"):  # unset: OpenVINO's default, bf16 on CPUs with native bf16
                 ov_config["INFERENCE_PRECISION_HINT"] = opts["inference_precision"]
-            pipe = cls.from_pretrained(spec["folder"], compile=False, **({"ov_config": ov_config} if ov_config else {}))
+            pipe = cls.from_pretrained(spec["folder"], compile=False, **({"ov_config": ov_config} if ov_config else {}), **extra)
             if opts.get("static", True):
                 pipe.reshape(batch_size=1, height=run["height"], width=run["width"], num_images_per_prompt=1)
             pipe.compile()
@@ -206,7 +223,8 @@ class DiffusersLikePeer:
             classes = {"lcm": "LCMScheduler", "euler": "EulerDiscreteScheduler"}
             if run["scheduler"] not in classes:
                 raise ValueError(f"the benchmark sets only {', '.join(classes)} on diffusers-like peers, not {run['scheduler']!r}")
-            pipe.scheduler = getattr(diffusers, classes[run["scheduler"]]).from_config(pipe.scheduler.config)
+            overrides = run.get("scheduler_config") or {}  # e.g. SDXL-Turbo's trailing timesteps
+            pipe.scheduler = getattr(diffusers, classes[run["scheduler"]]).from_config(pipe.scheduler.config, **overrides)
         self.load_s = time.perf_counter() - t0
         self.pipe = pipe
         self.unet_timer = CallTimer(pipe.unet.forward)
@@ -243,11 +261,23 @@ class DiffusersLikePeer:
 
     def micro(self, run: dict):
         torch, pipe = self.torch, self.pipe
-        tok = pipe.tokenizer
-        ids = tok(PROMPT, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        if self.sdxl:  # both encoders, as the pipeline runs them (tokenizing included, as leansd's SDXL timing)
+            def text():
+                return pipe.encode_prompt(PROMPT, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=False)
+        else:
+            tok = pipe.tokenizer
+            ids = tok(PROMPT, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+            def text():
+                return (pipe.text_encoder(ids)[0],)
         with torch.inference_mode():
-            emb = pipe.text_encoder(ids)[0]
-        emb2 = torch.cat([emb, emb])
+            encoded = text()
+        emb2 = torch.cat([encoded[0], encoded[0]])
+        added = {}
+        if self.sdxl:  # the pooled embedding and the default micro-conditioning (original = target size, no crop)
+            h, w = run["height"], run["width"]
+            added = {"added_cond_kwargs": {"text_embeds": torch.cat([encoded[2], encoded[2]]),
+                                           "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * 2, dtype=torch.float32)}}
         f = pipe.vae_scale_factor
         gen = torch.Generator("cpu").manual_seed(0)
         sample = torch.randn((2, pipe.unet.config.in_channels, run["height"] // f, run["width"] // f), generator=gen)
@@ -263,8 +293,8 @@ class DiffusersLikePeer:
             return call
 
         return (
-            inference(lambda: pipe.text_encoder(ids)[0]),
-            inference(lambda: unet(sample, t, encoder_hidden_states=emb2)[0]),
+            inference(text),
+            inference(lambda: unet(sample, t, encoder_hidden_states=emb2, **added)[0]),
             inference(lambda: pipe.vae.decode(latents, return_dict=False)[0]),
         )
 
@@ -340,7 +370,9 @@ def measure(spec: dict, result: dict, spawn: float) -> None:
             peer.release(component)
             result[f"{name}_samples_s"] = times
             result[f"{name}_s"] = statistics.median(times)
+            result[f"peak_rss_after_{name}_mb"] = peak_rss_mb()  # which stage set the peak
     result["rss_self_peak_mb"] = peak_rss_mb()
+    result["major_page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt  # weights read back from disk
 
 
 def main(argv: list[str]) -> int:
