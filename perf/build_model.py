@@ -47,13 +47,7 @@ def build(config: dict, out: Path) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    pipe.save_pretrained(staging, safe_serialization=True)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return out
+    return _save(pipe, out)
 
 
 def build_sdxl(config: dict, out: Path) -> Path:
@@ -88,6 +82,7 @@ def build_sdxl(config: dict, out: Path) -> Path:
 
 
 def _save(pipe, out: Path) -> Path:
+    """`pipe.save_pretrained` into a staging folder renamed into place, so an interrupted build never looks complete."""
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, safe_serialization=True)
@@ -103,13 +98,7 @@ def build_tiny_vae(out: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderTiny
 
     torch.manual_seed(seed)
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    AutoencoderTiny().eval().save_pretrained(staging, safe_serialization=True)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return out
+    return _save(AutoencoderTiny().eval(), out)
 
 
 def main(argv: list[str]) -> int:
