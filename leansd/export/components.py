@@ -232,8 +232,7 @@ def make_inputs(component: str, info: ModelInfo, *, batch: int, height: int, wid
         }
         if component == "unet" and info.class_embeddings:
             feeds["class_labels"] = rng.integers(0, info.class_embeddings, size=(b,), dtype=np.int64)
-        if info.text_time is not None:
-            xl = info.text_time
+        if (xl := info.text_time) is not None:
             feeds["text_embeds"] = rng.standard_normal((b, xl.pooled_width), dtype=np.float32)
             # original size, crop corner, target size (and the refiner's aesthetic score), as pipelines pass them
             ids = [height, width, 0, 0, height, width] if xl.time_ids == 6 else [height, width, 0, 0, 6.0][: xl.time_ids]
@@ -390,11 +389,9 @@ def _fixed_shapes_sdxl(component: str, info: ModelInfo, xl: sdxl.TextTime, batch
     seq = info.max_tokens
     if component in ("unet", *DEEP_CACHE_COMPONENTS):
         b = 2 * batch
-        shapes = {"sample": [b, info.unet_in_channels, h, w], "timestep": [b], "encoder_hidden_states": [b, seq, info.cross_attention_dim],
-                  "text_embeds": [b, xl.pooled_width], "time_ids": [b, xl.time_ids], "out_sample": [b, info.latent_channels, h, w]}
-        if component != "unet":  # the deep part returns the features, the shallow part takes them
-            shapes["deep_features"] = [b, info.deep_feature_channels, h, w]
-        return shapes
+        features = {} if component == "unet" else {"deep_features": [b, info.deep_feature_channels, h, w]}  # deep-cache parts
+        return {"sample": [b, info.unet_in_channels, h, w], "timestep": [b], "encoder_hidden_states": [b, seq, info.cross_attention_dim],
+                "text_embeds": [b, xl.pooled_width], "time_ids": [b, xl.time_ids], "out_sample": [b, info.latent_channels, h, w], **features}
     if component == "text_encoder":
         width, layers, pooled = info.text_hidden_size, xl.first_encoder_layers or 0, {"pooler_output": [batch, info.text_hidden_size]}
     else:
