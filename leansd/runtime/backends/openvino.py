@@ -1,9 +1,11 @@
 """OpenVINO sessions: read the IR, reshape to static input shapes, compile.
 
 Static shapes make OpenVINO markedly faster on CPU, so the model is reshaped to the shapes of the first call
-and recompiled only when they change. When calls alternate between two batch sizes at otherwise equal shapes (a
-guidance cutoff runs the UNet at batch 2, then 1), the two are served by one model compiled for the range of
-batch sizes: one compile and one copy of the compiled weights instead of two.
+and recompiled only when they change. A generation that will call a model at two batch sizes (a guidance cutoff
+runs the UNet at batch 2, then 1) says so first (`expect_batch_sizes`), and gets one model compiled for the range
+of batch sizes: one compile and one copy of the compiled weights instead of two. Which model serves a call depends
+only on its shapes and its own generation's hint, never on what other threads ran before: the same seed gives the
+same bits.
 """
 from __future__ import annotations
 
@@ -147,27 +149,18 @@ class OpenVinoSession(Session):
         # kept (one in low-memory mode): an image can alternate between two sizes, and recompiling costs seconds.
         self._compiled: dict[ShapeKey, tuple[ov.CompiledModel, ov.InferRequest]] = {}
         self._keep = 1 if options.low_memory else 2
-        self._expected_batches: frozenset[int] = frozenset()  # see expect_batch_sizes
+        self._hint = threading.local()  # per thread: each generation runs in its own (see expect_batch_sizes)
         # One infer request per compiled shape: calls from several threads take turns.
         self._lock = threading.Lock()
 
     def expect_batch_sizes(self, sizes: frozenset[int]) -> None:
-        with self._lock:
-            self._expected_batches = frozenset(sizes)
+        self._hint.batches = frozenset(sizes)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
             shapes = tuple(sorted((name, array.shape) for name, array in feeds.items()))
-            key = next((k for k in self._compiled if covers(k, shapes)), None)
-            if key is None:
-                key = shapes
-                for batch in self._expected_batches:  # compile once for every batch size this image will use
-                    key = batch_range(key, with_batch(key, batch)) or key
-                for old in list(self._compiled):
-                    merged = batch_range(old, key)
-                    if merged is not None:  # the same call at another batch size: one model for both
-                        del self._compiled[old]
-                        key = merged
+            key = self._key(shapes)
+            if key not in self._compiled:
                 while len(self._compiled) >= self._keep:  # free the oldest before building the next one
                     del self._compiled[next(iter(self._compiled))]
                 self._model.reshape({name: _partial_shape(dims) for name, dims in key})
@@ -179,6 +172,13 @@ class OpenVinoSession(Session):
             self._compiled[key] = (compiled, request)
             result = request.infer(feeds, share_inputs=True)
             return {spec.name: np.array(result[port], copy=True) for port, spec in zip(compiled.outputs, self.outputs)}
+
+    def _key(self, shapes: ShapeKey) -> ShapeKey:
+        """The compiled model for these shapes: exact, or the batch range this thread's generation announced."""
+        key = shapes
+        for batch in getattr(self._hint, "batches", ()):
+            key = batch_range(key, with_batch(key, batch)) or key
+        return key
 
     def close(self) -> None:
         self._compiled = {}
