@@ -45,19 +45,19 @@ def test_a_guidance_cutoff_compiles_each_unet_shape_once(monkeypatch, low_memory
     assert list(dict.fromkeys(batches)) == unet_batches  # low-memory mode reopens (and recompiles) every image
 
 
-def test_batch_sizes_share_one_compiled_model_only_when_nothing_else_differs():
-    from leansd.runtime.backends.openvino import batch_range, covers, with_batch
+def test_batch_sizes_share_one_compiled_model_only_when_announced():
+    from leansd.runtime.backends.openvino import batch_key
 
     guided = (("sample", (2, 4, 8, 8)), ("timestep", (2,)), ("scale", ()))
     unguided = (("sample", (1, 4, 8, 8)), ("timestep", (1,)), ("scale", ()))
     taller = (("sample", (1, 4, 16, 8)), ("timestep", (1,)), ("scale", ()))
-    both = batch_range(guided, unguided)
+    cutoff = frozenset({1, 2})
+    both = batch_key(guided, cutoff)
     assert both == (("sample", ((1, 2), 4, 8, 8)), ("timestep", ((1, 2),)), ("scale", ()))
-    assert covers(both, guided) and covers(both, unguided) and not covers(both, taller)
-    assert batch_range(guided, taller) is None  # image sizes stay static
-    assert batch_range(guided, with_batch(guided, 1)) == both
-    assert batch_range(both, unguided) == both
-    assert not covers(guided, unguided)
+    assert batch_key(unguided, cutoff) == both  # one compiled model for both batch sizes
+    assert batch_key(taller, cutoff) == (("sample", ((1, 2), 4, 16, 8)), ("timestep", ((1, 2),)), ("scale", ()))  # sizes stay static
+    assert batch_key(guided, frozenset()) == guided and batch_key(guided, frozenset({2})) == guided  # no range announced
+    assert batch_key((("sample", (4, 4, 8, 8)),), cutoff) == (("sample", (4, 4, 8, 8)),)  # a batch outside the range
 
 
 def _resident_bytes(folder) -> int:

@@ -75,44 +75,15 @@ Dim = int | tuple[int, int]
 ShapeKey = tuple[tuple[str, tuple[Dim, ...]], ...]
 
 
-def covers(key: ShapeKey, shapes: ShapeKey) -> bool:
-    """Whether a model compiled for `key` takes inputs of these exact `shapes`."""
-    if [name for name, _ in key] != [name for name, _ in shapes]:
-        return False
-    for (_, dims), (_, actual) in zip(key, shapes):
-        if len(dims) != len(actual):
-            return False
-        for dim, size in zip(dims, actual):
-            if not (size == dim if isinstance(dim, int) else dim[0] <= size <= dim[1]):
-                return False
-    return True
-
-
-def batch_range(a: ShapeKey, b: ShapeKey) -> ShapeKey | None:
-    """One key taking the inputs of both `a` and `b` when the two differ only in the batch (first) dimension, else
-    None. Only the batch is ever made dynamic: a range of image sizes would slow every convolution."""
-    if [name for name, _ in a] != [name for name, _ in b]:
-        return None
-    widened = []
-    for (name, dims), (_, other) in zip(a, b):
-        if len(dims) != len(other) or dims[1:] != other[1:] or any(not isinstance(d, int) for d in dims[1:]):
-            return None
-        if not dims:
-            widened.append((name, dims))
-            continue
-        (lo_a, hi_a), (lo_b, hi_b) = (_bounds(dims[0]), _bounds(other[0]))
-        low, high = min(lo_a, lo_b), max(hi_a, hi_b)
-        widened.append((name, (low if low == high else (low, high), *dims[1:])))
-    return tuple(widened)
-
-
-def _bounds(dim: Dim) -> tuple[int, int]:
-    return dim if isinstance(dim, tuple) else (dim, dim)
-
-
-def with_batch(key: ShapeKey, batch: int) -> ShapeKey:
-    """`key` with every input's batch (first) dimension set to `batch` (scalars stay scalars)."""
-    return tuple((name, (batch, *dims[1:]) if dims else dims) for name, dims in key)
+def batch_key(shapes: ShapeKey, batches: frozenset[int]) -> ShapeKey:
+    """The shapes to compile for: the call's own, or, when its batch is one of the `batches` its generation
+    announced, the same shapes with the batch (first) dimension the range of them. Only the batch is ever made
+    dynamic: a range of image sizes would slow every convolution."""
+    first = {dims[0] for _, dims in shapes if dims}
+    if len(batches) < 2 or not first <= batches:
+        return shapes
+    span = (min(batches), max(batches))
+    return tuple((name, (span, *dims[1:]) if dims else dims) for name, dims in shapes)
 
 
 def _partial_shape(dims: tuple[Dim, ...]) -> ov.PartialShape:
@@ -159,7 +130,7 @@ class OpenVinoSession(Session):
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
             shapes = tuple(sorted((name, array.shape) for name, array in feeds.items()))
-            key = self._key(shapes)
+            key = batch_key(shapes, getattr(self._hint, "batches", frozenset()))
             if key not in self._compiled:
                 while len(self._compiled) >= self._keep:  # free the oldest before building the next one
                     del self._compiled[next(iter(self._compiled))]
@@ -172,13 +143,6 @@ class OpenVinoSession(Session):
             self._compiled[key] = (compiled, request)
             result = request.infer(feeds, share_inputs=True)
             return {spec.name: np.array(result[port], copy=True) for port, spec in zip(compiled.outputs, self.outputs)}
-
-    def _key(self, shapes: ShapeKey) -> ShapeKey:
-        """The compiled model for these shapes: exact, or the batch range this thread's generation announced."""
-        key = shapes
-        for batch in getattr(self._hint, "batches", ()):
-            key = batch_range(key, with_batch(key, batch)) or key
-        return key
 
     def close(self) -> None:
         self._compiled = {}
