@@ -14,6 +14,9 @@ import ctypes.util
 import functools
 import os
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _MADV_DONTNEED = 4
@@ -55,3 +58,28 @@ def release(folder: Path) -> int:
         if _madvise()(start, end - start, _MADV_DONTNEED) == 0:
             advised += end - start
     return advised
+
+
+RELEASE_INTERVAL_S = 0.05  # a page read is dropped within this; re-reading one it still needs is a minor fault
+
+
+@contextmanager
+def released_while(folder: Path, interval: float = RELEASE_INTERVAL_S) -> Iterator[None]:
+    """Release the mapped pages of `folder` every `interval` seconds while the block runs, and once after it."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    stop = threading.Event()
+
+    def keep_releasing() -> None:
+        while not stop.wait(interval):
+            release(folder)
+
+    thread = threading.Thread(target=keep_releasing, name="leansd-page-release", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        release(folder)

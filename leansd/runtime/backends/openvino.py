@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -131,18 +132,23 @@ class OpenVinoSession(Session):
         with self._lock:
             shapes = tuple(sorted((name, array.shape) for name, array in feeds.items()))
             key = batch_key(shapes, getattr(self._hint, "batches", frozenset()))
-            if key not in self._compiled:
-                while len(self._compiled) >= self._keep:  # free the oldest before building the next one
-                    del self._compiled[next(iter(self._compiled))]
-                self._model.reshape({name: _partial_shape(dims) for name, dims in key})
-                compiled = core().compile_model(self._model, self.device, self._config)
-                if self.device == "CPU":  # the compiled model holds its own copy of the weights
-                    file_pages.release(self.path.parent)
-                self._compiled[key] = (compiled, compiled.create_infer_request())
-            compiled, request = self._compiled.pop(key)
-            self._compiled[key] = (compiled, request)
-            result = request.infer(feeds, share_inputs=True)
+            fresh = key not in self._compiled
+            # Compiling, and the first inference of a model compiled for a batch range, copy the weights out of the
+            # mapped file; on the CPU the compiled model then holds its own copy, so the file's pages are let go.
+            with file_pages.released_while(self.path.parent) if fresh and self.device == "CPU" else nullcontext():
+                if fresh:
+                    self._compile(key)
+                compiled, request = self._compiled.pop(key)
+                self._compiled[key] = (compiled, request)
+                result = request.infer(feeds, share_inputs=True)
             return {spec.name: np.array(result[port], copy=True) for port, spec in zip(compiled.outputs, self.outputs)}
+
+    def _compile(self, key: ShapeKey) -> None:
+        while len(self._compiled) >= self._keep:  # free the oldest before building the next one
+            del self._compiled[next(iter(self._compiled))]
+        self._model.reshape({name: _partial_shape(dims) for name, dims in key})
+        compiled = core().compile_model(self._model, self.device, self._config)
+        self._compiled[key] = (compiled, compiled.create_infer_request())
 
     def close(self) -> None:
         self._compiled = {}
