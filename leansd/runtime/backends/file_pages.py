@@ -64,8 +64,8 @@ RELEASE_INTERVAL_S = 0.05  # a page read is dropped within this; re-reading one 
 
 
 @contextmanager
-def released_while(folder: Path, interval: float = RELEASE_INTERVAL_S) -> Iterator[None]:
-    """Release the mapped pages of `folder` every `interval` seconds while the block runs, and once after it."""
+def released_while(*folders: Path, interval: float = RELEASE_INTERVAL_S) -> Iterator[None]:
+    """Release the mapped pages of files in `folders` every `interval` seconds while the block runs, and once after it."""
     if not sys.platform.startswith("linux"):
         yield
         return
@@ -73,7 +73,8 @@ def released_while(folder: Path, interval: float = RELEASE_INTERVAL_S) -> Iterat
 
     def keep_releasing() -> None:
         while not stop.wait(interval):
-            release(folder)
+            for folder in folders:
+                release(folder)
 
     thread = threading.Thread(target=keep_releasing, name="leansd-page-release", daemon=True)
     thread.start()
@@ -82,4 +83,5 @@ def released_while(folder: Path, interval: float = RELEASE_INTERVAL_S) -> Iterat
     finally:
         stop.set()
         thread.join()
-        release(folder)
+        for folder in folders:
+            release(folder)

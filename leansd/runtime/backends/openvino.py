@@ -107,8 +107,11 @@ class OpenVinoSession(Session):
         self._config = {"PERFORMANCE_HINT": "LATENCY"}
         if options.num_threads:
             self._config["INFERENCE_NUM_THREADS"] = options.num_threads
+        # Folders whose files OpenVINO maps: the IR's, and the compile cache's (a cached blob is mapped too).
+        self._mapped_folders = [path.parent]
         if options.cache_dir is not None:
             self._config["CACHE_DIR"] = str(options.cache_dir)
+            self._mapped_folders.append(Path(options.cache_dir))
         if self.device == "CPU":
             # f32 keeps fp32 numerics on CPUs that would otherwise pick bf16 (parity with the reference); bf16 is asked
             # for by precision="bf16", on CPUs with native bfloat16 arithmetic only.
@@ -135,7 +138,7 @@ class OpenVinoSession(Session):
             fresh = key not in self._compiled
             # Compiling, and the first inference of a model compiled for a batch range, copy the weights out of the
             # mapped file; on the CPU the compiled model then holds its own copy, so the file's pages are let go.
-            with file_pages.released_while(self.path.parent) if fresh and self.device == "CPU" else nullcontext():
+            with file_pages.released_while(*self._mapped_folders) if fresh and self.device == "CPU" else nullcontext():
                 if fresh:
                     self._compile(key)
                 compiled, request = self._compiled.pop(key)
