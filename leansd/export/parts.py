@@ -218,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ExportError, LeanSDError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    entry = json.loads((Path(args.folder).expanduser() / MANIFEST).read_text(encoding="utf-8"))["parity"][PARTS_OF[args.component]]["onnx"]["fp32"]
+    manifest = json.loads((Path(args.folder).expanduser() / MANIFEST).read_text(encoding="utf-8"))
+    entry = manifest["parity"][PARTS_OF[args.component]]["onnx"]["fp32"]
     print(f"{args.component}: {entry['parts']} parts ({index}); max_rel {entry['max_rel']:g} against the whole file")
     return 0
 

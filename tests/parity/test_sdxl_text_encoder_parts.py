@@ -163,3 +163,39 @@ def test_the_upgrade_refuses_what_it_cannot_cut(without_parts, tmp_path):
     assert result.returncode == 2 and "not a folder" in result.stderr
     result = _upgrade(folder, "--parts", "1")
     assert result.returncode == 2 and "--parts 1" in result.stderr
+
+
+def test_the_upgrade_cuts_the_unet_too(without_parts, source, tmp_path):
+    """`--component unet`: the same upgrade for an export whose UNet was written whole; low-memory mode streams it."""
+    folder = shutil.copytree(without_parts, tmp_path / "model")
+    done = _upgrade(folder, "--component", "unet", "--parts", "3")
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((folder / "leansd.json").read_text())
+    assert manifest["components"]["unet_parts"] == {"onnx": {"fp32": "unet/model.parts.json"}}
+    assert manifest["parity"]["unet_parts"]["onnx"]["fp32"]["parts"] == 3 and KEY not in manifest["components"]
+    pipe = leansd.load(folder, backend="onnxruntime", low_memory=True)
+    assert pipe.models.denoiser.streamed_bytes > 0  # the parts are in use, not the whole graph
+    got = pipe(**CALL, seed=13, output_type="np").images
+    assert float(np.abs(got - _expected(source, 13)).max()) < TOLERANCE
+
+
+def test_a_failed_check_leaves_the_folder_as_it_was(without_parts, tmp_path):
+    from leansd.export import ParityError
+    from leansd.export.parts import add_parts
+
+    folder = shutil.copytree(without_parts, tmp_path / "model")
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    manifest = (folder / "leansd.json").read_text()
+    with pytest.raises(ParityError, match=r"second text encoder \(text_encoder_2\)'s .* differ from the whole model\.onnx"):
+        add_parts(folder, count=PARTS, tolerance=-1.0)  # no result passes a negative tolerance
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+    assert (folder / "leansd.json").read_text() == manifest
+
+
+def test_sd_export_rejects_one_text_encoder_part(source, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "leansd.export.cli", str(source), str(out), "--text-encoder-parts", "1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "--text-encoder-parts 1" in result.stderr and "0 (no parts) or 2" in result.stderr
+    assert not out.exists()
