@@ -199,3 +199,30 @@ def test_sd_export_rejects_one_text_encoder_part(source, tmp_path):
     assert result.returncode == 2
     assert "--text-encoder-parts 1" in result.stderr and "0 (no parts) or 2" in result.stderr
     assert not out.exists()
+
+
+def test_external_data_layout_is_cut_by_default(source, tmp_path, monkeypatch):
+    """The full-size layout forced on the tiny model (weights in `model.onnx_data`, as SDXL's 2.8 GB encoder has them):
+    the upgrade then cuts text_encoder_2 without being told a count (sd-export's default), the parts point into the
+    weights file, and low-memory generations still equal diffusers'."""
+    import leansd.export.onnx as onnx_export
+    from leansd.export import export_model, streaming
+    from leansd.export.parts import add_parts
+
+    relocate = onnx_export._relocate
+    monkeypatch.setattr(onnx_export, "_relocate", lambda src, dst, threshold: relocate(src, dst, 0))
+    folder = export_model(source, tmp_path / "large", backends="onnx", text_encoder_parts=0, unet_parts=0, progress=False)
+    model = folder / "text_encoder_2" / "model.onnx"
+    assert streaming.has_external_data(model) and KEY not in json.loads((folder / "leansd.json").read_text())["components"]
+    index = add_parts(folder)
+    entry = json.loads((folder / "leansd.json").read_text())["parity"][KEY]["onnx"]["fp32"]
+    assert entry["parts"] == streaming.default_parts(model) >= 2 and entry["max_rel"] <= 1e-3
+    parts = json.loads(index.read_text())["parts"]
+    assert all(p["weight_bytes"] > 0 for p in parts)  # every part holds some of the weights ...
+    data = (folder / "text_encoder_2" / "model.onnx_data").stat().st_size
+    assert sum((index.parent / p["file"]).stat().st_size for p in parts) < data  # ... by reference into the weights file
+    pipe = leansd.load(folder, backend="onnxruntime", low_memory=True)
+    assert _te2(pipe).part_count == len(parts)
+    pipe.models.prompt_encoder.encoders[-1].session.close()
+    got = pipe(**CALL, seed=14, output_type="np").images
+    assert float(np.abs(got - _expected(source, 14)).max()) < TOLERANCE
