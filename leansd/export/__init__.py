@@ -33,6 +33,7 @@ def export_model(
     deep_cache: bool = False,
     tiny_vae: str | os.PathLike[str] | None = None,
     unet_parts: int | None = None,
+    text_encoder_parts: int | None = None,
     prediction_type: str | None = None,
     image_size: int | None = None,
     loras: Sequence[str | os.PathLike[str] | tuple[str | os.PathLike[str], float]] | None = None,
@@ -71,6 +72,9 @@ def export_model(
             (`leansd.load(..., low_memory=True)`); each chain is verified like the whole file. None (default):
             8 parts when the UNet keeps its weights in an external data file (models over 2 GB, like SD 1.5),
             none for smaller ones; 0: no parts. See `leansd.export.streaming`.
+        text_encoder_parts: the same for SDXL's second text encoder (`text_encoder_2/model.parts.json`, fp32 only):
+            None (default): 8 parts when it keeps its weights in an external data file (SDXL's, 2.8 GB), else none;
+            0: no parts. An existing export is cut without re-exporting by `python -m leansd.export.parts FOLDER`.
         prediction_type: a single file's "epsilon" or "v_prediction", written into its scheduler config. Needed
             for an SD 2.x text-to-image file that does not say (no model-spec metadata, no known global_step);
             see `leansd.export.checkpoint_variant`.
@@ -104,6 +108,7 @@ def export_model(
         deep_cache=deep_cache,
         tiny_vae_source=tiny_vae,
         unet_parts=unet_parts,
+        text_encoder_parts=text_encoder_parts,
         prediction_type=prediction_type,
         image_size=image_size,
         loras=loras,

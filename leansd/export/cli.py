@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         "one part at a time (weight streaming); default when the UNet is over 2 GB: 8 parts, or more so that none holds "
         "much over 640 MB (SD 1.5: 8, SDXL: 16); else none; 0: none",
     )
+    p.add_argument(
+        "--text-encoder-parts",
+        type=int,
+        metavar="N",
+        help="cut SDXL's second ONNX text encoder (text_encoder_2, fp32) into N parts for the same weight streaming; "
+        "default when it is over 2 GB (SDXL's is 2.8 GB): 8; else none; 0: none. An existing export is cut without "
+        "re-exporting by: python -m leansd.export.parts FOLDER",
+    )
     p.add_argument("--config", "--sd1-config", dest="config", metavar="DIR",
                    help="diffusers-layout config folder for single-file checkpoints (default: the SD 1.x or SD 2.x configs shipped with "
                    "leansd, chosen by the checkpoint's text encoder)")
@@ -162,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             deep_cache=args.deep_cache,
             tiny_vae=args.tiny_vae,
             unet_parts=args.unet_parts,
+            text_encoder_parts=args.text_encoder_parts,
             loras=args.lora,
         )
     except ExportError as exc:

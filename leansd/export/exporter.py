@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from leansd.export import components as comp
-from leansd.export import (attention, deepcache, depth_estimator, layout, quantize, safety_checker, sdxl, streaming, tiny_vae, verify,
-                           weight_map)
+from leansd.export import (attention, deepcache, depth_estimator, layout, parts, quantize, safety_checker, sdxl, streaming, tiny_vae,
+                           verify, weight_map)
 from leansd.export import lora as lora_fusion
 from leansd.export.errors import ExportError, ParityError
 from leansd.export.onnx import DEFAULT_OPSET, export_onnx
 from leansd.export.openvino import XML, convert_openvino
 from leansd.export.progress import bar as progress_bar
 from leansd.export.sources import Source, copy_assets, optimum_model_index, resolve_source
-from leansd.runtime.manifest import UNET_PARTS, fused_whole_file
+from leansd.runtime.manifest import PARTS_OF, TEXT_ENCODER_2, UNET, UNET_PARTS
 
 BACKENDS = ("onnx", "openvino")
 # Torch modules in export order, with the components cut from each; one module is in memory at a time.
@@ -33,7 +33,7 @@ MODULE_ORDER_DEEP_CACHE = (("text_encoder", ("text_encoder",)), ("unet", ("unet"
                            ("vae", ("vae_encoder", "vae_decoder")))
 CONFIG_FROM = {"text_encoder": "text_encoder", sdxl.TEXT_ENCODER_2: sdxl.TEXT_ENCODER_2, "unet": "unet", "vae_encoder": "vae",
                "vae_decoder": "vae"}
-TRACE_SEED, VERIFY_SEED = 0, 1
+TRACE_SEED = 0
 # What diffusers' StableDiffusionUpscalePipeline uses when a call gives no steps or guidance.
 UPSCALER_DEFAULTS = {"num_inference_steps": 75, "guidance_scale": 9.0}
 # diffusers' StableDiffusionXL pipelines' defaults (text-to-image and image-to-image / refiner).
@@ -120,14 +120,16 @@ def export(
     deep_cache: bool = False,
     tiny_vae_source: str | os.PathLike[str] | None = None,
     unet_parts: int | None = None,
+    text_encoder_parts: int | None = None,
     prediction_type: str | None = None,
     image_size: int | None = None,
     loras: Sequence[str | os.PathLike[str] | tuple] | None = None,
 ) -> Path:
     """See `leansd.export.export_model`."""
     fused = lora_fusion.parse(loras)  # before any slow step: a missing file fails now
-    if unet_parts is not None and (int(unet_parts) < 0 or int(unet_parts) == 1):
-        raise ExportError(f"--unet-parts {unet_parts}: use 0 (no parts) or 2 and more")
+    forced_parts = {UNET: unet_parts, TEXT_ENCODER_2: text_encoder_parts}
+    for component, count in forced_parts.items():
+        parts.check_count(component, count)
     chosen = parse_backends(backends)
     wanted = quantize.parse_precisions(precisions)
     if "int8" in wanted:
@@ -159,13 +161,13 @@ def export(
             loaders[tiny_vae.MODULE] = lambda name: tiny
         for module_name in lora_fusion.COMPONENTS if fused else ():
             loaders[module_name] = lora_fusion.fusing_loader(source.load, fused, sdxl=info.text_time is not None)
-        names = [n for _, parts in order for n in parts]
+        names = [n for _, members in order for n in members]
         tolerances.update({n: tolerances["unet"] for n in comp.DEEP_CACHE_COMPONENTS})
         tolerances[tiny_vae.COMPONENT] = tolerances["vae_decoder"]
         with layout.StagingFolder(target, overwrite=overwrite) as staging:
             prints: dict[str, weight_map.Fingerprints] = {}
             parity = _export_components(source, staging.path, info, chosen, static, int(opset), tolerances, progress, order, loaders,
-                                        unet_parts, prints)
+                                        forced_parts, prints)
             # The safety checker, when the source has one (fp32 only; a CLIP vision tower, held to the text encoder's tolerance).
             checker = (safety_checker.export(source, staging.path, chosen, int(opset), tolerances["text_encoder"])
                        if safety_checker.present(source) else None)
@@ -181,8 +183,9 @@ def export(
                 files[safety_checker.COMPONENT], parity[safety_checker.COMPONENT] = checker
             if estimator is not None:
                 files[depth_estimator.COMPONENT], parity[depth_estimator.COMPONENT] = estimator
-            if UNET_PARTS in parity:
-                files[UNET_PARTS] = {"onnx": {"fp32": _relative(staging.path, streaming.index_path(staging.path / "unet" / "model.onnx"))}}
+            for component, key in PARTS_OF.items():
+                if key in parity:
+                    files[key] = {"onnx": {"fp32": _relative(staging.path, streaming.index_path(staging.path / component / "model.onnx"))}}
             int8 = None
             if "int8" in wanted:
                 int8 = _export_int8(staging.path, info, chosen, static, files, force_int8, progress)
@@ -197,7 +200,7 @@ def export(
                         files[part]["onnx"]["int8"], parity[part]["onnx"]["int8"] = _deep_cache_int8(staging.path, part, info, static, force_int8)
                 if UNET_PARTS in parity and int8_unet:
                     count = parity[UNET_PARTS]["onnx"]["fp32"]["parts"]
-                    index, parity[UNET_PARTS]["onnx"]["int8"] = _split_int8_unet(staging.path / int8_unet, info, static, count)
+                    index, parity[UNET_PARTS]["onnx"]["int8"] = parts.split_int8_unet(staging.path / int8_unet, info, static, count)
                     files[UNET_PARTS]["onnx"]["int8"] = _relative(staging.path, index)
             _write_manifest(source, staging.path, info, files, static, int(opset), parity, int8, names, [f.record() for f in fused])
             return staging.commit()
@@ -206,19 +209,21 @@ def export(
 
 
 def _export_components(source, root: Path, info, backends, static, opset, tolerances, progress, order=MODULE_ORDER, loaders=None,
-                       unet_parts: int | None = None, prints: dict | None = None) -> dict[str, Any]:
+                       forced_parts: Mapping[str, int | None] | None = None, prints: dict | None = None) -> dict[str, Any]:
+    """Trace, verify and convert every component; cut the ones in `manifest.PARTS_OF` into streaming parts (the counts in
+    `forced_parts`, else each file's default); return the parity entries."""
     per_component = 1 + (1 if "onnx" in backends else 0) + (2 if "openvino" in backends else 0)
-    bar = progress_bar(sum(len(parts) for _, parts in order) * per_component, "sd-export", progress)
+    bar = progress_bar(sum(len(names) for _, names in order) * per_component, "sd-export", progress)
     parity: dict[str, Any] = {}
     scratch = root / ".onnx-scratch"  # the ONNX files of an OpenVINO-only export
     try:
-        for module_name, parts in order:
+        for module_name, names in order:
             bar.set_postfix_str(f"loading {module_name}")
             module = (loaders or {}).get(module_name, source.load)(module_name)
             if prints is not None and module_name in MAPPED_MODULES:
                 found = weight_map.fingerprints(module)  # for weight_map.json: run-time LoRA finds weights by them
-                prints.update({name: found for name in parts})
-            traced = [_trace(name, module, root if "onnx" in backends else scratch, info, static, opset, bar) for name in parts]
+                prints.update({name: found for name in names})
+            traced = [_trace(name, module, root if "onnx" in backends else scratch, info, static, opset, bar) for name in names]
             # The PyTorch weights are no longer needed: free them before ONNX Runtime and OpenVINO load theirs.
             del module
             gc.collect()
@@ -226,11 +231,12 @@ def _export_components(source, root: Path, info, backends, static, opset, tolera
                 parity[name] = _verify_and_convert(name, onnx_path, feeds, reference, root, backends, tolerances[name], bar)
                 if name in comp.DEEP_CACHE_COMPONENTS and "onnx" in backends:
                     parity[name]["onnx"]["fp32"]["fused_attention"] = _fuse_and_check(name, onnx_path, feeds, reference, tolerances[name])
-                if name == "unet" and "onnx" in backends:
-                    count = unet_parts if unet_parts is not None else streaming.default_parts(onnx_path)
+                if name in PARTS_OF and "onnx" in backends:
+                    count = parts.chosen_count(onnx_path, (forced_parts or {}).get(name))
                     if count:
-                        bar.set_postfix_str(f"unet: {count} streaming parts")
-                        parity[UNET_PARTS] = {"onnx": {"fp32": _split_and_check(onnx_path, count, feeds, reference, tolerances[name])}}
+                        bar.set_postfix_str(f"{name}: {count} streaming parts")
+                        parity[PARTS_OF[name]] = {"onnx": {"fp32": parts.split_and_check(name, onnx_path, count, feeds, reference,
+                                                                                         tolerances[name])}}
     finally:
         bar.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -270,12 +276,7 @@ def _trace(name, module, folder: Path, info, static, opset, bar):
     return name, onnx_path, feeds, reference
 
 
-def _verification_inputs(name: str, info, static) -> dict:
-    """The inputs every exported file of a component is checked on: the static size, else one image at the model's size
-    (at most 64x64 latents, `components.SAMPLE_MAX_LATENT`)."""
-    side = info.sample_latent_side * info.vae_scale_factor
-    at = {k: static[k] for k in ("batch", "height", "width")} if static else {"batch": 1, "height": side, "width": side}
-    return comp.make_inputs(name, info, seed=VERIFY_SEED, **at)
+_verification_inputs = verify.verification_inputs
 
 
 def _verify_and_convert(name, onnx_path: Path, feeds, reference, root: Path, backends, tolerance, bar) -> dict[str, Any]:
@@ -301,31 +302,6 @@ def _verify_and_convert(name, onnx_path: Path, feeds, reference, root: Path, bac
         result.setdefault("openvino", {})["bf16"] = verify.measure_bf16(path, feeds, reference, quantize.GATES[name].min_psnr_db)
     if "onnx" not in backends:
         shutil.rmtree(onnx_path.parent, ignore_errors=True)
-    return result
-
-
-def _split_and_check(onnx_path: Path, count: int, feeds, reference, tolerance: float) -> dict[str, Any]:
-    """Cut the ONNX UNet into parts and run them as the runtime's low-memory mode does, and run the whole graph with
-    fused attention; compare both with PyTorch like model.onnx."""
-    from leansd.runtime.backends import open_streamed_session
-
-    index = streaming.split(onnx_path, count)
-    session = open_streamed_session(index)
-    outputs = session.run({spec.name: feeds[spec.name] for spec in session.inputs})
-    parity = verify.measure(reference, outputs, tolerance)
-    result = {**parity.to_json(), "parts": count}
-    whole = fused_whole_file(index)
-    if whole is not None:
-        fused = verify.measure(reference, verify.run_onnxruntime(whole, feeds), tolerance)
-        result["whole_fused"] = fused.to_json()
-        if not fused.passed:
-            parity = fused
-    if not parity.passed:
-        raise ParityError(
-            f"the UNet's ONNX Runtime files (streaming parts, fused attention) differ from PyTorch by {parity.max_rel:.3g} "
-            f"(relative), over the tolerance {tolerance:g}, though model.onnx passed; nothing was written. "
-            "Export with --unet-parts 0 and report this"
-        )
     return result
 
 
@@ -362,39 +338,6 @@ def _deep_cache_int8(root: Path, part: str, info, static, force: bool) -> tuple[
             "Export fp32 only, or pass --force-int8 to keep int8 files below the gate")
     entry = {k: v for k, v in measured.to_json().items() if k != "tolerance"}
     return f"{part}/{int8_name}", {**entry, "min_psnr_db": gate, "passed": passed, "uses": "int8", "method": quantize.method(part, "onnx")}
-
-
-def _split_int8_unet(int8_path: Path, info, static, count: int) -> tuple[Path, dict[str, Any]]:
-    """Cut the int8 ONNX UNet like the fp32 one and hold the chain and the fused whole graph to the int8 gate.
-
-    They are not compared with the whole int8 file at a float tolerance: dynamic int8 quantizes activations per call,
-    and ONNX Runtime's fused int8 kernels (full optimisation) round differently from the unfused ones the parts run
-    with, so two correct int8 executions already differ by about 1 % (relative). Each is measured against the fp32
-    file instead, like the int8 file itself, and must pass the UNet's int8 gate (`quantize.GATES`).
-    """
-    from leansd.runtime.backends import open_streamed_session
-
-    feeds = _verification_inputs("unet", info, static)
-    fp32 = verify.run_onnxruntime(int8_path.with_name("model.onnx"), feeds)
-    gate = quantize.GATES["unet"].min_psnr_db
-    index = streaming.split(int8_path, count)
-    session = open_streamed_session(index)
-    runs = {"whole_int8": verify.run_onnxruntime(int8_path, feeds),
-            "parts": session.run({spec.name: feeds[spec.name] for spec in session.inputs})}
-    fused_path = fused_whole_file(index)
-    if fused_path is not None:
-        runs["whole_fused"] = verify.run_onnxruntime(fused_path, feeds)
-    measured = {name: verify.measure(fp32, out, 1.0) for name, out in runs.items()}
-    for name in ("parts", "whole_fused"):
-        if name in measured and measured[name].psnr_db < gate:
-            raise ParityError(
-                f"the int8 UNet's {name.replace('_', ' ')} reach {measured[name].psnr_db} dB against fp32 (the int8 file: "
-                f"{measured['whole_int8'].psnr_db} dB), under the {gate:g} dB gate; nothing was written. "
-                "Export with --unet-parts 0 and report this")
-    result = {**{k: v for k, v in measured["parts"].to_json().items() if k != "tolerance"}, "parts": count,
-              "reference": "the fp32 model.onnx", "min_psnr_db": gate}
-    result.update({f"{name}_psnr_db": m.psnr_db for name, m in measured.items() if name != "parts"})
-    return index, result
 
 
 def _relative(root: Path, path: Path) -> str:

@@ -3,6 +3,8 @@
 An SD 1.5 UNet holds 3.4 GB of fp32 weights, and ONNX Runtime keeps every one of them resident for as long
 as the session lives. Low-memory mode runs the parts one after another instead, each opened for its call and
 closed after it, so only one part's weights are in memory at a time (plus the activations that cross the cut).
+The exporter cuts the UNet and SDXL's second text encoder this way (`leansd.export.parts`, which also cuts an
+existing export in place).
 
 The parts are small graph files next to the model: their initializers point into the model's own external
 data file (same offsets), so they cost almost no disk. Weights stored inside the model file (small models)

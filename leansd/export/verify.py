@@ -24,6 +24,7 @@ from leansd.export.errors import ParityError
 
 DEFAULT_TOLERANCE = 1e-3
 PSNR_CAP_DB = 200.0
+VERIFY_SEED = 1  # the seed of the inputs every exported file is checked on
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,14 @@ def measure(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndar
         max_abs = max_rel = math.inf
         psnr = 0.0
     return Parity(float(f"{max_abs:.3g}"), float(f"{max_rel:.3g}"), round(psnr, 2), tolerance)
+
+
+def verification_inputs(component: str, info: comp.ModelInfo, static: Mapping[str, int] | None) -> dict[str, np.ndarray]:
+    """The inputs every exported file of a component is checked on: the static size, else one image at the model's size
+    (at most 64x64 latents, `components.SAMPLE_MAX_LATENT`)."""
+    side = info.sample_latent_side * info.vae_scale_factor
+    at = {k: static[k] for k in ("batch", "height", "width")} if static else {"batch": 1, "height": side, "width": side}
+    return comp.make_inputs(component, info, seed=VERIFY_SEED, **at)
 
 
 def run_torch(component: str, module: Any, feeds: Mapping[str, np.ndarray], info: comp.ModelInfo | None = None) -> dict[str, np.ndarray]:

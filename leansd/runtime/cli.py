@@ -190,7 +190,7 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                    help="keep optimized/compiled models here so later runs start faster (about one copy of each model file)")
     p.add_argument("--threads", type=whole(1), default=None, help="intra-op threads (default: the backend's choice)")
-    p.add_argument("--low-memory", action="store_true", help="load each model only while it is needed; on onnxruntime, stream the UNet weights part by part when the export has UNet parts (sd-export writes them for models over 2 GB)")
+    p.add_argument("--low-memory", action="store_true", help="load each model only while it is needed; on onnxruntime, stream the weights of the UNet and of SDXL's second text encoder part by part when the export has parts (sd-export writes them for models over 2 GB)")
     p.add_argument("--no-memory-check", dest="memory_check", action="store_false",
                    help="generate even when the memory estimate says the machine has too little available")
     p.add_argument("--tiled-vae", action="store_true", default=None,

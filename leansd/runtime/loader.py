@@ -147,7 +147,7 @@ def assemble(
                                f"nor {2 * latent + 1} (inpainting), {latent + 1} (depth) or {latent + 3} with a noise-level embedding "
                                "(the x4 upscaler): an image-editing model, which leansd does not run yet; it runs text-to-image, "
                                "image-to-image, inpainting, depth-to-image and x4 upscaler models")
-    options = replace(options, low_memory=memory.low_memory)  # arenas off; ONNX Runtime streams a UNet cut in parts
+    options = replace(options, low_memory=memory.low_memory)  # arenas off; ONNX Runtime streams models cut in parts
     adapters = _adapters(bundle, backend, precision, lora_dir)
 
     def lazy(component: str, required: bool = True, component_options: SessionOptions = options,

@@ -23,9 +23,14 @@ TINY_VAE_DECODER = "vae_decoder_tiny"  # TAESD, written by `sd-export --tiny-vae
 UNET_DEEP = "unet_deep"  # the whole UNet that also returns its deep features (`sd-export --deep-cache`)
 UNET_SHALLOW = "unet_shallow"  # the UNet's outermost layers, fed cached deep features
 UNET_PARTS = "unet_parts"  # the index of the ONNX UNet's weight-streaming parts
+TEXT_ENCODER_2_PARTS = "text_encoder_2_parts"  # the index of SDXL's second text encoder's parts (2.8 GB in fp32)
 SAFETY_CHECKER = "safety_checker"  # diffusers' StableDiffusionSafetyChecker, when the source had one
 DEPTH_ESTIMATOR = "depth_estimator"  # a depth model's DPT, when the source had one
 FEATURE_EXTRACTOR = "feature_extractor"  # its image preprocessing (CLIPImageProcessor's preprocessor_config.json)
+
+# The components that may be cut into weight-streaming parts, and the manifest key of each one's parts index
+# (`components[key]["onnx"][precision]` = "<component>/model.parts.json").
+PARTS_OF = {UNET: UNET_PARTS, TEXT_ENCODER_2: TEXT_ENCODER_2_PARTS}
 
 PARTS_FORMAT = "leansd-onnx-parts"
 PARTS_FORMAT_VERSION = 1

@@ -4,7 +4,8 @@ Normal mode opens every model at load (a bad file fails before any generation) a
 mode (`low_memory=True`):
 - opens each model only for the stage that runs it (text encoding, denoising, decoding) and releases it when
   no generation in any thread is in that stage;
-- turns the backends' memory arenas off and lets ONNX Runtime stream the UNet's weights part by part;
+- turns the backends' memory arenas off and lets ONNX Runtime stream the weights of models cut into parts (the UNet,
+  SDXL's second text encoder) part by part;
 - runs classifier-free guidance as two UNet calls of half the batch (half the activations; same numbers);
 - decodes images larger than the VAE's native size in tiles (unless told otherwise).
 """

@@ -88,14 +88,15 @@ def unet_weights(bundle: ModelBundle, backend: str, precision: str, low_memory: 
 def component_opener(
     bundle: ModelBundle, component: str, backend: str, precision: str, options: SessionOptions, required: bool = True
 ) -> Callable[[], Session] | None:
-    """How to open `component` of `bundle` (None when it is optional and absent). On ONNX Runtime, a UNet cut
-    into parts runs streamed in low-memory mode (one part's weights in memory at a time) and otherwise as the
-    whole graph with fused attention that the parts index names. bf16 runs the fp32 files with a bf16 hint."""
+    """How to open `component` of `bundle` (None when it is optional and absent). On ONNX Runtime, a model cut
+    into parts (the UNet, SDXL's second text encoder: `manifest.PARTS_OF`) runs streamed in low-memory mode (one
+    part's weights in memory at a time) and otherwise as the whole graph with fused attention that the parts index
+    names, or its own file when the index names none. bf16 runs the fp32 files with a bf16 hint."""
     if precision in COMPUTE_PRECISIONS:
         options = dataclasses.replace(options, inference_precision=COMPUTE_PRECISIONS[precision])
     precision = files_precision(backend, precision)
-    if backend == "onnxruntime" and component == manifest.UNET:
-        index = bundle.optional_component_file(manifest.UNET_PARTS, backend, precision)
+    if backend == "onnxruntime" and component in manifest.PARTS_OF:
+        index = bundle.optional_component_file(manifest.PARTS_OF[component], backend, precision)
         if index is not None:
             if options.low_memory:
                 return lambda: open_streamed_session(index, options)
