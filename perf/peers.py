@@ -226,6 +226,10 @@ PEERS = [
          "leansd openvino bf16, guidance cutoff 0.3, deep cache every 3 unguided steps, tiny VAE decoder, compile cache warm (2nd process)",
          "leansd", "leansd", {**LEANSD_OV, "precision": "bf16", "guidance_cutoff": 0.3, "deep_cache": 3, "tiny_vae": True,
                               "cache_dir": "@fresh"}, prime=True),
+    Peer("leansd-ov-bf16-fast-dc5-cached",
+         "leansd openvino bf16, guidance cutoff 0.3, deep cache every 5 unguided steps, tiny VAE decoder, compile cache warm (2nd process)",
+         "leansd", "leansd", {**LEANSD_OV, "precision": "bf16", "guidance_cutoff": 0.3, "deep_cache": 5, "tiny_vae": True,
+                              "cache_dir": "@fresh"}, prime=True),
     # precision="auto" with no backend named: what a user gets who asks for the fastest safe precision.
     Peer("leansd-auto", "leansd precision auto (backend chosen by it)", "leansd", "leansd", {"backend": None, "precision": "auto"}),
     Peer("leansd-ov-fp32-tinyvae", "leansd openvino fp32, tiny VAE decoder", "leansd", "leansd", {**LEANSD_OV, "tiny_vae": True}),

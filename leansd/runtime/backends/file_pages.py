@@ -60,7 +60,7 @@ def release(folder: Path) -> int:
     return advised
 
 
-RELEASE_INTERVAL_S = 0.05  # a page read is dropped within this; re-reading one it still needs is a minor fault
+RELEASE_INTERVAL_S = 0.25  # a page read is dropped within this; re-reading one it still needs is a minor fault
 
 
 @contextmanager
