@@ -17,8 +17,9 @@ from typing import Any, Mapping, Sequence
 from leansd.export import components as comp
 from leansd.export import (attention, deepcache, depth_estimator, layout, parts, quantize, safety_checker, sdxl, streaming, tiny_vae,
                            verify, weight_map)
+from leansd.export import int8 as int8_stage
 from leansd.export import lora as lora_fusion
-from leansd.export.errors import ExportError, ParityError
+from leansd.export.errors import ExportError
 from leansd.export.onnx import DEFAULT_OPSET, export_onnx
 from leansd.export.openvino import XML, convert_openvino
 from leansd.export.progress import bar as progress_bar
@@ -197,7 +198,7 @@ def export(
                 int8_unet = int8.components.get("unet", {}).get("onnx")
                 if "onnx" in chosen:
                     for part in (n for n in names if n in comp.DEEP_CACHE_COMPONENTS):
-                        files[part]["onnx"]["int8"], parity[part]["onnx"]["int8"] = _deep_cache_int8(staging.path, part, info, static, force_int8)
+                        files[part]["onnx"]["int8"], parity[part]["onnx"]["int8"] = int8_stage.deep_cache_int8(staging.path, part, info, static, force_int8)
                 if UNET_PARTS in parity and int8_unet:
                     count = parity[UNET_PARTS]["onnx"]["fp32"]["parts"]
                     index, parity[UNET_PARTS]["onnx"]["int8"] = parts.split_int8_unet(staging.path / int8_unet, info, static, count)
@@ -313,33 +314,6 @@ def _fuse_and_check(name: str, onnx_path: Path, feeds, reference, tolerance: flo
     return {"blocks": fused, **({"max_rel": parity.max_rel, "psnr_db": parity.psnr_db} if parity else {})}
 
 
-def _deep_cache_int8(root: Path, part: str, info, static, force: bool) -> tuple[str, dict[str, Any]]:
-    """The ONNX int8 variant of a deep-cache part (dynamic int8, as the UNet), held to the UNet's int8 gate.
-
-    The deep part is compared with its fp32 file; the shallow part is compared with its fp32 file on the int8
-    deep part's features, i.e. the whole int8 chain against the fp32 chain, which is what a generation runs.
-    """
-    fp32_name, int8_name = quantize.FILES["onnx"]
-    src, dst = root / part / fp32_name, root / part / int8_name
-    quantize.onnx_dynamic_int8(src, dst)
-    feeds = _verification_inputs("unet", info, static)
-    if part == deepcache.PARTS[1]:
-        deep = root / deepcache.PARTS[0]
-        feeds = {**feeds, "deep_features": verify.run_onnxruntime(deep / fp32_name, feeds)["deep_features"]}
-        int8_feeds = {**feeds, "deep_features": verify.run_onnxruntime(deep / int8_name, feeds)["deep_features"]}
-    else:
-        int8_feeds = feeds
-    measured = verify.measure(verify.run_onnxruntime(src, feeds), verify.run_onnxruntime(dst, int8_feeds), 1.0)
-    gate = quantize.GATES["unet"].min_psnr_db
-    passed = measured.psnr_db >= gate
-    if not passed and not force:
-        raise ParityError(
-            f"the int8 {part} reaches {measured.psnr_db} dB against fp32, under the UNet's {gate:g} dB gate; nothing was written. "
-            "Export fp32 only, or pass --force-int8 to keep int8 files below the gate")
-    entry = {k: v for k, v in measured.to_json().items() if k != "tolerance"}
-    return f"{part}/{int8_name}", {**entry, "min_psnr_db": gate, "passed": passed, "uses": "int8", "method": quantize.method(part, "onnx")}
-
-
 def _relative(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
 
@@ -349,34 +323,17 @@ def _export_int8(root: Path, info, backends, static, files, force: bool, progres
     size = (static["height"], static["width"]) if static else (info.default_size, info.default_size)
     plan = quantize.RunPlan(height=size[0], width=size[1], batch=static["batch"] if static else 1)
     components = [n for n in quantize.GATES if n in files]  # SDXL adds text_encoder_2; its refiner has no text_encoder
-    total = ("openvino" in backends) + 1 + len(backends) * (len(components) + 1)  # see the step() calls in build()
-    bar = progress_bar(total, "sd-export int8", progress)
-    done = [False]
-
-    def step(what: str) -> None:
-        if done[0]:
-            bar.update()
-        done[0] = True
-        bar.set_postfix_str(what)
 
     def provisional(int8_files: dict[str, dict[str, str]]) -> None:
         # Just enough manifest for the runtime to load the int8 variant; replaced by the real one at the end.
         both = {n: {b: {**files[n][b], "int8": int8_files[n][b]} for b in backends} for n in components}
         layout.write_json(root / layout.MANIFEST, {"format": layout.FORMAT, "format_version": layout.FORMAT_VERSION, "components": both,
-                                                   "static_shapes": _static_entry(static)})
+                                                   "static_shapes": int8_stage.static_entry(static)})
 
     try:
-        result = quantize.build(root, backends, plan, components=components, force=force, step=step,
-                                write_provisional_manifest=provisional)
-        bar.update()
-        return result
+        return int8_stage.stage(root, backends, plan, components, force, progress, provisional)
     finally:
-        bar.close()
         (root / layout.MANIFEST).unlink(missing_ok=True)
-
-
-def _static_entry(static) -> dict[str, int] | None:
-    return None if static is None else {**static, "unet_batch": 2 * static["batch"]}
 
 
 def _write_configs(source: Source, root: Path, names: Sequence[str] = comp.COMPONENTS) -> None:
@@ -392,10 +349,7 @@ def _write_manifest(source: Source, root: Path, info, files, static, opset, pari
     """leansd.json, written last: it hashes every other file."""
     metric = "max_rel = max|export - torch| / max|torch| <= tolerance; psnr_db = 20 log10(max|torch| / rms error)"
     if int8 is not None:
-        metric += (
-            "; int8 entries compare the int8 file with the fp32 file of the same backend on held-out inputs (worst call), "
-            "gated at min_psnr_db; pipeline.<backend>.int8 compares whole held-out generations (final latents, images in [0, 1])"
-        )
+        metric += int8_stage.METRIC
     layout.write_manifest(
         root,
         {
@@ -403,7 +357,7 @@ def _write_manifest(source: Source, root: Path, info, files, static, opset, pari
             "family": family(source),
             "prediction_type": str(source.config("scheduler").get("prediction_type", "epsilon")),
             "components": files,
-            "static_shapes": _static_entry(static),
+            "static_shapes": int8_stage.static_entry(static),
             "files": None,
             "parity": parity,
             "parity_metric": metric,
