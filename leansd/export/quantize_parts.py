@@ -138,7 +138,7 @@ def cut(src: Path, count: int) -> tuple[list[Path], list, list]:
         members = [node for node, p in zip(nodes, assignment) if p == part]
         reads = list(dict.fromkeys(name for node in members for name in node.input if name))
         inputs = [n for n in reads if n not in initializers and n not in constants and made_by.get(n) != part]
-        outputs = [o for node in members for o in node.output if o in graph_outputs or last_reader.get(o, -1) > part]
+        outputs = [o for node in members for o in node.output if o and (o in graph_outputs or last_reader.get(o, -1) > part)]
         unknown = [n for n in inputs + outputs if n not in known]
         if unknown:
             raise ExportError(f"{src}: the type of {unknown[:3]} is unknown, so it cannot be quantized part by part; "
