@@ -51,7 +51,6 @@ import contextlib
 import gc
 import io
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -299,30 +298,12 @@ def onnx_dynamic_int8(src: Path, dst: Path) -> None:
 
     The 7-bit range (reduce_range) keeps the u8 x s8 products of CPUs without VNNI from saturating.
     Convolutions stay float: their dynamic form (ConvInteger) is several times slower than the float kernel.
-    Models over 2 GB (external data) are read as they are; the result gets one `<name>_data` file when it is large.
+    Models over 2 GB (external data) are quantized part by part (`quantize_parts`: the whole-file quantizer holds
+    every weight, which SDXL's UNet does not fit in 24 GB); the result gets one `<name>_data` file when it is large.
     """
-    import logging
+    from leansd.export import quantize_parts
 
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from leansd.export.onnx import EXTERNAL_DATA_THRESHOLD, _relocate
-
-    scratch = dst.parent / f".{dst.stem}-quantize"
-    scratch.mkdir(parents=True, exist_ok=True)
-    root_logger = logging.getLogger()
-    level = root_logger.level
-    # The quantizer logs a pre-processing hint on the root logger; that step (symbolic shape inference and graph
-    # optimisation) matters for static quantization, and measured the same with or without here.
-    root_logger.setLevel(logging.ERROR)
-    try:
-        quantize_dynamic(
-            str(src), str(scratch / "model.onnx"), op_types_to_quantize=["MatMul", "Gemm", "Gather"], per_channel=True, reduce_range=True,
-            weight_type=QuantType.QInt8, use_external_data_format=True, extra_options={"MatMulConstBOnly": True},
-        )
-        _relocate(scratch / "model.onnx", dst, EXTERNAL_DATA_THRESHOLD)
-    finally:
-        root_logger.setLevel(level)
-        shutil.rmtree(scratch, ignore_errors=True)
+    quantize_parts.dynamic_int8(src, dst)
 
 
 def method(component: str, backend: str) -> str:
