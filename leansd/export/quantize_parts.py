@@ -170,7 +170,7 @@ def join(parts: list[Path], dst: Path, inputs: list, outputs: list) -> None:
                 _rebase(tensor, folder)
                 initializers[tensor.name] = tensor
         for info in (*model.graph.value_info, *model.graph.input, *model.graph.output):
-            value_info.setdefault(info.name, info)
+            value_info.setdefault(info.name, _unnamed_dims(info))
         for node in model.graph.node:
             if _repeated(node, produced):
                 continue
@@ -187,6 +187,21 @@ def join(parts: list[Path], dst: Path, inputs: list, outputs: list) -> None:
     joined.metadata_props.extend(first.metadata_props)
     joined.functions.extend({(f.domain, f.name): f for m in models for f in m.functions}.values())
     onnx.save(joined, str(dst))
+
+
+def _unnamed_dims(info: Any) -> Any:
+    """`info` with its symbolic dimension names dropped. Each part's shape inference names unknown dimensions on its own
+    ("unk__12" in one part is not "unk__12" in the next), and ONNX Runtime plans buffers by those names: kept, the
+    joined SDXL UNet failed with "Shape mismatch attempting to re-use buffer"."""
+    import onnx
+
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(info)
+    if copy.type.HasField("tensor_type") and copy.type.tensor_type.HasField("shape"):
+        for dim in copy.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.ClearField("dim_param")
+    return copy
 
 
 def _repeated(node: Any, produced: dict[str, Any]) -> bool:

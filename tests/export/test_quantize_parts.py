@@ -81,6 +81,12 @@ def test_partwise_int8_is_the_whole_file_int8(component, tiny_sd_dir, tmp_path, 
     assert recorded_calls[1:] == [f".model.int8-part{i}.onnx" for i in range(qp.streaming.DEFAULT_PARTS)]
     assert sorted(p.name for p in src.parent.iterdir()) == ["model.onnx", "model.onnx_data", "model_int8.onnx"]
 
+    # Each part's shape inference names unknown dimensions on its own; kept in the joined graph, names that collide
+    # across parts made ONNX Runtime reuse buffers of different sizes (the full-size SDXL UNet failed so).
+    import onnx
+
+    joined = onnx.load(str(parted), load_external_data=False)
+    assert not [d.dim_param for v in joined.graph.value_info for d in v.type.tensor_type.shape.dim if d.dim_param]
     whole_nodes, whole_weights = _graph(whole)
     parted_nodes, parted_weights = _graph(parted)
     assert parted_nodes == whole_nodes  # the same graph: every activation quantized once, no node lost or doubled
@@ -89,8 +95,8 @@ def test_partwise_int8_is_the_whole_file_int8(component, tiny_sd_dir, tmp_path, 
     assert len(int8) > 3 and all(np.array_equal(parted_weights[n], w) for n, w in whole_weights.items())
     for feed in feeds:
         a, b = (q.run_all("onnx", path, [feed])[0] for path in (whole, parted))
-        for name in a:
-            assert np.array_equal(a[name], b[name]), f"{name}: max diff {np.abs(a[name] - b[name]).max()}"
+        for name in a:  # the same arithmetic; without the parts' dimension names ONNX Runtime may order sums differently
+            np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_partwise_follows_the_parts_index_and_the_int8_unet_is_still_cut_and_gated(tiny_sd_dir, tmp_path, monkeypatch, recorded_calls):
