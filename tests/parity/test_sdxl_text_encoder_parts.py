@@ -192,15 +192,6 @@ def test_a_failed_check_leaves_the_folder_as_it_was(without_parts, tmp_path):
     assert (folder / "leansd.json").read_text() == manifest
 
 
-def test_sd_export_rejects_one_text_encoder_part(source, tmp_path):
-    out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "leansd.export.cli", str(source), str(out), "--text-encoder-parts", "1"],
-                            capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "--text-encoder-parts 1" in result.stderr and "0 (no parts) or 2" in result.stderr
-    assert not out.exists()
-
-
 def test_external_data_layout_is_cut_by_default(source, tmp_path, monkeypatch):
     """The full-size layout forced on the tiny model (weights in `model.onnx_data`, as SDXL's 2.8 GB encoder has them):
     the upgrade then cuts text_encoder_2 without being told a count (sd-export's default), the parts point into the

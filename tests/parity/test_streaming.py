@@ -159,10 +159,11 @@ def test_parts_of_an_external_data_model_point_into_its_weights_file(exported_ti
     assert float(np.abs(got - want).max()) <= 1e-5 * float(np.abs(want).max())
 
 
-def test_cli_rejects_one_part(tiny_sd_dir, tmp_path):
+@pytest.mark.parametrize("flag", ["--unet-parts", "--text-encoder-parts"])
+def test_cli_rejects_one_part(flag, tiny_sd_dir, tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "leansd.export.cli", str(tiny_sd_dir), str(out), "--unet-parts", "1"],
+    result = subprocess.run([sys.executable, "-m", "leansd.export.cli", str(tiny_sd_dir), str(out), flag, "1"],
                             capture_output=True, text=True)
     assert result.returncode == 2
-    assert "--unet-parts 1" in result.stderr and "0 (no parts) or 2" in result.stderr
+    assert f"{flag} 1" in result.stderr and "0 (no parts) or 2" in result.stderr
     assert not out.exists()
