@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from leansd.export import components as comp
-from leansd.export import deepcache, layout, parts, quantize, verify
+from leansd.export import deepcache, layout, model_folder, parts, quantize, verify
 from leansd.export.errors import ExportError, ParityError
 from leansd.export.progress import bar as progress_bar
 from leansd.runtime.errors import LeanSDError
@@ -95,9 +95,9 @@ def add_int8(folder: str | Path, backend: str = "onnx", size: int | None = None,
     """Add the int8 variants (`backend`: onnx, openvino or all of the folder's) to a model folder exported in fp32;
     `size` is the calibration / held-out image size (default: the export's). Returns the new leansd.json."""
     root = Path(folder).expanduser()
-    manifest = parts._read_manifest(root)
-    info = parts._model_info(root)
-    static = parts._static(manifest)
+    manifest = model_folder.read_manifest(root)
+    info = model_folder.model_info(root)
+    static = model_folder.static_shapes(manifest)
     plan = _plan(info, static, size)
     backends = _backends(root, manifest, backend)
     quantize.check_available(backends)
@@ -111,7 +111,7 @@ def add_int8(folder: str | Path, backend: str = "onnx", size: int | None = None,
         for path in sorted(p for p in root.rglob("*") if p.is_file() and p not in before and p.name != MANIFEST):
             if isinstance(merged.get("files"), dict):
                 merged["files"][path.relative_to(root).as_posix()] = {"sha256": layout.sha256_file(path), "bytes": path.stat().st_size}
-        parts._replace_json(root / MANIFEST, merged)
+        layout.write_json(root / MANIFEST, merged)
         return merged
     except BaseException:
         _restore(root, before, original)
@@ -128,7 +128,7 @@ def _quantize_and_merge(root: Path, manifest: dict[str, Any], names: list[str], 
     def provisional(int8_files: dict[str, dict[str, str]]) -> None:
         # The folder's manifest plus the int8 files, so the runtime can load the int8 variant for the whole-pipeline check.
         both = {**files, **{n: {**files[n], **{b: {**files[n][b], "int8": int8_files[n][b]} for b in backends}} for n in components}}
-        parts._replace_json(root / MANIFEST, {**manifest, "components": both})
+        layout.write_json(root / MANIFEST, {**manifest, "components": both})
 
     int8 = stage(root, backends, plan, components, force, progress, provisional, desc=f"{PROG} {root.name}")
     parity = json.loads(json.dumps(manifest.get("parity") or {}))

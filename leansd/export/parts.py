@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from leansd.export import components as comp
-from leansd.export import layout, quantize, streaming, verify
+from leansd.export import layout, model_folder, quantize, streaming, verify
 from leansd.export.errors import ExportError, ParityError
 from leansd.runtime.errors import LeanSDError
 from leansd.runtime.manifest import MANIFEST, PARTS_OF, TEXT_ENCODER_2, UNET, fused_whole_file
@@ -113,7 +113,7 @@ def add_parts(folder: str | os.PathLike[str], component: str = TEXT_ENCODER_2, c
     """Cut `component`'s fp32 ONNX file in an exported model folder into parts (None: the exporter's default count),
     check the streamed chain against the whole file, record it in leansd.json; return the parts index's path."""
     root = Path(folder).expanduser()
-    manifest = _read_manifest(root)
+    manifest = model_folder.read_manifest(root)
     onnx_path, key = _cuttable(root, manifest, component)
     if count is not None and int(count) < 2:
         raise ExportError(f"--parts {count}: a model is cut into 2 parts or more")
@@ -121,7 +121,7 @@ def add_parts(folder: str | os.PathLike[str], component: str = TEXT_ENCODER_2, c
     if not count:
         raise ExportError(f"{onnx_path} keeps its weights inside the file (under 2 GB), so it is not cut by default; "
                           "pass --parts N (2 or more) to cut it anyway")
-    feeds = verify.verification_inputs(component, _model_info(root), _static(manifest))
+    feeds = verify.verification_inputs(component, model_folder.model_info(root), model_folder.static_shapes(manifest))
     reference = verify.run_onnxruntime(onnx_path, feeds)
     before = set(onnx_path.parent.iterdir())
     try:
@@ -139,21 +139,8 @@ def add_parts(folder: str | os.PathLike[str], component: str = TEXT_ENCODER_2, c
     if isinstance(manifest.get("files"), dict):
         for path in _written(index):
             manifest["files"][path.relative_to(root).as_posix()] = {"sha256": layout.sha256_file(path), "bytes": path.stat().st_size}
-    _replace_json(root / MANIFEST, manifest)
+    layout.write_json(root / MANIFEST, manifest)
     return index
-
-
-def _read_manifest(root: Path) -> dict[str, Any]:
-    path = root / MANIFEST
-    if not root.is_dir():
-        raise ExportError(f"{root} is not a folder; pass a model folder written by sd-export")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        raise ExportError(f"{root} has no readable {MANIFEST}; pass a model folder written by sd-export") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("components"), dict):
-        raise ExportError(f"{path} lists no components; pass a model folder written by sd-export")
-    return manifest
 
 
 def _cuttable(root: Path, manifest: Mapping[str, Any], component: str) -> tuple[Path, str]:
@@ -171,36 +158,11 @@ def _cuttable(root: Path, manifest: Mapping[str, Any], component: str) -> tuple[
     return root / rel, key
 
 
-def _config(root: Path, folder: str) -> dict[str, Any] | None:
-    path = root / folder / "config.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _model_info(root: Path) -> comp.ModelInfo:
-    """What the exporter knew of the model, from the configs it copied into the folder."""
-    unet, vae = _config(root, UNET), _config(root, "vae_decoder")
-    if unet is None or vae is None:
-        raise ExportError(f"{root} lacks unet/config.json or vae_decoder/config.json; re-export the model with sd-export")
-    return comp.ModelInfo.from_configs(unet, vae, _config(root, "text_encoder"), _config(root, TEXT_ENCODER_2))
-
-
-def _static(manifest: Mapping[str, Any]) -> dict[str, int] | None:
-    static = manifest.get("static_shapes")
-    return {k: int(static[k]) for k in ("batch", "height", "width")} if isinstance(static, dict) else None
-
-
 def _written(index: Path) -> list[Path]:
     """The files a cut wrote: the index, the parts and the whole graph with fused attention (if any)."""
     entry = json.loads(index.read_text(encoding="utf-8"))
     names = [p["file"] for p in entry["parts"]] + ([entry["whole"]] if entry.get("whole") else [])
     return [index] + [index.parent / name for name in names]
-
-
-def _replace_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write `path` whole or not at all: a temporary sibling renamed over it."""
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(temp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
