@@ -329,6 +329,13 @@ def render(data: dict) -> str:
     for line in consistency_notes(data):
         out.append(f"- {line}")
     for p in data["peers"]:
+        colds = (p.get("result") or {}).get("cold_runs_s")
+        if colds:
+            rss = ", ".join(f"{m / 1024:.2f}" for m in p.get("peak_rss_runs_mb") or [])
+            out.append(
+                f"- `{p['name']}`: start → 1st image is the median of {len(colds)} fresh processes"
+                f" ({', '.join(f'{c:.1f}' for c in colds)} s, in order); peak RSS the largest of theirs ({rss} GB)."
+            )
         prime = p.get("prime")
         if prime and prime.get("cold_s") is not None:
             out.append(
