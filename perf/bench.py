@@ -322,8 +322,10 @@ class Bench:
             row["options"]["cache_dir"] = "<fresh folder>"
         run = {**self.config["run"], "seed": 0, "repeats": self.args.repeats, "images": self.args.images, "pipeline": self.config.get("pipeline")}
         if peer.prime:
-            prime = self._spawn(peer, folder, options, {**run, "steps": 1, "images": 1, "repeats": 0}, out_dir / "prime")
-            row["prime"] = {k: prime.get(k) for k in ("status", "reason", "peak_rss_mb")} | {"cold_s": (prime.get("result") or {}).get("cold_s")}
+            # The same generation as the measured one: a shorter one may compile other shapes (a guidance cutoff
+            # switches batch sizes), leaving the measured process to compile and write those blobs itself.
+            prime = self._spawn(peer, folder, options, {**run, "images": 1, "repeats": 0}, out_dir / "prime")
+            row["prime"] = {k: prime.get(k) for k in ("status", "reason", "peak_rss_mb")} | {"cold_s": (prime.get("result") or {}).get("cold_s"), "steps": run["steps"]}
             if prime["status"] != "ok":
                 row.update(status="failed", reason=f"priming run failed: {prime.get('reason')}")
                 return row

@@ -339,7 +339,7 @@ def render(data: dict) -> str:
         prime = p.get("prime")
         if prime and prime.get("cold_s") is not None:
             out.append(
-                f"- `{p['name']}`: a first process filled the compile cache (1 step, start → image {prime['cold_s']:.1f} s,"
+                f"- `{p['name']}`: a first process filled the compile cache ({prime.get('steps', 1)} step(s), start → image {prime['cold_s']:.1f} s,"
                 f" peak RSS {prime['peak_rss_mb'] / 1024:.2f} GB); the row is the second process, which reads it."
             )
     notes = [*(cfg.get("notes") or []), *(data.get("notes") or [])]
