@@ -176,9 +176,11 @@ PEERS = [
     Peer("leansd-ov-fp32", "leansd openvino fp32", "leansd", "leansd", LEANSD_OV),
     Peer("leansd-ort-fp32-lowmem", "leansd onnxruntime fp32, low_memory", "leansd", "leansd", {**LEANSD_ORT, "low_memory": True}),
     Peer("leansd-ov-fp32-lowmem", "leansd openvino fp32, low_memory", "leansd", "leansd", {**LEANSD_OV, "low_memory": True}),
-    # int8 added to the plain export in place (`python -m leansd.export.int8 FOLDER --backend onnx`): SDXL's int8 rows.
-    Peer("leansd-ort-int8-lowmem", "leansd onnxruntime int8, low_memory", "leansd", "leansd",
+    # int8 added to the plain export in place (`python -m leansd.export.int8 FOLDER --backend onnx|openvino`).
+    Peer("leansd-ort-int8-lowmem-inplace", "leansd onnxruntime int8, low_memory (int8 added in place)", "leansd", "leansd",
          {"backend": "onnxruntime", "precision": "int8", "low_memory": True}, needs_precision="int8"),
+    Peer("leansd-ov-int8-inplace", "leansd openvino int8 (hybrid UNet, int8 weights elsewhere; int8 added in place)", "leansd",
+         "leansd", {"backend": "openvino", "precision": "int8"}, needs_precision="int8"),
     Peer(
         "leansd-ov-fp32-cached",
         "leansd openvino fp32, compile cache warm (2nd process)",

@@ -115,9 +115,13 @@ class OpenVinoSession(Session):
         if self.device == "CPU":
             # f32 keeps fp32 numerics on CPUs that would otherwise pick bf16 (parity with the reference); bf16 is asked
             # for by precision="bf16", on CPUs with native bfloat16 arithmetic only.
-            if options.inference_precision == "bf16" and "BF16" not in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            native_bf16 = "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+            if options.inference_precision == "bf16" and not native_bf16:
                 raise BackendError("this CPU has no native bfloat16 arithmetic (AVX512_BF16 or AMX); use precision fp32 or int8")
-            self._config["INFERENCE_PRECISION_HINT"] = options.inference_precision
+            hint = options.inference_precision
+            if hint == "bf16-if-native":
+                hint = "bf16" if native_bf16 else "f32"
+            self._config["INFERENCE_PRECISION_HINT"] = hint
         self.inputs = [_spec(p) for p in self._model.inputs]
         self.outputs = [_spec(p) for p in self._model.outputs]
         # Compiled models by input shapes (a dimension is an int, or a (low, high) range), most recent last. Two are

@@ -33,7 +33,8 @@ class SessionOptions:
     low_memory: ask the backend not to keep memory arenas between calls.
     release_after_run: keep the memory arena during a call but return its memory after each call (ONNX Runtime's
         arena shrinkage; for models that run rarely with large activations, such as the VAE).
-    inference_precision: "f32" (exact) or "bf16" (OpenVINO computes in bfloat16 on CPUs that have it natively).
+    inference_precision: "f32" (exact), "bf16" (OpenVINO computes in bfloat16 on CPUs that have it natively; refused
+        elsewhere) or "bf16-if-native" (bf16 on such CPUs, f32 on others: the float operations of int8 files).
     weights: called when the model opens; returns weights to run instead of the file's, by their name in the graph
         (ONNX initializers, OpenVINO constants): how run-time LoRA and textual inversion reach the backend.
     """
