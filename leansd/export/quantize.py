@@ -29,7 +29,8 @@ Calibration and measurement data come from the fp32 export itself: the leansd pi
 classifier-free guidance and the export's size (an inpainting model inpaints a synthetic picture: `task_inputs`),
 and every component's inputs are recorded. The OpenVINO UNet is
 calibrated on the calibration runs (every UNet call: early, middle and late noise levels). Each int8 file is then
-compared with the fp32 file of the same backend on the held-out runs' inputs, and the held-out generations are
+compared with the fp32 file of the same backend on the held-out runs' inputs (OpenVINO int8 files as the runtime runs
+them on this machine: their float operations in bf16 on a CPU with native bf16, else f32), and the held-out generations are
 repeated with the int8 variant (final latents and images compared; recorded, not gated).
 
 The gate is a floor on each component's output PSNR against fp32 (20 log10(peak / RMS error), worst held-out
