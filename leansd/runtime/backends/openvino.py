@@ -114,7 +114,7 @@ class OpenVinoSession(Session):
             self._mapped_folders.append(Path(options.cache_dir))
         if self.device == "CPU":
             # f32 keeps fp32 numerics on CPUs that would otherwise pick bf16 (parity with the reference); bf16 is asked
-            # for by precision="bf16", on CPUs with native bfloat16 arithmetic only.
+            # for by precision="bf16", on CPUs with native bfloat16 arithmetic only; int8 files take bf16 where native.
             native_bf16 = "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
             if options.inference_precision == "bf16" and not native_bf16:
                 raise BackendError("this CPU has no native bfloat16 arithmetic (AVX512_BF16 or AMX); use precision fp32 or int8")
