@@ -328,13 +328,6 @@ def quantize_component(component: str, backend: str, src: Path, dst: Path, calib
 # -- measuring ---------------------------------------------------------------------------------------------------
 
 
-def int8_float_precision() -> str:
-    """What the runtime computes an OpenVINO int8 file's float operations in on this machine (bf16 where native)."""
-    from leansd.export import verify
-
-    return "bf16" if verify.bf16_capable() else "f32"
-
-
 def run_all(backend: str, path: Path, feeds: list[dict[str, np.ndarray]], inference_precision: str = "f32") -> list[dict[str, np.ndarray]]:
     """Run one model file on every feed (one compiled model / session for all); OpenVINO in `inference_precision`."""
     if backend == "onnx":
@@ -418,7 +411,7 @@ def build(
             quantize_component(component, backend, src, dst, unet_calibration)
             gc.collect()
             # The int8 file as the runtime runs it: on OpenVINO its float operations in bf16 where the CPU has it natively.
-            floats = int8_float_precision() if backend == "openvino" else "f32"
+            floats = _int8_float_precision() if backend == "openvino" else "f32"
             figures = compare(run_all(backend, src, held_feeds[component]), run_all(backend, dst, held_feeds[component], floats))
             gate = GATES[component]
             passed = figures["psnr_db"] >= gate.min_psnr_db
@@ -463,6 +456,14 @@ def compare_generations(root: Path, backend: str, reference: Recording, plan: Ru
     latents = compare(reference.inputs["vae_decoder"], rec.inputs["vae_decoder"])
     images = compare([{"image": i} for i in reference.images], [{"image": i} for i in rec.images])
     return {"latents": latents, "images": images}
+
+
+def _int8_float_precision() -> str:
+    """What the runtime computes an OpenVINO int8 file's float operations in on this machine."""
+    from leansd.runtime.backends import INT8_FLOAT_PRECISION
+    from leansd.runtime.backends.openvino import cpu_precision_hint
+
+    return cpu_precision_hint(INT8_FLOAT_PRECISION)
 
 
 def _remove_model(path: Path) -> None:

@@ -29,6 +29,17 @@ def core() -> ov.Core:
     return ov.Core()
 
 
+def cpu_precision_hint(requested: str) -> str:
+    """The CPU's INFERENCE_PRECISION_HINT for a requested precision: "f32", "bf16" (refused on CPUs without native
+    bfloat16 arithmetic) or "bf16-if-native" (bf16 on such CPUs, else f32: what int8 files' float operations use)."""
+    native_bf16 = "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if requested == "bf16" and not native_bf16:
+        raise BackendError("this CPU has no native bfloat16 arithmetic (AVX512_BF16 or AMX); use precision fp32 or int8")
+    if requested == "bf16-if-native":
+        return "bf16" if native_bf16 else "f32"
+    return requested
+
+
 def choose_device(device: str) -> str:
     available = core().available_devices
     device = device.lower()
@@ -115,13 +126,7 @@ class OpenVinoSession(Session):
         if self.device == "CPU":
             # f32 keeps fp32 numerics on CPUs that would otherwise pick bf16 (parity with the reference); bf16 is asked
             # for by precision="bf16", on CPUs with native bfloat16 arithmetic only; int8 files take bf16 where native.
-            native_bf16 = "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-            if options.inference_precision == "bf16" and not native_bf16:
-                raise BackendError("this CPU has no native bfloat16 arithmetic (AVX512_BF16 or AMX); use precision fp32 or int8")
-            hint = options.inference_precision
-            if hint == "bf16-if-native":
-                hint = "bf16" if native_bf16 else "f32"
-            self._config["INFERENCE_PRECISION_HINT"] = hint
+            self._config["INFERENCE_PRECISION_HINT"] = cpu_precision_hint(options.inference_precision)
         self.inputs = [_spec(p) for p in self._model.inputs]
         self.outputs = [_spec(p) for p in self._model.outputs]
         # Compiled models by input shapes (a dimension is an int, or a (low, high) range), most recent last. Two are
