@@ -32,12 +32,14 @@ def build_tiny_sd(
     seed: int = 0,
     cross_attention_dim: int = 32,
     inpainting: bool = False,
+    top_attention: bool = False,
 ) -> Path:
     """Save a tiny SD 1.x diffusers pipeline at `path` and return it.
 
     `vae_blocks` sets the VAE scale factor to 2 ** (vae_blocks - 1): 2 blocks give 2, 3 give 4.
     `inpainting`: a 9-channel UNet (latents, mask, masked image latents) saved as a StableDiffusionInpaintPipeline,
-    as SD 1.5's and SD 2's inpainting models are.
+    as SD 1.5's and SD 2's inpainting models are. `top_attention`: attention at the latent's own resolution (the
+    first down and last up block), as in SD 1.x/2.x, instead of at the lower one.
     """
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
@@ -50,8 +52,8 @@ def build_tiny_sd(
         sample_size=16,
         in_channels=9 if inpainting else 4,
         out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D") if top_attention else ("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D") if top_attention else ("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=8,

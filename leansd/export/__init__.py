@@ -37,6 +37,7 @@ def export_model(
     prediction_type: str | None = None,
     image_size: int | None = None,
     loras: Sequence[str | os.PathLike[str] | tuple[str | os.PathLike[str], float]] | None = None,
+    token_merging: float | None = None,
 ) -> Path:
     """Export a Stable Diffusion 1.x/2.x or SDXL model to a leansd model folder and return the folder's path.
 
@@ -85,6 +86,10 @@ def export_model(
             included), with diffusers' `load_lora_weights` + `fuse_lora`; recorded in leansd.json. LoRAs can also
             be applied at run time without re-export (`leansd.load(..., loras={FILE: SCALE})`), using the
             `weight_map.json` every export writes.
+        token_merging: also write the UNet (and its deep-cache parts) with token merging in the top-resolution
+            self-attentions, merging this fraction of the tokens (0.5 is the usual choice): `unet_tome/` etc., fp32,
+            for `leansd.load(..., token_merging=True)`, an approximate mode that makes those attentions about 4x
+            cheaper. SD 1.x/2.x only; see `leansd.export.token_merging`.
 
     Raises:
         ExportError: a problem the user can fix (bad source, existing output, bad size ...), one line.
@@ -112,4 +117,5 @@ def export_model(
         prediction_type=prediction_type,
         image_size=image_size,
         loras=loras,
+        token_merging_ratio=token_merging,
     )

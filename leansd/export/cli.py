@@ -2,7 +2,7 @@
 
     sd-export SOURCE OUTPUT_DIR [--backend onnx|openvino|all] [--height H --width W --batch B]
               [--opset N] [--overwrite] [--tolerance T | --tolerance unet=T,vae_decoder=T]
-              [--precision fp32|fp32,int8] [--force-int8] [--deep-cache] [--tiny-vae PATH]
+              [--precision fp32|fp32,int8] [--force-int8] [--deep-cache] [--tiny-vae PATH] [--token-merging [RATIO]]
               [--config DIR] [--prediction-type epsilon|v_prediction] [--image-size N]   (single files)
 
 Exit status: 0 success; 2 a problem the message names (bad source, existing output, bad size, parity over
@@ -70,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="also export this tiny VAE decoder (a diffusers AutoencoderTiny folder, e.g. a copy of madebyollin/taesd) for "
         "fast decoding and step previews: sd-run --tiny-vae / --preview",
+    )
+    p.add_argument(
+        "--token-merging",
+        type=float,
+        nargs="?",
+        const=0.5,
+        metavar="RATIO",
+        help="also write the UNet (and its deep-cache parts) with token merging (ToMe) in the top-resolution "
+        "self-attentions, merging RATIO of the tokens (default 0.5), for sd-run --token-merging: faster steps, an "
+        "approximate image (SD 1.x/2.x)",
     )
     p.add_argument(
         "--unet-parts",
@@ -172,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             unet_parts=args.unet_parts,
             text_encoder_parts=args.text_encoder_parts,
             loras=args.lora,
+            token_merging=args.token_merging,
         )
     except ExportError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from leansd.export import components as comp
 from leansd.export import (attention, deepcache, depth_estimator, layout, parts, quantize, safety_checker, sdxl, streaming, tiny_vae,
+                           token_merging,
                            verify, weight_map)
 from leansd.export import int8 as int8_stage
 from leansd.export import lora as lora_fusion
@@ -95,9 +96,11 @@ def family(source: Source) -> str:
     return "sd2" if openclip or int(source.config("unet").get("cross_attention_dim", 768)) == 1024 else "sd1"
 
 
-def module_order(info: comp.ModelInfo, deep_cache: bool) -> tuple[tuple[str, tuple[str, ...]], ...]:
+def module_order(info: comp.ModelInfo, deep_cache: bool, merging: bool = False) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """Torch modules in export order, with the components cut from each; one module is in memory at a time."""
     order = MODULE_ORDER_DEEP_CACHE if deep_cache else MODULE_ORDER
+    if merging:  # the token-merged UNet graphs are traced from the same loaded UNet
+        order = tuple((m, token_merging.with_merged(names) if m == "unet" else names) for m, names in order)
     xl = info.text_time
     if xl is None:
         return order
@@ -125,9 +128,11 @@ def export(
     prediction_type: str | None = None,
     image_size: int | None = None,
     loras: Sequence[str | os.PathLike[str] | tuple] | None = None,
+    token_merging_ratio: float | None = None,
 ) -> Path:
     """See `leansd.export.export_model`."""
     fused = lora_fusion.parse(loras)  # before any slow step: a missing file fails now
+    merging = None if token_merging_ratio is None else token_merging.check_ratio(token_merging_ratio)
     forced_parts = {UNET: unet_parts, TEXT_ENCODER_2: text_encoder_parts}
     for component, count in forced_parts.items():
         parts.check_count(component, count)
@@ -152,7 +157,9 @@ def export(
             raise ExportError("int8 is not available for the x4 upscaler yet; export it with --precision fp32")
         if deep_cache:
             deepcache.check_supported(source.config("unet"))
-        order = module_order(info, deep_cache)
+        if merging is not None:
+            token_merging.check_supported(source.config("unet"))
+        order = module_order(info, deep_cache, merging is not None)
         loaders = {}
         if tiny_vae_source is not None:
             tiny = tiny_vae.load(tiny_vae_source)  # small: load it now, so a bad path fails before the slow steps
@@ -163,12 +170,12 @@ def export(
         for module_name in lora_fusion.COMPONENTS if fused else ():
             loaders[module_name] = lora_fusion.fusing_loader(source.load, fused, sdxl=info.text_time is not None)
         names = [n for _, members in order for n in members]
-        tolerances.update({n: tolerances["unet"] for n in comp.DEEP_CACHE_COMPONENTS})
+        tolerances.update({n: tolerances["unet"] for n in (*comp.DEEP_CACHE_COMPONENTS, *token_merging.BASE)})
         tolerances[tiny_vae.COMPONENT] = tolerances["vae_decoder"]
         with layout.StagingFolder(target, overwrite=overwrite) as staging:
             prints: dict[str, weight_map.Fingerprints] = {}
             parity = _export_components(source, staging.path, info, chosen, static, int(opset), tolerances, progress, order, loaders,
-                                        forced_parts, prints)
+                                        forced_parts, prints, merging)
             # The safety checker, when the source has one (fp32 only; a CLIP vision tower, held to the text encoder's tolerance).
             checker = (safety_checker.export(source, staging.path, chosen, int(opset), tolerances["text_encoder"])
                        if safety_checker.present(source) else None)
@@ -203,16 +210,17 @@ def export(
                     count = parity[UNET_PARTS]["onnx"]["fp32"]["parts"]
                     index, parity[UNET_PARTS]["onnx"]["int8"] = parts.split_int8_unet(staging.path / int8_unet, info, static, count)
                     files[UNET_PARTS]["onnx"]["int8"] = _relative(staging.path, index)
-            _write_manifest(source, staging.path, info, files, static, int(opset), parity, int8, names, [f.record() for f in fused])
+            _write_manifest(source, staging.path, info, files, static, int(opset), parity, int8, names, [f.record() for f in fused], merging)
             return staging.commit()
     finally:
         source.close()
 
 
 def _export_components(source, root: Path, info, backends, static, opset, tolerances, progress, order=MODULE_ORDER, loaders=None,
-                       forced_parts: Mapping[str, int | None] | None = None, prints: dict | None = None) -> dict[str, Any]:
+                       forced_parts: Mapping[str, int | None] | None = None, prints: dict | None = None,
+                       merging: float | None = None) -> dict[str, Any]:
     """Trace, verify and convert every component; cut the ones in `manifest.PARTS_OF` into streaming parts (the counts in
-    `forced_parts`, else each file's default); return the parity entries."""
+    `forced_parts`, else each file's default); return the parity entries. `merging`: the token-merged graphs' ratio."""
     per_component = 1 + (1 if "onnx" in backends else 0) + (2 if "openvino" in backends else 0)
     bar = progress_bar(sum(len(names) for _, names in order) * per_component, "sd-export", progress)
     parity: dict[str, Any] = {}
@@ -224,13 +232,13 @@ def _export_components(source, root: Path, info, backends, static, opset, tolera
             if prints is not None and module_name in MAPPED_MODULES:
                 found = weight_map.fingerprints(module)  # for weight_map.json: run-time LoRA finds weights by them
                 prints.update({name: found for name in names})
-            traced = [_trace(name, module, root if "onnx" in backends else scratch, info, static, opset, bar) for name in names]
+            traced = [_trace(name, module, root if "onnx" in backends else scratch, info, static, opset, bar, merging) for name in names]
             # The PyTorch weights are no longer needed: free them before ONNX Runtime and OpenVINO load theirs.
             del module
             gc.collect()
             for name, onnx_path, feeds, reference in traced:
                 parity[name] = _verify_and_convert(name, onnx_path, feeds, reference, root, backends, tolerances[name], bar)
-                if name in comp.DEEP_CACHE_COMPONENTS and "onnx" in backends:
+                if token_merging.kind(name) in comp.DEEP_CACHE_COMPONENTS and "onnx" in backends:
                     parity[name]["onnx"]["fp32"]["fused_attention"] = _fuse_and_check(name, onnx_path, feeds, reference, tolerances[name])
                 if name in PARTS_OF and "onnx" in backends:
                     count = parts.chosen_count(onnx_path, (forced_parts or {}).get(name))
@@ -259,19 +267,27 @@ def _write_weight_map(root: Path, backends, prints: dict[str, weight_map.Fingerp
     weight_map.write(root, files)
 
 
-def _trace(name, module, folder: Path, info, static, opset, bar):
-    """Export one component to ONNX; return (name, file, verification inputs, PyTorch's outputs for them)."""
-    wrapper = comp.wrap(name, module, info)
+def _trace(name, module, folder: Path, info, static, opset, bar, merging: float | None = None):
+    """Export one component to ONNX; return (name, file, verification inputs, PyTorch's outputs for them). A
+    token-merged graph is traced as its plain component with the merging applied to the module meanwhile."""
+    if token_merging.kind(name) != name:
+        with token_merging.applied(module, merging or token_merging.DEFAULT_RATIO):
+            return _trace_as(token_merging.kind(name), name, module, folder, info, static, opset, bar)
+    return _trace_as(name, name, module, folder, info, static, opset, bar)
+
+
+def _trace_as(kind: str, name: str, module, folder: Path, info, static, opset, bar):
+    wrapper = comp.wrap(kind, module, info)
     if static:
         trace = {"batch": static["batch"], "height": static["height"], "width": static["width"]}
     else:
-        h, w = comp.trace_size(name, info)
+        h, w = comp.trace_size(kind, info)
         trace = {"batch": 2, "height": h, "width": w}
-    feeds = _verification_inputs(name, info, static)
-    reference = verify.run_torch(name, wrapper, feeds, info)
+    feeds = _verification_inputs(kind, info, static)
+    reference = verify.run_torch(kind, wrapper, feeds, info)
     bar.set_postfix_str(f"{name}: ONNX export")
     onnx_path = folder / name / "model.onnx"
-    export_onnx(name, wrapper, comp.make_inputs(name, info, seed=TRACE_SEED, **trace), onnx_path, opset=opset, dynamic=static is None,
+    export_onnx(kind, wrapper, comp.make_inputs(kind, info, seed=TRACE_SEED, **trace), onnx_path, opset=opset, dynamic=static is None,
                 info=info)
     bar.update()
     return name, onnx_path, feeds, reference
@@ -296,11 +312,11 @@ def _verify_and_convert(name, onnx_path: Path, feeds, reference, root: Path, bac
         bar.set_postfix_str(f"{name}: verify OpenVINO")
         result["openvino"] = {"fp32": verify.check(name, "openvino", xml, feeds, reference, tolerance).to_json()}
         bar.update()
-    if name in quantize.GATES and verify.bf16_capable():
+    if token_merging.kind(name) in quantize.GATES and verify.bf16_capable():
         # OpenVINO reads the ONNX file when no IR was written, so bf16 is measured whichever backend was exported.
         bar.set_postfix_str(f"{name}: measure bf16")
         path = root / name / XML if "openvino" in backends else onnx_path
-        result.setdefault("openvino", {})["bf16"] = verify.measure_bf16(path, feeds, reference, quantize.GATES[name].min_psnr_db)
+        result.setdefault("openvino", {})["bf16"] = verify.measure_bf16(path, feeds, reference, quantize.GATES[token_merging.kind(name)].min_psnr_db)
     if "onnx" not in backends:
         shutil.rmtree(onnx_path.parent, ignore_errors=True)
     return result
@@ -345,7 +361,7 @@ def _write_configs(source: Source, root: Path, names: Sequence[str] = comp.COMPO
 
 
 def _write_manifest(source: Source, root: Path, info, files, static, opset, parity, int8: quantize.Int8Result | None,
-                    names: Sequence[str] = comp.COMPONENTS, loras: Sequence[dict] = ()) -> None:
+                    names: Sequence[str] = comp.COMPONENTS, loras: Sequence[dict] = (), merging: float | None = None) -> None:
     """leansd.json, written last: it hashes every other file."""
     metric = "max_rel = max|export - torch| / max|torch| <= tolerance; psnr_db = 20 log10(max|torch| / rms error)"
     if int8 is not None:
@@ -365,7 +381,8 @@ def _write_manifest(source: Source, root: Path, info, files, static, opset, pari
             **({"defaults": UPSCALER_DEFAULTS} if info.class_embeddings else {}),
             **({"defaults": SDXL_INPAINT_DEFAULTS if info.unet_in_channels > info.latent_channels else SDXL_DEFAULTS}
                if info.text_time is not None else {}),
-            "io": {n: comp.io_manifest(n, static, info) for n in names},
+            "io": {n: comp.io_manifest(token_merging.kind(n), static, info) for n in names},
+            **({"token_merging": token_merging.settings(merging)} if merging is not None else {}),
             "opset": opset,
             **({"loras": list(loras)} if loras else {}),  # fused into the weights: file, hashes, scale
             "provenance": _provenance(source),

@@ -212,6 +212,9 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding", action="append", type=Path, default=None, metavar="FILE",
                    help="a textual-inversion embedding (.safetensors: diffusers' learned_embeds or AUTOMATIC1111's, named by its "
                    "file) that prompts can then name; repeat for several")
+    p.add_argument("--token-merging", action="store_true",
+                   help="merge similar tokens in the UNet's top-resolution self-attentions (ToMe; needs a folder exported with "
+                   "sd-export --token-merging): faster steps, an approximate image")
     p.add_argument("--tiny-vae", action="store_true",
                    help="decode with the tiny VAE decoder (TAESD; needs a folder exported with sd-export --tiny-vae): much faster, a little less detail")
     p.add_argument("--refiner", type=Path, default=None, metavar="DIR",
@@ -333,7 +336,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         model, backend=args.backend, device=args.device, precision=args.precision,
         num_threads=args.threads, cache_dir=args.cache_dir, low_memory=args.low_memory, deep_cache=args.deep_cache,
         vae_tiling=args.tiled_vae, tiny_vae=args.tiny_vae, guidance_cutoff=args.guidance_cutoff, safety_checker=args.safety_checker,
-        loras=dict(args.lora) if args.lora else None, lora_dir=args.lora_dir, embeddings=args.embedding,
+        token_merging=args.token_merging or None, loras=dict(args.lora) if args.lora else None, lora_dir=args.lora_dir, embeddings=args.embedding,
     )
     if args.save_depth_map is not None and pipe.unet.in_channels != pipe.models.vae_decoder.latent_channels + 1:
         raise LeanSDError(f"--save-depth-map is for depth-to-image models; {pipe.bundle.root} is not one (leave it out)")

@@ -4,7 +4,8 @@ Variants are chosen at load and per call, never by branches in the loop:
 - guidance batched (one UNet call on [negative, prompt]) or split (two calls of half the batch: half the
   activation memory, the same result) — a load-time choice of the memory policy;
 - the whole UNet every step, or feature reuse (DeepCache: the deep features are refreshed every N steps by
-  `unet_deep`, the steps between run only `unet_shallow`) — the call's `deep_cache` interval.
+  `unet_deep`, the steps between run only `unet_shallow`) — the call's `deep_cache` interval;
+- the exact UNet graphs, or their token-merged twins (`sd-export --token-merging`) — the call's `token_merging`.
 Weight streaming is not a variant here: the backend runs the UNet's parts behind the same session.
 
 `Denoiser.start()` returns a `DenoiserRun` that holds one generation's state (the feature cache), so a
@@ -100,6 +101,11 @@ class Denoiser:
     split_guidance: bool = False
     fused_attention: bool = False  # the UNet's files compute attention blockwise (no score matrices in memory)
     streamed_bytes: int = 0  # weights a low-memory generation opens while denoising (0: loaded at load time)
+    merged: "Denoiser | None" = None  # the same UNet graphs with token merging, when the folder has them
+
+    def variant(self, token_merging: bool) -> "Denoiser":
+        """The denoiser a call runs: the token-merged one when asked for (checked by the pipeline), else this one."""
+        return self.merged if token_merging and self.merged is not None else self
 
     def start(self, guidance: Guidance, deep_cache: int = 1) -> "DenoiserRun":
         if deep_cache > 1:

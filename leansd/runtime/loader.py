@@ -165,12 +165,15 @@ def assemble(
     transient = replace(options, release_after_run=True)
     unet_config = bundle.unet_config
     deep, shallow = lazy(names.UNET_DEEP, required=False), lazy(names.UNET_SHALLOW, required=False)
+    split = memory.split_guidance(bool((bundle.static_shapes or {}).get("unet_batch")))
+    merged = [lazy(names.TOKEN_MERGED[c], required=False) for c in (names.UNET, names.UNET_DEEP, names.UNET_SHALLOW)]
     denoiser = Denoiser(
         UNet(lazy(names.UNET), unet_config),
         UNet(deep, unet_config) if deep else None,
         UNet(shallow, unet_config) if shallow else None,
-        memory.split_guidance(bool((bundle.static_shapes or {}).get("unet_batch"))),
+        split,
         *backends.unet_weights(bundle, backend, precision, memory.low_memory),
+        merged=Denoiser(*(UNet(s, unet_config) if s else None for s in merged), split) if merged[0] else None,  # type: ignore[arg-type]
     )
     def fp32_only(component: str) -> LazySession | None:  # tiny decoder, safety checker, depth estimator: also for int8
         return lazy(component, required=False) or lazy(component, required=False, variant="fp32")
@@ -204,7 +207,7 @@ def _image_models(bundle: ModelBundle, fp32_only: Callable[[str], LazySession | 
 
 
 # The models whose weights run-time adapters change.
-_ADAPTABLE = (names.TEXT_ENCODER, names.TEXT_ENCODER_2, names.UNET, names.UNET_DEEP, names.UNET_SHALLOW)
+_ADAPTABLE = (names.TEXT_ENCODER, names.TEXT_ENCODER_2, names.UNET, names.UNET_DEEP, names.UNET_SHALLOW, *names.TOKEN_MERGED.values())
 
 
 def _adapters(bundle: ModelBundle, backend: str, precision: str, lora_dir: str | Path | None) -> Adapters:

@@ -22,6 +22,8 @@ VAE_ENCODER = "vae_encoder"
 TINY_VAE_DECODER = "vae_decoder_tiny"  # TAESD, written by `sd-export --tiny-vae`
 UNET_DEEP = "unet_deep"  # the whole UNet that also returns its deep features (`sd-export --deep-cache`)
 UNET_SHALLOW = "unet_shallow"  # the UNet's outermost layers, fed cached deep features
+# The same UNet graphs with token merging in their top-level self-attentions (`sd-export --token-merging`).
+TOKEN_MERGED = {UNET: "unet_tome", UNET_DEEP: "unet_deep_tome", UNET_SHALLOW: "unet_shallow_tome"}
 UNET_PARTS = "unet_parts"  # the index of the ONNX UNet's weight-streaming parts
 TEXT_ENCODER_2_PARTS = "text_encoder_2_parts"  # the index of SDXL's second text encoder's parts (2.8 GB in fp32)
 SAFETY_CHECKER = "safety_checker"  # diffusers' StableDiffusionSafetyChecker, when the source had one

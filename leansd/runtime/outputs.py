@@ -183,6 +183,7 @@ def image_parameters(args: argparse.Namespace, pipe: Pipeline, result: PipelineO
         "Deep cache": used.deep_cache if used.deep_cache > 1 else None,
         "CFG cutoff": used.guidance_cutoff if used.guidance_cutoff < 1 else None,
         "VAE": "tiny (TAESD)" if used.tiny_vae else None,
+        "Token merging ratio": (pipe.bundle.manifest or {}).get("token_merging", {}).get("ratio") if used.token_merging else None,
         "Watermark": used.watermark,
         # AUTOMATIC1111's names for the SDXL refiner hand-off
         "Refiner": getattr(args, "refiner", None) and Path(args.refiner).name,

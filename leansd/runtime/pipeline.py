@@ -102,7 +102,8 @@ class Pipeline:
             with self.adapters.using(self.adapters.resolve(self.defaults.loras, ())):
                 pass
         denoiser, decoder = models.denoiser, self._decoder(self.defaults)
-        memory.preload(*(m.session for m in denoiser.models(self.defaults.deep_cache)), decoder.session,
+        unets = denoiser.variant(self.defaults.token_merging).models(self.defaults.deep_cache)
+        memory.preload(*(m.session for m in unets), decoder.session,
                        *(e.session for e in models.prompt_encoder.encoders))
 
     @property
@@ -154,6 +155,12 @@ class Pipeline:
             raise ModelFolderError(
                 f"{where} {self.precision} deep-cache UNet parts for {self.backend}; "
                 "re-export it with sd-export --deep-cache, or leave deep_cache off"
+            )
+        merged = self.models.denoiser.merged
+        if s.token_merging and (merged is None or (s.deep_cache > 1 and None in (merged.deep, merged.shallow))):
+            raise ModelFolderError(
+                f"{where} {self.precision} token-merged UNet{' deep-cache parts' if s.deep_cache > 1 else ''} for {self.backend}; "
+                "export it with sd-export --token-merging (fp32 files, run as fp32 or bf16), or leave token_merging off"
             )
         if s.tiny_vae and self.models.tiny_vae_decoder is None:
             raise ModelFolderError(
@@ -243,9 +250,10 @@ class Generation:
                              models.vae_encoder, f"{pipe.bundle.root} has no vae_encoder for {pipe.backend}; "
                              "re-export the model to use an init image")
             begin = self.task.prepare(start_at, cond)
-        unets = models.denoiser.models(s.deep_cache)
+        denoiser = models.denoiser.variant(s.token_merging)
+        unets = denoiser.models(s.deep_cache)
         with self._timed("denoise_s"), pipe.memory.stage(*(u.session for u in unets)):
-            run = models.denoiser.start(self.guidance, s.deep_cache)
+            run = denoiser.start(self.guidance, s.deep_cache)
             latents = denoise(run, self.scheduler, self.plan, begin.latents, begin.cond, self.noise, s.callback, begin.after_step)
         self.timings["step_s"] = self.timings["denoise_s"] / len(self.plan.timesteps)
         with self._timed("decode_s"):

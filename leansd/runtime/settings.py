@@ -49,6 +49,8 @@ class GenerationSettings:
         the generation (`leansd.Cancelled` is raised).
     deep_cache: reuse the UNet's deep features for N-1 of every N steps (1 = off).
     guidance_cutoff: stop guidance after this fraction of the steps (1 = guide every step).
+    token_merging: run the UNet graphs with token merging in their top-resolution self-attentions (ToMe; needs a
+        folder exported with `sd-export --token-merging`): faster steps, an approximate image.
     tiny_vae: decode with the tiny VAE decoder. vae_tiling: decode large images in tiles (None: in low-memory mode, and
         whenever decoding the image whole would clearly not fit in the memory available).
     memory_check: refuse a generation that clearly needs more memory than is available (`leansd.runtime.budget`).
@@ -98,6 +100,7 @@ class GenerationSettings:
     deep_cache: int = 1
     guidance_cutoff: float = 1.0
     tiny_vae: bool = False
+    token_merging: bool = False
     vae_tiling: bool | None = None
     memory_check: bool = True
     watermark: str | None = None
