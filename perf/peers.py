@@ -61,6 +61,12 @@ EXPORTS = {
             ("{tool:sd-export}", "{src}", "{out}", "--backend", "all", "--deep-cache", "--tiny-vae", "{taesd}", "--quiet"),
         ),
         Export(
+            "leansd-tome",
+            "leansd sd-export, OpenVINO IR only, fp32, with the deep-cache parts, a tiny VAE decoder and token-merged UNet graphs",
+            ("{tool:sd-export}", "{src}", "{out}", "--backend", "openvino", "--deep-cache", "--tiny-vae", "{taesd}", "--token-merging",
+             "0.5", "--quiet"),
+        ),
+        Export(
             "leansd-int8",
             "leansd sd-export with int8 variants (OpenVINO: NNCF hybrid UNet + int8 weights; ONNX: dynamic int8)",
             # --force-int8: random weights make the int8 quality gate meaningless; speed and memory are what we measure.
@@ -235,6 +241,13 @@ PEERS = [
          "leansd openvino bf16, guidance cutoff 0.3, deep cache every 5 unguided steps, tiny VAE decoder, compile cache warm (2nd process)",
          "leansd", "leansd", {**LEANSD_OV, "precision": "bf16", "guidance_cutoff": 0.3, "deep_cache": 5, "tiny_vae": True,
                               "cache_dir": "@fresh"}, prime=True),
+    # Token merging (ToMe, ratio 0.5) in the top-resolution self-attentions: an approximate mode with its own gate.
+    Peer("leansd-ov-bf16-tome", "leansd openvino bf16, token merging 0.5", "leansd", "leansd-tome",
+         {**LEANSD_OV, "precision": "bf16", "token_merging": True}),
+    Peer("leansd-ov-bf16-fast-dc5-tome",
+         "leansd openvino bf16, guidance cutoff 0.3, deep cache every 5 unguided steps, tiny VAE decoder, token merging 0.5",
+         "leansd", "leansd-tome", {**LEANSD_OV, "precision": "bf16", "guidance_cutoff": 0.3, "deep_cache": 5, "tiny_vae": True,
+                                   "token_merging": True}),
     # precision="auto" with no backend named: what a user gets who asks for the fastest safe precision.
     Peer("leansd-auto", "leansd precision auto (backend chosen by it)", "leansd", "leansd", {"backend": None, "precision": "auto"}),
     Peer("leansd-ov-fp32-tinyvae", "leansd openvino fp32, tiny VAE decoder", "leansd", "leansd", {**LEANSD_OV, "tiny_vae": True}),

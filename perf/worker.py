@@ -84,6 +84,7 @@ class LeansdPeer:
             deep_cache=opts.get("deep_cache"),
             tiny_vae=bool(opts.get("tiny_vae")),
             guidance_cutoff=float(opts.get("guidance_cutoff", 1.0)),
+            token_merging=bool(opts.get("token_merging")),
         )
         self.load_s = time.perf_counter() - t0
         # A run may change the folder's scheduler config (SDXL-Turbo's trailing timesteps on the SDXL base folder): the
@@ -93,6 +94,7 @@ class LeansdPeer:
         self.deep_cache = int(opts.get("deep_cache") or 1)
         self.num_threads = opts.get("num_threads")
         models = self.pipe.models
+        self.denoiser = models.denoiser.variant(bool(opts.get("token_merging")))  # the graphs its generations run
         self.decoder = models.tiny_vae_decoder if opts.get("tiny_vae") else models.vae_decoder
         if self.deep_cache > 1:
             # One call per step, whether it refreshes the deep features or reuses them.
@@ -101,8 +103,8 @@ class LeansdPeer:
             self.unet_timer = timer = CallTimer(denoiser.DenoiserRun.predict)
             denoiser.DenoiserRun.predict = lambda run, *args: timer(run, *args)
         else:
-            self.unet_timer = CallTimer(self.pipe.unet.predict)
-            self.pipe.unet.predict = self.unet_timer
+            self.unet_timer = CallTimer(self.denoiser.unet.predict)
+            self.denoiser.unet.predict = self.unet_timer
         # The timed UNet "step" of a deep-cache row is one refresh cycle (1 full + N-1 shallow calls) / N.
         self.unet_divisor = self.deep_cache
 
@@ -128,7 +130,7 @@ class LeansdPeer:
     def micro(self, run: dict):
         """(text encoder, UNet, VAE decode) callables on fixed inputs, as the pipeline feeds them."""
         np, pipe = self.np, self.pipe
-        prompt_encoder, denoiser = pipe.models.prompt_encoder, pipe.models.denoiser
+        prompt_encoder, denoiser = pipe.models.prompt_encoder, self.denoiser
         if len(prompt_encoder.encoders) > 1:  # SDXL: both encoders (penultimate layers, pooled embedding), as the pipeline
             def text():
                 return prompt_encoder.encode([PROMPT])
@@ -170,7 +172,7 @@ class LeansdPeer:
         if self.low_memory:
             models = self.pipe.models
             if component == "unet":
-                for unet in (models.denoiser.unet, models.denoiser.deep, models.denoiser.shallow):
+                for unet in (self.denoiser.unet, self.denoiser.deep, self.denoiser.shallow):
                     if unet is not None:
                         unet.session.close()
             elif component == "text_encoder":

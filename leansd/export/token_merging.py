@@ -10,8 +10,9 @@ random destination choice: the latent grid is cut into 2x2 cells; each cell's to
 (`tomesd`'s `use_rand=False`: a fixed choice, so the graph is deterministic), the others are sources; each
 source is paired with its most similar destination (cosine similarity of the block's input hidden states);
 the `ratio` x tokens best-paired sources are averaged into their destinations; attention runs on the rest and
-the destinations, and every merged source takes its destination's result. Only blocks at the latent's own
-resolution are merged (`tomesd`'s `max_downsample=1`), in self-attention only.
+the destinations, and every merged source takes its destination's result. Only the self-attentions of the finest
+level that has attention are merged: the latent's own resolution in SD 1.x/2.x (`tomesd`'s `max_downsample=1`),
+the next one down in a UNet whose first level has none (`max_downsample=2`, as the bundled model).
 
 Every index is computed from tensor shapes inside the graph, so one exported file serves every image size, as
 the UNet without merging does. Wrapping is a patch of the modules (a pre-hook on each top-level transformer
@@ -48,19 +49,30 @@ def check_ratio(ratio: float) -> float:
     return value
 
 
-def check_supported(config: dict[str, Any]) -> None:
-    """Raise `ExportError` when this UNet has no self-attention at its top resolution to merge tokens in."""
+def attention_level(config: dict[str, Any]) -> int | None:
+    """The finest level (0 = the latent's resolution) whose down and up blocks both have attention, or None."""
     down, up = list(config.get("down_block_types") or ()), list(config.get("up_block_types") or ())
-    if not (down and up and down[0].startswith("CrossAttn") and up[-1].startswith("CrossAttn")):
-        raise ExportError("--token-merging needs a UNet with attention at its top resolution (SD 1.x/2.x); this one has none "
-                          "there (SDXL's first level has no attention); export without --token-merging")
+    for level, (d, u) in enumerate(zip(down, reversed(up))):
+        if d.startswith("CrossAttn") and u.startswith("CrossAttn"):
+            return level
+    return None
+
+
+def check_supported(config: dict[str, Any]) -> None:
+    """Raise `ExportError` when token merging is not available for this UNet."""
+    if config.get("addition_embed_type") is not None or config.get("class_embed_type") is not None:
+        raise ExportError("--token-merging supports SD 1.x/2.x text-to-image UNets; this one has added embeddings (SDXL, "
+                          "the upscaler); export without --token-merging")
+    if attention_level(config) is None:
+        raise ExportError("--token-merging needs a UNet with self-attention in its down and up blocks; this one has none; "
+                          "export without --token-merging")
 
 
 def settings(ratio: float) -> dict[str, Any]:
     """The manifest's record of how the token-merged graphs merge."""
     return {"ratio": ratio, "components": sorted(TOKEN_MERGED.values()), "method": (
         "ToMe for SD (tomesd's algorithm): 2x2 cells, top-left token a destination (no random choice), cosine similarity "
-        "of the block input, mean merge; self-attention of the top-resolution blocks only (max_downsample 1)")}
+        "of the block input, mean merge; the self-attentions of the finest level with attention only")}
 
 
 def _merge_plan(metric: Any, height: Any, width: Any, ratio: float) -> tuple[Any, Any, Any, Any, Any]:
@@ -136,25 +148,28 @@ def _wrapper_class() -> type:
     return MergedAttention
 
 
-def top_level_transformers(unet: Any) -> list[Any]:
-    """The transformers that run at the latent's own resolution: those of the first down block and the last up
-    block (the UNet's level 0; `tomesd`'s max_downsample=1)."""
-    found = []
-    for block in (unet.down_blocks[0], unet.up_blocks[-1]):
-        found.extend(getattr(block, "attentions", None) or [])
-    return list(found)
+def merged_transformers(unet: Any) -> list[Any]:
+    """The transformers whose self-attention is merged: every one at `attention_level` (down, up, and middle blocks)."""
+    level = attention_level(dict(unet.config))
+    if level is None:
+        return []
+    last = len(unet.up_blocks) - 1
+    blocks = [unet.down_blocks[level], unet.up_blocks[last - level]]
+    if level == last and unet.mid_block is not None:  # a two-level UNet's middle runs at that level too (tomesd merges it)
+        blocks.append(unet.mid_block)
+    return [t for block in blocks for t in (getattr(block, "attentions", None) or [])]
 
 
 @contextmanager
 def applied(unet: Any, ratio: float) -> Iterator[int]:
-    """Within the context, `unet`'s top-level self-attentions run on merged tokens; yields how many were wrapped."""
+    """Within the context, `unet`'s finest-level self-attentions run on merged tokens; yields how many were wrapped."""
     from torch.onnx.operators import shape_as_tensor
 
     ratio = check_ratio(ratio)
     wrapper = _wrapper_class()
     handles, restore = [], []
     try:
-        for transformer in top_level_transformers(unet):
+        for transformer in merged_transformers(unet):
             blocks = list(getattr(transformer, "transformer_blocks", []))
             wrapped = []
             for block in blocks:
@@ -179,7 +194,7 @@ def applied(unet: Any, ratio: float) -> Iterator[int]:
 
             handles.append(transformer.register_forward_pre_hook(keep_grid, with_kwargs=True))
         if not restore:
-            raise ExportError("--token-merging: this UNet has no attention at its top resolution (SDXL's has none); export without it")
+            raise ExportError("--token-merging: this UNet has no self-attention to merge tokens in; export without it")
         yield len(restore)
     finally:
         for handle in handles:

@@ -148,11 +148,13 @@ def diffusers_generator(model_dir: str, steps: int, guidance: float, threads: in
 
 
 def leansd_generator(model_dir: str | None, backend: str, steps: int, guidance: float, precision: str = "fp32",
-                     deep_cache: int | None = None, scheduler: str | None = None, guidance_cutoff: float = 1.0) -> Generator:
+                     deep_cache: int | None = None, scheduler: str | None = None, guidance_cutoff: float = 1.0,
+                     token_merging: bool = False) -> Generator:
     """leansd's runtime on an exported model folder (`leansd.load(model_dir, backend=...)`; None: the bundled model)."""
     import leansd
 
-    pipe = leansd.load(model_dir, backend=backend, precision=precision, deep_cache=deep_cache, guidance_cutoff=guidance_cutoff)
+    pipe = leansd.load(model_dir, backend=backend, precision=precision, deep_cache=deep_cache, guidance_cutoff=guidance_cutoff,
+                       token_merging=token_merging or None)
 
     def generate(prompt: str, seed: int, negative_prompt: str | None = None) -> np.ndarray:
         kwargs = {"negative_prompt": negative_prompt} if negative_prompt else {}
@@ -165,9 +167,10 @@ def leansd_generator(model_dir: str | None, backend: str, steps: int, guidance: 
 
 def make_generator(backend: str, model_dir: str | None, steps: int, guidance: float, threads: int = 1, **leansd_options) -> Generator:
     if backend == "diffusers":
-        leansd_defaults = {"precision": "fp32", "deep_cache": None, "scheduler": None, "guidance_cutoff": 1.0}
+        leansd_defaults = {"precision": "fp32", "deep_cache": None, "scheduler": None, "guidance_cutoff": 1.0, "token_merging": False}
         if any(leansd_options.get(k, default) != default for k, default in leansd_defaults.items()):
-            raise SystemExit("--precision, --deep-cache, --guidance-cutoff and --scheduler apply to the leansd backends only")
+            raise SystemExit("--precision, --deep-cache, --guidance-cutoff, --token-merging and --scheduler apply to the leansd "
+                             "backends only")
         return diffusers_generator(model_dir or str(Path(__file__).resolve().parent / "weights"), steps, guidance, threads)
     if backend in ("onnxruntime", "openvino"):
         return leansd_generator(model_dir, backend, steps, guidance, **leansd_options)
@@ -357,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance-cutoff", type=float, default=1.0, metavar="F",
                    help="leansd backends: stop guidance after this fraction of the steps (1 = never)")
     p.add_argument("--scheduler", default=None, help="leansd backends: sampler (default: the model's)")
+    p.add_argument("--token-merging", action="store_true",
+                   help="leansd backends: the token-merged UNet graphs (a folder exported with sd-export --token-merging)")
     p.add_argument("--seeds-per-prompt", type=int, default=2)
     p.add_argument("--seed-base", type=int, default=SEED_BASE)
     p.add_argument("--threads", type=int, default=1, help="torch threads for the diffusers backend")
@@ -375,11 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         generate = make_generator(args.backend, args.model, args.steps, args.guidance, args.threads,
                                   precision=args.precision, deep_cache=args.deep_cache, scheduler=args.scheduler,
-                                  guidance_cutoff=args.guidance_cutoff)
+                                  guidance_cutoff=args.guidance_cutoff, token_merging=args.token_merging)
         variant = "" if args.backend == "diffusers" else f" {args.precision}"
         variant += f", deep cache every {args.deep_cache} steps" if args.deep_cache and args.deep_cache > 1 else ""
         variant += f", guidance stops after {args.guidance_cutoff:g} of the steps" if args.guidance_cutoff < 1 else ""
         variant += f", {args.scheduler}" if args.scheduler else ""
+        variant += ", token merging" if args.token_merging else ""
         title = f"{args.backend}{variant}, {args.steps} steps, guidance {args.guidance}, {args.mode} prompts"
     cases = {"grammar": grammar_cases, "partial": partial_cases, "negative": negative_cases}[args.mode](
         args.seeds_per_prompt, args.seed_base)
@@ -395,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": args.mode, "backend": None if args.validate else args.backend, "validate": args.validate,
         "model": None if args.validate else args.model, "steps": args.steps, "guidance_scale": args.guidance,
         "precision": args.precision, "deep_cache": args.deep_cache, "scheduler": args.scheduler,
-        "guidance_cutoff": args.guidance_cutoff,
+        "guidance_cutoff": args.guidance_cutoff, "token_merging": args.token_merging,
         "seeds_per_prompt": args.seeds_per_prompt, "seed_base": args.seed_base, "seconds_per_image": round(per_image, 4),
     })
     if args.save_images:

@@ -34,16 +34,21 @@ BACKENDS = ["onnxruntime", "openvino"]
 RATIO = 0.5
 
 
-def tomesd_reference(model, ratio: float = RATIO):
-    """`model` (a pipeline or a UNet) patched by tomesd: top-resolution self-attention only, no random choice."""
-    return tomesd.apply_patch(model, ratio=ratio, max_downsample=1, sx=2, sy=2, use_rand=False, merge_attn=True,
+def tomesd_reference(model, ratio: float = RATIO, max_downsample: int = 1):
+    """`model` (a pipeline or a UNet) patched by tomesd: self-attention only, no random choice."""
+    return tomesd.apply_patch(model, ratio=ratio, max_downsample=max_downsample, sx=2, sy=2, use_rand=False, merge_attn=True,
                               merge_crossattn=False, merge_mlp=False)
 
 
+@pytest.mark.parametrize("which", ["sd15_shaped", "tiny"])
 @pytest.mark.parametrize("size", [(16, 16), (12, 10), (14, 6)])
-def test_applied_merging_is_tomesds(size):
-    unet = sd15_shaped_unet()
-    reference = tomesd_reference(copy.deepcopy(unet))
+def test_applied_merging_is_tomesds(tiny_sd_dir, which, size):
+    """SD 1.5's layout merges at the latent's resolution (tomesd's max_downsample 1); the tiny test UNet, with no
+    attention there, one level down (max_downsample 2), as in the bundled model."""
+    from diffusers import UNet2DConditionModel
+
+    unet = sd15_shaped_unet() if which == "sd15_shaped" else UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet").eval()
+    reference = tomesd_reference(copy.deepcopy(unet), max_downsample=1 if which == "sd15_shaped" else 2)
     g = torch.Generator().manual_seed(size[0])
     x = torch.randn(2, 4, *size, generator=g)
     t, context = torch.tensor([500.0, 20.0]), torch.randn(2, 7, 32, generator=g)
@@ -53,7 +58,7 @@ def test_applied_merging_is_tomesds(size):
         with token_merging.applied(unet, RATIO) as wrapped:
             got = unet(x, t, context).sample
         again = unet(x, t, context).sample  # the patch is undone on exit
-    assert wrapped == 5  # layers_per_block 2: two in the first down block, three in the last up block
+    assert wrapped == (5 if which == "sd15_shaped" else 4)  # a down block's layers + its up block's (+ the middle's in "tiny")
     scale = float(expected.abs().max())
     assert float((expected - plain).abs().max()) > 1e-2 * scale  # merging changes the output
     assert float((got - expected).abs().max()) <= 1e-5 * scale
@@ -61,8 +66,11 @@ def test_applied_merging_is_tomesds(size):
 
 
 def test_unsupported_unets_and_ratios_are_refused(tiny_sd_dir):
-    with pytest.raises(ExportError, match="--token-merging needs a UNet with attention at its top resolution"):
-        token_merging.check_supported(json.loads((tiny_sd_dir / "unet" / "config.json").read_text()))
+    config = json.loads((tiny_sd_dir / "unet" / "config.json").read_text())
+    with pytest.raises(ExportError, match="--token-merging needs a UNet with self-attention in its down and up blocks"):
+        token_merging.check_supported({**config, "down_block_types": ["DownBlock2D"] * 2})
+    with pytest.raises(ExportError, match="--token-merging supports SD 1.x/2.x text-to-image UNets; this one has added"):
+        token_merging.check_supported({**config, "addition_embed_type": "text_time"})
     for bad in (0, 1, 1.5, -0.2):
         with pytest.raises(ExportError, match=f"--token-merging {bad}: give the fraction of tokens to merge"):
             token_merging.check_ratio(bad)
