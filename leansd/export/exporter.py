@@ -10,7 +10,6 @@ import dataclasses
 import gc
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -24,6 +23,7 @@ from leansd.export.errors import ExportError
 from leansd.export.onnx import DEFAULT_OPSET, export_onnx
 from leansd.export.openvino import XML, convert_openvino
 from leansd.export.progress import bar as progress_bar
+from leansd.export.provenance import provenance
 from leansd.export.sources import Source, copy_assets, optimum_model_index, resolve_source
 from leansd.runtime.manifest import PARTS_OF, TEXT_ENCODER_2, UNET, UNET_PARTS
 
@@ -385,28 +385,6 @@ def _write_manifest(source: Source, root: Path, info, files, static, opset, pari
             **({"token_merging": token_merging.settings(merging)} if merging is not None else {}),
             "opset": opset,
             **({"loras": list(loras)} if loras else {}),  # fused into the weights: file, hashes, scale
-            "provenance": _provenance(source),
+            "provenance": provenance(source),
         },
     )
-
-
-def _provenance(source: Source) -> dict[str, str]:
-    import diffusers
-    import onnxruntime
-    import openvino
-    import torch
-
-    import leansd
-
-    nncf = sys.modules.get("nncf")  # loaded only when it quantized something
-    return {
-        "source": source.spec,
-        "source_kind": source.kind,
-        "leansd_version": leansd.__version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "openvino": openvino.__version__,
-        **({"nncf": nncf.__version__} if nncf is not None else {}),
-        "exported_at": layout.now_iso(),
-    }

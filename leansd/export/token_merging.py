@@ -11,8 +11,9 @@ random destination choice: the latent grid is cut into 2x2 cells; each cell's to
 source is paired with its most similar destination (cosine similarity of the block's input hidden states);
 the `ratio` x tokens best-paired sources are averaged into their destinations; attention runs on the rest and
 the destinations, and every merged source takes its destination's result. Only the self-attentions of the finest
-level that has attention are merged: the latent's own resolution in SD 1.x/2.x (`tomesd`'s `max_downsample=1`),
-the next one down in a UNet whose first level has none (`max_downsample=2`, as the bundled model).
+level that has attention are merged, every one at that level: the latent's own resolution in SD 1.x/2.x
+(`tomesd`'s `max_downsample=1`), the next one down in a UNet whose first level has none (`max_downsample=2`, as
+the bundled model; in a two-level UNet that includes the middle block, as `tomesd` does).
 
 Every index is computed from tensor shapes inside the graph, so one exported file serves every image size, as
 the UNet without merging does. Wrapping is a patch of the modules (a pre-hook on each top-level transformer

@@ -133,3 +133,28 @@ def test_token_merging_needs_the_merged_graphs(exported_tiny_sd, pipes):
     pipe = leansd.load(exported_tiny_sd, backend="onnxruntime")
     with pytest.raises(ModelFolderError, match="token-merged UNet for onnxruntime; export it with sd-export --token-merging"):
         pipe(PROMPT, num_inference_steps=2, height=32, width=32, token_merging=True)
+
+
+def test_sd_run_token_merging_writes_the_merged_image_and_says_so(merged_export, pipes, tmp_path):
+    from PIL import Image
+
+    from tests.cli.a1111_infotext import parse_generation_parameters
+    from tests.cli.helpers import sd_run
+
+    args = ["a blue square", "--model", str(merged_export), "--backend", "openvino", "--steps", "3", "--width", "32",
+            "--height", "32", "--seed", "9"]
+    result = sd_run(*args, "--token-merging", "-o", "merged.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    written = Image.open(tmp_path / "merged.png")
+    assert parse_generation_parameters(written.text["parameters"])["Token merging ratio"] == str(RATIO)
+    expected = pipes["openvino"]("a blue square", num_inference_steps=3, width=32, height=32, seed=9, token_merging=True).images[0]
+    assert np.array_equal(np.asarray(written.convert("RGB")), np.asarray(expected))
+
+
+def test_sd_run_refuses_token_merging_on_a_folder_without_it(exported_tiny_sd, tmp_path):
+    from tests.cli.helpers import assert_clean_error, sd_run
+
+    result = sd_run("a cat", "--model", str(exported_tiny_sd), "--steps", "2", "--width", "32", "--height", "32", "--token-merging",
+                    cwd=tmp_path)
+    assert_clean_error(result, "token-merged UNet", "sd-export --token-merging")
+    assert not list(tmp_path.iterdir())  # nothing written
