@@ -518,6 +518,8 @@ def main(argv=None) -> int:
                 return 1
         log("prepared; run again without --prepare-only to measure")
         return 0
+    if args.add_to and not args.add_to.is_file():
+        raise SystemExit(f"bench.py: --add-to {args.add_to}: no such results file; run once without --add-to (with --output) to start one")
     previous = json.loads(args.add_to.read_text()) if args.add_to else None
     if previous is not None and previous.get("mode") != mode:
         raise SystemExit(f"bench.py: {args.add_to} is a {previous.get('mode')} run, this is {mode}")

@@ -244,10 +244,24 @@ PEERS = [
     # Token merging (ToMe, ratio 0.5) in the top-resolution self-attentions: an approximate mode with its own gate.
     Peer("leansd-ov-bf16-tome", "leansd openvino bf16, token merging 0.5", "leansd", "leansd-tome",
          {**LEANSD_OV, "precision": "bf16", "token_merging": True}),
+    Peer("leansd-ov-bf16-tinyvae-tome", "leansd openvino bf16, tiny VAE decoder, token merging 0.5", "leansd", "leansd-tome",
+         {**LEANSD_OV, "precision": "bf16", "tiny_vae": True, "token_merging": True}),
     Peer("leansd-ov-bf16-fast-dc5-tome",
          "leansd openvino bf16, guidance cutoff 0.3, deep cache every 5 unguided steps, tiny VAE decoder, token merging 0.5",
          "leansd", "leansd-tome", {**LEANSD_OV, "precision": "bf16", "guidance_cutoff": 0.3, "deep_cache": 5, "tiny_vae": True,
                                    "token_merging": True}),
+    # Guidance for the first 20 % of the steps only (the bundled model's evaluator keeps 336 of 336 images right with it).
+    Peer("leansd-ov-bf16-fast02-dc5", "leansd openvino bf16, guidance cutoff 0.2, deep cache every 5 unguided steps, tiny VAE decoder",
+         "leansd", "leansd", {**LEANSD_OV, "precision": "bf16", "guidance_cutoff": 0.2, "deep_cache": 5, "tiny_vae": True}),
+    Peer("leansd-ov-bf16-fast02-dc5-tome",
+         "leansd openvino bf16, guidance cutoff 0.2, deep cache every 5 unguided steps, tiny VAE decoder, token merging 0.5",
+         "leansd", "leansd-tome", {**LEANSD_OV, "precision": "bf16", "guidance_cutoff": 0.2, "deep_cache": 5, "tiny_vae": True,
+                                   "token_merging": True}),
+    Peer("leansd-ov-bf16-fast-dc5-tome-cached",
+         "leansd openvino bf16, guidance cutoff 0.3, deep cache every 5 unguided steps, tiny VAE decoder, token merging 0.5, "
+         "compile cache warm (2nd process)", "leansd", "leansd-tome",
+         {**LEANSD_OV, "precision": "bf16", "guidance_cutoff": 0.3, "deep_cache": 5, "tiny_vae": True, "token_merging": True,
+          "cache_dir": "@fresh"}, prime=True),
     # precision="auto" with no backend named: what a user gets who asks for the fastest safe precision.
     Peer("leansd-auto", "leansd precision auto (backend chosen by it)", "leansd", "leansd", {"backend": None, "precision": "auto"}),
     Peer("leansd-ov-fp32-tinyvae", "leansd openvino fp32, tiny VAE decoder", "leansd", "leansd", {**LEANSD_OV, "tiny_vae": True}),
