@@ -77,9 +77,10 @@ class Models:
 
     def sessions(self) -> list:
         """Every model session of the pipeline."""
-        d = self.denoiser
-        wrappers = (*self.prompt_encoder.encoders, d.unet, d.deep, d.shallow, self.vae_decoder, self.vae_encoder, self.tiny_vae_decoder,
-                    self.safety_checker, self.depth_estimator)
+        d, m = self.denoiser, self.denoiser.merged
+        merged = (m.unet, m.deep, m.shallow) if m is not None else ()
+        wrappers = (*self.prompt_encoder.encoders, d.unet, d.deep, d.shallow, *merged, self.vae_decoder, self.vae_encoder,
+                    self.tiny_vae_decoder, self.safety_checker, self.depth_estimator)
         return [w.session for w in wrappers if w is not None]
 
 

@@ -158,3 +158,12 @@ def test_sd_run_refuses_token_merging_on_a_folder_without_it(exported_tiny_sd, t
                     cwd=tmp_path)
     assert_clean_error(result, "token-merged UNet", "sd-export --token-merging")
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_close_releases_the_merged_graphs(merged_export):
+    pipe = leansd.load(merged_export, backend="onnxruntime", token_merging=True)
+    pipe(PROMPT, num_inference_steps=2, height=32, width=32)
+    merged = pipe.models.denoiser.merged
+    assert merged.unet.session.loaded and not pipe.models.denoiser.unet.session.loaded  # only the graphs it runs are opened
+    pipe.close()
+    assert not merged.unet.session.loaded
