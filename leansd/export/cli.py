@@ -19,6 +19,7 @@ import warnings
 from typing import NoReturn, Sequence
 
 from leansd.export.errors import ExportError
+from leansd.export.token_merging import DEFAULT_RATIO
 
 PROG = "sd-export"
 
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-merging",
         type=float,
         nargs="?",
-        const=0.5,
+        const=DEFAULT_RATIO,
         metavar="RATIO",
         help="also write the UNet (and its deep-cache parts) with token merging (ToMe) in the top-resolution "
         "self-attentions, merging RATIO of the tokens (default 0.5), for sd-run --token-merging: faster steps, an "

@@ -271,7 +271,7 @@ def _trace(name, module, folder: Path, info, static, opset, bar, merging: float 
     """Export one component to ONNX; return (name, file, verification inputs, PyTorch's outputs for them). A
     token-merged graph is traced as its plain component with the merging applied to the module meanwhile."""
     if token_merging.kind(name) != name:
-        with token_merging.applied(module, merging or token_merging.DEFAULT_RATIO):
+        with token_merging.applied(module, merging):  # set whenever the order holds merged graphs
             return _trace_as(token_merging.kind(name), name, module, folder, info, static, opset, bar)
     return _trace_as(name, name, module, folder, info, static, opset, bar)
 

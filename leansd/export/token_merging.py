@@ -71,7 +71,7 @@ def check_supported(config: dict[str, Any]) -> None:
 
 def settings(ratio: float) -> dict[str, Any]:
     """The manifest's record of how the token-merged graphs merge."""
-    return {"ratio": ratio, "components": sorted(TOKEN_MERGED.values()), "method": (
+    return {"ratio": ratio, "method": (
         "ToMe for SD (tomesd's algorithm): 2x2 cells, top-left token a destination (no random choice), cosine similarity "
         "of the block input, mean merge; the self-attentions of the finest level with attention only")}
 

@@ -163,18 +163,8 @@ def assemble(
 
     # The VAE's activations, the pipeline's largest (1 GB at 512x512 for SD 1.5), are returned after each call.
     transient = replace(options, release_after_run=True)
-    unet_config = bundle.unet_config
-    deep, shallow = lazy(names.UNET_DEEP, required=False), lazy(names.UNET_SHALLOW, required=False)
-    split = memory.split_guidance(bool((bundle.static_shapes or {}).get("unet_batch")))
-    merged = [lazy(names.TOKEN_MERGED[c], required=False) for c in (names.UNET, names.UNET_DEEP, names.UNET_SHALLOW)]
-    denoiser = Denoiser(
-        UNet(lazy(names.UNET), unet_config),
-        UNet(deep, unet_config) if deep else None,
-        UNet(shallow, unet_config) if shallow else None,
-        split,
-        *backends.unet_weights(bundle, backend, precision, memory.low_memory),
-        merged=Denoiser(*(UNet(s, unet_config) if s else None for s in merged), split) if merged[0] else None,  # type: ignore[arg-type]
-    )
+    denoiser = _denoiser(bundle, backend, precision, memory, lazy)
+
     def fp32_only(component: str) -> LazySession | None:  # tiny decoder, safety checker, depth estimator: also for int8
         return lazy(component, required=False) or lazy(component, required=False, variant="fp32")
 
@@ -191,6 +181,22 @@ def assemble(
         depth_estimator=estimator,
     )
     return Pipeline(bundle, backend, precision, models, memory, defaults, adapters)
+
+
+def _denoiser(bundle: ModelBundle, backend: str, precision: str, memory: MemoryPolicy,
+              lazy: Callable[..., LazySession | None]) -> Denoiser:
+    """The UNet graphs the folder has (whole, deep-cache parts), and their token-merged twins when exported."""
+    split = memory.split_guidance(bool((bundle.static_shapes or {}).get("unet_batch")))
+
+    def unets(whole: LazySession | None, *parts: str) -> tuple[UNet | None, ...]:
+        sessions = (whole, *(lazy(p, required=False) for p in parts))
+        return tuple(UNet(s, bundle.unet_config) if s else None for s in sessions)
+
+    merged = lazy(names.TOKEN_MERGED[names.UNET], required=False)
+    return Denoiser(*unets(lazy(names.UNET), names.UNET_DEEP, names.UNET_SHALLOW), split,  # type: ignore[arg-type]
+                    *backends.unet_weights(bundle, backend, precision, memory.low_memory),
+                    merged=Denoiser(*unets(merged, names.TOKEN_MERGED[names.UNET_DEEP], names.TOKEN_MERGED[names.UNET_SHALLOW]),
+                                    split) if merged else None)  # type: ignore[arg-type]
 
 
 def _image_models(bundle: ModelBundle, fp32_only: Callable[[str], LazySession | None]) -> tuple:
