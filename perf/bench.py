@@ -63,6 +63,16 @@ def busy_cpu_seconds() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def isa_cap_env(isa: str | None) -> dict:
+    """The environment that caps oneDNN (OpenVINO's and PyTorch's kernels) at `isa` in a measuring process."""
+    if not isa:
+        return {}
+    env = {"ONEDNN_MAX_CPU_ISA": isa.upper()}
+    if isa.upper().startswith("AVX2"):  # PyTorch's own vector kernels and MKL's GEMMs take their own caps
+        env.update(ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2")
+    return env
+
+
 def last_line(path: Path) -> str:
     """The last informative line of a log (for a one-line failure reason)."""
     try:
@@ -75,10 +85,10 @@ def last_line(path: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def launch(argv: list[str], log_path: Path, timeout_s: float, stamp_time: bool = False) -> dict:
+def launch(argv: list[str], log_path: Path, timeout_s: float, stamp_time: bool = False, env_extra: dict | None = None) -> dict:
     """Run one subprocess in its own process group; return exit status, wall time and its peak RSS (wait4)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **CHILD_ENV}
+    env = {**os.environ, **CHILD_ENV, **(env_extra or {})}
     with open(log_path, "w") as logf:
         logf.write("$ " + shlex.join(argv) + "\n")
         logf.flush()
@@ -361,7 +371,7 @@ class Bench:
         argv = [sys.executable, str(PERF / "worker.py"), str(spec_path)]
         # The spawn time goes last on the command line, stamped just before the fork.
         res = launch(argv, out_dir / "worker.log", self.config["run"].get("timeout_s", 3600) if self.args.timeout is None else self.args.timeout,
-                     stamp_time=True)  # fmt: skip
+                     stamp_time=True, env_extra=isa_cap_env(self.args.cap_isa))  # fmt: skip
         row["peak_rss_mb"] = res["peak_rss_mb"]
         row["other_cpu_cores"] = res.get("other_cpu_cores")
         result_path = out_dir / "result.json"
@@ -454,6 +464,11 @@ def parse_args(argv):
     p.add_argument("--row-suffix", metavar="TEXT",
                    help="name this run's rows CONFIGURATION@TEXT and add ', TEXT' to their labels, so that with --add-to they sit beside "
                         "the earlier rows of the same configurations (e.g. 'whole image', '4 steps') instead of replacing them")
+    p.add_argument("--cap-isa", metavar="ISA",
+                   help="run the measuring processes with oneDNN capped to this instruction set (ONEDNN_MAX_CPU_ISA, e.g. AVX2): "
+                        "a proxy for an older CPU on a newer one, marked as such in the report. MLAS matrix products (ONNX "
+                        "Runtime's, and OpenVINO's fully connected layers) ignore the cap; on a bf16 CPU OpenVINO's default "
+                        "precision fails to compile under it, so pick f32 rows")
     p.add_argument("--list", action="store_true", help="list the configurations and exports, then exit")
     p.add_argument("--render", type=Path, metavar="RESULTS_JSON", help="only rewrite the report from a saved results JSON")
     args = p.parse_args(argv)
@@ -523,6 +538,9 @@ def main(argv=None) -> int:
     previous = json.loads(args.add_to.read_text()) if args.add_to else None
     if previous is not None and previous.get("mode") != mode:
         raise SystemExit(f"bench.py: {args.add_to} is a {previous.get('mode')} run, this is {mode}")
+    cap = args.cap_isa.upper() if args.cap_isa else None
+    if previous is not None and previous.get("isa_cap") != cap:
+        raise SystemExit(f"bench.py: {args.add_to} ran with ISA cap {previous.get('isa_cap')}, this run with {cap}: keep them apart")
     rows = []
     for peer in select_peers(args):
         log(f"{peer.name}: ...")
@@ -564,6 +582,7 @@ def main(argv=None) -> int:
         "loadavg_end": loadavg(),
         "available_memory_gb_start": free_gb,
         "machine": report.machine(),
+        "isa_cap": cap,
         "versions": report.versions(),
         "command": this_command,
         "repeats": previous["repeats"] if previous else args.repeats,

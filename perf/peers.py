@@ -161,6 +161,9 @@ PEERS = [
          "optimum-ov-fp32", {"static": False, "inference_precision": "f32"}),
     Peer("optimum-ov-int8", "Optimum Intel OpenVINO int8 weight-only, default precision, static", "optimum-ov", "optimum-ov-int8",
          {"static": True}),
+    # What the int8 row computes on CPUs without bf16 (the f32 hint is OpenVINO's default there): for ISA-capped runs.
+    Peer("optimum-ov-int8-f32", "Optimum Intel OpenVINO int8 weight-only, f32 precision hint, static", "optimum-ov", "optimum-ov-int8",
+         {"static": True, "inference_precision": "f32"}),
     # Optimum Intel as its documentation's defaults leave it: `optimum-cli export openvino` without options (for a UNet of
     # 1 B parameters or more, int8 weight-only), OpenVINO's default precision; static for guided runs, dynamic for unguided.
     Peer("optimum-ov", "Optimum Intel OpenVINO, default export and precision, static", "optimum-ov", "optimum-ov", {"static": True}),
@@ -267,6 +270,12 @@ PEERS = [
     Peer("leansd-ov-fp32-tinyvae", "leansd openvino fp32, tiny VAE decoder", "leansd", "leansd", {**LEANSD_OV, "tiny_vae": True}),
     Peer("leansd-ov-fp32-deepcache3-tinyvae", "leansd openvino fp32, deep cache every 3 steps, tiny VAE decoder", "leansd", "leansd",
          {**LEANSD_OV, "deep_cache": 3, "tiny_vae": True}),
+    # The fast modes without bf16: what a CPU without native bf16 runs (measured on one, or with --cap-isa AVX2).
+    Peer("leansd-ov-fp32-fast-dc5", "leansd openvino fp32, guidance cutoff 0.3, deep cache every 5 unguided steps, tiny VAE decoder",
+         "leansd", "leansd", {**LEANSD_OV, "guidance_cutoff": 0.3, "deep_cache": 5, "tiny_vae": True}),
+    Peer("leansd-ov-fp32-fast02-dc5-tome",
+         "leansd openvino fp32, guidance cutoff 0.2, deep cache every 5 unguided steps, tiny VAE decoder, token merging 0.5",
+         "leansd", "leansd-tome", {**LEANSD_OV, "guidance_cutoff": 0.2, "deep_cache": 5, "tiny_vae": True, "token_merging": True}),
 ]
 
 

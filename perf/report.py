@@ -220,6 +220,16 @@ def render(data: dict) -> str:
             "> say little about the full model, whose compute is dominated by wide convolutions and attention.",
             "",
         ]
+    if data.get("isa_cap"):
+        out += [
+            f"> **ISA capped to {data['isa_cap']}: a proxy, not a machine limited to {data['isa_cap']}.** Every measuring process",
+            f"> ran with `ONEDNN_MAX_CPU_ISA={data['isa_cap']}`, so oneDNN's kernels (OpenVINO's convolutions and most of its",
+            "> other ops; PyTorch's convolutions) use only that instruction set, on the CPU named under Setup (an AVX2 cap",
+            "> also caps PyTorch's and MKL's own kernels). MLAS matrix products ignore the cap: ONNX Runtime's, and OpenVINO's",
+            "> fully connected layers, still use the CPU's widest vectors. The figures estimate an older CPU's ratios; they",
+            "> are not that CPU's.",
+            "",
+        ]
     others = [p["other_cpu_cores"] for p in data["peers"] if p.get("other_cpu_cores") is not None]
     loads = [p["loadavg"] for p in data["peers"] if p.get("loadavg") is not None] + [data["loadavg_start"], data["loadavg_end"]]
     if others and max(others) > BUSY_OTHER_CORES:

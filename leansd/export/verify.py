@@ -11,7 +11,6 @@ a wrong input name or fp16/bf16 arithmetic sneaking in.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,11 +116,9 @@ RUNNERS = {"onnx": run_onnxruntime, "openvino": run_openvino}
 
 def bf16_capable() -> bool:
     """Whether OpenVINO can run bf16 here: installed, on a CPU with native bfloat16 arithmetic (AVX512_BF16, AMX)."""
-    if importlib.util.find_spec("openvino") is None:
-        return False
-    import openvino as ov
+    from leansd.runtime import cpu_features
 
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return cpu_features.openvino_bf16()
 
 
 def measure_bf16(path: Path, feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], min_psnr_db: float) -> dict[str, Any]:

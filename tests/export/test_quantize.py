@@ -121,13 +121,12 @@ def test_runtime_generates_with_int8_close_to_fp32(int8_export, backend):
 @needs_torch
 def test_openvino_int8_computes_its_float_operations_in_bf16_where_the_cpu_has_it(int8_export):
     """OpenVINO's own default on bf16 CPUs; in f32 the float half of an int8 UNet is 1.75x slower there."""
-    import openvino as ov
-
     import leansd
+    from leansd.runtime import cpu_features
     from leansd.runtime.backends import SessionOptions, component_opener
 
     bundle = leansd.load(int8_export, backend="openvino", precision="int8").bundle
-    native = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    native = cpu_features.openvino_bf16()
     for component in ("unet", "text_encoder", "vae_decoder"):
         session = component_opener(bundle, component, "openvino", "int8", SessionOptions())()
         assert session.path.name == INT8_FILES["openvino"] or component != "unet"

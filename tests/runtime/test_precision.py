@@ -11,6 +11,7 @@ import pytest
 
 import leansd
 from leansd import BackendError
+from leansd.runtime import cpu_features
 from leansd.runtime.loader import bundled_model_path
 
 pytestmark = pytest.mark.skipif(not (bundled_model_path() / "leansd.json").is_file(), reason="no bundled model")
@@ -19,9 +20,7 @@ PROMPTS = ["a red circle on a blue background", "a yellow triangle on a purple b
 
 
 def cpu_has_bf16() -> bool:
-    import openvino as ov
-
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return cpu_features.openvino_bf16()
 
 
 def test_bf16_is_an_openvino_precision():

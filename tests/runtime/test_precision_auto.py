@@ -7,7 +7,10 @@ CPU's features given explicitly (so both kinds of CPU are covered on either); th
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +110,44 @@ def test_auto_load_on_this_machine_reports_its_choice(tmp_path):
 def test_unknown_precision_names_the_choices():
     with pytest.raises(leansd.LeanSDError, match="unknown precision 'fp16': choose fp32, int8, bf16 or auto"):
         leansd.load(precision="fp16")
+
+
+def test_an_isa_cap_below_bf16_counts_as_no_bf16(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 leaves OpenVINO no bf16 kernels though it still reports BF16: no bf16 hint then."""
+    pytest.importorskip("openvino")
+    from leansd.runtime.backends.openvino import cpu_precision_hint
+
+    for cap, capped in (("AVX2", True), ("avx512_core_vnni", True), ("AVX512_CORE_BF16", False), ("", False)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert cpu_features.capped_below_bf16() is capped, cap
+        if capped:
+            assert not cpu_features.openvino_bf16()
+            assert cpu_precision_hint("bf16-if-native") == "f32"
+            with pytest.raises(leansd.LeanSDError, match=f"ONEDNN_MAX_CPU_ISA={cap.upper()} leaves OpenVINO no bfloat16 kernels"):
+                cpu_precision_hint("bf16")
+
+
+def test_auto_and_bf16_in_a_process_capped_to_avx2(tmp_path):
+    """In a process that caps oneDNN to AVX2 (how AVX2 behaviour is checked on a newer CPU) auto runs fp32, the same
+    image as an uncapped process within float rounding, and bf16 is refused by name instead of failing to compile."""
+    pytest.importorskip("openvino")
+    bundle = _copy_with(tmp_path, {c: True for c in COMPONENTS})
+    script = f"""
+import numpy as np, leansd
+pipe = leansd.load({str(bundle.root)!r}, backend="openvino", precision="auto")
+out = pipe("a red circle on a blue background", seed=3, num_inference_steps=3, output_type="np")
+np.save({str(tmp_path / 'capped.npy')!r}, out.images)
+print("auto:", pipe.precision)
+try:
+    leansd.load({str(bundle.root)!r}, backend="openvino", precision="bf16")("a red circle", num_inference_steps=1)
+except leansd.LeanSDError as exc:
+    print("bf16:", exc)
+"""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "auto: fp32" in done.stdout
+    assert "bf16: ONEDNN_MAX_CPU_ISA=AVX2 leaves OpenVINO no bfloat16 kernels" in done.stdout, done.stdout
+    uncapped = leansd.load(bundle.root, backend="openvino")("a red circle on a blue background", seed=3, num_inference_steps=3,
+                                                             output_type="np")
+    assert np.abs(np.load(tmp_path / "capped.npy") - uncapped.images).max() < 1e-4

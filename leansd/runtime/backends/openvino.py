@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
+from leansd.runtime import cpu_features
 from leansd.runtime.backends import file_pages
 from leansd.runtime.backends.session import Session, SessionOptions, TensorSpec
 from leansd.runtime.errors import BackendError, ModelFolderError
@@ -32,8 +33,11 @@ def core() -> ov.Core:
 def cpu_precision_hint(requested: str) -> str:
     """The CPU's INFERENCE_PRECISION_HINT for a requested precision: "f32", "bf16" (refused on CPUs without native
     bfloat16 arithmetic) or "bf16-if-native" (bf16 on such CPUs, else f32: what int8 files' float operations use)."""
-    native_bf16 = "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    native_bf16 = cpu_features.openvino_bf16()
     if requested == "bf16" and not native_bf16:
+        if cpu_features.capped_below_bf16():
+            raise BackendError(f"ONEDNN_MAX_CPU_ISA={cpu_features.isa_cap()} leaves OpenVINO no bfloat16 kernels; "
+                               "use precision fp32 or int8, or unset ONEDNN_MAX_CPU_ISA")
         raise BackendError("this CPU has no native bfloat16 arithmetic (AVX512_BF16 or AMX); use precision fp32 or int8")
     if requested == "bf16-if-native":
         return "bf16" if native_bf16 else "f32"
