@@ -1,4 +1,5 @@
-"""Rewrite the exported attention subgraphs into ONNX Runtime's fused `com.microsoft.MultiHeadAttention`.
+"""Rewrite the exported attention subgraphs: into ONNX Runtime's fused `com.microsoft.MultiHeadAttention`
+(`fuse_attention`), and with its scale on the scores for OpenVINO's conversion (`scale_scores_once`).
 
 PyTorch exports `scaled_dot_product_attention` as plain ops: Q, K and V are split into heads (Reshape +
 Transpose), Q and K are each scaled by sqrt(scale), then MatMul -> Softmax -> MatMul and the heads are merged
@@ -94,8 +95,43 @@ def fuse_attention(graph: Any) -> int:
         )
     if not replacement:
         return 0
-    nodes = [replacement.get(id(n), n) for n in graph.node]
     # The head splits, scalings, score products and merges now feed nothing: drop them.
+    _drop_unread(graph, [replacement.get(id(n), n) for n in graph.node])
+    return len(replacement)
+
+
+def scale_scores_once(graph: Any) -> int:
+    """Move the exported attention's scale from Q and K to the scores (in place); return how many were moved.
+
+    PyTorch's export multiplies Q and K each by sqrt(scale), computed from the head size at run time. OpenVINO
+    folds those two products into the Q and K projections as post-operations once shapes are static, and a
+    projection with a post-operation leaves MLAS for a oneDNN kernel, which on AVX2 is the slower of the two.
+    One product of the scores by `scale` (the value both square roots were taken of) is the same attention up
+    to rounding, and OpenVINO's fused attention absorbs it."""
+    from onnx import helper
+
+    g = _Graph(graph)
+    moved: dict[int, list] = {}
+    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
+        scores = g.made_by(softmax.input[0], "MatMul")
+        if scores is None or len(g.readers.get(scores.output[0], [])) != 1:
+            continue
+        q, k = (g.made_by(name, "Mul") for name in scores.input)
+        roots = [g.made_by(mul.input[1], "Sqrt") if mul is not None else None for mul in (q, k)]
+        if None in roots or roots[0].input[0] != roots[1].input[0]:
+            continue
+        raw = helper.make_node("MatMul", [q.input[0], k.input[0]], [scores.output[0] + "_unscaled"], name=scores.name + "_unscaled")
+        scaled = helper.make_node("Mul", [raw.output[0], roots[0].input[0]], [scores.output[0]], name=scores.name + "_scaled")
+        moved[id(scores)] = [raw, scaled]
+    if not moved:
+        return 0
+    nodes = [new for n in graph.node for new in moved.get(id(n), [n])]
+    _drop_unread(graph, nodes)
+    return len(moved)
+
+
+def _drop_unread(graph: Any, nodes: list) -> None:
+    """Replace `graph`'s nodes by `nodes`, without those whose outputs nothing reads any more."""
     kept_outputs = {o.name for o in graph.output}
     while True:
         read = {name for node in nodes for name in node.input} | kept_outputs
@@ -105,7 +141,6 @@ def fuse_attention(graph: Any) -> int:
         nodes = alive
     del graph.node[:]
     graph.node.extend(nodes)
-    return len(replacement)
 
 
 def add_domain(model: Any) -> None:
