@@ -67,6 +67,11 @@ EXPORTS = {
              "0.5", "--quiet"),
         ),
         Export(
+            "leansd-ov",
+            "leansd sd-export, OpenVINO IR only, fp32 (half the disk of the two-backend export: SDXL's fits beside Optimum's)",
+            ("{tool:sd-export}", "{src}", "{out}", "--backend", "openvino", "--quiet"),
+        ),
+        Export(
             "leansd-int8",
             "leansd sd-export with int8 variants (OpenVINO: NNCF hybrid UNet + int8 weights; ONNX: dynamic int8)",
             # --force-int8: random weights make the int8 quality gate meaningless; speed and memory are what we measure.
@@ -270,6 +275,9 @@ PEERS = [
     Peer("leansd-ov-fp32-tinyvae", "leansd openvino fp32, tiny VAE decoder", "leansd", "leansd", {**LEANSD_OV, "tiny_vae": True}),
     Peer("leansd-ov-fp32-deepcache3-tinyvae", "leansd openvino fp32, deep cache every 3 steps, tiny VAE decoder", "leansd", "leansd",
          {**LEANSD_OV, "deep_cache": 3, "tiny_vae": True}),
+    # The plain rows on the OpenVINO-only export (SDXL: the two-backend export takes 26 GB of disk).
+    Peer("leansd-ov-fp32-ir", "leansd openvino fp32 (OpenVINO-only export)", "leansd", "leansd-ov", LEANSD_OV),
+    Peer("leansd-ov-bf16-ir", "leansd openvino bf16 (OpenVINO-only export)", "leansd", "leansd-ov", {**LEANSD_OV, "precision": "bf16"}),
     # The fast modes without bf16: what a CPU without native bf16 runs (measured on one, or with --cap-isa AVX2).
     Peer("leansd-ov-fp32-fast-dc5", "leansd openvino fp32, guidance cutoff 0.3, deep cache every 5 unguided steps, tiny VAE decoder",
          "leansd", "leansd", {**LEANSD_OV, "guidance_cutoff": 0.3, "deep_cache": 5, "tiny_vae": True}),
