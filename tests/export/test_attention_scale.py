@@ -12,17 +12,13 @@ pytestmark = pytest.mark.skipif(not HAS_TORCH, reason="needs torch and diffusers
 
 
 def _feeds(session) -> dict:
+    """Random UNet inputs (batch 2, an 8x8 latent) of the widths and types the session declares."""
     rng = np.random.default_rng(0)
-    shapes = {"sample": (2, 4, 8, 8), "timestep": (2,), "encoder_hidden_states": (2, 77, None)}
-    feeds = {}
-    for arg in session.get_inputs():
-        if arg.name == "timestep":
-            feeds[arg.name] = np.full([2] if arg.shape else [], 500, np.int64 if "int" in arg.type else np.float32)
-        else:
-            shape = [d if isinstance(d, int) else shapes[arg.name][i] for i, d in enumerate(arg.shape)]
-            shape = [s if s is not None else d for s, d in zip(shape, shapes[arg.name])]
-            feeds[arg.name] = rng.standard_normal(shape).astype(np.float32)
-    return feeds
+    specs = {arg.name: arg for arg in session.get_inputs()}
+    width = specs["encoder_hidden_states"].shape[2]
+    return {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+            "timestep": np.full((2,), 500, np.int64 if "int" in specs["timestep"].type else np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, width), dtype=np.float32)}
 
 
 def test_moving_the_scale_to_the_scores_keeps_the_unet_output(exported_tiny_sd, tmp_path):
