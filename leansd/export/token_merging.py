@@ -13,7 +13,8 @@ the `ratio` x tokens best-paired sources are averaged into their destinations; a
 the destinations, and every merged source takes its destination's result. Only the self-attentions of the finest
 level that has attention are merged, every one at that level: the latent's own resolution in SD 1.x/2.x
 (`tomesd`'s `max_downsample=1`), the next one down in a UNet whose first level has none (`max_downsample=2`, as
-the bundled model; in a two-level UNet that includes the middle block, as `tomesd` does).
+the bundled model and SDXL, whose 1024x1024 images have 4096 tokens there; in a two-level UNet that includes the
+middle block, as `tomesd` does).
 
 Every index is computed from tensor shapes inside the graph, so one exported file serves every image size, as
 the UNet without merging does. Wrapping is a patch of the modules (a pre-hook on each top-level transformer
@@ -61,9 +62,11 @@ def attention_level(config: dict[str, Any]) -> int | None:
 
 def check_supported(config: dict[str, Any]) -> None:
     """Raise `ExportError` when token merging is not available for this UNet."""
-    if config.get("addition_embed_type") is not None or config.get("class_embed_type") is not None:
-        raise ExportError("--token-merging supports SD 1.x/2.x text-to-image UNets; this one has added embeddings (SDXL, "
-                          "the upscaler); export without --token-merging")
+    # SDXL's added conditioning ("text_time") only enters the time embedding: the attentions are SD's own.
+    class_conditioned = config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None
+    if config.get("addition_embed_type") not in (None, "text_time") or class_conditioned:
+        raise ExportError("--token-merging supports SD 1.x/2.x and SDXL text-to-image UNets; this one has other added "
+                          "embeddings (the upscaler's noise level); export without --token-merging")
     if attention_level(config) is None:
         raise ExportError("--token-merging needs a UNet with self-attention in its down and up blocks; this one has none; "
                           "export without --token-merging")
@@ -175,7 +178,7 @@ def applied(unet: Any, ratio: float) -> Iterator[int]:
             wrapped = []
             for block in blocks:
                 if getattr(block, "only_cross_attention", False) or getattr(block, "pos_embed", None) is not None:
-                    raise ExportError("--token-merging supports SD 1.x/2.x UNets (plain self-attention blocks); export without it")
+                    raise ExportError("--token-merging supports SD 1.x/2.x and SDXL UNets (plain self-attention blocks); export without it")
                 original = block.attn1
                 block.attn1 = wrapper(original, ratio)
                 restore.append((block, original))

@@ -69,8 +69,10 @@ def test_unsupported_unets_and_ratios_are_refused(tiny_sd_dir):
     config = json.loads((tiny_sd_dir / "unet" / "config.json").read_text())
     with pytest.raises(ExportError, match="--token-merging needs a UNet with self-attention in its down and up blocks"):
         token_merging.check_supported({**config, "down_block_types": ["DownBlock2D"] * 2})
-    with pytest.raises(ExportError, match="--token-merging supports SD 1.x/2.x text-to-image UNets; this one has added"):
-        token_merging.check_supported({**config, "addition_embed_type": "text_time"})
+    for other in ({"num_class_embeds": 1000}, {"class_embed_type": "timestep"}, {"addition_embed_type": "image"}):
+        with pytest.raises(ExportError, match="--token-merging supports SD 1.x/2.x and SDXL text-to-image UNets; this one"):
+            token_merging.check_supported({**config, **other})
+    token_merging.check_supported({**config, "addition_embed_type": "text_time"})  # SDXL's (tests/parity/test_sdxl_token_merging.py)
     for bad in (0, 1, 1.5, -0.2):
         with pytest.raises(ExportError, match=f"--token-merging {bad}: give the fraction of tokens to merge"):
             token_merging.check_ratio(bad)
