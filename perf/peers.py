@@ -119,6 +119,9 @@ EXPORTS = {
 SDXL_EXPORTS = {
     "leansd": Export("leansd", "leansd sd-export (ONNX + OpenVINO IR, fp32, with the UNet's streamed parts)",
                      ("{tool:sd-export}", "--backend", "all", "{src}", "{out}")),
+    # OpenVINO only, the plain and the token-merged UNet (24 GB of disk): no deep-cache parts, no tiny VAE.
+    "leansd-tome": Export("leansd-tome", "leansd sd-export, OpenVINO IR only, fp32, with token-merged UNet graphs",
+                          ("{tool:sd-export}", "{src}", "{out}", "--backend", "openvino", "--token-merging", "0.5", "--quiet")),
 }
 
 
@@ -252,6 +255,8 @@ PEERS = [
     # Token merging (ToMe, ratio 0.5) in the top-resolution self-attentions: an approximate mode with its own gate.
     Peer("leansd-ov-bf16-tome", "leansd openvino bf16, token merging 0.5", "leansd", "leansd-tome",
          {**LEANSD_OV, "precision": "bf16", "token_merging": True}),
+    Peer("leansd-ov-bf16-tome-off", "leansd openvino bf16 (the token-merging export, merging off)", "leansd", "leansd-tome",
+         {**LEANSD_OV, "precision": "bf16"}),
     Peer("leansd-ov-bf16-tinyvae-tome", "leansd openvino bf16, tiny VAE decoder, token merging 0.5", "leansd", "leansd-tome",
          {**LEANSD_OV, "precision": "bf16", "tiny_vae": True, "token_merging": True}),
     Peer("leansd-ov-bf16-fast-dc5-tome",
@@ -284,6 +289,10 @@ PEERS = [
     Peer("leansd-ov-fp32-fast02-dc5-tome",
          "leansd openvino fp32, guidance cutoff 0.2, deep cache every 5 unguided steps, tiny VAE decoder, token merging 0.5",
          "leansd", "leansd-tome", {**LEANSD_OV, "guidance_cutoff": 0.2, "deep_cache": 5, "tiny_vae": True, "token_merging": True}),
+    Peer("leansd-ov-fp32-fast02-dc5-tome-lowmem",
+         "leansd openvino fp32, guidance cutoff 0.2, deep cache every 5 unguided steps, tiny VAE decoder, token merging 0.5, low_memory",
+         "leansd", "leansd-tome", {**LEANSD_OV, "guidance_cutoff": 0.2, "deep_cache": 5, "tiny_vae": True, "token_merging": True,
+                                   "low_memory": True}),
 ]
 
 
