@@ -63,22 +63,25 @@ def test_export_records_the_sdxl_parts(sdxl_deepcache):
             assert manifest["parity"][part][backend]["fp32"]["max_rel"] <= 1e-3
 
 
-@pytest.mark.parametrize("interval", [2, 3])
-def test_sdxl_generation_with_feature_reuse_matches_diffusers(sdxl_deepcache, interval):
+def sdxl_reference_images(source, deep_cache: int = 1, patch=None, **kwargs) -> np.ndarray:
+    """diffusers' SDXL images for seed 7: `patch(pipe)` applied first (e.g. tomesd), then DeepCache every
+    `deep_cache` UNet calls when above 1."""
     import diffusers
 
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(source, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if patch is not None:
+        patch(pipe)
+    if deep_cache > 1:
+        deepcache_reference(pipe, deep_cache)
+    return np.asarray(pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(7), output_type="np").images)
+
+
+@pytest.mark.parametrize("interval", [2, 3])
+def test_sdxl_generation_with_feature_reuse_matches_diffusers(sdxl_deepcache, interval):
     source, exported = sdxl_deepcache
     kwargs = dict(prompt=PROMPT, num_inference_steps=6, guidance_scale=5.0, height=32, width=32)
-
-    def reference(cached: bool) -> np.ndarray:
-        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(source, add_watermarker=False)
-        pipe.set_progress_bar_config(disable=True)
-        if cached:
-            deepcache_reference(pipe, interval)
-        images = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(7), output_type="np").images
-        return np.asarray(images)
-
-    expected, plain = reference(True), reference(False)
+    expected, plain = sdxl_reference_images(source, interval, **kwargs), sdxl_reference_images(source, **kwargs)
     assert float(np.abs(expected - plain).max()) > 1e-3  # the cache changes the image well beyond the tolerance
     for backend in BACKENDS:
         got = leansd.load(exported, backend=backend)(**kwargs, seed=7, deep_cache=interval, output_type="np").images

@@ -21,7 +21,7 @@ pytest.importorskip("tomesd")
 
 import leansd  # noqa: E402
 from leansd.export import token_merging  # noqa: E402
-from tests.parity.test_deepcache import deepcache_reference  # noqa: E402
+from tests.parity.test_sdxl_deepcache import sdxl_reference_images  # noqa: E402
 from tests.parity.test_token_merging import RATIO, tomesd_reference  # noqa: E402
 
 pytestmark = pytest.mark.needs_torch
@@ -74,18 +74,6 @@ def sdxl_merged(tmp_path_factory):
     return source, exported
 
 
-def _reference(source, deep_cache: int = 1, merged: bool = True, **kwargs) -> np.ndarray:
-    import diffusers
-
-    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(source, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    if merged:
-        tomesd_reference(pipe, max_downsample=2)
-    if deep_cache > 1:
-        deepcache_reference(pipe, deep_cache)
-    return np.asarray(pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(7), output_type="np").images)
-
-
 def test_sdxl_export_records_the_merged_graphs(sdxl_merged):
     manifest = json.loads((sdxl_merged[1] / "leansd.json").read_text())
     assert manifest["token_merging"]["ratio"] == RATIO
@@ -95,12 +83,16 @@ def test_sdxl_export_records_the_merged_graphs(sdxl_merged):
             assert manifest["parity"][merged][backend]["fp32"]["max_rel"] <= 1e-3
 
 
+def _tomesd_at_sdxls_level(pipe) -> None:
+    tomesd_reference(pipe, max_downsample=2)
+
+
 @pytest.mark.parametrize("deep_cache", [1, 3])
 def test_sdxl_generation_with_token_merging_matches_diffusers_with_tomesd(sdxl_merged, deep_cache):
     source, exported = sdxl_merged
     kwargs = dict(prompt=PROMPT, num_inference_steps=6, guidance_scale=5.0, height=64, width=64)
-    expected = _reference(source, deep_cache, **kwargs)
-    assert float(np.abs(expected - _reference(source, deep_cache, merged=False, **kwargs)).max()) > 1e-2
+    expected = sdxl_reference_images(source, deep_cache, _tomesd_at_sdxls_level, **kwargs)
+    assert float(np.abs(expected - sdxl_reference_images(source, deep_cache, **kwargs)).max()) > 1e-2
     for backend in BACKENDS:
         pipe = leansd.load(exported, backend=backend)
         got = pipe(**kwargs, seed=7, token_merging=True, deep_cache=deep_cache, output_type="np").images
