@@ -65,8 +65,8 @@ def check_supported(config: dict[str, Any]) -> None:
     # SDXL's added conditioning ("text_time") only enters the time embedding: the attentions are SD's own.
     class_conditioned = config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None
     if config.get("addition_embed_type") not in (None, "text_time") or class_conditioned:
-        raise ExportError("--token-merging supports SD 1.x/2.x and SDXL text-to-image UNets; this one has other added "
-                          "embeddings (the upscaler's noise level); export without --token-merging")
+        raise ExportError("--token-merging supports SD 1.x/2.x and SDXL text-to-image UNets; this one has other added or class "
+                          "embeddings (e.g. the x4 upscaler's noise level); export without --token-merging")
     if attention_level(config) is None:
         raise ExportError("--token-merging needs a UNet with self-attention in its down and up blocks; this one has none; "
                           "export without --token-merging")
