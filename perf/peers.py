@@ -283,6 +283,12 @@ PEERS = [
     # The plain rows on the OpenVINO-only export (SDXL: the two-backend export takes 26 GB of disk).
     Peer("leansd-ov-fp32-ir", "leansd openvino fp32 (OpenVINO-only export)", "leansd", "leansd-ov", LEANSD_OV),
     Peer("leansd-ov-bf16-ir", "leansd openvino bf16 (OpenVINO-only export)", "leansd", "leansd-ov", {**LEANSD_OV, "precision": "bf16"}),
+    # int8 added in place to the OpenVINO-only export (`python -m leansd.export.int8 FOLDER --backend openvino --size 512`):
+    # on SDXL "auto" makes the UNet weights-only int8, like Optimum Intel's default export; float work as the runtime runs it.
+    Peer("leansd-ov-int8-ir", "leansd openvino int8 (OpenVINO-only export, int8 added in place)", "leansd", "leansd-ov",
+         {**LEANSD_OV, "precision": "int8"}, needs_precision="int8"),
+    Peer("leansd-ov-int8-ir-lowmem", "leansd openvino int8, low_memory (OpenVINO-only export, int8 added in place)", "leansd",
+         "leansd-ov", {**LEANSD_OV, "precision": "int8", "low_memory": True}, needs_precision="int8"),
     # The fast modes without bf16: what a CPU without native bf16 runs (measured on one, or with --cap-isa AVX2).
     Peer("leansd-ov-fp32-fast-dc5", "leansd openvino fp32, guidance cutoff 0.3, deep cache every 5 unguided steps, tiny VAE decoder",
          "leansd", "leansd", {**LEANSD_OV, "guidance_cutoff": 0.3, "deep_cache": 5, "tiny_vae": True}),

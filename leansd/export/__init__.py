@@ -38,6 +38,7 @@ def export_model(
     image_size: int | None = None,
     loras: Sequence[str | os.PathLike[str] | tuple[str | os.PathLike[str], float]] | None = None,
     token_merging: float | None = None,
+    int8_unet: str = "auto",
 ) -> Path:
     """Export a Stable Diffusion 1.x/2.x or SDXL model to a leansd model folder and return the folder's path.
 
@@ -89,7 +90,12 @@ def export_model(
         token_merging: also write the UNet (and its deep-cache parts) with token merging in the top-resolution
             self-attentions, merging this fraction of the tokens (0.5 is the usual choice): `unet_tome/` etc., fp32,
             for `leansd.load(..., token_merging=True)`, an approximate mode that makes those attentions about 4x
-            cheaper. SD 1.x/2.x only; see `leansd.export.token_merging`.
+            cheaper. SD 1.x/2.x and SDXL (merged at SDXL's second level, its first has no attention);
+            see `leansd.export.token_merging`.
+        int8_unet: how the OpenVINO UNet's int8 file is made, with `precisions` "fp32,int8": "hybrid" (int8
+            weights, and calibrated int8 activations in the convolutions), "weights" (int8 weights only, float
+            arithmetic, no calibration) or "auto" (default: hybrid below 1 B parameters, weights from there, i.e.
+            for SDXL). See `leansd.export.quantize`.
 
     Raises:
         ExportError: a problem the user can fix (bad source, existing output, bad size ...), one line.
@@ -118,4 +124,5 @@ def export_model(
         image_size=image_size,
         loras=loras,
         token_merging_ratio=token_merging,
+        int8_unet=int8_unet,
     )

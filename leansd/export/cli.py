@@ -2,7 +2,7 @@
 
     sd-export SOURCE OUTPUT_DIR [--backend onnx|openvino|all] [--height H --width W --batch B]
               [--opset N] [--overwrite] [--tolerance T | --tolerance unet=T,vae_decoder=T]
-              [--precision fp32|fp32,int8] [--force-int8] [--deep-cache] [--tiny-vae PATH] [--token-merging [RATIO]]
+              [--precision fp32|fp32,int8] [--force-int8] [--int8-unet auto|hybrid|weights] [--deep-cache] [--tiny-vae PATH] [--token-merging [RATIO]]
               [--config DIR] [--prediction-type epsilon|v_prediction] [--image-size N]   (single files)
 
 Exit status: 0 success; 2 a problem the message names (bad source, existing output, bad size, parity over
@@ -18,6 +18,7 @@ import time
 import warnings
 from typing import NoReturn, Sequence
 
+from leansd.export import quantize
 from leansd.export.errors import ExportError
 from leansd.export.token_merging import DEFAULT_RATIO
 
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         default="fp32",
         metavar="LIST",
-        help="fp32 (default) or fp32,int8: also write int8 variants (OpenVINO: NNCF hybrid UNet, int8 weights elsewhere; "
+        help="fp32 (default) or fp32,int8: also write int8 variants (OpenVINO: NNCF, see --int8-unet for the UNet, int8 weights elsewhere; "
         "ONNX: onnxruntime dynamic int8), calibrated and measured on the fp32 export with a few built-in prompts at the "
         "model's size; fp32 is always written",
     )
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep int8 models that miss their quality gate against fp32 (default: the export fails for the UNet and "
         "text encoder; the VAE keeps fp32 in the int8 variant)",
     )
+    p.add_argument("--int8-unet", default="auto", choices=quantize.UNET_RECIPES, help=quantize.UNET_RECIPE_HELP)
     p.add_argument(
         "--deep-cache",
         action="store_true",
@@ -184,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             text_encoder_parts=args.text_encoder_parts,
             loras=args.lora,
             token_merging=args.token_merging,
+            int8_unet=args.int8_unet,
         )
     except ExportError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

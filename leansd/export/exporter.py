@@ -129,6 +129,7 @@ def export(
     image_size: int | None = None,
     loras: Sequence[str | os.PathLike[str] | tuple] | None = None,
     token_merging_ratio: float | None = None,
+    int8_unet: str = "auto",
 ) -> Path:
     """See `leansd.export.export_model`."""
     fused = lora_fusion.parse(loras)  # before any slow step: a missing file fails now
@@ -138,6 +139,7 @@ def export(
         parts.check_count(component, count)
     chosen = parse_backends(backends)
     wanted = quantize.parse_precisions(precisions)
+    quantize.check_unet_recipe(int8_unet)
     if "int8" in wanted:
         quantize.check_available(chosen)
     tolerances = parse_tolerance(tolerance)
@@ -196,7 +198,7 @@ def export(
                     files[key] = {"onnx": {"fp32": _relative(staging.path, streaming.index_path(staging.path / component / "model.onnx"))}}
             int8 = None
             if "int8" in wanted:
-                int8 = _export_int8(staging.path, info, chosen, static, files, force_int8, progress)
+                int8 = _export_int8(staging.path, info, chosen, static, files, force_int8, progress, int8_unet)
                 for name, per_backend in int8.components.items():
                     for backend, rel in per_backend.items():
                         files[name][backend]["int8"] = rel
@@ -334,7 +336,7 @@ def _relative(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _export_int8(root: Path, info, backends, static, files, force: bool, progress) -> quantize.Int8Result:
+def _export_int8(root: Path, info, backends, static, files, force: bool, progress, unet_recipe: str) -> quantize.Int8Result:
     """Calibrate on the fp32 files just written, write and measure the int8 files (see `leansd.export.quantize`)."""
     size = (static["height"], static["width"]) if static else (info.default_size, info.default_size)
     plan = quantize.RunPlan(height=size[0], width=size[1], batch=static["batch"] if static else 1)
@@ -347,7 +349,7 @@ def _export_int8(root: Path, info, backends, static, files, force: bool, progres
                                                    "static_shapes": int8_stage.static_entry(static)})
 
     try:
-        return int8_stage.stage(root, backends, plan, components, force, progress, provisional)
+        return int8_stage.stage(root, backends, plan, components, force, progress, provisional, unet_recipe=unet_recipe)
     finally:
         (root / layout.MANIFEST).unlink(missing_ok=True)
 

@@ -2,13 +2,18 @@
 
 What each backend gets:
 
-    OpenVINO  unet           hybrid int8 (Optimum Intel's "hybrid" split, done with NNCF directly): MatMul and
+    OpenVINO  unet           hybrid int8 (Optimum Intel's "hybrid" split, done with NNCF directly; recipe "hybrid"): MatMul and
                              embedding weights int8 with float activations (nncf.compress_weights); every other
                              quantizable op, convolutions above all, int8 weights and activations (nncf.quantize,
                              calibrated, transformer model type, SmoothQuant off). The convolution fed by the raw
                              latents (conv_in) stays float: on the test models it was the largest single error
                              (its input's scale follows the noise level), for a negligible share of the compute;
                              keeping it float raised the UNet's PSNR by 2-8 dB.
+                             Recipe "weights": int8 weights only, every weighted op (convolutions too), float
+                             arithmetic; no calibration. "auto" (the default) picks it for UNets of 1 B parameters
+                             or more (SDXL's 2.6 B): calibrating one records and runs a 10 GB model over dozens
+                             of calls at full size, hours on a small CPU; weights-only int8 still cuts its weights
+                             (file, memory) by 4x. Optimum Intel's default export draws the same 1 B line.
               text_encoder,  int8 weights only (nncf.compress_weights, INT8_ASYM, per output channel).
               text_encoder_2 (SDXL),
               vae_encoder,
@@ -84,6 +89,11 @@ STEPS = 8  # denoising steps per prompt (PNDM makes that 9 UNet calls): early, m
 GUIDANCE = 7.5
 CALIBRATION_SEED, HELD_OUT_SEED = 1234, 5678
 HELD_OUT_UNET_CALLS = 6  # evenly spread over the held-out trajectories
+UNET_RECIPES = ("auto", "hybrid", "weights")  # how the OpenVINO UNet's int8 file is made (see the module docstring)
+LARGE_UNET_PARAMETERS = 1_000_000_000  # "auto" quantizes UNets this large weights-only
+UNET_RECIPE_HELP = ("how the OpenVINO UNet's int8 file is made: hybrid (int8 weights, and int8 activations in the convolutions, "
+                    "calibrated on generations: slow for big models), weights (int8 weights only, float arithmetic, no "
+                    "calibration: minutes), auto (default): hybrid below 1 B parameters, weights from there (SDXL)")
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,22 @@ def parse_precisions(precisions: str | Sequence[str]) -> tuple[str, ...]:
     if unknown or not names:
         raise ExportError(f"unknown precision {unknown[0] if unknown else '(none)'!r}; choose fp32, int8 or fp32,int8")
     return ("fp32", "int8") if "int8" in names else ("fp32",)
+
+
+def check_unet_recipe(name: str) -> str:
+    """`name` if it is one of `UNET_RECIPES`; else an error naming the choices."""
+    if name not in UNET_RECIPES:
+        raise ExportError(f"int8 UNet recipe {name!r} is unknown: choose {', '.join(UNET_RECIPES)}")
+    return name
+
+
+def openvino_unet_recipe(root: Path, requested: str = "auto") -> str:
+    """"hybrid" or "weights" for the OpenVINO UNet of the fp32 export at `root`; "auto" looks at its parameter count
+    (its weights file holds fp32 values: 4 bytes each)."""
+    if check_unet_recipe(requested) != "auto":
+        return requested
+    weights = root / "unet" / Path(FILES["openvino"][0]).with_suffix(".bin")
+    return "weights" if weights.is_file() and weights.stat().st_size >= 4 * LARGE_UNET_PARAMETERS else "hybrid"
 
 
 def check_available(backends: Sequence[str]) -> None:
@@ -307,19 +333,20 @@ def onnx_dynamic_int8(src: Path, dst: Path) -> None:
     quantize_parts.dynamic_int8(src, dst)
 
 
-def method(component: str, backend: str) -> str:
+def method(component: str, backend: str, unet_recipe: str = "hybrid") -> str:
     """One line saying how a component's int8 file is made (recorded in the manifest)."""
     if backend == "onnx":
         return "onnxruntime dynamic: MatMul/Gemm/Gather weights int8 per channel (7-bit), activations quantized at run time"
-    if component == "unet":
+    if component == "unet" and unet_recipe == "hybrid":
         return "NNCF hybrid: MatMul/embedding weights int8; other ops int8 weights and activations (calibrated); conv_in float"
     return "NNCF weight compression: int8 asymmetric, per output channel"
 
 
-def quantize_component(component: str, backend: str, src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> None:
+def quantize_component(component: str, backend: str, src: Path, dst: Path, calibration: list[dict[str, np.ndarray]],
+                       unet_recipe: str = "hybrid") -> None:
     if backend == "onnx":
         onnx_dynamic_int8(src, dst)
-    elif component == "unet":
+    elif component == "unet" and unet_recipe == "hybrid":
         openvino_hybrid_int8(src, dst, calibration)
     else:
         openvino_weights_int8(src, dst)
@@ -380,6 +407,7 @@ def build(
     *,
     components: Sequence[str] = comp.COMPONENTS,
     force: bool = False,
+    unet_recipe: str = "hybrid",
     step: Callable[[str], None] = lambda what: None,
     write_provisional_manifest: Callable[[dict[str, Any]], None],
 ) -> Int8Result:
@@ -388,11 +416,12 @@ def build(
 
     `write_provisional_manifest(components)` must write a `leansd.json` that maps each component/backend/precision
     to its file, so the runtime can load the int8 variant for the whole-pipeline check.
+    `unet_recipe`: "hybrid" or "weights" for the OpenVINO UNet (`openvino_unet_recipe` resolves "auto").
     Raises `ParityError` when a component misses its gate (unless `force`).
     """
     recorder = "openvino" if "openvino" in backends else "onnx"
     unet_calibration: list[dict[str, np.ndarray]] = []
-    if "openvino" in backends:  # only the OpenVINO UNet is calibrated
+    if calibrates(backends, unet_recipe):  # only the OpenVINO hybrid UNet is calibrated
         step("recording calibration runs")
         unet_calibration = record(root, recorder, "fp32", CALIBRATION_PROMPTS, CALIBRATION_SEED, plan).inputs["unet"]
     step("recording held-out runs")
@@ -408,7 +437,7 @@ def build(
         for component in components:
             src, dst = root / component / fp32_name, root / component / int8_name
             step(f"{component}: {backend} int8")
-            quantize_component(component, backend, src, dst, unet_calibration)
+            quantize_component(component, backend, src, dst, unet_calibration, unet_recipe)
             gc.collect()
             # The int8 file as the runtime runs it: on OpenVINO its float operations in bf16 where the CPU has it natively.
             floats = _int8_float_precision() if backend == "openvino" else "f32"
@@ -424,7 +453,7 @@ def build(
                     misses.append(f"{component} ({backend}) {figures['psnr_db']:.1f} dB < {gate.min_psnr_db:g} dB")
             files[component][backend] = f"{component}/{int8_name if uses == 'int8' else fp32_name}"
             parity[component][backend] = {"int8": {**figures, "min_psnr_db": gate.min_psnr_db, "passed": passed, "uses": uses,
-                                                   "method": method(component, backend), "float_operations_in": floats}}
+                                                   "method": method(component, backend, unet_recipe), "float_operations_in": floats}}
         if misses:
             raise ParityError(
                 f"int8 misses its quality gate against fp32: {'; '.join(misses)} (output PSNR); nothing was written. "
@@ -443,11 +472,17 @@ def build(
         "steps": plan.steps,
         "guidance_scale": GUIDANCE,
         "size": [plan.height, plan.width],
+        **({"openvino_unet_recipe": unet_recipe} if "openvino" in backends else {}),
         "unet_calibration_calls": len(unet_calibration),
         "held_out_unet_calls": len(held_feeds["unet"]),
         "gates_min_psnr_db": {c: GATES[c].min_psnr_db for c in components},
     }
     return Int8Result(files, parity, settings)
+
+
+def calibrates(backends: Sequence[str], unet_recipe: str) -> bool:
+    """Whether `build` records calibration runs: only for the OpenVINO UNet's hybrid recipe."""
+    return "openvino" in backends and unet_recipe == "hybrid"
 
 
 def compare_generations(root: Path, backend: str, reference: Recording, plan: RunPlan) -> dict[str, Any]:
