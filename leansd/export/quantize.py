@@ -467,7 +467,7 @@ def build(
         pipeline[backend] = {"int8": compare_generations(root, backend, held_out, plan)}
     parity["pipeline"] = pipeline
     settings = {
-        "calibration_prompts": len(CALIBRATION_PROMPTS),
+        "calibration_prompts": len(CALIBRATION_PROMPTS) if calibrates(backends, unet_recipe) else 0,
         "held_out_prompts": len(HELD_OUT_PROMPTS),
         "steps": plan.steps,
         "guidance_scale": GUIDANCE,
