@@ -170,7 +170,7 @@ def _backends(root: Path, manifest: Mapping[str, Any], backend: str) -> tuple[st
     chosen = tuple(have if backend == "all" else [b for b in have if b == backend])
     if not chosen:
         raise ExportError(f"{root} has no fp32 {'files' if backend == 'all' else backend + ' files'} for the UNet; "
-                          "pass a folder exported by sd-export" + (f" with --backends {backend}" if backend != "all" else ""))
+                          "pass a folder exported by sd-export" + (f" with --backend {backend}" if backend != "all" else ""))
     present = [b for b in chosen if any("int8" in (entry.get(b) or {}) for entry in manifest["components"].values())]
     if present:
         raise ExportError(f"{root} already has int8 files for {' and '.join(present)}; nothing to do"

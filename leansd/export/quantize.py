@@ -427,33 +427,23 @@ def build(
     step("recording held-out runs")
     held_out = record(root, recorder, "fp32", HELD_OUT_PROMPTS, HELD_OUT_SEED, plan)
     held_feeds = {c: spread(held_out.inputs[c], HELD_OUT_UNET_CALLS) if c == "unet" else held_out.inputs[c] for c in components}
+    # The recorder's fp32 outputs are the reference on its own backend: compiling a full-size fp32 UNet once more just
+    # to rerun the same calls would double the stage's peak memory (SDXL: a second 10 GB model). The VAE encoder's
+    # inputs are synthesized after recording, so it has no recorded outputs to match.
+    recorded_refs = {c: spread(held_out.outputs[c], HELD_OUT_UNET_CALLS) if c == "unet" else held_out.outputs[c]
+                     for c in components if c != "vae_encoder"}
     gc.collect()
 
     files: dict[str, dict[str, str]] = {c: {} for c in components}
     parity: dict[str, dict[str, dict[str, Any]]] = {c: {} for c in components}
     for backend in backends:
         misses = []
-        fp32_name, int8_name = FILES[backend]
         for component in components:
-            src, dst = root / component / fp32_name, root / component / int8_name
             step(f"{component}: {backend} int8")
-            quantize_component(component, backend, src, dst, unet_calibration, unet_recipe)
-            gc.collect()
-            # The int8 file as the runtime runs it: on OpenVINO its float operations in bf16 where the CPU has it natively.
-            floats = _int8_float_precision() if backend == "openvino" else "f32"
-            figures = compare(run_all(backend, src, held_feeds[component]), run_all(backend, dst, held_feeds[component], floats))
-            gate = GATES[component]
-            passed = figures["psnr_db"] >= gate.min_psnr_db
-            uses = "int8"
-            if not passed and not force:
-                if gate.on_miss == "fp32":
-                    uses = "fp32"
-                    _remove_model(dst)
-                else:
-                    misses.append(f"{component} ({backend}) {figures['psnr_db']:.1f} dB < {gate.min_psnr_db:g} dB")
-            files[component][backend] = f"{component}/{int8_name if uses == 'int8' else fp32_name}"
-            parity[component][backend] = {"int8": {**figures, "min_psnr_db": gate.min_psnr_db, "passed": passed, "uses": uses,
-                                                   "method": method(component, backend, unet_recipe), "float_operations_in": floats}}
+            reference = recorded_refs.get(component) if backend == recorder else None
+            files[component][backend], parity[component][backend], miss = _quantize_and_measure(
+                root, component, backend, held_feeds[component], reference, unet_calibration, unet_recipe, force)
+            misses += [miss] if miss else []
         if misses:
             raise ParityError(
                 f"int8 misses its quality gate against fp32: {'; '.join(misses)} (output PSNR); nothing was written. "
@@ -478,6 +468,43 @@ def build(
         "gates_min_psnr_db": {c: GATES[c].min_psnr_db for c in components},
     }
     return Int8Result(files, parity, settings)
+
+
+def _quantize_and_measure(
+    root: Path,
+    component: str,
+    backend: str,
+    feeds: list[dict[str, np.ndarray]],
+    reference: list[dict[str, np.ndarray]] | None,
+    calibration: list[dict[str, np.ndarray]],
+    unet_recipe: str,
+    force: bool,
+) -> tuple[str, dict[str, Any], str | None]:
+    """Quantize one component for one backend and hold it to its gate against fp32 on `feeds` (`reference`: fp32's
+    outputs where already known, else computed here, before the int8 model exists, so only one is in memory at a time).
+
+    Returns the file the runtime should use (relative to `root`), the parity record, and a miss message or None."""
+    fp32_name, int8_name = FILES[backend]
+    src, dst = root / component / fp32_name, root / component / int8_name
+    if reference is None:
+        reference = run_all(backend, src, feeds)
+        gc.collect()
+    quantize_component(component, backend, src, dst, calibration, unet_recipe)
+    gc.collect()
+    # The int8 file as the runtime runs it: on OpenVINO its float operations in bf16 where the CPU has it natively.
+    floats = _int8_float_precision() if backend == "openvino" else "f32"
+    figures = compare(reference, run_all(backend, dst, feeds, floats))
+    gate = GATES[component]
+    passed, uses, miss = figures["psnr_db"] >= gate.min_psnr_db, "int8", None
+    if not passed and not force:
+        if gate.on_miss == "fp32":
+            uses = "fp32"
+            _remove_model(dst)
+        else:
+            miss = f"{component} ({backend}) {figures['psnr_db']:.1f} dB < {gate.min_psnr_db:g} dB"
+    record = {"int8": {**figures, "min_psnr_db": gate.min_psnr_db, "passed": passed, "uses": uses,
+                       "method": method(component, backend, unet_recipe), "float_operations_in": floats}}
+    return f"{component}/{int8_name if uses == 'int8' else fp32_name}", record, miss
 
 
 def calibrates(backends: Sequence[str], unet_recipe: str) -> bool:

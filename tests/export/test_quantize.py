@@ -273,3 +273,29 @@ def test_int8_deep_cache_parts_pass_the_unet_gate_and_generate_close_to_fp32(int
     diff = np.abs(images["int8"] - images["fp32"])
     psnr = 20 * np.log10(1.0 / np.sqrt(np.mean(diff**2)))
     assert diff.max() > 0 and psnr > 28, psnr
+
+
+@needs_torch
+@pytest.mark.slow
+def test_gates_use_the_recorded_fp32_outputs_which_equal_a_fresh_fp32_run(fp32_copy, monkeypatch):
+    """The recorder backend's fp32 models are not run again for the gates (a full-size SDXL UNet compiled a second
+    time would double the stage's peak memory): the recorded outputs are the reference, and they are what a fresh
+    fp32 run of the same calls gives. Only the VAE encoder, whose inputs are made after recording, runs in fp32."""
+    real_run_all, ran = q.run_all, []
+
+    def spy(backend, path, feeds, *args):
+        ran.append(Path(path).relative_to(fp32_copy).as_posix())
+        return real_run_all(backend, path, feeds, *args)
+
+    monkeypatch.setattr(q, "run_all", spy)
+    _build(fp32_copy, {}, monkeypatch)
+    assert [p for p in ran if "_int8" not in p] == ["vae_encoder/model.onnx"]
+    assert sorted(p for p in ran if "_int8" in p) == sorted(f"{c}/model_int8.onnx" for c in COMPONENTS)
+
+    held = q.record(fp32_copy, "onnx", "fp32", q.HELD_OUT_PROMPTS, q.HELD_OUT_SEED, q.RunPlan(32, 32))
+    for component in ("text_encoder", "unet", "vae_decoder"):
+        fresh = real_run_all("onnx", fp32_copy / component / "model.onnx", held.inputs[component])
+        assert len(fresh) == len(held.outputs[component]) > 0
+        for recorded, again in zip(held.outputs[component], fresh):
+            for name, value in recorded.items():
+                assert np.abs(again[name] - value).max() <= 1e-5 * max(1.0, float(np.abs(value).max())), (component, name)
