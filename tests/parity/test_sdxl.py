@@ -129,19 +129,26 @@ def test_refiner_on_an_image_matches_diffusers(refiner, backend):
         assert np.abs(got - expected).max() < TOLERANCE, kwargs
 
 
-def test_base_image_to_image_matches_diffusers(base):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_base_image_to_image_matches_diffusers(base, backend):
     source, exported = base
     image = np.random.default_rng(1).random((SIZE, SIZE, 3)).astype(np.float32)
     expected = reference(source, "img2img")(PROMPT, image=image[None], num_inference_steps=6, generator=generator(5),
                                             output_type="np").images
-    got = leansd.load(exported, backend="onnxruntime")(PROMPT, image=image, num_inference_steps=6, seed=5, output_type="np").images
+    got = loaded(exported, backend)(PROMPT, image=image, num_inference_steps=6, seed=5, output_type="np").images
     assert np.abs(got - expected).max() < TOLERANCE
 
 
-def test_turbo_matches_diffusers(tmp_path_factory):
+@pytest.fixture(scope="module")
+def turbo(tmp_path_factory):
+    return build_and_export(tmp_path_factory, "tiny-sdxl-turbo", turbo=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_turbo_matches_diffusers(turbo, backend):
     """SDXL-Turbo: Euler ancestral with trailing timesteps, no guidance, 1 to 4 steps."""
-    source, exported = build_and_export(tmp_path_factory, "tiny-sdxl-turbo", backends="onnx", turbo=True)
-    ours, theirs = leansd.load(exported), reference(source)
+    source, exported = turbo
+    ours, theirs = loaded(exported, backend), reference(source)
     for steps in (1, 4):
         kwargs = dict(prompt=PROMPT, num_inference_steps=steps, guidance_scale=0.0, height=SIZE, width=SIZE)
         expected = theirs(generator=generator(6), output_type="np", **kwargs).images
