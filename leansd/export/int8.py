@@ -168,10 +168,15 @@ def _backends(root: Path, manifest: Mapping[str, Any], backend: str) -> tuple[st
     unet = manifest["components"].get(UNET) or {}
     have = [b for b in BACKENDS if (unet.get(b) or {}).get("fp32") and (root / unet[b]["fp32"]).is_file()]
     chosen = tuple(have if backend == "all" else [b for b in have if b == backend])
+    with_int8 = [b for b in have if any("int8" in (entry.get(b) or {}) for entry in manifest["components"].values())]
     if not chosen:
+        others = [b for b in have if b not in with_int8]
+        if others:  # the other backend's fp32 files are there: quantizing those is the likelier intent
+            raise ExportError(f"{root} has no fp32 {backend} files for the UNet, only {others[0]} files; pass "
+                              f"--backend {others[0]}, or export the model again with sd-export --backend {backend}")
         raise ExportError(f"{root} has no fp32 {'files' if backend == 'all' else backend + ' files'} for the UNet; "
                           "pass a folder exported by sd-export" + (f" with --backend {backend}" if backend != "all" else ""))
-    present = [b for b in chosen if any("int8" in (entry.get(b) or {}) for entry in manifest["components"].values())]
+    present = [b for b in chosen if b in with_int8]
     if present:
         raise ExportError(f"{root} already has int8 files for {' and '.join(present)}; nothing to do"
                           + ("" if backend != "all" else " (pass --backend with the other one)"))

@@ -96,13 +96,14 @@ def test_the_upgraded_folder_generates_int8_close_to_fp32(sd_upgraded):
     assert diff.max() > 0 and _psnr(images["int8"], images["fp32"]) > 28  # int8 ran, and stayed close to fp32
 
 
-def test_a_second_upgrade_and_a_missing_folder_are_refused(sd_upgraded, tmp_path):
+def test_a_second_upgrade_and_a_missing_folder_are_refused(sd_exports, sd_upgraded, tmp_path):
     before = _snapshot(sd_upgraded)
     again = _upgrade(sd_upgraded, "--backend", "onnx")
     assert again.returncode == 2 and "already has int8 files for onnx" in again.stderr and "Traceback" not in again.stderr
     assert _snapshot(sd_upgraded) == before
     for folder, args, message in [(tmp_path / "nowhere", (), "not a folder"),
                                   (sd_upgraded, ("--backend", "openvino"), "no fp32 openvino files"),
+                                  (sd_exports[0], ("--backend", "openvino"), "only onnx files; pass --backend onnx"),
                                   (sd_upgraded, ("--size", "30"), "--size 30")]:
         result = _upgrade(folder, *args)
         assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
