@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 
 from leansd.runtime.errors import LeanSDError
 from leansd.runtime.outputs import check_preview, plan_outputs, say_path, write_outputs, writing
+from leansd.runtime.run_progress import RunProgress
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from leansd.runtime.pipeline import Pipeline, PipelineOutput
-    from leansd.runtime.settings import StepCallback
 
 MAX_SEED = 2**64 - 1
 # Flags of the CompVis/Stability scripts/txt2img.py and img2img.py. Any of them but --prompt, without -o, writes
@@ -261,56 +261,33 @@ def model_folder(args: argparse.Namespace) -> Path | None:
     raise LeanSDError(f"--ckpt {ckpt} does not exist; pass a model folder written by sd-export (convert a checkpoint with `sd-export CKPT OUTDIR`)")
 
 
-def progress_callback(quiet: bool, preview: Path | None, overwrite: bool, pipe: Pipeline) -> StepCallback | None:
-    """The step callback of a run: a progress bar per iteration on stderr, and the preview PNG rewritten after each
-    step (an existing file is only replaced with --overwrite; after the first write it is ours)."""
-    if quiet and preview is None:
-        return None
-    from tqdm import tqdm
-
-    from leansd.runtime.image import save_png, unit_to_pil
-
-    bar: list = []
-    preview_written = [overwrite]
-
-    def callback(step: int, total: int, latents, denoised) -> None:
-        if not quiet:
-            if step == 0 or not bar:
-                bar[:] = [tqdm(total=total, unit="step", leave=False, dynamic_ncols=True)]
-            bar[0].update(1)
-            if step + 1 == total:
-                bar[0].close()
-        if preview is not None:
-            image = unit_to_pil(pipe.preview(denoised[:1]))[0]
-            writing(preview, "--preview path", lambda: save_png(image, preview, overwrite=preview_written[0]))
-            preview_written[0] = True
-
-    return callback
-
-
 def generate(args: argparse.Namespace, pipe: Pipeline, seed: int, init_image: Image.Image | None,
              mask: Image.Image | None = None, refiner: Pipeline | None = None) -> list[PipelineOutput]:
     """One pipeline call per --n_iter iteration; iteration k uses seed + k, so each can be redone alone. With a
     `refiner`, the base model stops at --refiner-switch and the refiner finishes its latents (diffusers' hand-off)."""
     from leansd.runtime.image import infotext_prompt
 
-    callback = progress_callback(args.quiet, args.preview, args.overwrite, pipe)
+    progress = RunProgress(args.quiet, args.preview, args.overwrite, pipe.preview)
+    callback = progress.callback
     negative = infotext_prompt(args.negative_prompt) if args.negative_prompt is not None else None
     results = []
     for k in range(args.n_iter):
         common = dict(negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=seed + k,
                       scheduler=args.scheduler, eta=args.eta, callback=callback, memory_check=args.memory_check,
                       clip_skip=args.clip_skip)
-        first = pipe(
-            infotext_prompt(args.prompt), num_images_per_prompt=args.num_images, height=args.height, width=args.width,
-            image=init_image, mask_image=mask, strength=args.strength, noise_level=args.noise_level, depth_map=args.depth_map,
-            **({"denoising_end": args.refiner_switch, "output_type": "latent"} if refiner else {"watermark": args.watermark}), **common,
-        )
+        with progress.running():
+            first = pipe(
+                infotext_prompt(args.prompt), num_images_per_prompt=args.num_images, height=args.height, width=args.width,
+                image=init_image, mask_image=mask, strength=args.strength, noise_level=args.noise_level,
+                depth_map=args.depth_map, **common,
+                **({"denoising_end": args.refiner_switch, "output_type": "latent"} if refiner else {"watermark": args.watermark}),
+            )
         if refiner is None:
             results.append(first)
             continue
-        done = refiner(infotext_prompt(args.prompt), image=first.images, denoising_start=args.refiner_switch,
-                       watermark=args.watermark, **common)
+        with progress.running():
+            done = refiner(infotext_prompt(args.prompt), image=first.images, denoising_start=args.refiner_switch,
+                           watermark=args.watermark, **common)
         done.timings = {key: first.timings.get(key, 0.0) + value for key, value in done.timings.items()}
         results.append(done)
     return results

@@ -90,3 +90,49 @@ def test_cache_dir_is_filled_once_and_reused(tmp_path, cli_model):
     assert sorted((tmp_path / "cache" / "onnxruntime").iterdir()) == entries
     assert [(e / "key.json").stat().st_mtime_ns for e in entries] == written  # read, not rewritten
     assert (tmp_path / "first.png").read_bytes() == (tmp_path / "second.png").read_bytes()
+
+
+def _stderr_on_a_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
+    """Run sd-run with stderr on a pseudo-terminal (stdout piped); its exit status and everything it wrote there."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    # A fresh pseudo-terminal is 0 columns wide, and tqdm draws nothing into that: make it an ordinary 120x40.
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen([sys.executable, "-m", "leansd.runtime.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                               stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    written = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closes with the process
+            break
+        if not chunk:
+            break
+        written += chunk
+    process.stdout.close()
+    os.close(leader)
+    return process.wait(timeout=300), written.decode(errors="replace")
+
+
+def test_a_terminal_sees_the_preparing_line_before_the_steps(tmp_path, cli_model):
+    """Models compile on first use (a minute or more on SDXL): a terminal is told so until the first step, then
+    gets the step bar. Piped stderr, as every other test here reads it, gets no such line."""
+    from leansd.runtime.run_progress import PREPARING
+
+    args = ["a red circle", "--model", str(cli_model), "--steps", "3", "--seed", "1", "-o", "out.png"]
+    status, terminal = _stderr_on_a_terminal(args, tmp_path)
+    assert status == 0, terminal
+    assert PREPARING in terminal and "0/3" in terminal, terminal  # the bar drawn when the first step is done
+    assert terminal.index(PREPARING) < terminal.index("0/3")
+    piped = sd_run(*args, "--overwrite", cwd=tmp_path)
+    assert piped.returncode == 0 and PREPARING not in piped.stderr and "0/3" in piped.stderr, piped.stderr
+    failed_status, failed = _stderr_on_a_terminal([*args[:-2], "--scheduler", "nope", "-o", "other.png"], tmp_path)
+    # The unknown scheduler is found inside the pipeline call, after the line was drawn: it is cleared before the error.
+    assert failed_status == 2 and PREPARING in failed and not (tmp_path / "other.png").exists(), failed
+    assert failed.split("\r")[-2].startswith("sd-run: error: unknown scheduler"), failed
