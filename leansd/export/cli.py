@@ -2,7 +2,8 @@
 
     sd-export SOURCE OUTPUT_DIR [--backend onnx|openvino|all] [--height H --width W --batch B]
               [--opset N] [--overwrite] [--tolerance T | --tolerance unet=T,vae_decoder=T]
-              [--precision fp32|fp32,int8] [--force-int8] [--int8-unet auto|hybrid|weights] [--deep-cache] [--tiny-vae PATH] [--token-merging [RATIO]]
+              [--precision fp32|fp32,int8] [--force-int8] [--int8-unet auto|hybrid|weights] [--int8-unet-onnx dynamic|static]
+              [--deep-cache] [--tiny-vae PATH] [--token-merging [RATIO]]
               [--config DIR] [--prediction-type epsilon|v_prediction] [--image-size N]   (single files)
 
 Exit status: 0 success; 2 a problem the message names (bad source, existing output, bad size, parity over
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "text encoder; the VAE keeps fp32 in the int8 variant)",
     )
     p.add_argument("--int8-unet", default="auto", choices=quantize.UNET_RECIPES, help=quantize.UNET_RECIPE_HELP)
+    p.add_argument("--int8-unet-onnx", default="dynamic", choices=quantize.ONNX_UNET_RECIPES, help=quantize.ONNX_UNET_RECIPE_HELP)
     p.add_argument(
         "--deep-cache",
         action="store_true",
@@ -187,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             loras=args.lora,
             token_merging=args.token_merging,
             int8_unet=args.int8_unet,
+            int8_unet_onnx=args.int8_unet_onnx,
         )
     except ExportError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -130,6 +130,7 @@ def export(
     loras: Sequence[str | os.PathLike[str] | tuple] | None = None,
     token_merging_ratio: float | None = None,
     int8_unet: str = "auto",
+    int8_unet_onnx: str = "dynamic",
 ) -> Path:
     """See `leansd.export.export_model`."""
     fused = lora_fusion.parse(loras)  # before any slow step: a missing file fails now
@@ -140,6 +141,7 @@ def export(
     chosen = parse_backends(backends)
     wanted = quantize.parse_precisions(precisions)
     quantize.check_unet_recipe(int8_unet)
+    quantize.check_onnx_unet_recipe(int8_unet_onnx)
     if "int8" in wanted:
         quantize.check_available(chosen)
     tolerances = parse_tolerance(tolerance)
@@ -198,7 +200,7 @@ def export(
                     files[key] = {"onnx": {"fp32": _relative(staging.path, streaming.index_path(staging.path / component / "model.onnx"))}}
             int8 = None
             if "int8" in wanted:
-                int8 = _export_int8(staging.path, info, chosen, static, files, force_int8, progress, int8_unet)
+                int8 = _export_int8(staging.path, info, chosen, static, files, force_int8, progress, int8_unet, int8_unet_onnx)
                 for name, per_backend in int8.components.items():
                     for backend, rel in per_backend.items():
                         files[name][backend]["int8"] = rel
@@ -336,7 +338,8 @@ def _relative(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _export_int8(root: Path, info, backends, static, files, force: bool, progress, unet_recipe: str) -> quantize.Int8Result:
+def _export_int8(root: Path, info, backends, static, files, force: bool, progress, unet_recipe: str,
+                 onnx_unet_recipe: str) -> quantize.Int8Result:
     """Calibrate on the fp32 files just written, write and measure the int8 files (see `leansd.export.quantize`)."""
     size = (static["height"], static["width"]) if static else (info.default_size, info.default_size)
     plan = quantize.RunPlan(height=size[0], width=size[1], batch=static["batch"] if static else 1)
@@ -349,7 +352,8 @@ def _export_int8(root: Path, info, backends, static, files, force: bool, progres
                                                    "static_shapes": int8_stage.static_entry(static)})
 
     try:
-        return int8_stage.stage(root, backends, plan, components, force, progress, provisional, unet_recipe=unet_recipe)
+        return int8_stage.stage(root, backends, plan, components, force, progress, provisional, unet_recipe=unet_recipe,
+                               onnx_unet_recipe=quantize.check_onnx_unet_recipe(onnx_unet_recipe, root if "onnx" in backends else None))
     finally:
         (root / layout.MANIFEST).unlink(missing_ok=True)
 

@@ -5,6 +5,7 @@
 exports are slow to redo) gets the same int8 files, parity entries and settings without re-exporting:
 
     python -m leansd.export.int8 FOLDER [--backend onnx|openvino|all] [--size N] [--force-int8] [--int8-unet auto|hybrid|weights]
+                                        [--int8-unet-onnx dynamic|static]
 
 For ONNX it also writes the deep-cache parts' int8 files (when the folder has unet_deep/unet_shallow) and cuts the
 int8 UNet into as many streaming parts as the fp32 one has. leansd.json gets the entries where a fresh
@@ -41,11 +42,12 @@ def static_entry(static: Mapping[str, int] | None) -> dict[str, int] | None:
 
 def stage(root: Path, backends: Sequence[str], plan: quantize.RunPlan, components: Sequence[str], force: bool,
           progress: bool | None, provisional: Callable[[dict[str, dict[str, str]]], None], desc: str = "sd-export int8",
-          unet_recipe: str = "auto") -> quantize.Int8Result:
+          unet_recipe: str = "auto", onnx_unet_recipe: str = "dynamic") -> quantize.Int8Result:
     """`quantize.build` under a progress bar: one step per recording, per component and backend, per whole generation.
-    `unet_recipe`: how the OpenVINO UNet is quantized (`quantize.UNET_RECIPES`; "auto" decided by its size)."""
+    `unet_recipe`: how the OpenVINO UNet is quantized (`quantize.UNET_RECIPES`; "auto" decided by its size);
+    `onnx_unet_recipe`: how the ONNX UNet is (`quantize.ONNX_UNET_RECIPES`)."""
     recipe = quantize.openvino_unet_recipe(root, unet_recipe)
-    total = quantize.calibrates(backends, recipe) + 1 + len(backends) * (len(components) + 1)  # see the step() calls in build()
+    total = quantize.calibrates(backends, recipe, onnx_unet_recipe) + 1 + len(backends) * (len(components) + 1)  # see the step() calls in build()
     bar = progress_bar(total, desc, progress)
     done = [False]
 
@@ -56,7 +58,8 @@ def stage(root: Path, backends: Sequence[str], plan: quantize.RunPlan, component
         bar.set_postfix_str(what)
 
     try:
-        result = quantize.build(root, backends, plan, components=components, force=force, unet_recipe=recipe, step=step,
+        result = quantize.build(root, backends, plan, components=components, force=force, unet_recipe=recipe,
+                                onnx_unet_recipe=onnx_unet_recipe, step=step,
                                 write_provisional_manifest=provisional)
         bar.update()
         return result
@@ -93,10 +96,11 @@ def deep_cache_int8(root: Path, part: str, info: comp.ModelInfo, static: Mapping
 
 
 def add_int8(folder: str | Path, backend: str = "onnx", size: int | None = None, force: bool = False,
-             progress: bool | None = None, unet_recipe: str = "auto") -> dict[str, Any]:
+             progress: bool | None = None, unet_recipe: str = "auto", onnx_unet_recipe: str = "dynamic") -> dict[str, Any]:
     """Add the int8 variants (`backend`: onnx, openvino or all of the folder's) to a model folder exported in fp32;
     `size` is the calibration / held-out image size (default: the export's); `unet_recipe` how the OpenVINO UNet is
-    quantized ("auto", "hybrid" or "weights"; see `leansd.export.quantize`). Returns the new leansd.json."""
+    quantized ("auto", "hybrid" or "weights"), `onnx_unet_recipe` the ONNX UNet ("dynamic" or "static"; see
+    `leansd.export.quantize`). Returns the new leansd.json."""
     root = Path(folder).expanduser()
     manifest = model_folder.read_manifest(root)
     info = model_folder.model_info(root)
@@ -104,6 +108,7 @@ def add_int8(folder: str | Path, backend: str = "onnx", size: int | None = None,
     plan = _plan(info, static, size)
     backends = _backends(root, manifest, backend)
     quantize.check_unet_recipe(unet_recipe)  # a wrong name fails before any slow step
+    quantize.check_onnx_unet_recipe(onnx_unet_recipe, root if "onnx" in backends else None)
     quantize.check_available(backends)
     if info.class_embeddings:
         raise ExportError("int8 is not available for the x4 upscaler yet; use its fp32 files")
@@ -111,7 +116,8 @@ def add_int8(folder: str | Path, backend: str = "onnx", size: int | None = None,
     before = {p for p in root.rglob("*")}
     original = (root / MANIFEST).read_bytes()
     try:
-        merged = _quantize_and_merge(root, manifest, names, info, static, backends, plan, force, progress, unet_recipe)
+        merged = _quantize_and_merge(root, manifest, names, info, static, backends, plan, force, progress, unet_recipe,
+                                    onnx_unet_recipe)
         for path in sorted(p for p in root.rglob("*") if p.is_file() and p not in before and p.name != MANIFEST):
             if isinstance(merged.get("files"), dict):
                 merged["files"][path.relative_to(root).as_posix()] = {"sha256": layout.sha256_file(path), "bytes": path.stat().st_size}
@@ -124,7 +130,7 @@ def add_int8(folder: str | Path, backend: str = "onnx", size: int | None = None,
 
 def _quantize_and_merge(root: Path, manifest: dict[str, Any], names: list[str], info: comp.ModelInfo,
                         static: Mapping[str, int] | None, backends: tuple[str, ...], plan: quantize.RunPlan, force: bool,
-                        progress: bool | None, unet_recipe: str = "auto") -> dict[str, Any]:
+                        progress: bool | None, unet_recipe: str = "auto", onnx_unet_recipe: str = "dynamic") -> dict[str, Any]:
     """Write and measure the int8 files; return `manifest` with them where a fresh fp32,int8 export records them."""
     files = json.loads(json.dumps(manifest["components"]))  # a deep copy: the original stays for a restore
     components = [n for n in quantize.GATES if n in files]
@@ -134,7 +140,8 @@ def _quantize_and_merge(root: Path, manifest: dict[str, Any], names: list[str], 
         both = {**files, **{n: {**files[n], **{b: {**files[n][b], "int8": int8_files[n][b]} for b in backends}} for n in components}}
         layout.write_json(root / MANIFEST, {**manifest, "components": both})
 
-    int8 = stage(root, backends, plan, components, force, progress, provisional, desc=f"{PROG} {root.name}", unet_recipe=unet_recipe)
+    int8 = stage(root, backends, plan, components, force, progress, provisional, desc=f"{PROG} {root.name}", unet_recipe=unet_recipe,
+                 onnx_unet_recipe=onnx_unet_recipe)
     parity = json.loads(json.dumps(manifest.get("parity") or {}))
     for name, per_backend in int8.components.items():
         for backend, rel in per_backend.items():
@@ -233,11 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "model's; large models at their native size take hours on a small CPU, --size 512 takes minutes)")
     p.add_argument("--force-int8", action="store_true", help="keep int8 files that miss their quality gate")
     p.add_argument("--int8-unet", default="auto", choices=quantize.UNET_RECIPES, help=quantize.UNET_RECIPE_HELP)
+    p.add_argument("--int8-unet-onnx", default="dynamic", choices=quantize.ONNX_UNET_RECIPES, help=quantize.ONNX_UNET_RECIPE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
         manifest = add_int8(args.folder, args.backend, args.size, args.force_int8, progress=False if args.quiet else None,
-                            unet_recipe=args.int8_unet)
+                            unet_recipe=args.int8_unet, onnx_unet_recipe=args.int8_unet_onnx)
     except (ExportError, LeanSDError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

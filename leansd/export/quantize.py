@@ -18,16 +18,26 @@ What each backend gets:
               text_encoder_2 (SDXL),
               vae_encoder,
               vae_decoder
-    ONNX      every model    onnxruntime dynamic quantization: MatMul, Gemm and embedding (Gather) weights int8
-                             per output channel in a 7-bit range (reduce_range: u8 x s8 products cannot saturate
-                             on CPUs without VNNI); activations are quantized at run time. Convolutions stay
-                             float: dynamic Conv (ConvInteger) ran 2.6x slower than the float kernel on AVX2.
+    ONNX      every model    onnxruntime dynamic quantization (UNet recipe "dynamic", the default): MatMul, Gemm and
+                             embedding (Gather) weights int8 per output channel in a 7-bit range (reduce_range:
+                             u8 x s8 products cannot saturate on CPUs without VNNI); activations are quantized at
+                             run time. Convolutions stay float: dynamic Conv (ConvInteger) ran 2.6x slower than
+                             the float kernel on AVX2.
+              unet           recipe "static" (`--int8-unet-onnx static`, UNets under 1 B parameters): onnxruntime
+                             static quantization in QDQ form, calibrated (min/max): Conv, MatMul and Gemm weights
+                             int8 per output channel (7-bit range, as above) and u8 activations, convolutions
+                             included; the attention's products of two activations and the first and last
+                             convolution (latents in, noise out) stay float. The deep-cache parts stay dynamic.
 
-Why dynamic for ONNX Runtime: static QDQ (calibrated, per-channel, 7-bit weights, all weighted ops) was measured
-against it. UNet output PSNR vs fp32: static 26.5 dB (tiny test model) / 25.2 dB (35 M-parameter UNet), dynamic
-57 / 52 dB; whole held-out generations (image PSNR): static 31-32 dB, dynamic 50-55 dB. One call of the 35 M UNet
-at 32x32 latents, AVX2 without VNNI: fp32 190 / 326 ms, dynamic 202 / 295 ms, static 195 / 282 ms (2 / 1
-threads). No real speed difference there; dynamic is 25 dB closer and needs no calibration.
+Why dynamic is the ONNX default, and when static pays: static was first measured on AVX2 without VNNI. UNet output
+PSNR vs fp32: static 26.5 dB (tiny test model) / 25.2 dB (35 M-parameter UNet), dynamic 57 / 52 dB; whole held-out
+generations (image PSNR): static 31-32 dB, dynamic 50-55 dB. One call of the 35 M UNet at 32x32 latents: fp32
+190 / 326 ms, dynamic 202 / 295 ms, static 195 / 282 ms (2 / 1 threads): no real speed difference there. On a CPU
+with VNNI (2-core Zen 4, AVX512_VNNI; `perf/RESULTS-ort-int8-zen4.md`) the static recipe's integer convolutions
+pay: an SD 1.5-architecture UNet call at 512x512 (batch 2) took 5.05 s against fp32's 9.82 s (1.95x) and dynamic's
+7.74 s, at 31.2 dB from fp32 (dynamic 49.7 dB; OpenVINO's bf16 on the same CPU 5.18 s, 38.9 dB). Leaving the first
+and last convolution float raised it from 29.6 dB. So static is a choice for ONNX Runtime users on VNNI or AMX
+CPUs; dynamic stays the default: closer to fp32, no calibration, and as fast elsewhere.
 
 Calibration and measurement data come from the fp32 export itself: the leansd pipeline generates
 `CALIBRATION_PROMPTS` (and, separately, `HELD_OUT_PROMPTS`) with `STEPS` steps of the model's own scheduler,
@@ -94,6 +104,11 @@ LARGE_UNET_PARAMETERS = 1_000_000_000  # "auto" quantizes UNets this large weigh
 UNET_RECIPE_HELP = ("how the OpenVINO UNet's int8 file is made: hybrid (int8 weights, and int8 activations in the convolutions, "
                     "calibrated on generations: slow for big models), weights (int8 weights only, float arithmetic, no "
                     "calibration: minutes), auto (default): hybrid below 1 B parameters, weights from there (SDXL)")
+ONNX_UNET_RECIPES = ("dynamic", "static")  # how the ONNX UNet's int8 file is made (see the module docstring)
+ONNX_UNET_RECIPE_HELP = ("how the ONNX UNet's int8 file is made: dynamic (default: int8 matrix-product weights, activations "
+                         "quantized at run time, convolutions float; closest to fp32) or static (int8 activations too, in the "
+                         "convolutions as well, calibrated on generations: about 2x fp32's UNet step on CPUs with VNNI or AMX, "
+                         "about 30 dB from fp32 instead of 50; UNets under 1 B parameters)")
 
 
 @dataclass(frozen=True)
@@ -126,6 +141,17 @@ def check_unet_recipe(name: str) -> str:
     """`name` if it is one of `UNET_RECIPES`; else an error naming the choices."""
     if name not in UNET_RECIPES:
         raise ExportError(f"int8 UNet recipe {name!r} is unknown: choose {', '.join(UNET_RECIPES)}")
+    return name
+
+
+def check_onnx_unet_recipe(name: str, root: Path | None = None) -> str:
+    """`name` if it is one of `ONNX_UNET_RECIPES` (and, with `root`, usable for that fp32 export's UNet); else an error."""
+    if name not in ONNX_UNET_RECIPES:
+        raise ExportError(f"ONNX int8 UNet recipe {name!r} is unknown: choose {', '.join(ONNX_UNET_RECIPES)}")
+    data = None if root is None else root / "unet" / (FILES["onnx"][0] + "_data")  # sd-export's one weights file
+    if name == "static" and data is not None and data.is_file() and data.stat().st_size >= 4 * LARGE_UNET_PARAMETERS:
+        raise ExportError("the static ONNX int8 UNet is for UNets under 1 B parameters (its quantizer holds every weight, and "
+                          "calibrating a large UNet takes hours); use --int8-unet-onnx dynamic")
     return name
 
 
@@ -335,8 +361,24 @@ def onnx_dynamic_int8(src: Path, dst: Path) -> None:
     quantize_parts.dynamic_int8(src, dst)
 
 
-def method(component: str, backend: str, unet_recipe: str = "hybrid") -> str:
+def onnx_static_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> None:
+    """onnxruntime static quantization in QDQ form, calibrated (min/max) on `calibration`: every Conv, MatMul and Gemm
+    with a constant weight gets int8 weights per output channel in a 7-bit range and u8 activations; the attention's
+    products of two activations stay float.
+
+    The 7-bit range again keeps CPUs without VNNI from saturating, so the file runs right on any CPU; there it is no
+    faster than fp32 (measured on AVX2), on VNNI and AMX CPUs about twice as fast (see the module docstring).
+    """
+    from leansd.export import quantize_parts
+
+    quantize_parts.static_int8(src, dst, calibration)
+
+
+def method(component: str, backend: str, unet_recipe: str = "hybrid", onnx_recipe: str = "dynamic") -> str:
     """One line saying how a component's int8 file is made (recorded in the manifest)."""
+    if backend == "onnx" and component == "unet" and onnx_recipe == "static":
+        return ("onnxruntime static QDQ: Conv/MatMul/Gemm weights int8 per channel (7-bit), activations u8 with calibrated "
+                "ranges; attention products float")
     if backend == "onnx":
         return "onnxruntime dynamic: MatMul/Gemm/Gather weights int8 per channel (7-bit), activations quantized at run time"
     if component == "unet" and unet_recipe == "hybrid":
@@ -345,8 +387,10 @@ def method(component: str, backend: str, unet_recipe: str = "hybrid") -> str:
 
 
 def quantize_component(component: str, backend: str, src: Path, dst: Path, calibration: list[dict[str, np.ndarray]],
-                       unet_recipe: str = "hybrid") -> None:
-    if backend == "onnx":
+                       unet_recipe: str = "hybrid", onnx_recipe: str = "dynamic") -> None:
+    if backend == "onnx" and component == "unet" and onnx_recipe == "static":
+        onnx_static_int8(src, dst, calibration)
+    elif backend == "onnx":
         onnx_dynamic_int8(src, dst)
     elif component == "unet" and unet_recipe == "hybrid":
         openvino_hybrid_int8(src, dst, calibration)
@@ -410,6 +454,7 @@ def build(
     components: Sequence[str] = comp.COMPONENTS,
     force: bool = False,
     unet_recipe: str = "hybrid",
+    onnx_unet_recipe: str = "dynamic",
     step: Callable[[str], None] = lambda what: None,
     write_provisional_manifest: Callable[[dict[str, Any]], None],
 ) -> Int8Result:
@@ -418,12 +463,13 @@ def build(
 
     `write_provisional_manifest(components)` must write a `leansd.json` that maps each component/backend/precision
     to its file, so the runtime can load the int8 variant for the whole-pipeline check.
-    `unet_recipe`: "hybrid" or "weights" for the OpenVINO UNet (`openvino_unet_recipe` resolves "auto").
+    `unet_recipe`: "hybrid" or "weights" for the OpenVINO UNet (`openvino_unet_recipe` resolves "auto");
+    `onnx_unet_recipe`: "dynamic" or "static" for the ONNX UNet.
     Raises `ParityError` when a component misses its gate (unless `force`).
     """
     recorder = "openvino" if "openvino" in backends else "onnx"
     unet_calibration: list[dict[str, np.ndarray]] = []
-    if calibrates(backends, unet_recipe):  # only the OpenVINO hybrid UNet is calibrated
+    if calibrates(backends, unet_recipe, onnx_unet_recipe):  # only the UNet's hybrid (OpenVINO) and static (ONNX) recipes
         step("recording calibration runs")
         unet_calibration = record(root, recorder, "fp32", CALIBRATION_PROMPTS, CALIBRATION_SEED, plan).inputs["unet"]
     step("recording held-out runs")
@@ -443,7 +489,7 @@ def build(
             step(f"{component}: {backend} int8")
             reference = recorded_refs.get(component) if backend == recorder else None
             files[component][backend], parity[component][backend], miss = _quantize_and_measure(
-                root, component, backend, held_feeds[component], reference, unet_calibration, unet_recipe, force)
+                root, component, backend, held_feeds[component], reference, unet_calibration, unet_recipe, onnx_unet_recipe, force)
             misses += [miss] if miss else []
         if misses:
             raise ParityError(
@@ -458,12 +504,13 @@ def build(
         pipeline[backend] = {"int8": compare_generations(root, backend, held_out, plan)}
     parity["pipeline"] = pipeline
     settings = {
-        "calibration_prompts": len(CALIBRATION_PROMPTS) if calibrates(backends, unet_recipe) else 0,
+        "calibration_prompts": len(CALIBRATION_PROMPTS) if calibrates(backends, unet_recipe, onnx_unet_recipe) else 0,
         "held_out_prompts": len(HELD_OUT_PROMPTS),
         "steps": plan.steps,
         "guidance_scale": GUIDANCE,
         "size": [plan.height, plan.width],
         **({"openvino_unet_recipe": unet_recipe} if "openvino" in backends else {}),
+        **({"onnx_unet_recipe": onnx_unet_recipe} if "onnx" in backends else {}),
         "unet_calibration_calls": len(unet_calibration),
         "held_out_unet_calls": len(held_feeds["unet"]),
         "gates_min_psnr_db": {c: GATES[c].min_psnr_db for c in components},
@@ -479,6 +526,7 @@ def _quantize_and_measure(
     reference: list[dict[str, np.ndarray]] | None,
     calibration: list[dict[str, np.ndarray]],
     unet_recipe: str,
+    onnx_recipe: str,
     force: bool,
 ) -> tuple[str, dict[str, Any], str | None]:
     """Quantize one component for one backend and hold it to its gate against fp32 on `feeds` (`reference`: fp32's
@@ -490,7 +538,7 @@ def _quantize_and_measure(
     if reference is None:
         reference = run_all(backend, src, feeds)
         gc.collect()
-    quantize_component(component, backend, src, dst, calibration, unet_recipe)
+    quantize_component(component, backend, src, dst, calibration, unet_recipe, onnx_recipe)
     gc.collect()
     # The int8 file as the runtime runs it: on OpenVINO its float operations in bf16 where the CPU has it natively.
     floats = _int8_float_precision() if backend == "openvino" else "f32"
@@ -504,13 +552,13 @@ def _quantize_and_measure(
         else:
             miss = f"{component} ({backend}) {figures['psnr_db']:.1f} dB < {gate.min_psnr_db:g} dB"
     entry = {"int8": {**figures, "min_psnr_db": gate.min_psnr_db, "passed": passed, "uses": uses,
-                      "method": method(component, backend, unet_recipe), "float_operations_in": floats}}
+                      "method": method(component, backend, unet_recipe, onnx_recipe), "float_operations_in": floats}}
     return f"{component}/{int8_name if uses == 'int8' else fp32_name}", entry, miss
 
 
-def calibrates(backends: Sequence[str], unet_recipe: str) -> bool:
-    """Whether `build` records calibration runs: only for the OpenVINO UNet's hybrid recipe."""
-    return "openvino" in backends and unet_recipe == "hybrid"
+def calibrates(backends: Sequence[str], unet_recipe: str, onnx_recipe: str = "dynamic") -> bool:
+    """Whether `build` records calibration runs: for the OpenVINO UNet's hybrid recipe and the ONNX UNet's static one."""
+    return ("openvino" in backends and unet_recipe == "hybrid") or ("onnx" in backends and onnx_recipe == "static")
 
 
 def compare_generations(root: Path, backend: str, reference: Recording, plan: RunPlan) -> dict[str, Any]:
