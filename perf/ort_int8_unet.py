@@ -1,7 +1,7 @@
 """ONNX Runtime int8 UNet recipes side by side: fp32, dynamic int8 (leansd's), static QDQ int8 (calibrated), with
 OpenVINO's bf16 on the same UNet for scale.
 
-    python perf/ort_int8_unet.py EXPORT_FOLDER WORK_FOLDER [--size 512] [--steps 4] [--calls 3]
+    python perf/ort_int8_unet.py EXPORT_FOLDER WORK_FOLDER [--size 512] [--steps 4] [--calls 3] [--images 0]
 
 EXPORT_FOLDER is a leansd ONNX fp32 export of an SD 1.x/2.x model (perf/cache/full/leansd). The script
 1. generates with leansd's own fp32 pipeline (the export's scheduler, guidance 7.5) and records every UNet call's
@@ -18,6 +18,10 @@ EXPORT_FOLDER is a leansd ONNX fp32 export of an SD 1.x/2.x model (perf/cache/fu
    call's output PSNR against fp32 (20 log10(peak / RMS error)), the figure `sd-export` gates the UNet on (24 dB).
    The OpenVINO row runs the export's IR at OpenVINO's default precision (bf16 where the CPU has it) with a static
    shape, as leansd's `precision="bf16"` does.
+
+With `--images N` it then generates the first N held-out prompts whole (20 steps at SIZE, guidance 7.5, leansd's
+fp32 pipeline with its UNet session swapped for each int8 file) and gives each image's PSNR against the fp32 image
+of the same prompt and seed, and the generation's time in this process (models already compiled).
 
 Recordings and quantized files are kept in WORK_FOLDER and reused on the next run.
 """
@@ -74,6 +78,37 @@ def _quantize(src: Path, work: Path, calibration: list[dict]) -> dict[str, Path]
     return files
 
 
+def _whole_images(export: Path, files: dict[str, Path], size: int, count: int) -> None:
+    """Generate `count` held-out prompts with each UNet file in leansd's fp32 pipeline; print PSNR against fp32's."""
+    from leansd.export import quantize
+    from leansd.runtime.backends import SessionOptions, open_session
+    from leansd.runtime.bundle import ModelBundle
+    from leansd.runtime.loader import assemble
+    from leansd.runtime.memory import MemoryPolicy
+
+    prompts = [quantize.HELD_OUT_PROMPTS[i % len(quantize.HELD_OUT_PROMPTS)] for i in range(count)]
+    images: dict[str, list[np.ndarray]] = {}
+    for name, path in files.items():
+        def swap(component, session, path=path):
+            if component != "unet":
+                return session
+            session.close()
+            return open_session(path, "onnxruntime", SessionOptions())
+
+        pipe = assemble(ModelBundle.open(export), "onnxruntime", "fp32", SessionOptions(), MemoryPolicy(), hook=swap)
+        try:
+            images[name] = []
+            for i, prompt in enumerate(prompts):
+                t = time.perf_counter()
+                out = pipe(prompt, num_inference_steps=20, guidance_scale=quantize.GUIDANCE, height=size, width=size,
+                           seed=quantize.HELD_OUT_SEED + i, output_type="np")
+                images[name].append(np.asarray(out.images[0], dtype=np.float64))
+                note = "" if name == "fp32" else f", {_psnr(images['fp32'][i], images[name][i]):.1f} dB from the fp32 image"
+                print(f"{name} image {i}: {time.perf_counter() - t:.1f} s{note}", flush=True)
+        finally:
+            pipe.close()
+
+
 def _session(path: Path):
     import onnxruntime as ort
 
@@ -113,6 +148,7 @@ def main() -> int:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=4, help="denoising steps of each recorded generation")
     p.add_argument("--calls", type=int, default=3, help="timed calls of each model")
+    p.add_argument("--images", type=int, default=0, help="whole 20-step generations per file (see above)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     src = args.export / "unet" / "model.fused.onnx"
@@ -152,6 +188,9 @@ def main() -> int:
     for name in sessions:
         med = statistics.median(times[name])
         print(f"| {name} | {med:.2f} s | {base / med:.2f}x | {quality[name]:.1f} dB |")
+    if args.images:
+        sessions.clear()
+        _whole_images(args.export, {k: v for k, v in files.items() if k != "openvino"}, args.size, args.images)
     return 0
 
 
