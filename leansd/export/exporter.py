@@ -353,7 +353,7 @@ def _export_int8(root: Path, info, backends, static, files, force: bool, progres
 
     try:
         return int8_stage.stage(root, backends, plan, components, force, progress, provisional, unet_recipe=unet_recipe,
-                               onnx_unet_recipe=quantize.check_onnx_unet_recipe(onnx_unet_recipe, root if "onnx" in backends else None))
+                               onnx_unet_recipe=onnx_unet_recipe)
     finally:
         (root / layout.MANIFEST).unlink(missing_ok=True)
 

@@ -47,6 +47,7 @@ def stage(root: Path, backends: Sequence[str], plan: quantize.RunPlan, component
     `unet_recipe`: how the OpenVINO UNet is quantized (`quantize.UNET_RECIPES`; "auto" decided by its size);
     `onnx_unet_recipe`: how the ONNX UNet is (`quantize.ONNX_UNET_RECIPES`)."""
     recipe = quantize.openvino_unet_recipe(root, unet_recipe)
+    onnx_unet_recipe = quantize.check_onnx_unet_recipe(onnx_unet_recipe, root if "onnx" in backends else None)  # UNet size
     total = quantize.calibrates(backends, recipe, onnx_unet_recipe) + 1 + len(backends) * (len(components) + 1)  # see the step() calls in build()
     bar = progress_bar(total, desc, progress)
     done = [False]
@@ -108,7 +109,7 @@ def add_int8(folder: str | Path, backend: str = "onnx", size: int | None = None,
     plan = _plan(info, static, size)
     backends = _backends(root, manifest, backend)
     quantize.check_unet_recipe(unet_recipe)  # a wrong name fails before any slow step
-    quantize.check_onnx_unet_recipe(onnx_unet_recipe, root if "onnx" in backends else None)
+    quantize.check_onnx_unet_recipe(onnx_unet_recipe)
     quantize.check_available(backends)
     if info.class_embeddings:
         raise ExportError("int8 is not available for the x4 upscaler yet; use its fp32 files")
