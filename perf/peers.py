@@ -85,6 +85,13 @@ EXPORTS = {
              "--quiet"),
         ),
         Export(
+            "leansd-ort-int8-static",
+            "leansd sd-export, ONNX only, with int8 variants (static QDQ int8 UNet for VNNI/AMX CPUs), the UNet's streaming "
+            "parts, the deep-cache parts (dynamic int8) and a tiny VAE decoder",
+            ("{tool:sd-export}", "{src}", "{out}", "--backend", "onnx", "--precision", "fp32,int8", "--int8-unet-onnx", "static",
+             "--force-int8", "--deep-cache", "--tiny-vae", "{taesd}", "--quiet"),
+        ),
+        Export(
             "optimum-onnx",
             "Optimum ONNX export",
             ("{tool:optimum-cli}", "export", "onnx", "--model", "{src}", "--task", "text-to-image", "{out}"),
@@ -147,9 +154,9 @@ LEANSD_ORT = {"backend": "onnxruntime", "precision": "fp32"}
 LEANSD_OV = {"backend": "openvino", "precision": "fp32"}
 
 
-def ort_int8(name: str, label: str, prime: bool = False, **options) -> "Peer":
-    """A leansd onnxruntime int8 row on the ONNX-only int8 export, with extra runtime options."""
-    return Peer(name, label, "leansd", "leansd-ort-int8", {"backend": "onnxruntime", "precision": "int8", **options},
+def ort_int8(name: str, label: str, prime: bool = False, export_key: str = "leansd-ort-int8", **options) -> "Peer":
+    """A leansd onnxruntime int8 row on an ONNX-only int8 export (`export_key`), with extra runtime options."""
+    return Peer(name, label, "leansd", export_key, {"backend": "onnxruntime", "precision": "int8", **options},
                 needs_precision="int8", prime=prime)
 
 PEERS = [
@@ -232,6 +239,17 @@ PEERS = [
              guidance_cutoff=0.3, deep_cache=5, low_memory=True),
     ort_int8("leansd-ort-int8-fast-lowmem", "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 3 unguided steps, low_memory",
              guidance_cutoff=0.3, deep_cache=3, low_memory=True),
+    # The static QDQ int8 UNet (`--int8-unet-onnx static`): its convolutions run int8 too, which pays on VNNI/AMX CPUs.
+    ort_int8("leansd-ort-int8-static", "leansd onnxruntime int8 (static QDQ UNet)", export_key="leansd-ort-int8-static"),
+    ort_int8("leansd-ort-int8-static-fast-dc5",
+             "leansd onnxruntime int8 (static QDQ UNet), guidance cutoff 0.3, deep cache every 5 unguided steps",
+             export_key="leansd-ort-int8-static", guidance_cutoff=0.3, deep_cache=5),
+    ort_int8("leansd-ort-int8-static-fast-dc5-lowmem",
+             "leansd onnxruntime int8 (static QDQ UNet), guidance cutoff 0.3, deep cache every 5 unguided steps, low_memory",
+             export_key="leansd-ort-int8-static", guidance_cutoff=0.3, deep_cache=5, low_memory=True),
+    ort_int8("leansd-ort-int8-static-fast-dc5-tinyvae",
+             "leansd onnxruntime int8 (static QDQ UNet), guidance cutoff 0.3, deep cache every 5 unguided steps, tiny VAE decoder",
+             export_key="leansd-ort-int8-static", guidance_cutoff=0.3, deep_cache=5, tiny_vae=True),
     # Feature reuse: the deep UNet features refreshed every 3 steps (DeepCache's usual setting).
     Peer("leansd-ov-fp32-deepcache3", "leansd openvino fp32, deep cache every 3 steps", "leansd", "leansd", {**LEANSD_OV, "deep_cache": 3}),
     Peer("leansd-ort-fp32-deepcache3", "leansd onnxruntime fp32, deep cache every 3 steps", "leansd", "leansd", {**LEANSD_ORT, "deep_cache": 3}),

@@ -1,4 +1,4 @@
-"""What this CPU computes natively that a faster precision can use: bfloat16.
+"""What this CPU computes natively that a faster precision can use: bfloat16, and int8 dot products.
 
 Read from the kernel's CPU flags (`/proc/cpuinfo`) where there is one, and from OpenVINO's own view of the CPU
 (`OPTIMIZATION_CAPABILITIES`) when OpenVINO is installed, since that is what its CPU plugin acts on. Both describe
@@ -16,15 +16,19 @@ from pathlib import Path
 
 # x86 flags, as Linux names them, that give native bfloat16 arithmetic.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# x86 flags, as Linux names them, that give one-instruction int8 dot products (VNNI, AMX): what makes a statically
+# quantized UNet's int8 convolutions pay (ONNX Runtime's MLAS kernels dispatch on them; no oneDNN cap applies).
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 # oneDNN's names for instruction sets without bf16 dot products, as `ONEDNN_MAX_CPU_ISA` takes them.
 ISA_CAPS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"})
 
 
 @dataclass(frozen=True)
 class CpuFeatures:
-    """`bf16`: native bfloat16 arithmetic (AVX512_BF16 or AMX)."""
+    """`bf16`: native bfloat16 arithmetic (AVX512_BF16 or AMX); `int8_dot`: int8 dot-product instructions (VNNI or AMX)."""
 
     bf16: bool
+    int8_dot: bool = False
 
 
 def _linux_flags() -> set[str]:
@@ -67,6 +71,8 @@ def openvino_bf16() -> bool:
 @functools.lru_cache(maxsize=1)
 def detect() -> CpuFeatures:
     """This machine's features (read once per process)."""
+    flags = _linux_flags()
+    int8_dot = any(f in flags for f in INT8_DOT_FLAGS)
     if capped_below_bf16():
-        return CpuFeatures(bf16=False)
-    return CpuFeatures(bf16=any(f in _linux_flags() for f in BF16_FLAGS) or "BF16" in _openvino_capabilities())
+        return CpuFeatures(bf16=False, int8_dot=int8_dot)
+    return CpuFeatures(bf16=any(f in flags for f in BF16_FLAGS) or "BF16" in _openvino_capabilities(), int8_dot=int8_dot)

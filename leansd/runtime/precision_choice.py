@@ -6,7 +6,10 @@ In order of preference:
         component in bf16 against PyTorch within its gate (`parity.<component>.openvino.bf16.passed` in
         leansd.json; sd-export measures it when it runs on such a CPU). 3.8x faster than fp32 per image on the
         SD 1.5 architecture (perf/RESULTS-precision.md). ONNX Runtime has no bf16 kernels for x86 CPUs.
-  int8  when the folder holds int8 files for the backend and every one passed its gate at export.
+  int8  when the folder holds int8 files for the backend and every one passed its gate at export. An ONNX UNet
+        quantized with `sd-export --int8-unet-onnx static` (int8 convolutions too) was made for CPUs with int8
+        dot products (VNNI, AMX): 1.99x fp32 per image there against dynamic int8's 1.24x
+        (perf/RESULTS-ort-int8-zen4.md). The reason says which UNet recipe the folder has and whether this CPU has them.
   fp32  otherwise: the exact, diffusers-identical default.
 
 The choice and its reason are on the pipeline (`pipe.precision`, `pipe.precision_reason`) and so in every output's
@@ -56,7 +59,20 @@ def bf16_verdict(bundle: ModelBundle, cpu: CpuFeatures) -> tuple[bool, str]:
     return True, "native bf16 on this CPU, within its quality gate at export"
 
 
-def _int8_verdict(bundle: ModelBundle, backend: str) -> tuple[bool, str]:
+def onnx_unet_recipe(bundle: ModelBundle) -> str:
+    """How the folder's ONNX int8 UNet was quantized: "static" or "dynamic" (folders that predate the choice)."""
+    return str(((bundle.manifest or {}).get("int8") or {}).get("onnx_unet_recipe") or "dynamic")
+
+
+def _recipe_note(bundle: ModelBundle, backend: str, cpu: CpuFeatures) -> str:
+    if backend != "onnxruntime" or onnx_unet_recipe(bundle) != "static":
+        return ""
+    if cpu.int8_dot:
+        return "; static int8 UNet, with this CPU's int8 dot products (VNNI/AMX)"
+    return "; static int8 UNet, made for CPUs with int8 dot products (VNNI/AMX), which this one lacks"
+
+
+def _int8_verdict(bundle: ModelBundle, backend: str, cpu: CpuFeatures) -> tuple[bool, str]:
     if bundle.optional_component_file(names.UNET, backend, "int8") is None:
         return False, "no int8 files for this backend"
     misses = _gate_misses(bundle, _FILE_BACKEND[backend], "int8")
@@ -64,7 +80,7 @@ def _int8_verdict(bundle: ModelBundle, backend: str) -> tuple[bool, str]:
         return False, "the int8 files carry no quality figures"
     if misses:
         return False, f"int8 missed its quality gate at export ({', '.join(misses)})"
-    return True, "int8 files within their quality gate at export"
+    return True, "int8 files within their quality gate at export" + _recipe_note(bundle, backend, cpu)
 
 
 def choose(bundle: ModelBundle, backend: str, cpu: CpuFeatures | None) -> PrecisionChoice:
@@ -77,7 +93,7 @@ def choose(bundle: ModelBundle, backend: str, cpu: CpuFeatures | None) -> Precis
         if ok:
             return PrecisionChoice("bf16", f"auto: {reason}")
         why_not.append(f"not bf16: {reason}")
-    ok, reason = _int8_verdict(bundle, backend)
+    ok, reason = _int8_verdict(bundle, backend, cpu)
     if ok:
         return PrecisionChoice("int8", f"auto: {reason}" + (f" ({'; '.join(why_not)})" if why_not else ""))
     why_not.append(f"not int8: {reason}")

@@ -83,7 +83,48 @@ def test_int8_is_picked_only_when_its_files_exist_and_passed(tmp_path):
     assert chosen.precision == "fp32" and "int8 missed its quality gate at export (unet)" in chosen.reason
     manifest["parity"]["unet"]["onnx"]["int8"]["passed"] = True
     (folder / "leansd.json").write_text(json.dumps(manifest))
-    assert precision_choice.choose(ModelBundle.open(folder), "onnxruntime", AVX2_CPU).precision == "int8"
+    chosen = precision_choice.choose(ModelBundle.open(folder), "onnxruntime", AVX2_CPU)
+    assert chosen.precision == "int8" and "static" not in chosen.reason  # no recipe recorded: a dynamic-int8 folder
+
+
+def test_a_static_int8_unet_is_picked_on_every_cpu_and_the_reason_says_whether_this_one_has_int8_dot_products(tmp_path):
+    """The static recipe computes correctly everywhere (7-bit weights), so auto keeps picking it; the reason records
+    whether the CPU has the VNNI/AMX instructions it was made for, so a slow AVX2 result can be told from a fault."""
+    folder = _copy_with(tmp_path, None).root
+    manifest = json.loads((folder / "leansd.json").read_text())
+    for component in COMPONENTS:
+        shutil.copyfile(folder / component / "model.onnx", folder / component / "model_int8.onnx")
+        manifest["components"][component]["onnx"]["int8"] = f"{component}/model_int8.onnx"
+        manifest["parity"][component]["onnx"]["int8"] = {"psnr_db": 30.0, "min_psnr_db": 24.0, "passed": True}
+    manifest["int8"] = {**(manifest.get("int8") or {}), "onnx_unet_recipe": "static"}
+    (folder / "leansd.json").write_text(json.dumps(manifest))
+    bundle = ModelBundle.open(folder)
+    assert precision_choice.onnx_unet_recipe(bundle) == "static"
+    vnni = precision_choice.choose(bundle, "onnxruntime", CpuFeatures(bf16=False, int8_dot=True))
+    assert vnni.precision == "int8" and "with this CPU's int8 dot products" in vnni.reason
+    plain = precision_choice.choose(bundle, "onnxruntime", AVX2_CPU)
+    assert plain.precision == "int8" and "made for CPUs with int8 dot products (VNNI/AMX), which this one lacks" in plain.reason
+
+
+def test_int8_dot_products_are_read_from_the_cpu_flags_and_ignore_a_onednn_cap(monkeypatch):
+    """VNNI/AMX int8 are what ONNX Runtime's own kernels dispatch on, so a oneDNN cap (a proxy for AVX2 in OpenVINO) does
+    not hide them, while it does hide bf16."""
+    for flags, expected in ((["avx2", "avx512_vnni"], True), (["avx2", "avx_vnni"], True), (["amx_int8"], True),
+                            (["avx2", "fma"], False)):
+        monkeypatch.setattr(cpu_features, "_linux_flags", lambda flags=flags: set(flags))
+        monkeypatch.setattr(cpu_features, "_openvino_capabilities", lambda: set())
+        for cap in ("", "AVX2"):
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+            cpu_features.detect.cache_clear()
+            assert cpu_features.detect().int8_dot is expected, (flags, cap)
+    monkeypatch.setattr(cpu_features, "_linux_flags", lambda: {"avx512_bf16", "avx512_vnni"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    cpu_features.detect.cache_clear()
+    assert cpu_features.detect() == CpuFeatures(bf16=False, int8_dot=True)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    cpu_features.detect.cache_clear()
+    assert cpu_features.detect() == CpuFeatures(bf16=True, int8_dot=True)
+    cpu_features.detect.cache_clear()  # the next test reads this machine again
 
 
 def test_auto_load_on_this_machine_reports_its_choice(tmp_path):
