@@ -33,16 +33,20 @@ def build_tiny_sd(
     cross_attention_dim: int = 32,
     inpainting: bool = False,
     top_attention: bool = False,
+    time_cond_proj_dim: int | None = None,
 ) -> Path:
     """Save a tiny SD 1.x diffusers pipeline at `path` and return it.
 
     `vae_blocks` sets the VAE scale factor to 2 ** (vae_blocks - 1): 2 blocks give 2, 3 give 4.
     `inpainting`: a 9-channel UNet (latents, mask, masked image latents) saved as a StableDiffusionInpaintPipeline,
     as SD 1.5's and SD 2's inpainting models are. `top_attention`: attention at the latent's own resolution (the
-    first down and last up block), as in SD 1.x/2.x, instead of at the lower one.
+    first down and last up block), as in SD 1.x/2.x, instead of at the lower one. `time_cond_proj_dim`: a UNet that takes
+    its guidance scale as an embedding of that width, saved with an LCMScheduler as a LatentConsistencyModelPipeline,
+    as LCM-distilled models (LCM_Dreamshaper_v7) are.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler, PNDMScheduler, StableDiffusionInpaintPipeline,
+                           StableDiffusionPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -57,6 +61,7 @@ def build_tiny_sd(
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=8,
+        time_cond_proj_dim=time_cond_proj_dim,
     )
     vae = AutoencoderKL(
         block_out_channels=[16, 32, 32, 32][:vae_blocks],
@@ -90,7 +95,12 @@ def build_tiny_sd(
         str(CLIP_VOCAB_DIR / "vocab.json"), str(CLIP_VOCAB_DIR / "merges.txt"), model_max_length=77
     )
     scheduler = PNDMScheduler(**{**SD1_SCHEDULER, "prediction_type": prediction_type})
-    pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
+    pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    if time_cond_proj_dim is not None:  # LCM_Dreamshaper_v7's scheduler settings
+        pipeline_class = LatentConsistencyModelPipeline
+        settings = {**{k: v for k, v in SD1_SCHEDULER.items() if k != "skip_prk_steps"}, "set_alpha_to_one": True}
+        scheduler = LCMScheduler(**settings, prediction_type=prediction_type, original_inference_steps=50)
+    pipe = pipeline_class(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

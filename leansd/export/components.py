@@ -8,7 +8,8 @@ Names and dtypes follow Optimum's Stable Diffusion exports, so either tool's loa
     vae_decoder   latent_sample (batch, C, H/f, W/f)         -> sample
 
 SDXL models add a second text encoder, hidden-state outputs and two UNet inputs (`leansd.export.sdxl`); the x4
-upscaler's UNet takes `class_labels` (its noise level).
+upscaler's UNet takes `class_labels` (its noise level), and an LCM-distilled UNet `timestep_cond` (the embedded
+guidance scale, `leansd.runtime.guidance_embedding`).
 
 The UNet `timestep` is float32 of shape (batch,) so the fractional timesteps of Euler-type schedulers pass
 unrounded. Optimum's ONNX export uses a float32 scalar; Optimum Intel's OpenVINO export an int64 (batch,)
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from leansd.export import deepcache, sdxl, tiny_vae
+from leansd.runtime import guidance_embedding
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 # Optional: the UNet cut in two for feature reuse across steps (`sd-export --deep-cache`, see `deepcache`).
@@ -107,6 +109,8 @@ IO["depth_estimator"] = ((Tensor("pixel_values", "float32", {0: "batch_size"}),)
 # A class-conditioned UNet (the x4 upscaler, conditioned on the noise level of its low-resolution image) takes one
 # more input, as diffusers' UNet2DConditionModel does.
 CLASS_LABELS = Tensor("class_labels", "int64", {0: "batch_size"})
+# An LCM-distilled UNet takes its guidance scale as an embedding added to the time embedding (`time_cond_proj_dim`).
+TIMESTEP_COND = Tensor(guidance_embedding.INPUT, "float32", {0: "batch_size"})
 
 
 def _hidden_states(layers: int) -> tuple[Tensor, ...]:
@@ -123,6 +127,8 @@ def io(component: str, info: "ModelInfo | None" = None) -> tuple[tuple[Tensor, .
     inputs, outputs = IO[component]
     if component == "unet" and info is not None and info.class_embeddings:
         inputs = (*inputs, CLASS_LABELS)
+    if component == "unet" and info is not None and info.guidance_embedding:
+        inputs = (*inputs, TIMESTEP_COND)
     if component in ("unet", *DEEP_CACHE_COMPONENTS) and xl is not None:
         inputs = (*inputs, Tensor("text_embeds", "float32", {0: "batch_size"}), Tensor("time_ids", "float32", {0: "batch_size"}))
     if component == "text_encoder" and xl is not None and xl.first_encoder_layers is not None:
@@ -168,6 +174,7 @@ class ModelInfo:
     class_embeddings: int = 0  # the UNet's number of class labels (the x4 upscaler's noise levels); 0: none
     text_time: sdxl.TextTime | None = None  # SDXL's added conditioning and second text encoder
     text_layers: int = 12  # the text encoder's transformer layers (CLIP ViT-L/14's 12 in SD 1.x)
+    guidance_embedding: int = 0  # the width of an LCM-distilled UNet's guidance embedding (time_cond_proj_dim); 0: none
 
     @classmethod
     def from_configs(cls, unet: dict[str, Any], vae: dict[str, Any], text_encoder: dict[str, Any] | None,
@@ -197,6 +204,7 @@ class ModelInfo:
             class_embeddings=int(unet.get("num_class_embeds") or 0),
             text_time=xl,
             text_layers=int(text_encoder.get("num_hidden_layers", 12)),
+            guidance_embedding=guidance_embedding.width(unet) or 0,
         )
 
     @property
@@ -232,6 +240,9 @@ def make_inputs(component: str, info: ModelInfo, *, batch: int, height: int, wid
         }
         if component == "unet" and info.class_embeddings:
             feeds["class_labels"] = rng.integers(0, info.class_embeddings, size=(b,), dtype=np.int64)
+        if component == "unet" and info.guidance_embedding:  # each row its own scale, in the range LCMs are run at
+            scales = rng.uniform(1.0, 15.0, size=b)
+            feeds[guidance_embedding.INPUT] = np.concatenate([guidance_embedding.embed(g, info.guidance_embedding, 1) for g in scales])
         if (xl := info.text_time) is not None:
             feeds["text_embeds"] = rng.standard_normal((b, xl.pooled_width), dtype=np.float32)
             # original size, crop corner, target size (and the refiner's aesthetic score), as pipelines pass them
@@ -308,9 +319,18 @@ def wrap(component: str, module: Any, info: "ModelInfo | None" = None) -> Any:
         def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
             return self.model.decode(latent_sample, return_dict=False)[0]
 
+    class GuidanceEmbeddedUNet(UNet):
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                    timestep_cond: torch.Tensor) -> torch.Tensor:
+            return self.model(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[0]
+
     if component in DEEP_CACHE_COMPONENTS:
         return deepcache.wrap_deep(module) if component == "unet_deep" else deepcache.wrap_shallow(module)
-    unet = ClassConditionedUNet if info is not None and info.class_embeddings else UNet
+    unet = UNet
+    if info is not None and info.class_embeddings:
+        unet = ClassConditionedUNet
+    elif info is not None and info.guidance_embedding:
+        unet = GuidanceEmbeddedUNet
     if info is not None and info.text_time is not None:
         if component in ("text_encoder", sdxl.TEXT_ENCODER_2):
             return sdxl.wrap_text_encoder(module, projected=component == sdxl.TEXT_ENCODER_2)
@@ -365,6 +385,7 @@ def _fixed_shapes(component: str, info: ModelInfo, batch: int = 1, height: int =
             "encoder_hidden_states": [2 * batch, seq, info.cross_attention_dim],
             "out_sample": [2 * batch, c, h, w],
             "class_labels": [2 * batch],
+            guidance_embedding.INPUT: [2 * batch, info.guidance_embedding],
         },
         "unet_deep": {
             "sample": [2 * batch, info.unet_in_channels, h, w],

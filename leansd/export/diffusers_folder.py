@@ -89,7 +89,6 @@ UNSUPPORTED_PIPELINES = (
     ("UnCLIP", "unCLIP image variations"),
     ("GLIGEN", "GLIGEN grounded generation"),
     ("LDM3D", "RGB + depth (LDM3D)"),
-    ("LatentConsistency", "a latent consistency model"),
 )
 
 # Input channels beyond the latents, in the UNets of the tasks that add them (as diffusers' pipelines concatenate them).
@@ -107,7 +106,6 @@ UNET_EXTRAS = {
     "class_embed_type": "class-conditioned, as unCLIP is",
     "num_class_embeds": "class-conditioned, as the x4 upscaler is on its noise level",
     "addition_embed_type": "takes added embeddings, as SDXL does",
-    "time_cond_proj_dim": "takes a guidance embedding, as latent consistency models do",
     "encoder_hid_dim_type": "projects its conditioning first",
 }
 

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from leansd.export import components as comp
-from leansd.export import (attention, deepcache, depth_estimator, layout, parts, quantize, safety_checker, sdxl, streaming, tiny_vae,
-                           token_merging,
-                           verify, weight_map)
+from leansd.export import (attention, deepcache, depth_estimator, guidance_embedded, layout, parts, quantize, safety_checker, sdxl,
+                           streaming, tiny_vae, token_merging, verify, weight_map)
 from leansd.export import int8 as int8_stage
 from leansd.export import lora as lora_fusion
 from leansd.export.errors import ExportError
@@ -25,6 +24,7 @@ from leansd.export.openvino import XML, convert_openvino
 from leansd.export.progress import bar as progress_bar
 from leansd.export.provenance import provenance
 from leansd.export.sources import Source, copy_assets, optimum_model_index, resolve_source
+from leansd.runtime import guidance_embedding
 from leansd.runtime.manifest import PARTS_OF, TEXT_ENCODER_2, UNET, UNET_PARTS
 
 BACKENDS = ("onnx", "openvino")
@@ -159,6 +159,8 @@ def export(
         if info.class_embeddings and "int8" in wanted:
             # Calibration runs text-to-image generations, which a class-conditioned UNet (the upscaler) cannot.
             raise ExportError("int8 is not available for the x4 upscaler yet; export it with --precision fp32")
+        if info.guidance_embedding:
+            guidance_embedded.check_options(static, "int8" in wanted, merging is not None, deep_cache, info.text_time is not None)
         if deep_cache:
             deepcache.check_supported(source.config("unet"))
         if merging is not None:
@@ -385,6 +387,7 @@ def _write_manifest(source: Source, root: Path, info, files, static, opset, pari
             "parity_metric": metric,
             **({"int8": int8.settings} if int8 is not None else {}),
             **({"defaults": UPSCALER_DEFAULTS} if info.class_embeddings else {}),
+            **({"defaults": guidance_embedding.DEFAULTS} if info.guidance_embedding else {}),
             **({"defaults": SDXL_INPAINT_DEFAULTS if info.unet_in_channels > info.latent_channels else SDXL_DEFAULTS}
                if info.text_time is not None else {}),
             "io": {n: comp.io_manifest(token_merging.kind(n), static, info) for n in names},

@@ -90,8 +90,6 @@ class UNet:
         self.session = session
         self.in_channels = int(config.get("in_channels", 4))
         self.sample_size = config.get("sample_size", 64)
-        if config.get("time_cond_proj_dim") is not None:
-            raise ModelFolderError("this UNet needs a guidance embedding (time_cond_proj_dim), which leansd does not support yet")
 
     def expect_batch_sizes(self, sizes: frozenset[int]) -> None:
         """Tell the backend the batch sizes a generation will call this model with (see `Session.expect_batch_sizes`)."""

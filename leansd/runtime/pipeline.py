@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from leansd.runtime import budget, micro_conditioning, watermark
+from leansd.runtime import budget, guidance_embedding, micro_conditioning, watermark
 from leansd.runtime.adapters import Adapters, AppliedLora, Embedding, extract
 from leansd.runtime.bundle import ModelBundle
 from leansd.runtime.conditioning import PromptEncoder
@@ -200,13 +200,17 @@ class Generation:
             raise InvalidInputError(f"a {self.width}x{self.height} image has room for {watermark.capacity(self.height, self.width)} "
                                     f"watermark bits (one per 8x8 block), not {len(s.watermark) * 8}; use a shorter watermark")
         self.scheduler = get_scheduler(s.scheduler, pipe.bundle.scheduler_config, eta=s.eta)
-        self.plan = self.scheduler.plan(self.steps, self.task.strength, s.denoising_start, s.denoising_end)
+        embedded = guidance_embedding.width(pipe.bundle.unet_config)  # an LCM-distilled UNet: LCM's own img2img schedule
+        self.plan = self.scheduler.plan(self.steps, self.task.strength, s.denoising_start, s.denoising_end, bool(embedded))
         if len(self.plan.timesteps) == 0:
             if s.denoising_start is not None or s.denoising_end is not None:
                 raise InvalidInputError(f"denoising_start {s.denoising_start} / denoising_end {s.denoising_end} with {self.steps} steps "
                                         "leave no denoising step; raise the steps or widen the window")
             raise InvalidInputError(f"strength {s.strength} with {self.steps} steps leaves no denoising step; raise strength or steps")
-        self.guidance = Guidance.plan(self.guidance_scale, s.guidance_cutoff, len(self.plan.timesteps))
+        # A guidance-embedded UNet (LCM-distilled) takes the scale as an input and is never run twice for guidance.
+        self.embedded_guidance = embedded
+        cfg_scale = 1.0 if self.embedded_guidance else self.guidance_scale
+        self.guidance = Guidance.plan(cfg_scale, s.guidance_cutoff, len(self.plan.timesteps))
         self.negatives = self._negatives() if self.guidance.guided_steps else None
         # SDXL base: no negative prompt means zeros, not the encoded empty prompt (force_zeros_for_empty_prompt)
         self.zero_negative = bool(self.negatives is not None and s.negative_prompt is None and s.negative_prompt_2 is None
@@ -245,6 +249,8 @@ class Generation:
             aesthetic = bool((pipe.bundle.model_index or {}).get("requires_aesthetics_score"))
             ids = micro_conditioning.time_ids(s, self.height, self.width, aesthetic, img2img=s.image is not None)
             cond = micro_conditioning.with_time_ids(cond, *ids)
+        if self.embedded_guidance:
+            cond = guidance_embedding.with_guidance(cond, self.guidance_scale, self.embedded_guidance)
         estimator = models.depth_estimator if isinstance(self.task, DepthToImage) else None  # released after use in low-memory mode
         with self._timed("prepare_s"), pipe.memory.stage(estimator.session if estimator else None):
             start_at = Start(self.plan, self.scheduler, self.noise, self.latent_shape, self.height, self.width, s.latents,

@@ -63,11 +63,16 @@ class Scheduler:
         """step() wants a fresh noise array (drawn like diffusers' randn_tensor) every step."""
         return self._module.uses_noise(self.eta)
 
-    def plan(self, num_inference_steps: int, strength: float = 1.0, start: float | None = None, end: float | None = None) -> Plan:
+    def plan(self, num_inference_steps: int, strength: float = 1.0, start: float | None = None, end: float | None = None,
+             strength_in_schedule: bool = False) -> Plan:
         """The steps of a generation: from `strength` (image-to-image), or between the fractions `start` and `end` of
         the training schedule (diffusers' SDXL `denoising_start` / `denoising_end`: a base model stops where a
-        refiner takes over; `start` replaces the strength's starting point)."""
-        plan = self._module.plan(self.config, num_inference_steps, strength, **({"eta": self.eta} if self.eta else {}))
+        refiner takes over; `start` replaces the strength's starting point). `strength_in_schedule`: LCM's own
+        image-to-image schedule, for LCM-distilled models (`lcm.plan`; other schedulers have none)."""
+        extra = {"eta": self.eta} if self.eta else {}
+        if strength_in_schedule and self.name == "LCMScheduler":
+            extra["strength_in_schedule"] = True
+        plan = self._module.plan(self.config, num_inference_steps, strength, **extra)
         if start is None and end is None:
             return plan
         schedule = plan.schedule if plan.schedule is not None else plan.timesteps

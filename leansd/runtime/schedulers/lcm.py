@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from leansd.runtime.errors import InvalidInputError
+
 from .common import (
     Plan,
     StepResult,
@@ -60,14 +62,29 @@ def uses_noise(eta: float = 0.0) -> bool:
     return True
 
 
-def plan(config: Config, num_inference_steps: int, strength: float = 1.0) -> Plan:
+def plan(config: Config, num_inference_steps: int, strength: float = 1.0, strength_in_schedule: bool = False) -> Plan:
+    """`strength_in_schedule`: image-to-image as diffusers' LatentConsistencyModelImg2ImgPipeline runs it: all `n` steps,
+    picked from the first `strength` of the distillation schedule, instead of the last `strength` of the `n` steps."""
     n, original = num_inference_steps, config.original_inference_steps
+    if strength_in_schedule and strength < 1.0:
+        distilled = int(original * strength)
+        if distilled < n:
+            raise InvalidInputError(f"strength {strength} leaves {distilled} of the {original} distillation timesteps of this latent "
+                                    f"consistency model, fewer than the {n} steps asked for; raise strength to {n / original:g} or lower "
+                                    "the steps")
+        return _plan(config, n, distilled, 1.0)
+    return _plan(config, n, original, strength)
+
+
+def _plan(config: Config, n: int, distilled: int, strength: float) -> Plan:
+    original = config.original_inference_steps
     if original > config.num_train_timesteps:
         raise ValueError(f"original_inference_steps {original} exceeds num_train_timesteps {config.num_train_timesteps}")
     if n > config.num_train_timesteps or n > original:
-        raise ValueError(f"num_inference_steps {n} cannot exceed original_inference_steps {original} for LCM")
+        raise InvalidInputError(f"num_inference_steps {n} is more than this LCM schedule's original_inference_steps {original}; "
+                                f"use at most {original} steps (LCM is made for 2 to 8)")
     k = config.num_train_timesteps // original
-    origin = (np.arange(1, original + 1) * k - 1)[::-1]
+    origin = (np.arange(1, distilled + 1) * k - 1)[::-1]
     # n evenly spaced picks from the distillation schedule, starting at its highest timestep
     picks = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
     return alpha_plan(config, origin[picks].astype(np.int64), n, strength)
