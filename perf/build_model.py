@@ -37,7 +37,8 @@ def build(config: dict, out: Path) -> Path:
     tokenizer = CLIPTokenizer(str(CLIP_DIR / "vocab.json"), str(CLIP_DIR / "merges.txt"), model_max_length=77)
     # SD 1.5's PNDM unless the config names another (SD-Turbo ships EulerDiscreteScheduler).
     scheduler = getattr(diffusers, config.get("scheduler_class", "PNDMScheduler"))(**config["scheduler"])
-    pipe = StableDiffusionPipeline(
+    # StableDiffusionPipeline unless the config names another with the same parts (LatentConsistencyModelPipeline).
+    pipe = getattr(diffusers, config.get("pipeline_class", "StableDiffusionPipeline"), StableDiffusionPipeline)(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

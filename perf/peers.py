@@ -72,6 +72,12 @@ EXPORTS = {
             ("{tool:sd-export}", "{src}", "{out}", "--backend", "openvino", "--quiet"),
         ),
         Export(
+            "leansd-ov-tinyvae",
+            "leansd sd-export, OpenVINO IR only, fp32, with a tiny VAE decoder (what an LCM-distilled model exports with: "
+            "no deep-cache parts or token merging for such UNets)",
+            ("{tool:sd-export}", "{src}", "{out}", "--backend", "openvino", "--tiny-vae", "{taesd}", "--quiet"),
+        ),
+        Export(
             "leansd-int8",
             "leansd sd-export with int8 variants (OpenVINO: NNCF hybrid UNet + int8 weights; ONNX: dynamic int8)",
             # --force-int8: random weights make the int8 quality gate meaningless; speed and memory are what we measure.
@@ -301,6 +307,11 @@ PEERS = [
     # The plain rows on the OpenVINO-only export (SDXL: the two-backend export takes 26 GB of disk).
     Peer("leansd-ov-fp32-ir", "leansd openvino fp32 (OpenVINO-only export)", "leansd", "leansd-ov", LEANSD_OV),
     Peer("leansd-ov-bf16-ir", "leansd openvino bf16 (OpenVINO-only export)", "leansd", "leansd-ov", {**LEANSD_OV, "precision": "bf16"}),
+    # The OpenVINO-only export with the tiny VAE decoder (LCM-distilled models, perf/configs/lcm-distilled.json).
+    Peer("leansd-ov-fp32-ir-tinyvae-export", "leansd openvino fp32 (OpenVINO-only export with a tiny VAE decoder, run with the full one)",
+         "leansd", "leansd-ov-tinyvae", LEANSD_OV),
+    Peer("leansd-ov-bf16-ir-tinyvae", "leansd openvino bf16, tiny VAE decoder (OpenVINO-only export)", "leansd", "leansd-ov-tinyvae",
+         {**LEANSD_OV, "precision": "bf16", "tiny_vae": True}),
     # int8 added in place to the OpenVINO-only export (`python -m leansd.export.int8 FOLDER --backend openvino --size 512`):
     # on SDXL "auto" makes the UNet weights-only int8, like Optimum Intel's default export; float work as the runtime runs it.
     Peer("leansd-ov-int8-ir", "leansd openvino int8 (OpenVINO-only export, int8 added in place)", "leansd", "leansd-ov",

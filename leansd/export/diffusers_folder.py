@@ -77,7 +77,8 @@ def read_json(path: Path) -> dict[str, Any]:
 SUPPORTED = ("it exports text-to-image Stable Diffusion 1.x/2.x models (StableDiffusionPipeline folders; img2img and inpainting "
              "run from the same export), inpainting models (StableDiffusionInpaintPipeline folders, 9-channel UNets), "
              "depth-to-image models (StableDiffusionDepth2ImgPipeline folders, 5-channel UNets), the x4 upscaler "
-             "(StableDiffusionUpscalePipeline folders), and SDXL base, refiner and inpainting folders")
+             "(StableDiffusionUpscalePipeline folders), latent consistency models (LatentConsistencyModelPipeline folders), "
+             "and SDXL base, refiner and inpainting folders")
 
 # Pipelines for a task sd-export does not export, by a part of model_index.json's `_class_name` (diffusers' spelling;
 # the first match names the task).

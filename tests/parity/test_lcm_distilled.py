@@ -156,6 +156,20 @@ def test_low_memory_streams_the_unet_parts_and_gives_the_same_image(exported_lcm
     assert np.abs(got.images - whole.images).max() <= 1e-5
 
 
+def test_sd_run_uses_the_folders_lcm_defaults_and_records_them(exported_lcm, pipes, tmp_path):
+    from PIL import Image
+
+    from tests.cli.helpers import sd_run
+
+    result = sd_run(PROMPT, "--model", str(exported_lcm), "--seed", "6", "--backend", "onnxruntime", "-o", "out.png", "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "out.png") as img:
+        text, pixels = img.text["parameters"], np.asarray(img.convert("RGB"))
+    assert "Steps: 4" in text and "Sampler: LCM" in text and "CFG scale: 8.5" in text
+    expected = pipes["onnxruntime"](PROMPT, seed=6).images[0]
+    assert np.array_equal(pixels, np.asarray(expected))
+
+
 @pytest.mark.parametrize("option, fragment", [
     ({"static_shapes": {"height": 32, "width": 32}}, "--height/--width/--batch"),
     ({"precisions": "fp32,int8", "backends": "onnx"}, "int8"),
