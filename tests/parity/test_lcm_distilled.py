@@ -156,6 +156,24 @@ def test_low_memory_streams_the_unet_parts_and_gives_the_same_image(exported_lcm
     assert np.abs(got.images - whole.images).max() <= 1e-5
 
 
+def test_int8_is_calibrated_and_gated_through_the_guidance_input(lcm_dir, tmp_path):
+    """The int8 stage records its calibration and held-out generations with leansd's pipeline, which feeds the
+    embedding: the int8 UNet keeps the input, passes its gate, and a generation with it is close to fp32's."""
+    from leansd.export import export_model
+
+    out = export_model(lcm_dir, tmp_path / "int8", backends="onnx", precisions="fp32,int8", progress=False)
+    manifest = json.loads((out / "leansd.json").read_text())
+    assert manifest["parity"]["unet"]["onnx"]["int8"]["passed"] and manifest["parity"]["pipeline"]["onnx"]["int8"]["images"]["psnr_db"] > 30
+    import onnx
+
+    unet = onnx.load(str(out / manifest["components"]["unet"]["onnx"]["int8"]), load_external_data=False)
+    assert guidance_embedding.INPUT in [i.name for i in unet.graph.input]
+    fp32 = leansd.load(out, backend="onnxruntime")(PROMPT, seed=7, output_type="np").images
+    int8 = leansd.load(out, backend="onnxruntime", precision="int8")(PROMPT, seed=7, output_type="np").images
+    psnr = 10 * np.log10(1.0 / np.mean((fp32 - int8) ** 2))
+    assert 30 < psnr < 120, psnr  # int8 ran (not the fp32 files), and stayed close
+
+
 def test_sd_run_uses_the_folders_lcm_defaults_and_records_them(exported_lcm, pipes, tmp_path):
     from PIL import Image
 
@@ -172,7 +190,6 @@ def test_sd_run_uses_the_folders_lcm_defaults_and_records_them(exported_lcm, pip
 
 @pytest.mark.parametrize("option, fragment", [
     ({"static_shapes": {"height": 32, "width": 32}}, "--height/--width/--batch"),
-    ({"precisions": "fp32,int8", "backends": "onnx"}, "int8"),
     ({"token_merging": 0.5}, "--token-merging"),
     ({"deep_cache": True}, "--deep-cache"),
 ])
