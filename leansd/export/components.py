@@ -297,10 +297,14 @@ def wrap(component: str, module: Any, info: "ModelInfo | None" = None) -> Any:
         def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
             return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
-    class ClassConditionedUNet(UNet):
+    class UNetWithInput(UNet):  # one more input, passed by its keyword (class_labels, timestep_cond)
+        def __init__(self, model: Any, keyword: str) -> None:
+            super().__init__(model)
+            self.keyword = keyword
+
         def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                    class_labels: torch.Tensor) -> torch.Tensor:
-            return self.model(sample, timestep, encoder_hidden_states, class_labels=class_labels, return_dict=False)[0]
+                    extra: torch.Tensor) -> torch.Tensor:
+            return self.model(sample, timestep, encoder_hidden_states, **{self.keyword: extra}, return_dict=False)[0]
 
     class VaeEncoder(torch.nn.Module):
         def __init__(self, model: Any) -> None:
@@ -319,24 +323,16 @@ def wrap(component: str, module: Any, info: "ModelInfo | None" = None) -> Any:
         def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
             return self.model.decode(latent_sample, return_dict=False)[0]
 
-    class GuidanceEmbeddedUNet(UNet):
-        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                    timestep_cond: torch.Tensor) -> torch.Tensor:
-            return self.model(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[0]
-
     if component in DEEP_CACHE_COMPONENTS:
         return deepcache.wrap_deep(module) if component == "unet_deep" else deepcache.wrap_shallow(module)
-    unet = UNet
-    if info is not None and info.class_embeddings:
-        unet = ClassConditionedUNet
-    elif info is not None and info.guidance_embedding:
-        unet = GuidanceEmbeddedUNet
+    if component == "unet" and info is not None and (info.class_embeddings or info.guidance_embedding):
+        return UNetWithInput(module, CLASS_LABELS.name if info.class_embeddings else TIMESTEP_COND.name).eval()
     if info is not None and info.text_time is not None:
         if component in ("text_encoder", sdxl.TEXT_ENCODER_2):
             return sdxl.wrap_text_encoder(module, projected=component == sdxl.TEXT_ENCODER_2)
         if component == "unet":
             return sdxl.wrap_unet(module)
-    kinds = {"text_encoder": TextEncoder, "unet": unet, "vae_encoder": VaeEncoder, "vae_decoder": VaeDecoder,
+    kinds = {"text_encoder": TextEncoder, "unet": UNet, "vae_encoder": VaeEncoder, "vae_decoder": VaeDecoder,
              tiny_vae.COMPONENT: VaeDecoder}  # AutoencoderTiny.decode takes and returns what AutoencoderKL's does
     return kinds[component](module).eval()
 
