@@ -94,7 +94,8 @@ def _status(peer: dict) -> str:
 
 def results_table(data: dict) -> list[str]:
     by_cpu = any(p.get("other_cpu_cores") is not None for p in data["peers"])
-    headers = ["configuration"] + [m[1] for m in METRICS] + ["image Δ vs reference: max abs / PSNR dB",
+    batch = int(data.get("config", {}).get("run", {}).get("unet_batch", 2))
+    headers = ["configuration"] + [m[1].replace("(batch 2)", f"(batch {batch})") for m in METRICS] + ["image Δ vs reference: max abs / PSNR dB",
                                                              "other work (cores)" if by_cpu else "load avg", "status"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for peer in data["peers"]:

@@ -129,6 +129,8 @@ class LeansdPeer:
 
     def micro(self, run: dict):
         """(text encoder, UNet, VAE decode) callables on fixed inputs, as the pipeline feeds them."""
+        from leansd.runtime import guidance_embedding
+
         np, pipe = self.np, self.pipe
         prompt_encoder, denoiser = pipe.models.prompt_encoder, self.denoiser
         if len(prompt_encoder.encoders) > 1:  # SDXL: both encoders (penultimate layers, pooled embedding), as the pipeline
@@ -141,13 +143,16 @@ class LeansdPeer:
                 return {"encoder_hidden_states": text_encoder.encode(ids).hidden}
         cond = text()
         self.release("text_encoder")
-        emb2 = {name: np.concatenate([v, v]) for name, v in cond.items()}
+        batch = int(run.get("unet_batch", 2))  # 1 for LCM-distilled UNets, which take guidance as an input
+        emb2 = {name: np.concatenate([v] * batch) for name, v in cond.items()}
         if pipe.bundle.unet_config.get("addition_embed_type") == "text_time":  # SDXL's micro-conditioning, its defaults
             h, w = run["height"], run["width"]
-            emb2["time_ids"] = np.tile(np.asarray([h, w, 0, 0, h, w], dtype=np.float32), (2, 1))
+            emb2["time_ids"] = np.tile(np.asarray([h, w, 0, 0, h, w], dtype=np.float32), (batch, 1))
+        if width := guidance_embedding.width(pipe.bundle.unet_config):
+            emb2[guidance_embedding.INPUT] = guidance_embedding.embed(run["guidance_scale"], width, batch)
         f = pipe.vae_scale_factor
         rng = np.random.default_rng(0)
-        shape = (2, pipe.unet.in_channels, run["height"] // f, run["width"] // f)
+        shape = (batch, pipe.unet.in_channels, run["height"] // f, run["width"] // f)
         sample = rng.standard_normal(shape, dtype=np.float32)
         latents = sample[:1].copy()
         # Low-memory mode runs a guided step as two calls of batch 1 and decodes large images in tiles: time what it runs.
@@ -162,7 +167,7 @@ class LeansdPeer:
             fn = self.unet_timer.fn
 
             def unet():
-                if split:
+                if split and batch == 2:
                     return [fn(sample[i : i + 1], 500, {k: v[i : i + 1] for k, v in emb2.items()}) for i in (0, 1)]
                 return fn(sample, 500, emb2)
         return text, unet, lambda: self.decoder.decode(latents, tiled=tiled)
@@ -274,15 +279,18 @@ class DiffusersLikePeer:
                 return (pipe.text_encoder(ids)[0],)
         with torch.inference_mode():
             encoded = text()
-        emb2 = torch.cat([encoded[0], encoded[0]])
+        batch = int(run.get("unet_batch", 2))  # 1 for LCM-distilled UNets, which take guidance as an input
+        emb2 = torch.cat([encoded[0]] * batch)
         added = {}
+        if width := pipe.unet.config.get("time_cond_proj_dim"):  # the pipeline's own embedding of the scale
+            added["timestep_cond"] = pipe.get_guidance_scale_embedding(torch.full((batch,), run["guidance_scale"] - 1.0), embedding_dim=width)
         if self.sdxl:  # the pooled embedding and the default micro-conditioning (original = target size, no crop)
             h, w = run["height"], run["width"]
             added = {"added_cond_kwargs": {"text_embeds": torch.cat([encoded[2], encoded[2]]),
                                            "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * 2, dtype=torch.float32)}}
         f = pipe.vae_scale_factor
         gen = torch.Generator("cpu").manual_seed(0)
-        sample = torch.randn((2, pipe.unet.config.in_channels, run["height"] // f, run["width"] // f), generator=gen)
+        sample = torch.randn((batch, pipe.unet.config.in_channels, run["height"] // f, run["width"] // f), generator=gen)
         latents = sample[:1] / pipe.vae.config.scaling_factor
         t = torch.tensor(500, dtype=torch.int64)
         unet = self.unet_timer.fn
