@@ -174,6 +174,30 @@ def test_int8_is_calibrated_and_gated_through_the_guidance_input(lcm_dir, tmp_pa
     assert 30 < psnr < 120, psnr  # int8 ran (not the fp32 files), and stayed close
 
 
+def test_token_merging_matches_diffusers_with_tomesd(tmp_path_factory):
+    """The token-merged graph takes the guidance input too: leansd's merged generation is diffusers' LCM pipeline
+    patched by tomesd (the ToMe authors' package), on both backends."""
+    from tests.export.fixtures import _export
+    from tests.parity.test_token_merging import RATIO, tomesd_reference
+    from tests.tiny_models import build_tiny_sd
+
+    source = build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-lcm-top", top_attention=True, seed=3, time_cond_proj_dim=WIDTH)
+    merged = _export(source, tmp_path_factory.mktemp("exports") / "tiny-lcm-tome", token_merging=RATIO)
+    kwargs = dict(prompt=PROMPT, num_inference_steps=4, guidance_scale=6.0, height=32, width=32)
+    import diffusers
+
+    reference_pipe = diffusers.LatentConsistencyModelPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
+    reference_pipe.set_progress_bar_config(disable=True)
+    reference_pipe.get_guidance_scale_embedding = _float64_embedding(reference_pipe.get_guidance_scale_embedding)
+    with torch.no_grad():
+        plain = reference_pipe(**kwargs, generator=torch.Generator().manual_seed(8), output_type="np").images
+        expected = tomesd_reference(reference_pipe)(**kwargs, generator=torch.Generator().manual_seed(8), output_type="np").images
+    assert float(np.abs(expected - plain).max()) > 10 * TOLERANCE  # merging changes the image well beyond the tolerance
+    for backend in BACKENDS:
+        got = leansd.load(merged, backend=backend)(**kwargs, seed=8, token_merging=True, output_type="np").images
+        assert float(np.abs(got - expected).max()) <= TOLERANCE, backend
+
+
 def test_sd_run_uses_the_folders_lcm_defaults_and_records_them(exported_lcm, pipes, tmp_path):
     from PIL import Image
 
@@ -190,7 +214,6 @@ def test_sd_run_uses_the_folders_lcm_defaults_and_records_them(exported_lcm, pip
 
 @pytest.mark.parametrize("option, fragment", [
     ({"static_shapes": {"height": 32, "width": 32}}, "--height/--width/--batch"),
-    ({"token_merging": 0.5}, "--token-merging"),
     ({"deep_cache": True}, "--deep-cache"),
 ])
 def test_options_not_built_for_these_unets_are_refused_before_anything_is_written(lcm_dir, tmp_path, option, fragment):
