@@ -73,8 +73,8 @@ EXPORTS = {
         ),
         Export(
             "leansd-ov-tinyvae",
-            "leansd sd-export, OpenVINO IR only, fp32, with a tiny VAE decoder (what an LCM-distilled model exports with: "
-            "no deep-cache parts or token merging for such UNets)",
+            "leansd sd-export, OpenVINO IR only, fp32, with a tiny VAE decoder (for LCM-distilled models, which get no "
+            "deep-cache parts)",
             ("{tool:sd-export}", "{src}", "{out}", "--backend", "openvino", "--tiny-vae", "{taesd}", "--quiet"),
         ),
         Export(
