@@ -127,7 +127,7 @@ def io(component: str, info: "ModelInfo | None" = None) -> tuple[tuple[Tensor, .
     inputs, outputs = IO[component]
     if component == "unet" and info is not None and info.class_embeddings:
         inputs = (*inputs, CLASS_LABELS)
-    if component == "unet" and info is not None and info.guidance_embedding:
+    if component in ("unet", *DEEP_CACHE_COMPONENTS) and info is not None and info.guidance_embedding:
         inputs = (*inputs, TIMESTEP_COND)
     if component in ("unet", *DEEP_CACHE_COMPONENTS) and xl is not None:
         inputs = (*inputs, Tensor("text_embeds", "float32", {0: "batch_size"}), Tensor("time_ids", "float32", {0: "batch_size"}))
@@ -240,7 +240,7 @@ def make_inputs(component: str, info: ModelInfo, *, batch: int, height: int, wid
         }
         if component == "unet" and info.class_embeddings:
             feeds["class_labels"] = rng.integers(0, info.class_embeddings, size=(b,), dtype=np.int64)
-        if component == "unet" and info.guidance_embedding:  # each row its own scale, in the range LCMs are run at
+        if info.guidance_embedding:  # each row its own scale, in the range LCMs are run at
             scales = rng.uniform(1.0, 15.0, size=b)
             feeds[guidance_embedding.INPUT] = np.concatenate([guidance_embedding.embed(g, info.guidance_embedding, 1) for g in scales])
         if (xl := info.text_time) is not None:
@@ -389,6 +389,7 @@ def _fixed_shapes(component: str, info: ModelInfo, batch: int = 1, height: int =
             "encoder_hidden_states": [2 * batch, seq, info.cross_attention_dim],
             "out_sample": [2 * batch, c, h, w],
             "deep_features": [2 * batch, info.deep_feature_channels, h, w],
+            guidance_embedding.INPUT: [2 * batch, info.guidance_embedding],
         },
         "unet_shallow": {
             "sample": [2 * batch, info.unet_in_channels, h, w],
@@ -396,6 +397,7 @@ def _fixed_shapes(component: str, info: ModelInfo, batch: int = 1, height: int =
             "encoder_hidden_states": [2 * batch, seq, info.cross_attention_dim],
             "deep_features": [2 * batch, info.deep_feature_channels, h, w],
             "out_sample": [2 * batch, c, h, w],
+            guidance_embedding.INPUT: [2 * batch, info.guidance_embedding],
         },
         "vae_encoder": {"sample": [batch, info.vae_in_channels, height, width], "latent_parameters": [batch, 2 * c, h, w]},
         "vae_decoder": {"latent_sample": [batch, c, h, w], "sample": [batch, info.vae_out_channels, height, width]},

@@ -28,9 +28,13 @@ PARTS = (UNET_DEEP, UNET_SHALLOW)
 TEXT_TIME = "text_time"  # SDXL's added conditioning
 
 
-def _added(unet: Any, text_embeds: Any, time_ids: Any) -> dict[str, Any] | None:
-    """diffusers' `added_cond_kwargs` for an SDXL UNet (None for SD's)."""
-    return {"text_embeds": text_embeds, "time_ids": time_ids} if unet.config.addition_embed_type == TEXT_TIME else None
+def _conditioning(unet: Any, extra: tuple) -> tuple[dict[str, Any] | None, Any]:
+    """The inputs after the part's own, as diffusers takes them: SDXL's `added_cond_kwargs` (text_embeds, time_ids),
+    or an LCM-distilled UNet's `timestep_cond` (the guidance embedding); (None, None) for SD's."""
+    if unet.config.addition_embed_type == TEXT_TIME:
+        text_embeds, time_ids = extra
+        return {"text_embeds": text_embeds, "time_ids": time_ids}, None
+    return None, (extra[0] if unet.config.time_cond_proj_dim is not None else None)
 
 
 def check_supported(config: dict[str, Any]) -> None:
@@ -38,7 +42,7 @@ def check_supported(config: dict[str, Any]) -> None:
     problems = []
     if not isinstance(config.get("layers_per_block", 2), int):
         problems.append("per-block layers_per_block")
-    for key in ("class_embed_type", "num_class_embeds", "addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim_type"):
+    for key in ("class_embed_type", "num_class_embeds", "addition_embed_type", "encoder_hid_dim_type"):
         if config.get(key) is not None and not (key == "addition_embed_type" and config[key] == TEXT_TIME):
             problems.append(key)
     if len(config.get("block_out_channels", ())) < 2:
@@ -71,8 +75,9 @@ def _attention(block: Any, index: int, hidden: Any, context: Any) -> Any:
 
 
 def wrap_deep(unet: Any) -> Any:
-    """A module: (sample, timestep, encoder_hidden_states[, text_embeds, time_ids]) -> (out_sample, deep_features),
-    diffusers' own forward (SDXL's UNet takes its added conditioning as the two last inputs).
+    """A module: (sample, timestep, encoder_hidden_states[, text_embeds, time_ids | timestep_cond]) -> (out_sample,
+    deep_features), diffusers' own forward (SDXL's UNet takes its added conditioning as the two last inputs, an
+    LCM-distilled UNet its guidance embedding as the last).
 
     The feature is read with a hook on the layer that consumes it, so the whole graph is diffusers' code path,
     shape-dependent upsampling included.
@@ -89,10 +94,8 @@ def wrap_deep(unet: Any) -> Any:
             super().__init__()
             self.model = unet
 
-        def forward(
-            self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-            text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                    *extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             captured: list[torch.Tensor] = []
 
             def grab(_module: Any, args: tuple) -> None:
@@ -101,7 +104,8 @@ def wrap_deep(unet: Any) -> Any:
 
             handle = consumer.register_forward_pre_hook(grab)
             try:
-                (out,) = self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=_added(self.model, text_embeds, time_ids),
+                added, timestep_cond = _conditioning(self.model, extra)
+                (out,) = self.model(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, added_cond_kwargs=added,
                                     return_dict=False)
             finally:
                 handle.remove()
@@ -111,7 +115,7 @@ def wrap_deep(unet: Any) -> Any:
 
 
 def wrap_shallow(unet: Any) -> Any:
-    """A module: (sample, timestep, encoder_hidden_states, deep_features[, text_embeds, time_ids]) -> out_sample."""
+    """A module: (sample, timestep, encoder_hidden_states, deep_features[, text_embeds, time_ids | timestep_cond]) -> out_sample."""
     import torch
 
     check_supported(dict(unet.config))
@@ -122,13 +126,11 @@ def wrap_shallow(unet: Any) -> Any:
             super().__init__()
             self.model = unet
 
-        def forward(
-            self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, deep_features: torch.Tensor,
-            text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
-        ) -> torch.Tensor:
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, deep_features: torch.Tensor,
+                    *extra: torch.Tensor) -> torch.Tensor:
             m = self.model
-            emb = m.time_embedding(m.get_time_embed(sample=sample, timestep=timestep), None)
-            added = _added(m, text_embeds, time_ids)
+            added, timestep_cond = _conditioning(m, extra)
+            emb = m.time_embedding(m.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
             if added is not None:  # SDXL: the pooled text and size embeddings join the time embedding, as in forward()
                 emb = emb + m.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
             if m.time_embed_act is not None:

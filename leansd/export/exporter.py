@@ -160,7 +160,7 @@ def export(
             # Calibration runs text-to-image generations, which a class-conditioned UNet (the upscaler) cannot.
             raise ExportError("int8 is not available for the x4 upscaler yet; export it with --precision fp32")
         if info.guidance_embedding:
-            guidance_embedded.check_options(static, deep_cache, info.text_time is not None)
+            guidance_embedded.check_options(static, info.text_time is not None)
         if deep_cache:
             deepcache.check_supported(source.config("unet"))
         if merging is not None:

@@ -43,7 +43,7 @@ def lcm_dir(tmp_path_factory):
 def exported_lcm(lcm_dir, tmp_path_factory):
     from leansd.export import export_model
 
-    return export_model(lcm_dir, tmp_path_factory.mktemp("exports") / "tiny-lcm", progress=False, unet_parts=2)
+    return export_model(lcm_dir, tmp_path_factory.mktemp("exports") / "tiny-lcm", progress=False, unet_parts=2, deep_cache=True)
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +198,27 @@ def test_token_merging_matches_diffusers_with_tomesd(tmp_path_factory):
         assert float(np.abs(got - expected).max()) <= TOLERANCE, backend
 
 
+@pytest.mark.parametrize("interval", [2, 3])
+def test_feature_reuse_matches_diffusers_with_deepcache(lcm_dir, pipes, interval):
+    """Both deep-cache parts take the guidance input: leansd's reuse equals DeepCache's own helper on diffusers' LCM
+    pipeline (every step unguided, so features are reused on all of them)."""
+    import diffusers
+
+    from tests.parity.test_deepcache import deepcache_reference
+
+    kwargs = dict(prompt=PROMPT, num_inference_steps=6, guidance_scale=5.0, height=32, width=32)
+    pipe = diffusers.LatentConsistencyModelPipeline.from_pretrained(lcm_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.get_guidance_scale_embedding = _float64_embedding(pipe.get_guidance_scale_embedding)
+    with torch.no_grad():
+        plain = pipe(**kwargs, generator=torch.Generator().manual_seed(9), output_type="np").images
+        expected = deepcache_reference(pipe, interval=interval)(**kwargs, generator=torch.Generator().manual_seed(9), output_type="np").images
+    assert float(np.abs(expected - plain).max()) > 10 * TOLERANCE  # reuse changes the image well beyond the tolerance
+    for backend, leansd_pipe in pipes.items():
+        got = leansd_pipe(**kwargs, seed=9, deep_cache=interval, output_type="np").images
+        assert float(np.abs(got - expected).max()) <= TOLERANCE, backend
+
+
 def test_sd_run_uses_the_folders_lcm_defaults_and_records_them(exported_lcm, pipes, tmp_path):
     from PIL import Image
 
@@ -214,7 +235,6 @@ def test_sd_run_uses_the_folders_lcm_defaults_and_records_them(exported_lcm, pip
 
 @pytest.mark.parametrize("option, fragment", [
     ({"static_shapes": {"height": 32, "width": 32}}, "--height/--width/--batch"),
-    ({"deep_cache": True}, "--deep-cache"),
 ])
 def test_options_not_built_for_these_unets_are_refused_before_anything_is_written(lcm_dir, tmp_path, option, fragment):
     from leansd.export import export_model
