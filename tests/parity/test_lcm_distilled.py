@@ -58,16 +58,24 @@ def _float64_embedding(method):
     return embed
 
 
-def reference(folder, img2img: bool = False, **kwargs) -> np.ndarray:
+def reference_pipeline(folder, img2img: bool = False):
+    """diffusers' LatentConsistencyModel(Img2Img)Pipeline on `folder`, its guidance embedding run in float64."""
     import diffusers
 
     cls = diffusers.LatentConsistencyModelImg2ImgPipeline if img2img else diffusers.LatentConsistencyModelPipeline
     pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.get_guidance_scale_embedding = _float64_embedding(pipe.get_guidance_scale_embedding)
-    seed = kwargs.pop("seed")
+    return pipe
+
+
+def generate(pipe, seed: int, **kwargs) -> np.ndarray:
     with torch.no_grad():
         return pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).images
+
+
+def reference(folder, img2img: bool = False, **kwargs) -> np.ndarray:
+    return generate(reference_pipeline(folder, img2img), **kwargs)
 
 
 @pytest.mark.parametrize("scale", [1.0, 2.0, 8.5, 15.0])
@@ -184,14 +192,9 @@ def test_token_merging_matches_diffusers_with_tomesd(tmp_path_factory):
     source = build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-lcm-top", top_attention=True, seed=3, time_cond_proj_dim=WIDTH)
     merged = _export(source, tmp_path_factory.mktemp("exports") / "tiny-lcm-tome", token_merging=RATIO)
     kwargs = dict(prompt=PROMPT, num_inference_steps=4, guidance_scale=6.0, height=32, width=32)
-    import diffusers
-
-    reference_pipe = diffusers.LatentConsistencyModelPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
-    reference_pipe.set_progress_bar_config(disable=True)
-    reference_pipe.get_guidance_scale_embedding = _float64_embedding(reference_pipe.get_guidance_scale_embedding)
-    with torch.no_grad():
-        plain = reference_pipe(**kwargs, generator=torch.Generator().manual_seed(8), output_type="np").images
-        expected = tomesd_reference(reference_pipe)(**kwargs, generator=torch.Generator().manual_seed(8), output_type="np").images
+    pipe = reference_pipeline(source)
+    plain = generate(pipe, 8, **kwargs)
+    expected = generate(tomesd_reference(pipe), 8, **kwargs)
     assert float(np.abs(expected - plain).max()) > 10 * TOLERANCE  # merging changes the image well beyond the tolerance
     for backend in BACKENDS:
         got = leansd.load(merged, backend=backend)(**kwargs, seed=8, token_merging=True, output_type="np").images
@@ -202,17 +205,12 @@ def test_token_merging_matches_diffusers_with_tomesd(tmp_path_factory):
 def test_feature_reuse_matches_diffusers_with_deepcache(lcm_dir, pipes, interval):
     """Both deep-cache parts take the guidance input: leansd's reuse equals DeepCache's own helper on diffusers' LCM
     pipeline (every step unguided, so features are reused on all of them)."""
-    import diffusers
-
     from tests.parity.test_deepcache import deepcache_reference
 
     kwargs = dict(prompt=PROMPT, num_inference_steps=6, guidance_scale=5.0, height=32, width=32)
-    pipe = diffusers.LatentConsistencyModelPipeline.from_pretrained(lcm_dir, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.get_guidance_scale_embedding = _float64_embedding(pipe.get_guidance_scale_embedding)
-    with torch.no_grad():
-        plain = pipe(**kwargs, generator=torch.Generator().manual_seed(9), output_type="np").images
-        expected = deepcache_reference(pipe, interval=interval)(**kwargs, generator=torch.Generator().manual_seed(9), output_type="np").images
+    pipe = reference_pipeline(lcm_dir)
+    plain = generate(pipe, 9, **kwargs)
+    expected = generate(deepcache_reference(pipe, interval=interval), 9, **kwargs)
     assert float(np.abs(expected - plain).max()) > 10 * TOLERANCE  # reuse changes the image well beyond the tolerance
     for backend, leansd_pipe in pipes.items():
         got = leansd_pipe(**kwargs, seed=9, deep_cache=interval, output_type="np").images
