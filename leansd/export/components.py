@@ -207,6 +207,11 @@ class ModelInfo:
             guidance_embedding=guidance_embedding.width(unet) or 0,
         )
 
+    def unet_batch(self, batch: int) -> int:
+        """The UNet's batch for `batch` images: twice it (classifier-free guidance's two halves), except for a UNet that
+        takes its guidance as an input (LCM-distilled), which runs once per image."""
+        return batch if self.guidance_embedding else 2 * batch
+
     @property
     def default_size(self) -> int:
         """The image side the model was trained at (UNet sample size x VAE factor): 512 for SD 1.x."""
@@ -221,7 +226,8 @@ class ModelInfo:
 def make_inputs(component: str, info: ModelInfo, *, batch: int, height: int, width: int, seed: int) -> dict[str, np.ndarray]:
     """Seeded inputs of realistic range for one component, for `batch` images of `height` x `width` pixels.
 
-    The UNet gets twice the batch (classifier-free guidance runs the negative and positive halves together).
+    The UNet gets twice the batch (classifier-free guidance runs the negative and positive halves together), or the
+    batch itself for a UNet that takes its guidance as an input (`ModelInfo.unet_batch`).
     """
     rng = np.random.default_rng(seed)
     h, w = height // info.vae_scale_factor, width // info.vae_scale_factor
@@ -232,7 +238,7 @@ def make_inputs(component: str, info: ModelInfo, *, batch: int, height: int, wid
             row[int(rng.integers(2, info.max_tokens)) :] = info.eos_token_id
         return {"input_ids": ids}
     if component in ("unet", "unet_deep", "unet_shallow"):
-        b = 2 * batch
+        b = info.unet_batch(batch)
         feeds = {
             "sample": rng.standard_normal((b, info.unet_in_channels, h, w), dtype=np.float32),
             "timestep": rng.uniform(0.0, 999.0, size=(b,)).astype(np.float32),
@@ -368,6 +374,7 @@ def _fixed_shapes(component: str, info: ModelInfo, batch: int = 1, height: int =
     xl = info.text_time
     if xl is not None and component in ("text_encoder", sdxl.TEXT_ENCODER_2, "unet", *DEEP_CACHE_COMPONENTS):
         return _fixed_shapes_sdxl(component, info, xl, batch, h, w)
+    ub = info.unet_batch(batch)
     return {
         "text_encoder": {
             "input_ids": [batch, seq],
@@ -376,28 +383,28 @@ def _fixed_shapes(component: str, info: ModelInfo, batch: int = 1, height: int =
             NORMED_HIDDEN_STATES: [batch, info.text_layers + 1, seq, info.text_hidden_size],
         },
         "unet": {
-            "sample": [2 * batch, info.unet_in_channels, h, w],
-            "timestep": [2 * batch],
-            "encoder_hidden_states": [2 * batch, seq, info.cross_attention_dim],
-            "out_sample": [2 * batch, c, h, w],
-            "class_labels": [2 * batch],
-            guidance_embedding.INPUT: [2 * batch, info.guidance_embedding],
+            "sample": [ub, info.unet_in_channels, h, w],
+            "timestep": [ub],
+            "encoder_hidden_states": [ub, seq, info.cross_attention_dim],
+            "out_sample": [ub, c, h, w],
+            "class_labels": [ub],
+            guidance_embedding.INPUT: [ub, info.guidance_embedding],
         },
         "unet_deep": {
-            "sample": [2 * batch, info.unet_in_channels, h, w],
-            "timestep": [2 * batch],
-            "encoder_hidden_states": [2 * batch, seq, info.cross_attention_dim],
-            "out_sample": [2 * batch, c, h, w],
-            "deep_features": [2 * batch, info.deep_feature_channels, h, w],
-            guidance_embedding.INPUT: [2 * batch, info.guidance_embedding],
+            "sample": [ub, info.unet_in_channels, h, w],
+            "timestep": [ub],
+            "encoder_hidden_states": [ub, seq, info.cross_attention_dim],
+            "out_sample": [ub, c, h, w],
+            "deep_features": [ub, info.deep_feature_channels, h, w],
+            guidance_embedding.INPUT: [ub, info.guidance_embedding],
         },
         "unet_shallow": {
-            "sample": [2 * batch, info.unet_in_channels, h, w],
-            "timestep": [2 * batch],
-            "encoder_hidden_states": [2 * batch, seq, info.cross_attention_dim],
-            "deep_features": [2 * batch, info.deep_feature_channels, h, w],
-            "out_sample": [2 * batch, c, h, w],
-            guidance_embedding.INPUT: [2 * batch, info.guidance_embedding],
+            "sample": [ub, info.unet_in_channels, h, w],
+            "timestep": [ub],
+            "encoder_hidden_states": [ub, seq, info.cross_attention_dim],
+            "deep_features": [ub, info.deep_feature_channels, h, w],
+            "out_sample": [ub, c, h, w],
+            guidance_embedding.INPUT: [ub, info.guidance_embedding],
         },
         "vae_encoder": {"sample": [batch, info.vae_in_channels, height, width], "latent_parameters": [batch, 2 * c, h, w]},
         "vae_decoder": {"latent_sample": [batch, c, h, w], "sample": [batch, info.vae_out_channels, height, width]},

@@ -160,6 +160,9 @@ def check_configs(path: Path) -> None:
                             f"{f' ({task})' if task else ''}")
     if (unet.get("out_channels") or latent) != latent:
         raise _refuse(path, f"has a UNet with {unet['out_channels']} output channels, not the VAE's {latent} latent channels")
+    if unet.get("addition_embed_type") == "text_time" and unet.get("time_cond_proj_dim") is not None:
+        raise _refuse(path, f"has an SDXL UNet with time_cond_proj_dim={unet['time_cond_proj_dim']} (an LCM distilled from SDXL; "
+                            "SD 1.x/2.x latent consistency models and SDXL with an LCM-LoRA fused by --lora are supported)")
     xl = unet.get("addition_embed_type") == "text_time" and (path / "text_encoder_2" / "config.json").is_file()
     for key, meaning in UNET_EXTRAS.items():
         allowed = (upscaler and key == "num_class_embeds") or (xl and key == "addition_embed_type")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from leansd.export import components as comp
-from leansd.export import (attention, deepcache, depth_estimator, guidance_embedded, layout, parts, quantize, safety_checker, sdxl,
+from leansd.export import (attention, deepcache, depth_estimator, layout, parts, quantize, safety_checker, sdxl,
                            streaming, tiny_vae, token_merging, verify, weight_map)
 from leansd.export import int8 as int8_stage
 from leansd.export import lora as lora_fusion
@@ -159,8 +159,6 @@ def export(
         if info.class_embeddings and "int8" in wanted:
             # Calibration runs text-to-image generations, which a class-conditioned UNet (the upscaler) cannot.
             raise ExportError("int8 is not available for the x4 upscaler yet; export it with --precision fp32")
-        if info.guidance_embedding:
-            guidance_embedded.check_options(static, info.text_time is not None)
         if deep_cache:
             deepcache.check_supported(source.config("unet"))
         if merging is not None:
@@ -351,7 +349,7 @@ def _export_int8(root: Path, info, backends, static, files, force: bool, progres
         # Just enough manifest for the runtime to load the int8 variant; replaced by the real one at the end.
         both = {n: {b: {**files[n][b], "int8": int8_files[n][b]} for b in backends} for n in components}
         layout.write_json(root / layout.MANIFEST, {"format": layout.FORMAT, "format_version": layout.FORMAT_VERSION, "components": both,
-                                                   "static_shapes": int8_stage.static_entry(static)})
+                                                   "static_shapes": int8_stage.static_entry(static, info)})
 
     try:
         return int8_stage.stage(root, backends, plan, components, force, progress, provisional, unet_recipe=unet_recipe,
@@ -381,7 +379,7 @@ def _write_manifest(source: Source, root: Path, info, files, static, opset, pari
             "family": family(source),
             "prediction_type": str(source.config("scheduler").get("prediction_type", "epsilon")),
             "components": files,
-            "static_shapes": int8_stage.static_entry(static),
+            "static_shapes": int8_stage.static_entry(static, info),
             "files": None,
             "parity": parity,
             "parity_metric": metric,

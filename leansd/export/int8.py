@@ -35,9 +35,10 @@ METRIC = ("; int8 entries compare the int8 file with the fp32 file of the same b
           "gated at min_psnr_db; pipeline.<backend>.int8 compares whole held-out generations (final latents, images in [0, 1])")
 
 
-def static_entry(static: Mapping[str, int] | None) -> dict[str, int] | None:
-    """The manifest's static_shapes: the export's batch and size, and the UNet's batch (twice: guidance)."""
-    return None if static is None else {**static, "unet_batch": 2 * static["batch"]}
+def static_entry(static: Mapping[str, int] | None, info: comp.ModelInfo) -> dict[str, int] | None:
+    """The manifest's static_shapes: the export's batch and size, and the UNet's batch (twice, for guidance, unless the
+    UNet takes its guidance as an input)."""
+    return None if static is None else {**static, "unet_batch": info.unet_batch(static["batch"])}
 
 
 def stage(root: Path, backends: Sequence[str], plan: quantize.RunPlan, components: Sequence[str], force: bool,

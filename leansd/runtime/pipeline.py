@@ -302,11 +302,13 @@ class Generation:
         return available is not None and budget.vae_elements(decoder.config, h, w) * 4 * budget.VAE_FACTOR > available
 
     def _decode(self, latents: np.ndarray) -> list[Image.Image] | np.ndarray:
-        """Decode one image at a time, to keep the VAE's activations small."""
+        """Decode one image at a time, to keep the VAE's activations small (a static export's batch at a time: its
+        decoder takes that batch only)."""
         decoder = self.pipe._decoder(self.settings)
         tiled, tile = self._tiled(decoder), self.pipe.memory.vae_tile_size(decoder.tile_size)
+        n = int((self.pipe.bundle.static_shapes or {}).get("batch", 1))
         with self.pipe.memory.stage(decoder.session):
-            decoded = np.concatenate([decoder.decode(latents[i : i + 1], tiled, tile) for i in range(latents.shape[0])])
+            decoded = np.concatenate([decoder.decode(latents[i : i + n], tiled, tile) for i in range(0, latents.shape[0], n)])
         unit = decoded_to_unit(decoded)
         checker = self.pipe.models.safety_checker
         if checker is not None and self.settings.safety_checker is not False:  # on by default, as in diffusers

@@ -67,6 +67,8 @@ CASES = [
      ["second text encoder", "without SDXL's text_time"]),
     ("sdxl-unet", "StableDiffusionPipeline", {"addition_embed_type": "text_time"}, None, None, ["addition_embed_type=\"text_time\""]),
     ("unclip-unet", "StableDiffusionPipeline", {"class_embed_type": "projection"}, None, None, ["class_embed_type=\"projection\""]),
+    ("sdxl-lcm-unet", "LatentConsistencyModelPipeline", {"addition_embed_type": "text_time", "time_cond_proj_dim": 256}, None,
+     None, ["time_cond_proj_dim=256", "LCM-LoRA"]),
     ("gligen-unet", "StableDiffusionPipeline", {"attention_type": "gated"}, None, None, ["attention_type=\"gated\""]),
     ("sd3", "StableDiffusion3Pipeline", None, None, {"transformer": ["diffusers", "SD3Transformer2DModel"]}, ["transformer"]),
     ("controlnet", "StableDiffusionControlNetPipeline", None, None, {"controlnet": ["diffusers", "ControlNetModel"]}, ["ControlNet"]),

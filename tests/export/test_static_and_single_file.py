@@ -190,3 +190,20 @@ def test_shipped_sd1_configs_fit_the_sd1_checkpoint_layout():
         assert (config / "tokenizer" / "vocab.json").is_file()
     finally:
         shutil.rmtree(config)
+
+
+def test_a_static_batch_of_two_generates_diffusers_images(tiny_sd_dir, tmp_path):
+    """The UNet runs both images (and guidance's halves) in one call, and the decoder, fixed at the batch, decodes
+    them together: the images are diffusers' for the same prompts and seed."""
+    import leansd
+    from leansd.export import export_model
+    from tests.parity.test_pipeline import reference_images, reference_pipeline
+
+    folder = export_model(tiny_sd_dir, tmp_path / "batch2", backends="openvino", static_shapes={"height": 24, "width": 40, "batch": 2},
+                          progress=False)
+    prompts = ["a red circle", "a green square"]
+    kwargs = dict(num_inference_steps=3, guidance_scale=7.5, height=24, width=40)
+    expected = reference_images(reference_pipeline(tiny_sd_dir), seed=4, prompt=prompts, **kwargs)
+    got = leansd.load(folder, backend="openvino")(prompts, seed=4, output_type="np", **kwargs).images
+    assert got.shape == expected.shape == (2, 24, 40, 3)
+    assert float(np.abs(got - expected).max()) <= 1e-4

@@ -20,7 +20,6 @@ pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 
 import leansd  # noqa: E402
-from leansd.export.errors import ExportError  # noqa: E402
 from leansd.runtime import guidance_embedding  # noqa: E402
 from tests.parity.test_inpaint import init_image  # noqa: E402
 from tests.parity.test_pipeline import BACKENDS  # noqa: E402
@@ -231,14 +230,17 @@ def test_sd_run_uses_the_folders_lcm_defaults_and_records_them(exported_lcm, pip
     assert np.array_equal(pixels, np.asarray(expected))
 
 
-@pytest.mark.parametrize("option, fragment", [
-    ({"static_shapes": {"height": 32, "width": 32}}, "--height/--width/--batch"),
-])
-def test_options_not_built_for_these_unets_are_refused_before_anything_is_written(lcm_dir, tmp_path, option, fragment):
-    from leansd.export import export_model
+def test_static_shapes_size_the_unet_for_one_call_per_image(lcm_dir, tmp_path):
+    """A static export fixes the UNet's batch at the image batch (no guidance halves) and gives diffusers' images."""
+    from tests.export.fixtures import _export
 
-    out = tmp_path / "out"
-    with pytest.raises(ExportError, match="takes its guidance scale as an input") as caught:
-        export_model(lcm_dir, out, progress=False, **option)
-    assert fragment in str(caught.value)
-    assert not out.exists()
+    folder = _export(lcm_dir, tmp_path / "static", static_shapes={"height": 32, "width": 32, "batch": 2})
+    manifest = json.loads((folder / "leansd.json").read_text())
+    assert manifest["static_shapes"] == {"height": 32, "width": 32, "batch": 2, "unet_batch": 2}
+    assert manifest["io"]["unet"]["inputs"][guidance_embedding.INPUT]["shape"] == [2, WIDTH]
+    assert manifest["io"]["unet"]["inputs"]["sample"]["shape"][0] == 2
+    prompts = [PROMPT, "a green square"]
+    expected = reference(lcm_dir, prompt=prompts, num_inference_steps=3, guidance_scale=7.0, seed=10)
+    for backend in BACKENDS:
+        got = leansd.load(folder, backend=backend)(prompts, num_inference_steps=3, guidance_scale=7.0, seed=10, output_type="np").images
+        assert np.abs(got - expected).max() <= TOLERANCE, backend
