@@ -99,6 +99,11 @@ STEPS = 8  # denoising steps per prompt (PNDM makes that 9 UNet calls): early, m
 GUIDANCE = 7.5
 CALIBRATION_SEED, HELD_OUT_SEED = 1234, 5678
 HELD_OUT_UNET_CALLS = 6  # evenly spread over the held-out trajectories
+# The static ONNX recipe calibrates on this many UNet calls, evenly spread over the recorded ones: onnxruntime's
+# min/max calibrator keeps every intermediate tensor of every call until the end (about 0.4 GB per call for SD 1.5 at
+# 512x512; all 72 calls took sd-export past 23 GB and out of memory on a 24 GB machine). 10 is the count
+# perf/ort_int8_unet.py measured the recipe's quality with.
+STATIC_CALIBRATION_CALLS = 10
 UNET_RECIPES = ("auto", "hybrid", "weights")  # how the OpenVINO UNet's int8 file is made (see the module docstring)
 LARGE_UNET_PARAMETERS = 1_000_000_000  # "auto" quantizes UNets this large weights-only
 UNET_RECIPE_HELP = ("how the OpenVINO UNet's int8 file is made: hybrid (int8 weights, and int8 activations in the convolutions, "
@@ -371,14 +376,14 @@ def onnx_static_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarra
     """
     from leansd.export import quantize_parts
 
-    quantize_parts.static_int8(src, dst, calibration)
+    quantize_parts.static_int8(src, dst, spread(calibration, STATIC_CALIBRATION_CALLS))
 
 
 def method(component: str, backend: str, unet_recipe: str = "hybrid", onnx_recipe: str = "dynamic") -> str:
     """One line saying how a component's int8 file is made (recorded in the manifest)."""
     if backend == "onnx" and component == "unet" and onnx_recipe == "static":
-        return ("onnxruntime static QDQ: Conv/MatMul/Gemm weights int8 per channel (7-bit), activations u8 with calibrated "
-                "ranges; attention products float")
+        return ("onnxruntime static QDQ: Conv/MatMul/Gemm weights int8 per channel (7-bit), activations u8 with ranges "
+                f"calibrated (min/max) on {STATIC_CALIBRATION_CALLS} of the recorded UNet calls, evenly spread; attention products float")
     if backend == "onnx":
         return "onnxruntime dynamic: MatMul/Gemm/Gather weights int8 per channel (7-bit), activations quantized at run time"
     if component == "unet" and unet_recipe == "hybrid":
