@@ -82,6 +82,15 @@ BUSY_LOAD = 1.0  # 1-minute load average above which a row is marked as measured
 BUSY_OTHER_CORES = 0.2  # average cores used by other processes during a row above which it is marked busy
 
 
+def unet_batch(data: dict) -> int:
+    """The UNet batch of the run's micro-timing: 2 (guidance's two halves), 1 for UNets that take guidance as an input."""
+    return int(data.get("config", {}).get("run", {}).get("unet_batch", 2))
+
+
+def header(data: dict, metric: tuple) -> str:
+    return metric[1].replace("(batch 2)", f"(batch {unet_batch(data)})")
+
+
 def _fmt(value, scale, fmt) -> str:
     return "–" if value is None else fmt.format(value * scale)
 
@@ -94,8 +103,7 @@ def _status(peer: dict) -> str:
 
 def results_table(data: dict) -> list[str]:
     by_cpu = any(p.get("other_cpu_cores") is not None for p in data["peers"])
-    batch = int(data.get("config", {}).get("run", {}).get("unet_batch", 2))
-    headers = ["configuration"] + [m[1].replace("(batch 2)", f"(batch {batch})") for m in METRICS] + ["image Δ vs reference: max abs / PSNR dB",
+    headers = ["configuration"] + [header(data, m) for m in METRICS] + ["image Δ vs reference: max abs / PSNR dB",
                                                              "other work (cores)" if by_cpu else "load avg", "status"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for peer in data["peers"]:
@@ -155,14 +163,15 @@ def leansd_summary(data: dict) -> list[str]:
     ok = [p for p in data["peers"] if p["status"] == "ok"]
     others = [p for p in ok if p["kind"] != "leansd"]
     lines = []
-    for key, header, *_ in METRICS[1:]:
+    for metric in METRICS[1:]:
+        key = metric[0]
         cands = [(_value(p, key), p["label"]) for p in others if _value(p, key) is not None]
         if not cands:
             continue
         ref, ref_label = min(cands)
         parts = [f"{p['label']} {_value(p, key) / ref:.2f}×" for p in ok if p["kind"] == "leansd" and _value(p, key) is not None and ref]
         if parts:
-            lines.append(f"- **{header}** vs best peer ({ref_label}): " + "; ".join(parts))
+            lines.append(f"- **{header(data, metric)}** vs best peer ({ref_label}): " + "; ".join(parts))
     return lines
 
 
@@ -268,7 +277,8 @@ def render(data: dict) -> str:
         + (f"the {run['scheduler']} scheduler" if run.get("scheduler") else "the model's scheduler (PNDM")
         + f"{', which' if run.get('scheduler') else ', which'} calls the UNet {data.get('unet_calls_per_image', '?')} times"
         + ("" if run.get("scheduler") else ")")
-        + f", guidance {run['guidance_scale']} (UNet batch {2 if run['guidance_scale'] > 1 else 1}), seed 0, one prompt.",
+        + (f", guidance {run['guidance_scale']} (embedded in the UNet, batch 1)" if unet_batch(data) == 1 else
+           f", guidance {run['guidance_scale']} (UNet batch {2 if run['guidance_scale'] > 1 else 1})") + ", seed 0, one prompt.",
         f"- **Repeats:** component timings are the median of {data['repeats']} calls after 1 warm-up, on the peer's own component"
         f" objects with the inputs its pipeline feeds them; {data['images']} whole image(s) per process, the first is the cold one"
         " (process spawn → first image, imports and compilation included) and `image (warm)` is the median of the rest.",
