@@ -100,9 +100,8 @@ GUIDANCE = 7.5
 CALIBRATION_SEED, HELD_OUT_SEED = 1234, 5678
 HELD_OUT_UNET_CALLS = 6  # evenly spread over the held-out trajectories
 # The static ONNX recipe calibrates on this many UNet calls, evenly spread over the recorded ones: onnxruntime's
-# min/max calibrator keeps every intermediate tensor of every call until the end (about 0.4 GB per call for SD 1.5 at
-# 512x512; all 72 calls took sd-export past 23 GB and out of memory on a 24 GB machine). 10 is the count
-# perf/ort_int8_unet.py measured the recipe's quality with.
+# min/max calibrator keeps every intermediate tensor of every call until the end. 10 is the count
+# perf/ort_int8_unet.py measured the recipe's quality with (see also `_static_source`).
 STATIC_CALIBRATION_CALLS = 10
 UNET_RECIPES = ("auto", "hybrid", "weights")  # how the OpenVINO UNet's int8 file is made (see the module docstring)
 LARGE_UNET_PARAMETERS = 1_000_000_000  # "auto" quantizes UNets this large weights-only
@@ -391,6 +390,15 @@ def method(component: str, backend: str, unet_recipe: str = "hybrid", onnx_recip
     return "NNCF weight compression: int8 asymmetric, per output channel"
 
 
+def _static_source(src: Path) -> Path:
+    """What the static ONNX recipe quantizes: the UNet's graph with fused attention when the export wrote one (with
+    its streaming parts), else the plain graph. The fused graph is what perf/ort_int8_unet.py measured, and its
+    calibration never holds the attention's score matrices (SD 1.5 at 512x512: 4096 x 4096 per head, about 1 GB a
+    layer per call), which took a full-size export out of memory."""
+    fused = src.with_name(f"{src.stem}.fused.onnx")
+    return fused if fused.is_file() else src
+
+
 def quantize_component(component: str, backend: str, src: Path, dst: Path, calibration: list[dict[str, np.ndarray]],
                        unet_recipe: str = "hybrid", onnx_recipe: str = "dynamic") -> None:
     if backend == "onnx" and component == "unet" and onnx_recipe == "static":
@@ -543,7 +551,8 @@ def _quantize_and_measure(
     if reference is None:
         reference = run_all(backend, src, feeds)
         gc.collect()
-    quantize_component(component, backend, src, dst, calibration, unet_recipe, onnx_recipe)
+    quantize_component(component, backend, _static_source(src) if onnx_recipe == "static" and component == "unet" else src, dst,
+                       calibration, unet_recipe, onnx_recipe)
     gc.collect()
     # The int8 file as the runtime runs it: on OpenVINO its float operations in bf16 where the CPU has it natively.
     floats = _int8_float_precision() if backend == "openvino" else "f32"
