@@ -199,7 +199,12 @@ class VaeEncoder(_Vae):
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self.session.use() as session:
-            out = session.run({_first_input(session, ("sample",), "VAE encoder"): images})
+            name = _first_input(session, ("sample",), "VAE encoder")
+            fixed = (session.input(name).shape or (None,))[0]
+            if fixed is None or fixed == images.shape[0]:
+                out = session.run({name: images})
+            else:  # a static export's encoder takes its batch only: run chunks of it, the last one padded
+                out = _run_in_fixed_batches(session, name, images, fixed)
         if "latent_parameters" in out or len(out) == 1 and next(iter(out.values())).shape[1] == 2 * self.latent_channels:
             moments = out.get("latent_parameters", next(iter(out.values())))
             mean, logvar = np.split(moments, 2, axis=1)
@@ -208,3 +213,14 @@ class VaeEncoder(_Vae):
             f"{session.path}: the VAE encoder returns {sorted(out)}, not the latent distribution's parameters; "
             "re-export it with sd-export"
         )
+
+
+def _run_in_fixed_batches(session: Session, name: str, images: np.ndarray, fixed: int) -> dict[str, np.ndarray]:
+    """Outputs for `images` from a model whose batch is fixed at `fixed`; each image is computed on its own, so
+    padding with copies of the last image changes nothing."""
+    chunks = []
+    for i in range(0, images.shape[0], fixed):
+        part = images[i : i + fixed]
+        padded = np.concatenate([part, np.repeat(part[-1:], fixed - part.shape[0], axis=0)])
+        chunks.append({k: v[: part.shape[0]] for k, v in session.run({name: padded}).items()})
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}

@@ -194,7 +194,8 @@ def test_shipped_sd1_configs_fit_the_sd1_checkpoint_layout():
 
 def test_a_static_batch_of_two_generates_diffusers_images(tiny_sd_dir, tmp_path):
     """The UNet runs both images (and guidance's halves) in one call, and the decoder, fixed at the batch, decodes
-    them together: the images are diffusers' for the same prompts and seed."""
+    them together: the images are diffusers' for the same prompts and seed. Image-to-image from one init image
+    too: the encoder, also fixed at the batch, encodes it padded to two."""
     import leansd
     from leansd.export import export_model
     from tests.parity.test_pipeline import reference_images, reference_pipeline
@@ -204,6 +205,14 @@ def test_a_static_batch_of_two_generates_diffusers_images(tiny_sd_dir, tmp_path)
     prompts = ["a red circle", "a green square"]
     kwargs = dict(num_inference_steps=3, guidance_scale=7.5, height=24, width=40)
     expected = reference_images(reference_pipeline(tiny_sd_dir), seed=4, prompt=prompts, **kwargs)
-    got = leansd.load(folder, backend="openvino")(prompts, seed=4, output_type="np", **kwargs).images
+    pipe = leansd.load(folder, backend="openvino")
+    got = pipe(prompts, seed=4, output_type="np", **kwargs).images
+    assert got.shape == expected.shape == (2, 24, 40, 3)
+    assert float(np.abs(got - expected).max()) <= 1e-4
+
+    init = np.random.default_rng(2).uniform(0, 1, (24, 40, 3)).astype(np.float32)
+    kwargs.update(strength=0.7)
+    expected = reference_images(reference_pipeline(tiny_sd_dir, img2img=True), seed=6, prompt=prompts, image=init[None], **kwargs)
+    got = pipe(prompts, image=init, seed=6, output_type="np", **kwargs).images
     assert got.shape == expected.shape == (2, 24, 40, 3)
     assert float(np.abs(got - expected).max()) <= 1e-4
