@@ -390,13 +390,33 @@ def method(component: str, backend: str, unet_recipe: str = "hybrid", onnx_recip
     return "NNCF weight compression: int8 asymmetric, per output channel"
 
 
-def _static_source(src: Path) -> Path:
-    """What the static ONNX recipe quantizes: the UNet's graph with fused attention when the export wrote one (with
-    its streaming parts), else the plain graph. The fused graph is what perf/ort_int8_unet.py measured, and its
-    calibration never holds the attention's score matrices (SD 1.5 at 512x512: 4096 x 4096 per head, about 1 GB a
-    layer per call), which took a full-size export out of memory."""
+@contextlib.contextmanager
+def _static_source(src: Path) -> Iterator[Path]:
+    """What the static ONNX recipe quantizes: the UNet's graph with fused attention. The export writes one with the
+    UNet's streaming parts; without them a temporary one is written beside `src` (sharing its weights file) and
+    removed afterwards. The fused graph is what perf/ort_int8_unet.py measured, and its calibration never holds the
+    attention's score matrices (SD 1.5 at 512x512: 4096 x 4096 per head, about 1 GB a layer per call), which took
+    a full-size export of the plain graph out of memory."""
     fused = src.with_name(f"{src.stem}.fused.onnx")
-    return fused if fused.is_file() else src
+    if fused.is_file():
+        yield fused
+        return
+    import onnx
+
+    from leansd.export.attention import add_domain, fuse_attention
+
+    model = onnx.load(str(src), load_external_data=False)
+    if not fuse_attention(model.graph):  # no attention of the exported pattern: the plain graph it is
+        yield src
+        return
+    add_domain(model)
+    scratch = src.with_name(f".{src.stem}.calibration.onnx")
+    try:
+        onnx.save(model, str(scratch))
+        del model
+        yield scratch
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def quantize_component(component: str, backend: str, src: Path, dst: Path, calibration: list[dict[str, np.ndarray]],
@@ -551,8 +571,8 @@ def _quantize_and_measure(
     if reference is None:
         reference = run_all(backend, src, feeds)
         gc.collect()
-    quantize_component(component, backend, _static_source(src) if onnx_recipe == "static" and component == "unet" else src, dst,
-                       calibration, unet_recipe, onnx_recipe)
+    with _static_source(src) if onnx_recipe == "static" and component == "unet" else contextlib.nullcontext(src) as source:
+        quantize_component(component, backend, source, dst, calibration, unet_recipe, onnx_recipe)
     gc.collect()
     # The int8 file as the runtime runs it: on OpenVINO its float operations in bf16 where the CPU has it natively.
     floats = _int8_float_precision() if backend == "openvino" else "f32"

@@ -117,3 +117,33 @@ def test_static_unet_generates_close_to_fp32_and_streams_the_same(static_int8):
         diff = np.abs(generate("int8", **options) - fp32)
         psnr = 20 * np.log10(1.0 / np.sqrt(np.mean(diff**2)))
         assert diff.max() > 0 and psnr > 25, (options, psnr)  # int8 ran (not bit-equal), and the image stayed close
+
+
+@needs_torch
+def test_without_streaming_parts_the_recipe_quantizes_a_temporary_fused_graph(exported_tiny_sd):
+    """An export without the UNet's parts has no fused graph: the recipe writes one beside the plain graph for the
+    quantizer (so calibration never holds attention scores) and removes it afterwards. It computes what the plain
+    graph does."""
+    import onnx
+    import onnxruntime as ort
+
+    src = exported_tiny_sd / "unet" / "model.onnx"
+    assert not src.with_name("model.fused.onnx").exists()
+    before = sorted(p.name for p in src.parent.iterdir())
+    with q._static_source(src) as source:
+        assert source != src and source.parent == src.parent
+        graph = onnx.load(str(source), load_external_data=False).graph
+        assert any(n.domain == "com.microsoft" and n.op_type == "MultiHeadAttention" for n in graph.node)
+        feeds = {"sample": np.random.default_rng(0).standard_normal((2, 4, 8, 8), dtype=np.float32),
+                 "timestep": np.array([500, 500], dtype=_timestep_dtype(src)),
+                 "encoder_hidden_states": np.random.default_rng(1).standard_normal((2, 77, 32), dtype=np.float32)}
+        got, want = (ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, feeds)[0] for f in (source, src))
+    assert float(np.abs(got - want).max()) <= 1e-4
+    assert sorted(p.name for p in src.parent.iterdir()) == before  # the temporary graph is gone
+
+
+def _timestep_dtype(path: Path) -> np.dtype:
+    import onnxruntime as ort
+
+    kind = next(i.type for i in ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs() if i.name == "timestep")
+    return np.dtype(np.int64 if "int64" in kind else np.float32)
