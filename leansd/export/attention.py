@@ -15,6 +15,8 @@ reads (the weight-streaming parts, the deep-cache parts after their OpenVINO con
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +164,25 @@ def fuse_file(path: Path) -> int:
         add_domain(model)
         onnx.save(model, str(path))
     return fused
+
+
+@contextmanager
+def rewritten_copy(path: Path, rewrite: Callable[[Any], int], suffix: str) -> Iterator[Path]:
+    """`path`, or while in the context a copy of its model with `rewrite` applied to the graph (it returns how many
+    places it changed; none: `path` itself), saved beside it as `.STEM.SUFFIX.onnx` so that its external weights
+    resolve, and removed afterwards."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if not rewrite(model.graph):
+        yield path
+        return
+    if any(n.domain == MS_DOMAIN for n in model.graph.node):
+        add_domain(model)
+    copy = path.with_name(f".{path.stem}.{suffix}.onnx")
+    try:
+        onnx.save(model, str(copy))
+        del model
+        yield copy
+    finally:
+        copy.unlink(missing_ok=True)

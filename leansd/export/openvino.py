@@ -9,8 +9,7 @@ OpenVINO keeps the Q and K projections on its MLAS kernels (see there).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 XML = "openvino_model.xml"
@@ -28,22 +27,8 @@ def convert_openvino(onnx_path: Path, xml_path: Path) -> list[Path]:
     return [xml_path, xml_path.with_suffix(".bin")]
 
 
-@contextmanager
-def _scores_scaled(onnx_path: Path) -> Iterator[Path]:
-    """`onnx_path`, or while in the context a copy of its graph with the attention scale moved to the scores, saved
-    beside it so that its external weights resolve."""
-    import onnx
-
+def _scores_scaled(onnx_path: Path) -> AbstractContextManager[Path]:
+    """`onnx_path`, or while in the context a copy of its graph with the attention scale moved to the scores."""
     from leansd.export import attention
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    if not attention.scale_scores_once(model.graph):
-        yield onnx_path
-        return
-    copy = onnx_path.with_name(onnx_path.stem + ".scores-scaled.onnx")
-    try:
-        onnx.save(model, str(copy))
-        del model
-        yield copy
-    finally:
-        copy.unlink(missing_ok=True)
+    return attention.rewritten_copy(onnx_path, attention.scale_scores_once, "scores-scaled")

@@ -390,33 +390,16 @@ def method(component: str, backend: str, unet_recipe: str = "hybrid", onnx_recip
     return "NNCF weight compression: int8 asymmetric, per output channel"
 
 
-@contextlib.contextmanager
-def _static_source(src: Path) -> Iterator[Path]:
+def _static_source(src: Path) -> contextlib.AbstractContextManager[Path]:
     """What the static ONNX recipe quantizes: the UNet's graph with fused attention. The export writes one with the
     UNet's streaming parts; without them a temporary one is written beside `src` (sharing its weights file) and
     removed afterwards. The fused graph is what perf/ort_int8_unet.py measured, and its calibration never holds the
     attention's score matrices (SD 1.5 at 512x512: 4096 x 4096 per head, about 1 GB a layer per call), which took
     a full-size export of the plain graph out of memory."""
+    from leansd.export import attention
+
     fused = src.with_name(f"{src.stem}.fused.onnx")
-    if fused.is_file():
-        yield fused
-        return
-    import onnx
-
-    from leansd.export.attention import add_domain, fuse_attention
-
-    model = onnx.load(str(src), load_external_data=False)
-    if not fuse_attention(model.graph):  # no attention of the exported pattern: the plain graph it is
-        yield src
-        return
-    add_domain(model)
-    scratch = src.with_name(f".{src.stem}.calibration.onnx")
-    try:
-        onnx.save(model, str(scratch))
-        del model
-        yield scratch
-    finally:
-        scratch.unlink(missing_ok=True)
+    return contextlib.nullcontext(fused) if fused.is_file() else attention.rewritten_copy(src, attention.fuse_attention, "calibration")
 
 
 def quantize_component(component: str, backend: str, src: Path, dst: Path, calibration: list[dict[str, np.ndarray]],
