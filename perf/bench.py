@@ -398,7 +398,7 @@ class Bench:
             return (row.get("run") or {}).get("steps")
 
         refs: dict = {}
-        for name in ("diffusers-pt-fp32", "leansd-ov-fp32", "leansd-ort-fp32"):
+        for name in ("diffusers-pt-fp32", "leansd-ov-fp32", "leansd-ort-fp32", "leansd-ort-fp32-static-export"):
             for r in rows:
                 if r.get("peer", r["name"]) == name and r.get("status") == "ok" and image_path(r).is_file():
                     refs.setdefault(steps(r), r)
