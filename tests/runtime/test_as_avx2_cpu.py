@@ -1,0 +1,46 @@
+"""scripts/as-avx2-cpu.sh: a command run through it sees an AVX2-only CPU everywhere leansd looks (the kernel's flags,
+OpenVINO's capabilities, numpy's dispatch), and `precision="auto"` on OpenVINO turns bf16 down on the bundled
+model for want of it. Runs where the script can (root, x86-64, QEMU's user-mode emulator installed); skipped elsewhere."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "as-avx2-cpu.sh"
+pytestmark = pytest.mark.skipif(
+    platform.machine() != "x86_64" or os.geteuid() != 0 or shutil.which("qemu-x86_64") is None,
+    reason="needs root on x86-64 and qemu-user (apt-get install qemu-user)",
+)
+
+PROBE = """
+import json
+from numpy._core._multiarray_umath import __cpu_features__ as numpy_features
+import leansd
+from leansd.runtime import cpu_features
+seen = cpu_features.detect()
+pipe = leansd.load(backend="openvino", precision="auto")
+print(json.dumps({"bf16": seen.bf16, "int8_dot": seen.int8_dot, "openvino_bf16": cpu_features.openvino_bf16(),
+                  "numpy_avx2": numpy_features["AVX2"], "numpy_avx512f": numpy_features["AVX512F"],
+                  "precision": pipe.precision, "reason": pipe.precision_reason}))
+"""
+
+
+def test_the_command_sees_an_avx2_only_cpu_and_auto_precision_follows():
+    done = subprocess.run([str(SCRIPT), sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["numpy_avx2"] and not seen["numpy_avx512f"]
+    assert not seen["bf16"] and not seen["int8_dot"] and not seen["openvino_bf16"]
+    assert seen["precision"] != "bf16" and "this CPU has no native bfloat16 arithmetic" in seen["reason"], seen
+
+
+def test_a_script_is_refused_with_the_fix():
+    done = subprocess.run([str(SCRIPT), str(SCRIPT)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "name its interpreter" in done.stderr
