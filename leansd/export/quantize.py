@@ -112,7 +112,7 @@ ONNX_UNET_RECIPES = ("dynamic", "static")  # how the ONNX UNet's int8 file is ma
 ONNX_UNET_RECIPE_HELP = ("how the ONNX UNet's int8 file is made: dynamic (default: int8 matrix-product weights, activations "
                          "quantized at run time, convolutions float; closest to fp32) or static (int8 activations too, in the "
                          "convolutions as well, calibrated on generations: about 2x fp32's UNet step on CPUs with VNNI or AMX, "
-                         "about 30 dB from fp32 instead of 50; UNets under 1 B parameters; its calibration peaked at 17.6 GB for SD 1.5 "
+                         "about 30 dB from fp32 instead of 50; UNets under 1 B parameters; its calibration peaked at 17.2 GB for SD 1.5 "
                          "at 512x512)")
 
 
