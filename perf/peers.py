@@ -245,10 +245,10 @@ PEERS = [
              guidance_cutoff=0.3, deep_cache=5, low_memory=True),
     ort_int8("leansd-ort-int8-fast-lowmem", "leansd onnxruntime int8, guidance cutoff 0.3, deep cache every 3 unguided steps, low_memory",
              guidance_cutoff=0.3, deep_cache=3, low_memory=True),
-    # The static QDQ int8 UNet (`--int8-unet-onnx static`): its convolutions run int8 too, which pays on VNNI/AMX CPUs.
     # The static export's own fp32 files: the exact reference for its int8 rows, without a second export.
     Peer("leansd-ort-fp32-static-export", "leansd onnxruntime fp32 (the static int8 export's fp32 files)", "leansd",
          "leansd-ort-int8-static", LEANSD_ORT),
+    # The static QDQ int8 UNet (`--int8-unet-onnx static`): its convolutions run int8 too, which pays on VNNI/AMX CPUs.
     ort_int8("leansd-ort-int8-static", "leansd onnxruntime int8 (static QDQ UNet)", export_key="leansd-ort-int8-static"),
     ort_int8("leansd-ort-int8-static-fast-dc5",
              "leansd onnxruntime int8 (static QDQ UNet), guidance cutoff 0.3, deep cache every 5 unguided steps",
