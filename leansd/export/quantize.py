@@ -99,9 +99,8 @@ STEPS = 8  # denoising steps per prompt (PNDM makes that 9 UNet calls): early, m
 GUIDANCE = 7.5
 CALIBRATION_SEED, HELD_OUT_SEED = 1234, 5678
 HELD_OUT_UNET_CALLS = 6  # evenly spread over the held-out trajectories
-# The static ONNX recipe calibrates on this many UNet calls, evenly spread over the recorded ones: onnxruntime's
-# min/max calibrator keeps every intermediate tensor of every call until the end. 10 is the count
-# perf/ort_int8_unet.py measured the recipe's quality with (see also `_static_source`).
+# The static ONNX recipe calibrates on this many UNet calls, evenly spread over the recorded ones: each is one more
+# unoptimised UNet run per image. 10 is the count perf/ort_int8_unet.py measured the recipe's quality with.
 STATIC_CALIBRATION_CALLS = 10
 UNET_RECIPES = ("auto", "hybrid", "weights")  # how the OpenVINO UNet's int8 file is made (see the module docstring)
 LARGE_UNET_PARAMETERS = 1_000_000_000  # "auto" quantizes UNets this large weights-only
@@ -374,9 +373,9 @@ def onnx_static_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarra
     The 7-bit range again keeps CPUs without VNNI from saturating, so the file runs right on any CPU; there it is no
     faster than fp32 (measured on AVX2), on VNNI and AMX CPUs about twice as fast (see the module docstring).
     """
-    from leansd.export import quantize_parts
+    from leansd.export import quantize_static
 
-    quantize_parts.static_int8(src, dst, spread(calibration, STATIC_CALIBRATION_CALLS))
+    quantize_static.static_int8(src, dst, spread(calibration, STATIC_CALIBRATION_CALLS))
 
 
 def method(component: str, backend: str, unet_recipe: str = "hybrid", onnx_recipe: str = "dynamic") -> str:

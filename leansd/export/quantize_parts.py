@@ -17,8 +17,8 @@ An activation read by quantized nodes in two parts is quantized by both parts' q
 DynamicQuantizeLinear node, with the same output names); the join keeps the first and drops the identical
 copy, so the joined graph computes exactly what the whole-file quantization computes.
 
-The static recipe (`static_int8`, calibrated QDQ) is one whole-file call: it is offered only for UNets under 1 B
-parameters, whose weights fit in memory, and calibrating is per tensor across the graph.
+The static recipe (`quantize_static.static_int8`, calibrated QDQ) works on the whole file: it is offered only for
+UNets under 1 B parameters, whose weights fit in memory, and calibrating is per tensor across the graph.
 """
 from __future__ import annotations
 
@@ -85,51 +85,6 @@ def quantize_file(src: Path, out: Path, scratch: Path) -> None:
             str(src), str(out), op_types_to_quantize=["MatMul", "Gemm", "Gather"], per_channel=True, reduce_range=True,
             weight_type=QuantType.QInt8, use_external_data_format=True, extra_options={"MatMulConstBOnly": True},
         )
-
-
-def static_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> None:
-    """`quantize.onnx_static_int8`: one `quantize_static` call over the whole file (QDQ; the quantizer holds every
-    weight, so this is for models that fit in memory), calibrated on `calibration` (the model's recorded inputs)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from leansd.export.onnx import EXTERNAL_DATA_THRESHOLD, _relocate
-
-    class Reader:  # onnxruntime's calibration data reader protocol
-        def __init__(self) -> None:
-            self._feeds = iter(calibration)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._feeds, None)
-
-    scratch = dst.parent / f".{dst.stem}-quantize"
-    scratch.mkdir(parents=True, exist_ok=True)
-    try:
-        with _quantizer_environment(scratch):
-            quantize_static(
-                str(src), str(scratch / "model.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True, reduce_range=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, use_external_data_format=True,
-                calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=_kept_float(src),
-            )
-        _relocate(scratch / "model.onnx", dst, EXTERNAL_DATA_THRESHOLD)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _kept_float(src: Path) -> list[str]:
-    """The names of `src`'s nodes that the static recipe leaves float:
-    - MatMuls whose both inputs are computed (attention's scores and weighted values): the static quantizer would
-      quantize them too (it ignores MatMulConstBOnly), and they have no weight to share the error with;
-    - the convolution that reads the model's input and the one that writes its output (a UNet's conv_in and
-      conv_out): the latents and the predicted noise themselves, which 8 bits resolve worst, for little compute."""
-    import onnx
-
-    graph = onnx.load(str(src), load_external_data=False).graph
-    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    ends = {i.name for i in graph.input} | {o.name for o in graph.output}
-    return [n.name for n in graph.node
-            if (n.op_type == "MatMul" and n.input[1] not in constants)
-            or (n.op_type == "Conv" and (n.input[0] in ends or n.output[0] in ends))]
 
 
 def partwise(src: Path, threshold: int | None = None) -> bool:

@@ -147,3 +147,53 @@ def _timestep_dtype(path: Path) -> np.dtype:
 
     kind = next(i.type for i in ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs() if i.name == "timestep")
     return np.dtype(np.int64 if "int64" in kind else np.float32)
+
+
+def _unet_inputs(batch: int, timesteps: int, seed: int, path: Path) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"sample": rng.standard_normal((batch, 4, 8, 8), dtype=np.float32),
+            "timestep": np.full(timesteps, 100 + 300 * seed, dtype=_timestep_dtype(path)),
+            "encoder_hidden_states": rng.standard_normal((batch, 77, 32), dtype=np.float32)}
+
+
+@needs_torch
+def test_calibrating_one_image_at_a_time_gives_onnxruntimes_own_ranges(exported_tiny_sd, tmp_path):
+    """The recipe calibrates each guided call's halves apart, its calibrator's model copy dropped; the ranges it
+    writes are those onnxruntime's calibrator computes over the whole calls in one go."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, load_tensors_data
+
+    from leansd.export import quantize_static as qs
+
+    src = exported_tiny_sd / "unet" / "model.onnx"
+    calls = [_unet_inputs(2, 1, 0, src), _unet_inputs(2, 2, 1, src), _unet_inputs(2, 1, 2, src)]
+    feeds = qs.one_image_feeds(src, calls)
+    assert len(feeds) == 6 and all(len(f["sample"]) == 1 and len(f["encoder_hidden_states"]) == 1 for f in feeds)
+    assert [len(f["timestep"]) for f in feeds] == [1] * 6  # a shared timestep stays whole, a per-image one is cut
+    np.testing.assert_array_equal(feeds[3]["sample"][0], calls[1]["sample"][1])
+    qs.write_activation_ranges(src, feeds, tmp_path / "ranges.json", tmp_path)
+    mine = load_tensors_data(tmp_path / "ranges.json").data
+
+    whole = create_calibrator(src, qs.QUANTIZED_OPS, augmented_model_path=str(tmp_path / "whole.onnx"),
+                              calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
+    whole.collect_data(qs._Reader(calls))
+    theirs = whole.compute_data().data
+    assert mine.keys() == theirs.keys() and len(mine) > 50
+    for name, ranges in theirs.items():
+        np.testing.assert_allclose(np.ravel(mine[name].range_value), np.ravel(ranges.range_value), rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
+
+
+def test_a_static_exports_fixed_batch_is_calibrated_whole(tmp_path):
+    """A static export's UNet takes only its own batch: its calls go to the calibrator uncut."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from leansd.export import quantize_static as qs
+
+    graph = helper.make_graph([helper.make_node("Identity", ["sample"], ["out"])], "fixed",
+                              [helper.make_tensor_value_info("sample", TensorProto.FLOAT, [2, 4, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4, 8, 8])])
+    onnx.save(helper.make_model(graph), tmp_path / "model.onnx")
+    calls = [{"sample": np.zeros((2, 4, 8, 8), np.float32)}] * 3
+    feeds = qs.one_image_feeds(tmp_path / "model.onnx", calls)
+    assert len(feeds) == 3 and all(mine["sample"] is theirs["sample"] for mine, theirs in zip(feeds, calls))
