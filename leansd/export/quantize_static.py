@@ -12,8 +12,8 @@ copy and runs it in a session without graph optimisations over every recorded ca
 2. the calibrator is released and the ranges go to `quantize_static` through its calibration cache file, so the
    quantizer loads the model only after the calibration session is gone.
 
-onnxruntime releases whose `quantize_static` has no cache parameter (1.24 and before) get one call with a reader over the same one-image
-feeds: the same ranges, with both copies of the model in memory.
+onnxruntime releases whose `quantize_static` has no cache parameter (1.24 and before) get one call with a reader
+over the same one-image feeds: the same ranges, with both copies of the model in memory.
 """
 from __future__ import annotations
 
