@@ -28,7 +28,6 @@ from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 
 from leansd.export import streaming
 from leansd.export.errors import ExportError
