@@ -28,7 +28,6 @@ from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import Any
 
-
 from leansd.export import streaming
 from leansd.export.errors import ExportError
 from leansd.runtime.manifest import parts_index_path, read_parts_index
