@@ -54,7 +54,7 @@ def dynamic_int8(src: Path, dst: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quantizer_environment(scratch: Path) -> Iterator[None]:
+def quantizer_environment(scratch: Path) -> Iterator[None]:
     """Quiet onnxruntime's quantizer and keep its temporary files in `scratch` (next to the output, not the system
     temp folder, which may be small)."""
     import logging
@@ -78,7 +78,7 @@ def quantize_file(src: Path, out: Path, scratch: Path) -> None:
     to `scratch`."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quantizer_environment(scratch):
+    with quantizer_environment(scratch):
         quantize_dynamic(
             str(src), str(out), op_types_to_quantize=["MatMul", "Gemm", "Gather"], per_channel=True, reduce_range=True,
             weight_type=QuantType.QInt8, use_external_data_format=True, extra_options={"MatMulConstBOnly": True},

@@ -33,7 +33,7 @@ def static_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from leansd.export.onnx import EXTERNAL_DATA_THRESHOLD, _relocate
-    from leansd.export.quantize_parts import _quantizer_environment
+    from leansd.export.quantize_parts import quantizer_environment
 
     feeds = one_image_feeds(src, calibration)
     scratch = dst.parent / f".{dst.stem}-quantize"
@@ -44,7 +44,7 @@ def static_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) 
         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=_kept_float(src),
     )
     try:
-        with _quantizer_environment(scratch):
+        with quantizer_environment(scratch):
             if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
                 ranges = scratch / "ranges.json"
                 write_activation_ranges(src, feeds, ranges, scratch)
