@@ -211,6 +211,13 @@ PEERS = [
          {"backend": "onnxruntime", "precision": "int8", "low_memory": True}, needs_precision="int8"),
     Peer("leansd-ov-int8-inplace", "leansd openvino int8 (hybrid UNet, int8 weights elsewhere; int8 added in place)", "leansd",
          "leansd", {"backend": "openvino", "precision": "int8"}, needs_precision="int8"),
+    # The fast mode on OpenVINO's int8 files: the deep-cache parts carry int8 weights (float arithmetic: bf16 where native).
+    Peer("leansd-ov-int8-fast-dc5-inplace", "leansd openvino int8 (int8-weight deep-cache parts), guidance cutoff 0.3, deep cache "
+         "every 5 unguided steps, tiny VAE decoder (int8 added in place)", "leansd", "leansd",
+         {**LEANSD_OV, "precision": "int8", "guidance_cutoff": 0.3, "deep_cache": 5, "tiny_vae": True}, needs_precision="int8"),
+    Peer("leansd-ov-int8-fast02-dc5-inplace", "leansd openvino int8 (int8-weight deep-cache parts), guidance cutoff 0.2, deep cache "
+         "every 5 unguided steps, tiny VAE decoder (int8 added in place)", "leansd", "leansd",
+         {**LEANSD_OV, "precision": "int8", "guidance_cutoff": 0.2, "deep_cache": 5, "tiny_vae": True}, needs_precision="int8"),
     Peer(
         "leansd-ov-fp32-cached",
         "leansd openvino fp32, compile cache warm (2nd process)",

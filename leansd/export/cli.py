@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--deep-cache",
         action="store_true",
-        help="also write the UNet cut into a deep and a shallow part (fp32), so that sd-run --deep-cache N can reuse "
-        "the deep features for N-1 of every N steps (DeepCache): faster steps at a small quality cost",
+        help="also write the UNet cut into a deep and a shallow part (fp32; with --precision fp32,int8 int8 too), so that "
+        "sd-run --deep-cache N can reuse the deep features for N-1 of every N steps (DeepCache): faster steps at a small quality cost",
     )
     p.add_argument(
         "--tiny-vae",

@@ -7,14 +7,15 @@ exports are slow to redo) gets the same int8 files, parity entries and settings 
     python -m leansd.export.int8 FOLDER [--backend onnx|openvino|all] [--size N] [--force-int8] [--int8-unet auto|hybrid|weights]
                                         [--int8-unet-onnx dynamic|static]
 
-For ONNX it also writes the deep-cache parts' int8 files (when the folder has unet_deep/unet_shallow) and cuts the
-int8 UNet into as many streaming parts as the fp32 one has. leansd.json gets the entries where a fresh
+It also writes the deep-cache parts' int8 files for each backend (when the folder has unet_deep/unet_shallow) and,
+for ONNX, cuts the int8 UNet into as many streaming parts as the fp32 one has. leansd.json gets the entries where a fresh
 `--precision fp32,int8` export puts them and is replaced atomically (temporary file, then rename). Any refusal or
 gate miss leaves the folder as it was: the files it wrote are removed and leansd.json is restored.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -70,31 +71,56 @@ def stage(root: Path, backends: Sequence[str], plan: quantize.RunPlan, component
 
 
 def deep_cache_int8(root: Path, part: str, info: comp.ModelInfo, static: Mapping[str, int] | None,
-                    force: bool) -> tuple[str, dict[str, Any]]:
-    """The ONNX int8 variant of a deep-cache part (dynamic int8, as the UNet), held to the UNet's int8 gate.
+                    force: bool, backend: str = "onnx") -> tuple[str, dict[str, Any]]:
+    """The int8 variant of a deep-cache part for `backend`, held to the UNet's int8 gate.
+
+    ONNX gets dynamic int8, as its UNet. OpenVINO gets int8 weights with float arithmetic (NNCF weight compression),
+    not the UNet's calibrated hybrid recipe: the parts' calibration would need the recorded generations replayed
+    through the deep part and two more NNCF passes over a whole UNet (about 13 min each for SD 1.5 at 512x512 on
+    2 cores), while the weights alone give the memory saving (a quarter of the fp32 bytes). The OpenVINO int8 file is
+    measured as the runtime runs it (its float operations in bf16 on a CPU with native bf16).
 
     The deep part is compared with its fp32 file; the shallow part is compared with its fp32 file on the int8
     deep part's features, i.e. the whole int8 chain against the fp32 chain, which is what a generation runs.
     """
-    fp32_name, int8_name = quantize.FILES["onnx"]
+    fp32_name, int8_name = quantize.FILES[backend]
     src, dst = root / part / fp32_name, root / part / int8_name
-    quantize.onnx_dynamic_int8(src, dst)
+    floats = quantize.int8_float_precision() if backend == "openvino" else "f32"
+    if backend == "onnx":
+        quantize.onnx_dynamic_int8(src, dst)
+    else:
+        quantize.openvino_weights_int8(src, dst)
+    run_fp32 = verify.RUNNERS[backend]
+    run_int8 = functools.partial(verify.run_openvino, inference_precision=floats) if backend == "openvino" else run_fp32
     feeds = verify.verification_inputs(UNET, info, static)
     if part == deepcache.PARTS[1]:
         deep = root / deepcache.PARTS[0]
-        feeds = {**feeds, "deep_features": verify.run_onnxruntime(deep / fp32_name, feeds)["deep_features"]}
-        int8_feeds = {**feeds, "deep_features": verify.run_onnxruntime(deep / int8_name, feeds)["deep_features"]}
+        feeds = {**feeds, "deep_features": run_fp32(deep / fp32_name, feeds)["deep_features"]}
+        int8_feeds = {**feeds, "deep_features": run_int8(deep / int8_name, feeds)["deep_features"]}
     else:
         int8_feeds = feeds
-    measured = verify.measure(verify.run_onnxruntime(src, feeds), verify.run_onnxruntime(dst, int8_feeds), 1.0)
+    measured = verify.measure(run_fp32(src, feeds), run_int8(dst, int8_feeds), 1.0)
     gate = quantize.GATES[UNET].min_psnr_db
     passed = measured.psnr_db >= gate
     if not passed and not force:
         raise ParityError(
-            f"the int8 {part} reaches {measured.psnr_db} dB against fp32, under the UNet's {gate:g} dB gate; nothing was written. "
-            "Export fp32 only, or pass --force-int8 to keep int8 files below the gate")
+            f"the int8 {part} ({backend}) reaches {measured.psnr_db:.1f} dB against fp32, under the UNet's {gate:g} dB gate; nothing "
+            "was written. Export fp32 only, or pass --force-int8 to keep int8 files below the gate")
     entry = {k: v for k, v in measured.to_json().items() if k != "tolerance"}
-    return f"{part}/{int8_name}", {**entry, "min_psnr_db": gate, "passed": passed, "uses": "int8", "method": quantize.method(part, "onnx")}
+    extra = {"float_operations_in": floats} if backend == "openvino" else {}
+    return f"{part}/{int8_name}", {**entry, "min_psnr_db": gate, "passed": passed, "uses": "int8",
+                                   "method": quantize.method(part, backend), **extra}
+
+
+def deep_cache_parts_int8(root: Path, parts_by_backend: Mapping[str, Sequence[str]], info: comp.ModelInfo,
+                          static: Mapping[str, int] | None, force: bool) -> dict[str, dict[str, tuple[str, dict[str, Any]]]]:
+    """`deep_cache_int8` for each backend's deep-cache parts (deep before shallow: the shallow part's check reads the
+    int8 deep part); part -> backend -> (file, parity entry)."""
+    done: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {}
+    for backend, names in parts_by_backend.items():
+        for part in (p for p in deepcache.PARTS if p in names):
+            done.setdefault(part, {})[backend] = deep_cache_int8(root, part, info, static, force, backend)
+    return done
 
 
 def add_int8(folder: str | Path, backend: str = "onnx", size: int | None = None, force: bool = False,
@@ -151,10 +177,10 @@ def _quantize_and_merge(root: Path, manifest: dict[str, Any], names: list[str], 
             parity.setdefault(name, {}).setdefault(backend, {}).update(int8.parity[name].get(backend, {}))
     parity["pipeline"] = {**parity.get("pipeline", {}), **int8.parity["pipeline"]}
     int8_unet = int8.components.get(UNET, {}).get("onnx")
-    if "onnx" in backends:
-        for part in (n for n in names if n in comp.DEEP_CACHE_COMPONENTS and "onnx" in files[n]):
-            files[part]["onnx"]["int8"], parity.setdefault(part, {}).setdefault("onnx", {})["int8"] = deep_cache_int8(
-                root, part, info, static, force)
+    wanted = {b: [n for n in names if n in comp.DEEP_CACHE_COMPONENTS and b in files[n]] for b in backends}
+    for part, per_backend in deep_cache_parts_int8(root, wanted, info, static, force).items():
+        for backend, (rel, entry) in per_backend.items():
+            files[part][backend]["int8"], parity.setdefault(part, {}).setdefault(backend, {})["int8"] = rel, entry
     if "onnx" in (files.get(UNET_PARTS) or {}) and int8_unet and int8_unet.endswith(quantize.FILES["onnx"][1]):
         count = len(json.loads((root / files[UNET_PARTS]["onnx"]["fp32"]).read_text(encoding="utf-8"))["parts"])
         index, parity.setdefault(UNET_PARTS, {}).setdefault("onnx", {})["int8"] = parts.split_int8_unet(root / int8_unet, info, static, count)

@@ -17,7 +17,9 @@ What each backend gets:
               text_encoder,  int8 weights only (nncf.compress_weights, INT8_ASYM, per output channel).
               text_encoder_2 (SDXL),
               vae_encoder,
-              vae_decoder
+              vae_decoder,
+              unet_deep,     (the deep-cache parts, `sd-export --deep-cache`; `int8.deep_cache_int8` says why
+              unet_shallow   they are not calibrated like the UNet)
     ONNX      every model    onnxruntime dynamic quantization (UNet recipe "dynamic", the default): MatMul, Gemm and
                              embedding (Gather) weights int8 per output channel in a 7-bit range (reduce_range:
                              u8 x s8 products cannot saturate on CPUs without VNNI); activations are quantized at
@@ -560,7 +562,7 @@ def _quantize_and_measure(
         quantize_component(component, backend, source, dst, calibration, unet_recipe, onnx_recipe)
     gc.collect()
     # The int8 file as the runtime runs it: on OpenVINO its float operations in bf16 where the CPU has it natively.
-    floats = _int8_float_precision() if backend == "openvino" else "f32"
+    floats = int8_float_precision() if backend == "openvino" else "f32"
     figures = compare(reference, run_all(backend, dst, feeds, floats))
     gate = GATES[component]
     passed, uses, miss = figures["psnr_db"] >= gate.min_psnr_db, "int8", None
@@ -588,7 +590,7 @@ def compare_generations(root: Path, backend: str, reference: Recording, plan: Ru
     return {"latents": latents, "images": images}
 
 
-def _int8_float_precision() -> str:
+def int8_float_precision() -> str:
     """What the runtime computes an OpenVINO int8 file's float operations in on this machine."""
     from leansd.runtime.backends import INT8_FLOAT_PRECISION
     from leansd.runtime.backends.openvino import cpu_precision_hint

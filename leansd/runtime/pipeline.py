@@ -153,10 +153,10 @@ class Pipeline:
         """Settings checked against what this model folder can do."""
         where = f"{self.bundle.root} has no"
         if s.deep_cache > 1 and None in (self.models.denoiser.deep, self.models.denoiser.shallow):
-            raise ModelFolderError(
-                f"{where} {self.precision} deep-cache UNet parts for {self.backend}; "
-                "re-export it with sd-export --deep-cache, or leave deep_cache off"
-            )
+            fp32_only = self.precision == "int8" and self.bundle.has_component("unet_deep", self.backend)  # an older int8 export
+            raise ModelFolderError(f"{where} {self.precision} deep-cache UNet parts for {self.backend}; " + (
+                "its parts are fp32 only: run deep_cache with precision fp32 (or bf16), or export the folder again with sd-export"
+                if fp32_only else "re-export it with sd-export --deep-cache, or leave deep_cache off"))
         merged = self.models.denoiser.merged
         if s.token_merging and (merged is None or (s.deep_cache > 1 and None in (merged.deep, merged.shallow))):
             raise ModelFolderError(

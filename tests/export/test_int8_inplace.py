@@ -169,3 +169,24 @@ def test_sdxl_low_memory_streams_the_int8_unet_parts(sdxl_upgraded):
         pipe.close()
     # The parts run unfused int8 kernels, which round a little differently from the whole file's (see parts.split_int8_unet).
     assert _psnr(images[True], images[False]) > 30
+
+
+def test_an_openvino_upgrade_quantizes_the_deep_cache_parts(exported_tiny_sd_deepcache, tmp_path):
+    """In place as in a fresh export, OpenVINO's deep-cache parts get int8 weights; the fast mode then runs them."""
+    import leansd
+
+    folder = shutil.copytree(exported_tiny_sd_deepcache, tmp_path / "model")
+    done = _upgrade(folder, "--backend", "openvino", "--int8-unet", "weights")  # weights: no calibration, quick
+    assert done.returncode == 0, done.stderr
+    m = json.loads((folder / "leansd.json").read_text())
+    for part in ("unet_deep", "unet_shallow"):
+        assert m["components"][part]["openvino"]["int8"] == f"{part}/openvino_model_int8.xml"
+        assert "int8" not in m["components"][part]["onnx"]  # only the backend asked for
+        assert m["parity"][part]["openvino"]["int8"]["passed"]
+        assert {f"{part}/openvino_model_int8.xml", f"{part}/openvino_model_int8.bin"} <= set(m["files"])
+    pipe = leansd.load(folder, backend="openvino", precision="int8")
+    fast = pipe(**CALL, height=32, width=32, seed=3, deep_cache=2).images
+    assert pipe.models.denoiser.deep.session.open().path == folder / "unet_deep" / "openvino_model_int8.xml"
+    pipe.close()
+    exact = leansd.load(folder, backend="openvino")(**CALL, height=32, width=32, seed=3, deep_cache=2).images
+    assert 28 < _psnr(fast, exact) < float("inf")

@@ -135,6 +135,27 @@ def test_openvino_int8_computes_its_float_operations_in_bf16_where_the_cpu_has_i
     assert fp32._config["INFERENCE_PRECISION_HINT"] == "f32"  # fp32 stays exact
 
 
+@needs_torch
+@pytest.mark.slow
+def test_an_int8_folder_with_fp32_only_parts_names_the_precision_that_runs_deep_cache(int8_export, tmp_path):
+    """OpenVINO-only folders exported before the parts had OpenVINO int8 files (with ONNX files beside them, OpenVINO
+    reads the ONNX int8 parts): the error names the precision that works."""
+    import leansd
+    from leansd.runtime.errors import ModelFolderError
+
+    folder = tmp_path / "older"
+    shutil.copytree(int8_export, folder)
+    m = json.loads((folder / "leansd.json").read_text())
+    for part in ("unet_deep", "unet_shallow"):
+        for backend in ("openvino", "onnx"):
+            del m["components"][part][backend]["int8"]
+    (folder / "leansd.json").write_text(json.dumps(m))
+    pipe = leansd.load(folder, backend="openvino", precision="int8")
+    with pytest.raises(ModelFolderError, match=r"no int8 deep-cache UNet parts for openvino; its parts are fp32 only: run deep_cache with precision fp32"):
+        pipe("a lighthouse", num_inference_steps=2, deep_cache=2)
+    pipe.close()
+
+
 @pytest.fixture
 def fp32_copy(int8_export, tmp_path) -> Path:
     """The tiny export's fp32 ONNX files and configs, without leansd.json: what the int8 stage starts from."""
@@ -249,27 +270,43 @@ def test_int8_unet_streaming_parts_pass_the_int8_gate_and_run_in_low_memory_mode
 
 @needs_torch
 @pytest.mark.slow
-def test_int8_deep_cache_parts_pass_the_unet_gate_and_generate_close_to_fp32(int8_export):
+def test_int8_deep_cache_parts_pass_the_unet_gate_on_both_backends(int8_export):
+    """ONNX: dynamic int8, as its UNet; OpenVINO: int8 weights with float arithmetic (the parts are not calibrated)."""
     import onnx
-
-    import leansd
 
     m = json.loads((int8_export / "leansd.json").read_text())
     for part in ("unet_deep", "unet_shallow"):
-        assert m["components"][part]["onnx"]["int8"] == f"{part}/model_int8.onnx"
-        assert "int8" not in m["components"][part]["openvino"]  # OpenVINO's int8 UNet needs calibration: not for the parts
-        entry = m["parity"][part]["onnx"]["int8"]
-        assert entry["passed"] and entry["psnr_db"] >= entry["min_psnr_db"] == q.GATES["unet"].min_psnr_db
+        for backend in ("onnx", "openvino"):
+            assert m["components"][part][backend]["int8"] == f"{part}/{INT8_FILES[backend]}"
+            entry = m["parity"][part][backend]["int8"]
+            assert entry["passed"] and entry["psnr_db"] >= entry["min_psnr_db"] == q.GATES["unet"].min_psnr_db, (part, backend)
+            assert entry["method"] == q.method(part, backend)
         ops = [n.op_type for n in onnx.load(str(int8_export / part / "model_int8.onnx")).graph.node]
         assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+        ir = (int8_export / part / "openvino_model_int8.xml").read_text()
+        assert 'type="FakeQuantize"' not in ir and 'element_type="u8"' in ir
+        fp32, int8 = ((int8_export / part / f"{stem}.bin").stat().st_size for stem in ("openvino_model", "openvino_model_int8"))
+        assert int8 < fp32 / 2, part
+    assert m["parity"]["unet_shallow"]["openvino"]["int8"]["float_operations_in"] in ("f32", "bf16")
+
+
+@needs_torch
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_int8_deep_cache_opens_the_parts_int8_files_and_generates_close_to_fp32(int8_export, backend):
+    import leansd
+
     kwargs = dict(prompt="a red circle", num_inference_steps=6, height=32, width=32, seed=4, output_type="np",
                   deep_cache=3, guidance_cutoff=0.3)
-    images = {}
+    images, opened = {}, {}
     for precision in ("fp32", "int8"):
-        pipe = leansd.load(int8_export, backend="onnxruntime", precision=precision)
-        expected = INT8_FILES["onnx"] if precision == "int8" else FP32_FILES["onnx"]
-        assert pipe.bundle.component_file("unet_deep", "onnxruntime", precision).name == expected
+        pipe = leansd.load(int8_export, backend=backend, precision=precision)
         images[precision] = pipe(**kwargs).images
+        opened[precision] = [s.open().path.name for s in (pipe.models.denoiser.deep.session, pipe.models.denoiser.shallow.session)]
+        pipe.close()
+    files = FP32_FILES, INT8_FILES
+    for precision, names in zip(("fp32", "int8"), files):
+        assert opened[precision] == [names["onnx" if backend == "onnxruntime" else "openvino"]] * 2, opened
     diff = np.abs(images["int8"] - images["fp32"])
     psnr = 20 * np.log10(1.0 / np.sqrt(np.mean(diff**2)))
     assert diff.max() > 0 and psnr > 28, psnr
