@@ -209,7 +209,7 @@ def export(
                 int8_unet = int8.components.get("unet", {}).get("onnx")
                 dc_parts = [n for n in names if n in comp.DEEP_CACHE_COMPONENTS]
                 for part, per_backend in int8_stage.deep_cache_parts_int8(staging.path, {b: dc_parts for b in chosen}, info, static,
-                                                                         force_int8).items():
+                                                                         force_int8, progress).items():
                     for backend, (rel, entry) in per_backend.items():
                         files[part][backend]["int8"], parity[part][backend]["int8"] = rel, entry
                 if UNET_PARTS in parity and int8_unet:

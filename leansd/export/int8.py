@@ -113,13 +113,22 @@ def deep_cache_int8(root: Path, part: str, info: comp.ModelInfo, static: Mapping
 
 
 def deep_cache_parts_int8(root: Path, parts_by_backend: Mapping[str, Sequence[str]], info: comp.ModelInfo,
-                          static: Mapping[str, int] | None, force: bool) -> dict[str, dict[str, tuple[str, dict[str, Any]]]]:
+                          static: Mapping[str, int] | None, force: bool, progress: bool | None = False,
+                          desc: str = "sd-export int8") -> dict[str, dict[str, tuple[str, dict[str, Any]]]]:
     """`deep_cache_int8` for each backend's deep-cache parts (deep before shallow: the shallow part's check reads the
-    int8 deep part); part -> backend -> (file, parity entry)."""
+    int8 deep part), under a progress bar; part -> backend -> (file, parity entry)."""
+    todo = [(backend, part) for backend, names in parts_by_backend.items() for part in deepcache.PARTS if part in names]
     done: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {}
-    for backend, names in parts_by_backend.items():
-        for part in (p for p in deepcache.PARTS if p in names):
+    if not todo:
+        return done
+    bar = progress_bar(len(todo), desc, progress)
+    try:
+        for backend, part in todo:
+            bar.set_postfix_str(f"{part}: {backend} int8")
             done.setdefault(part, {})[backend] = deep_cache_int8(root, part, info, static, force, backend)
+            bar.update()
+    finally:
+        bar.close()
     return done
 
 
@@ -178,7 +187,7 @@ def _quantize_and_merge(root: Path, manifest: dict[str, Any], names: list[str], 
     parity["pipeline"] = {**parity.get("pipeline", {}), **int8.parity["pipeline"]}
     int8_unet = int8.components.get(UNET, {}).get("onnx")
     wanted = {b: [n for n in names if n in comp.DEEP_CACHE_COMPONENTS and b in files[n]] for b in backends}
-    for part, per_backend in deep_cache_parts_int8(root, wanted, info, static, force).items():
+    for part, per_backend in deep_cache_parts_int8(root, wanted, info, static, force, progress, f"{PROG} {root.name}").items():
         for backend, (rel, entry) in per_backend.items():
             files[part][backend]["int8"], parity.setdefault(part, {}).setdefault(backend, {})["int8"] = rel, entry
     if "onnx" in (files.get(UNET_PARTS) or {}) and int8_unet and int8_unet.endswith(quantize.FILES["onnx"][1]):
