@@ -74,11 +74,12 @@ def deep_cache_int8(root: Path, part: str, info: comp.ModelInfo, static: Mapping
                     force: bool, backend: str = "onnx") -> tuple[str, dict[str, Any]]:
     """The int8 variant of a deep-cache part for `backend`, held to the UNet's int8 gate.
 
-    ONNX gets dynamic int8, as its UNet. OpenVINO gets int8 weights with float arithmetic (NNCF weight compression),
-    not the UNet's calibrated hybrid recipe: the parts' calibration would need the recorded generations replayed
-    through the deep part and two more NNCF passes over a whole UNet (about 13 min each for SD 1.5 at 512x512 on
-    2 cores), while the weights alone give the memory saving (a quarter of the fp32 bytes). The OpenVINO int8 file is
-    measured as the runtime runs it (its float operations in bf16 on a CPU with native bf16).
+    ONNX gets dynamic int8, as its UNet (int8 MatMul weights, activations quantized at run time, convolutions float).
+    OpenVINO gets the hybrid recipe's uncalibrated half: int8 MatMul and embedding weights, float convolutions
+    (`quantize.openvino_matmul_weights_int8` says why not every weight). Calibrating the convolutions as the UNet's
+    recipe does would need the recorded generations replayed through the deep part and two more NNCF passes over a
+    whole UNet (about 13 min each for SD 1.5 at 512x512 on 2 cores). The OpenVINO int8 file is measured as the runtime
+    runs it (its float operations in bf16 on a CPU with native bf16).
 
     The deep part is compared with its fp32 file; the shallow part is compared with its fp32 file on the int8
     deep part's features, i.e. the whole int8 chain against the fp32 chain, which is what a generation runs.
@@ -89,7 +90,7 @@ def deep_cache_int8(root: Path, part: str, info: comp.ModelInfo, static: Mapping
     if backend == "onnx":
         quantize.onnx_dynamic_int8(src, dst)
     else:
-        quantize.openvino_weights_int8(src, dst)
+        quantize.openvino_matmul_weights_int8(src, dst)
     run_fp32 = verify.RUNNERS[backend]
     run_int8 = functools.partial(verify.run_openvino, inference_precision=floats) if backend == "openvino" else run_fp32
     feeds = verify.verification_inputs(UNET, info, static)

@@ -17,9 +17,9 @@ What each backend gets:
               text_encoder,  int8 weights only (nncf.compress_weights, INT8_ASYM, per output channel).
               text_encoder_2 (SDXL),
               vae_encoder,
-              vae_decoder,
-              unet_deep,     (the deep-cache parts, `sd-export --deep-cache`; `int8.deep_cache_int8` says why
-              unet_shallow   they are not calibrated like the UNet)
+              vae_decoder
+              unet_deep,     int8 MatMul/embedding weights only, convolutions float: the hybrid recipe's
+              unet_shallow   uncalibrated half (`openvino_matmul_weights_int8`, `int8.deep_cache_int8` say why).
     ONNX      every model    onnxruntime dynamic quantization (UNet recipe "dynamic", the default): MatMul, Gemm and
                              embedding (Gather) weights int8 per output channel in a 7-bit range (reduce_range:
                              u8 x s8 products cannot saturate on CPUs without VNNI); activations are quantized at
@@ -332,6 +332,29 @@ def openvino_weights_int8(src: Path, dst: Path) -> None:
     ov.save_model(model, str(dst), compress_to_fp16=False)
 
 
+def _compress_matmul_weights(model: Any) -> Any:
+    """The model with int8 weights (asymmetric, per output channel) in its MatMuls and embeddings; convolutions untouched."""
+    import nncf
+
+    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
+
+
+def openvino_matmul_weights_int8(src: Path, dst: Path) -> None:
+    """int8 weights for the MatMuls and embeddings only (the hybrid recipe's weight-only half, no calibration); the
+    convolutions keep their float weights.
+
+    OpenVINO's CPU plugin keeps int8 MatMul weights as they are and widens them inside its kernels, but expands int8
+    convolution weights into a float copy when it compiles. On the SD 1.5 UNet's deep-cache part (batch 2, 512x512,
+    Zen 4, no page release; perf/README.md), against the fp32 file: every weight int8 took compiling from 3.2 to 12.9 s
+    (bf16) and left 3 GB of expanded weights resident; MatMul weights alone compiled in 2.2 s, peaked at 4.14 GB against
+    5.13 GB (bf16) and 5.34 against 6.84 GB (f32), and ran a call as fast (bf16) or faster (f32: 7.2 against 8.3 s)."""
+    import openvino as ov
+
+    with _quiet_nncf():
+        model = _compress_matmul_weights(ov.Core().read_model(str(src)))
+    ov.save_model(model, str(dst), compress_to_fp16=False)
+
+
 def openvino_hybrid_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> None:
     """MatMul/embedding weights to int8 (weights only); then convolutions etc. quantized, weights and activations."""
     import nncf
@@ -342,7 +365,7 @@ def openvino_hybrid_int8(src: Path, dst: Path, calibration: list[dict[str, np.nd
         model = ov.Core().read_model(str(src))
         weight_only = _weighted_matmuls(model)
         float_convs = _input_convolutions(model)
-        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
+        model = _compress_matmul_weights(model)
         model = nncf.quantize(
             model,
             nncf.Dataset(calibration),
@@ -391,6 +414,8 @@ def method(component: str, backend: str, unet_recipe: str = "hybrid", onnx_recip
         return "onnxruntime dynamic: MatMul/Gemm/Gather weights int8 per channel (7-bit), activations quantized at run time"
     if component == "unet" and unet_recipe == "hybrid":
         return "NNCF hybrid: MatMul/embedding weights int8; other ops int8 weights and activations (calibrated); conv_in float"
+    if component in comp.DEEP_CACHE_COMPONENTS:
+        return "NNCF weight compression of MatMul/embedding weights: int8 asymmetric, per output channel; convolutions float"
     return "NNCF weight compression: int8 asymmetric, per output channel"
 
 

@@ -271,8 +271,9 @@ def test_int8_unet_streaming_parts_pass_the_int8_gate_and_run_in_low_memory_mode
 @needs_torch
 @pytest.mark.slow
 def test_int8_deep_cache_parts_pass_the_unet_gate_on_both_backends(int8_export):
-    """ONNX: dynamic int8, as its UNet; OpenVINO: int8 weights with float arithmetic (the parts are not calibrated)."""
+    """ONNX: dynamic int8, as its UNet; OpenVINO: int8 MatMul weights, float arithmetic (the parts are not calibrated)."""
     import onnx
+    import openvino as ov
 
     m = json.loads((int8_export / "leansd.json").read_text())
     for part in ("unet_deep", "unet_shallow"):
@@ -284,9 +285,14 @@ def test_int8_deep_cache_parts_pass_the_unet_gate_on_both_backends(int8_export):
         ops = [n.op_type for n in onnx.load(str(int8_export / part / "model_int8.onnx")).graph.node]
         assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
         ir = (int8_export / part / "openvino_model_int8.xml").read_text()
-        assert 'type="FakeQuantize"' not in ir and 'element_type="u8"' in ir
+        assert 'type="FakeQuantize"' not in ir and 'element_type="u8"' in ir  # int8 weights, float activations
+        # Convolutions keep float weights: OpenVINO's CPU plugin would expand int8 ones into a float copy at compile time.
+        model = ov.Core().read_model(str(int8_export / part / "openvino_model_int8.xml"))
+        convolutions = [op for op in model.get_ops() if op.get_type_name() == "Convolution"]
+        assert convolutions and all(op.input_value(1).get_node().get_type_name() == "Constant"
+                                    and op.input_value(1).get_element_type() == ov.Type.f32 for op in convolutions), part
         fp32, int8 = ((int8_export / part / f"{stem}.bin").stat().st_size for stem in ("openvino_model", "openvino_model_int8"))
-        assert int8 < fp32 / 2, part
+        assert int8 < fp32, part
     assert m["parity"]["unet_shallow"]["openvino"]["int8"]["float_operations_in"] in ("f32", "bf16")
 
 
