@@ -107,6 +107,28 @@ def test_previews_decode_every_step_estimate_like_autoencoder_tiny(taesd_dir, pi
         pipe.preview(np.zeros((1, 3, 4, 4), np.float32))
 
 
+@pytest.mark.slow
+def test_an_openvino_int8_run_decodes_with_the_int8_files_float_precision(exported_with_tiny_vae, tmp_path):
+    """The tiny decoder has fp32 files only; an int8 run computes it as the int8 files' float operations (bf16 where
+    the CPU has it natively, else f32), and the image stays close to the exact run's."""
+    import shutil
+
+    from leansd.export.int8 import add_int8
+    from leansd.runtime import cpu_features
+
+    folder = shutil.copytree(exported_with_tiny_vae, tmp_path / "model")
+    add_int8(folder, backend="openvino", unet_recipe="weights", progress=False)  # weights: no calibration, quick
+    images = {}
+    for precision in ("fp32", "int8"):
+        pipe = leansd.load(folder, backend="openvino", precision=precision, tiny_vae=True)
+        images[precision] = pipe(PROMPT, num_inference_steps=3, height=32, width=32, seed=5, output_type="np").images
+        hint = pipe.models.tiny_vae_decoder.session.open()._config["INFERENCE_PRECISION_HINT"]
+        assert hint == ("bf16" if precision == "int8" and cpu_features.openvino_bf16() else "f32"), (precision, hint)
+        pipe.close()
+    psnr = 20 * np.log10(1.0 / np.sqrt(np.mean((images["int8"] - images["fp32"]) ** 2)))
+    assert psnr > 28, psnr
+
+
 def test_folders_without_a_tiny_decoder_say_how_to_get_one(exported_tiny_sd):
     with pytest.raises(ModelFolderError, match="--tiny-vae"):
         leansd.load(exported_tiny_sd, backend="onnxruntime", tiny_vae=True)
