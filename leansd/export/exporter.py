@@ -207,11 +207,7 @@ def export(
                     parity[name] = {b: {**parity[name][b], **int8.parity[name].get(b, {})} for b in parity[name]}
                 parity["pipeline"] = int8.parity["pipeline"]
                 int8_unet = int8.components.get("unet", {}).get("onnx")
-                dc_parts = [n for n in names if n in comp.DEEP_CACHE_COMPONENTS]
-                for part, per_backend in int8_stage.deep_cache_parts_int8(staging.path, {b: dc_parts for b in chosen}, info, static,
-                                                                         force_int8, progress).items():
-                    for backend, (rel, entry) in per_backend.items():
-                        files[part][backend]["int8"], parity[part][backend]["int8"] = rel, entry
+                int8_stage.deep_cache_parts_int8(staging.path, files, parity, chosen, info, static, force_int8, progress)
                 if UNET_PARTS in parity and int8_unet:
                     count = parity[UNET_PARTS]["onnx"]["fp32"]["parts"]
                     index, parity[UNET_PARTS]["onnx"]["int8"] = parts.split_int8_unet(staging.path / int8_unet, info, static, count)

@@ -113,24 +113,24 @@ def deep_cache_int8(root: Path, part: str, info: comp.ModelInfo, static: Mapping
                                    "method": quantize.method(part, backend), **extra}
 
 
-def deep_cache_parts_int8(root: Path, parts_by_backend: Mapping[str, Sequence[str]], info: comp.ModelInfo,
-                          static: Mapping[str, int] | None, force: bool, progress: bool | None = False,
-                          desc: str = "sd-export int8") -> dict[str, dict[str, tuple[str, dict[str, Any]]]]:
-    """`deep_cache_int8` for each backend's deep-cache parts (deep before shallow: the shallow part's check reads the
-    int8 deep part), under a progress bar; part -> backend -> (file, parity entry)."""
-    todo = [(backend, part) for backend, names in parts_by_backend.items() for part in deepcache.PARTS if part in names]
-    done: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {}
+def deep_cache_parts_int8(root: Path, files: dict[str, Any], parity: dict[str, Any], backends: Sequence[str],
+                          info: comp.ModelInfo, static: Mapping[str, int] | None, force: bool, progress: bool | None = False,
+                          desc: str = "sd-export int8") -> None:
+    """`deep_cache_int8` for every deep-cache part that `files` (the manifest's components) lists for each of
+    `backends`, under a progress bar; each int8 file and parity entry is recorded in `files` and `parity` where a
+    fresh export puts them. The deep part goes first: the shallow part's check reads the int8 deep part."""
+    todo = [(backend, part) for backend in backends for part in deepcache.PARTS if backend in (files.get(part) or {})]
     if not todo:
-        return done
+        return
     bar = progress_bar(len(todo), desc, progress)
     try:
         for backend, part in todo:
             bar.set_postfix_str(f"{part}: {backend} int8")
-            done.setdefault(part, {})[backend] = deep_cache_int8(root, part, info, static, force, backend)
+            files[part][backend]["int8"], parity.setdefault(part, {}).setdefault(backend, {})["int8"] = deep_cache_int8(
+                root, part, info, static, force, backend)
             bar.update()
     finally:
         bar.close()
-    return done
 
 
 def add_int8(folder: str | Path, backend: str = "onnx", size: int | None = None, force: bool = False,
@@ -187,10 +187,7 @@ def _quantize_and_merge(root: Path, manifest: dict[str, Any], names: list[str], 
             parity.setdefault(name, {}).setdefault(backend, {}).update(int8.parity[name].get(backend, {}))
     parity["pipeline"] = {**parity.get("pipeline", {}), **int8.parity["pipeline"]}
     int8_unet = int8.components.get(UNET, {}).get("onnx")
-    wanted = {b: [n for n in names if n in comp.DEEP_CACHE_COMPONENTS and b in files[n]] for b in backends}
-    for part, per_backend in deep_cache_parts_int8(root, wanted, info, static, force, progress, f"{PROG} {root.name}").items():
-        for backend, (rel, entry) in per_backend.items():
-            files[part][backend]["int8"], parity.setdefault(part, {}).setdefault(backend, {})["int8"] = rel, entry
+    deep_cache_parts_int8(root, files, parity, backends, info, static, force, progress, f"{PROG} {root.name}")
     if "onnx" in (files.get(UNET_PARTS) or {}) and int8_unet and int8_unet.endswith(quantize.FILES["onnx"][1]):
         count = len(json.loads((root / files[UNET_PARTS]["onnx"]["fp32"]).read_text(encoding="utf-8"))["parts"])
         index, parity.setdefault(UNET_PARTS, {}).setdefault("onnx", {})["int8"] = parts.split_int8_unet(root / int8_unet, info, static, count)
