@@ -94,8 +94,8 @@ def export_model(
             cheaper. SD 1.x/2.x and SDXL (merged at SDXL's second level, its first has no attention);
             see `leansd.export.token_merging`.
         int8_unet: how the OpenVINO UNet's int8 file is made, with `precisions` "fp32,int8": "hybrid" (int8
-            weights, and calibrated int8 activations in the convolutions), "weights" (int8 weights only, float
-            arithmetic, no calibration) or "auto" (default: hybrid below 1 B parameters, weights from there, i.e.
+            weights, and calibrated int8 activations in the convolutions), "weights" (int8 matrix-product
+            weights only, convolutions and arithmetic float, no calibration) or "auto" (default: hybrid below 1 B parameters, weights from there, i.e.
             for SDXL). See `leansd.export.quantize`.
         int8_unet_onnx: how the ONNX UNet's int8 file is made: "dynamic" (default: int8 matrix-product weights,
             activations quantized at run time, closest to fp32) or "static" (int8 activations too, convolutions

@@ -9,11 +9,13 @@ What each backend gets:
                              latents (conv_in) stays float: on the test models it was the largest single error
                              (its input's scale follows the noise level), for a negligible share of the compute;
                              keeping it float raised the UNet's PSNR by 2-8 dB.
-                             Recipe "weights": int8 weights only, every weighted op (convolutions too), float
-                             arithmetic; no calibration. "auto" (the default) picks it for UNets of 1 B parameters
-                             or more (SDXL's 2.6 B): calibrating one records and runs a 10 GB model over dozens
-                             of calls at full size, hours on a small CPU; weights-only int8 still cuts its weights
-                             (file, memory) by 4x. Optimum Intel's default export draws the same 1 B line.
+                             Recipe "weights": int8 MatMul and embedding weights only, convolutions float, float
+                             arithmetic; no calibration (`openvino_matmul_weights_int8`, as the deep-cache parts).
+                             "auto" (the default) picks it for UNets of 1 B parameters or more (SDXL's 2.6 B, 87 %
+                             of it in matrix products): calibrating one records and runs a 10 GB model over dozens
+                             of calls at full size, hours on a small CPU. Optimum Intel's default export draws the
+                             same 1 B line but gives the convolutions int8 weights too, which OpenVINO's CPU plugin
+                             expands into a float copy at compile time (perf/README.md, SDXL section, measured).
               text_encoder,  int8 weights only (nncf.compress_weights, INT8_ASYM, per output channel).
               text_encoder_2 (SDXL),
               vae_encoder,
@@ -109,8 +111,8 @@ STATIC_CALIBRATION_CALLS = 10
 UNET_RECIPES = ("auto", "hybrid", "weights")  # how the OpenVINO UNet's int8 file is made (see the module docstring)
 LARGE_UNET_PARAMETERS = 1_000_000_000  # "auto" quantizes UNets this large weights-only
 UNET_RECIPE_HELP = ("how the OpenVINO UNet's int8 file is made: hybrid (int8 weights, and int8 activations in the convolutions, "
-                    "calibrated on generations: slow for big models), weights (int8 weights only, float arithmetic, no "
-                    "calibration: minutes), auto (default): hybrid below 1 B parameters, weights from there (SDXL)")
+                    "calibrated on generations: slow for big models), weights (int8 matrix-product weights only, convolutions and "
+                    "arithmetic float, no calibration: minutes), auto (default): hybrid below 1 B parameters, weights from there (SDXL)")
 ONNX_UNET_RECIPES = ("dynamic", "static")  # how the ONNX UNet's int8 file is made (see the module docstring)
 ONNX_UNET_RECIPE_HELP = ("how the ONNX UNet's int8 file is made: dynamic (default: int8 matrix-product weights, activations "
                          "quantized at run time, convolutions float; closest to fp32) or static (int8 activations too, in the "
@@ -414,7 +416,7 @@ def method(component: str, backend: str, unet_recipe: str = "hybrid", onnx_recip
         return "onnxruntime dynamic: MatMul/Gemm/Gather weights int8 per channel (7-bit), activations quantized at run time"
     if component == "unet" and unet_recipe == "hybrid":
         return "NNCF hybrid: MatMul/embedding weights int8; other ops int8 weights and activations (calibrated); conv_in float"
-    if component in comp.DEEP_CACHE_COMPONENTS:
+    if component in ("unet", *comp.DEEP_CACHE_COMPONENTS):  # the UNet's "weights" recipe and the deep-cache parts
         return "NNCF weight compression of MatMul/embedding weights: int8 asymmetric, per output channel; convolutions float"
     return "NNCF weight compression: int8 asymmetric, per output channel"
 
@@ -439,6 +441,8 @@ def quantize_component(component: str, backend: str, src: Path, dst: Path, calib
         onnx_dynamic_int8(src, dst)
     elif component == "unet" and unet_recipe == "hybrid":
         openvino_hybrid_int8(src, dst, calibration)
+    elif component == "unet":
+        openvino_matmul_weights_int8(src, dst)
     else:
         openvino_weights_int8(src, dst)
 

@@ -1,6 +1,6 @@
-"""The OpenVINO UNet's int8 recipe: "hybrid" (calibrated activations in the convolutions) or "weights" (int8 weights
-only, no calibration), chosen by `--int8-unet`, and by "auto" from the UNet's size (weights-only from 1 B parameters:
-SDXL)."""
+"""The OpenVINO UNet's int8 recipe: "hybrid" (calibrated activations in the convolutions) or "weights" (int8
+matrix-product weights only, convolutions float, no calibration), chosen by `--int8-unet`, and by "auto" from the
+UNet's size (weights-only from 1 B parameters: SDXL)."""
 from __future__ import annotations
 
 import json
@@ -54,18 +54,21 @@ def test_an_unknown_recipe_is_refused_before_exporting(tmp_path, tiny_sd_dir):
     assert done.returncode == 2 and "invalid choice: 'fp8'" in done.stderr
 
 
-def _compressed_convolutions(xml: Path) -> tuple[int, int]:
-    """(convolutions whose weights are stored as 8-bit integers, all convolutions) in an IR."""
+def _compressed(xml: Path, op_type: str) -> tuple[int, int]:
+    """(`op_type` ops whose constant weights are stored as 8-bit integers, `op_type` ops with constant weights) in an IR."""
     import openvino as ov
 
-    def stored_type(port) -> str:
+    def stored_type(port) -> str | None:
         node = port.get_node()
         while node.get_type_name() != "Constant" and node.get_input_size():
+            if node.get_type_name() not in ("Convert", "Subtract", "Multiply", "Reshape", "Transpose"):
+                return None  # an activation, not a stored weight
             node = node.input_value(0).get_node()  # through Convert, Subtract (zero point), Multiply (scale), Reshape
-        return str(node.get_element_type())
+        return str(node.get_element_type()) if node.get_type_name() == "Constant" else None
 
-    convs = [op for op in ov.Core().read_model(str(xml)).get_ops() if op.get_type_name() == "Convolution"]
-    return sum(stored_type(op.input_value(1)) in ("<Type: 'uint8_t'>", "<Type: 'int8_t'>") for op in convs), len(convs)
+    ops = [op for op in ov.Core().read_model(str(xml)).get_ops() if op.get_type_name() == op_type]
+    weights = [t for t in (stored_type(op.input_value(1)) for op in ops) if t is not None]
+    return sum(t in ("<Type: 'uint8_t'>", "<Type: 'int8_t'>") for t in weights), len(weights)
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +95,14 @@ def test_weights_only_unet_is_recorded_gated_and_not_calibrated(weights_only):
     assert m["components"]["unet"]["openvino"]["int8"] == "unet/openvino_model_int8.xml"
     ir = weights_only / "unet" / "openvino_model_int8.xml"
     assert 'type="FakeQuantize"' not in ir.read_text()  # no quantized activations
-    compressed, convolutions = _compressed_convolutions(ir)
-    assert convolutions > 0 and compressed == convolutions  # the convolutions' weights too, unlike the hybrid's conv_in
-    assert _compressed_convolutions(weights_only / "unet" / "openvino_model.xml")[0] == 0
+    # int8 matrix-product weights; convolutions keep float ones, which OpenVINO would expand into a float copy
+    compressed, matmuls = _compressed(ir, "MatMul")
+    assert matmuls > 0 and compressed == matmuls
+    compressed, convolutions = _compressed(ir, "Convolution")
+    assert convolutions > 0 and compressed == 0
+    assert _compressed(weights_only / "unet" / "openvino_model.xml", "MatMul")[0] == 0
     fp32, int8 = ((weights_only / "unet" / f"{stem}.bin").stat().st_size for stem in ("openvino_model", "openvino_model_int8"))
-    assert int8 < fp32 / 3
+    assert int8 < fp32
 
 
 @needs_torch
