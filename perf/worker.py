@@ -125,7 +125,13 @@ class LeansdPeer:
         return self.np.asarray(out.images, dtype=self.np.float32)
 
     def precision(self) -> dict:
-        return {"precision": self.pipe.precision, "precision_reason": self.pipe.precision_reason}
+        precision = self.pipe.precision
+        if precision == "int8" and self.pipe.backend == "openvino":
+            # OpenVINO int8 files keep float operations (all of them in weight-only files), run in bf16 where native.
+            from leansd.runtime.backends.openvino import cpu_precision_hint
+
+            precision = f"int8 weights, {cpu_precision_hint('bf16-if-native')} float operations"
+        return {"precision": precision, "precision_reason": self.pipe.precision_reason}
 
     def micro(self, run: dict):
         """(text encoder, UNet, VAE decode) callables on fixed inputs, as the pipeline feeds them."""
