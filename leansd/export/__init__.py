@@ -95,8 +95,8 @@ def export_model(
             see `leansd.export.token_merging`.
         int8_unet: how the OpenVINO UNet's int8 file is made, with `precisions` "fp32,int8": "hybrid" (int8
             weights, and calibrated int8 activations in the convolutions), "weights" (int8 matrix-product
-            weights only, convolutions and arithmetic float, no calibration) or "auto" (default: hybrid below 1 B parameters, weights from there, i.e.
-            for SDXL). See `leansd.export.quantize`.
+            weights only, convolutions and arithmetic float, no calibration) or "auto" (default: hybrid below 1 B
+            parameters, weights from there, i.e. for SDXL). See `leansd.export.quantize`.
         int8_unet_onnx: how the ONNX UNet's int8 file is made: "dynamic" (default: int8 matrix-product weights,
             activations quantized at run time, closest to fp32) or "static" (int8 activations too, convolutions
             included, calibrated: about twice fp32's speed on CPUs with VNNI or AMX, about 30 dB from fp32; UNets

@@ -87,10 +87,7 @@ def deep_cache_int8(root: Path, part: str, info: comp.ModelInfo, static: Mapping
     fp32_name, int8_name = quantize.FILES[backend]
     src, dst = root / part / fp32_name, root / part / int8_name
     floats = quantize.int8_float_precision() if backend == "openvino" else "f32"
-    if backend == "onnx":
-        quantize.onnx_dynamic_int8(src, dst)
-    else:
-        quantize.openvino_matmul_weights_int8(src, dst)
+    quantize.quantize_component(part, backend, src, dst, calibration=[])  # not calibrated: see above
     run_fp32 = verify.RUNNERS[backend]
     run_int8 = functools.partial(verify.run_openvino, inference_precision=floats) if backend == "openvino" else run_fp32
     feeds = verify.verification_inputs(UNET, info, static)

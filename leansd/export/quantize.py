@@ -111,8 +111,9 @@ STATIC_CALIBRATION_CALLS = 10
 UNET_RECIPES = ("auto", "hybrid", "weights")  # how the OpenVINO UNet's int8 file is made (see the module docstring)
 LARGE_UNET_PARAMETERS = 1_000_000_000  # "auto" quantizes UNets this large weights-only
 UNET_RECIPE_HELP = ("how the OpenVINO UNet's int8 file is made: hybrid (int8 weights, and int8 activations in the convolutions, "
-                    "calibrated on generations: slow for big models), weights (int8 matrix-product weights only, convolutions and "
-                    "arithmetic float, no calibration: minutes), auto (default): hybrid below 1 B parameters, weights from there (SDXL)")
+                    "calibrated on generations: slow for big models), weights (int8 matrix-product weights only, "
+                    "convolutions and arithmetic float, no calibration: minutes), auto (default): hybrid below 1 B "
+                    "parameters, weights from there (SDXL)")
 ONNX_UNET_RECIPES = ("dynamic", "static")  # how the ONNX UNet's int8 file is made (see the module docstring)
 ONNX_UNET_RECIPE_HELP = ("how the ONNX UNet's int8 file is made: dynamic (default: int8 matrix-product weights, activations "
                          "quantized at run time, convolutions float; closest to fp32) or static (int8 activations too, in the "
@@ -435,13 +436,15 @@ def _static_source(src: Path) -> contextlib.AbstractContextManager[Path]:
 
 def quantize_component(component: str, backend: str, src: Path, dst: Path, calibration: list[dict[str, np.ndarray]],
                        unet_recipe: str = "hybrid", onnx_recipe: str = "dynamic") -> None:
+    """Write `component`'s int8 file `dst` from its fp32 file `src` by the backend's recipe (the module docstring;
+    `method` names it); only the calibrated recipes read `calibration`."""
     if backend == "onnx" and component == "unet" and onnx_recipe == "static":
         onnx_static_int8(src, dst, calibration)
     elif backend == "onnx":
         onnx_dynamic_int8(src, dst)
     elif component == "unet" and unet_recipe == "hybrid":
         openvino_hybrid_int8(src, dst, calibration)
-    elif component == "unet":
+    elif component in ("unet", *comp.DEEP_CACHE_COMPONENTS):  # the "weights" recipe and the deep-cache parts, as `method`
         openvino_matmul_weights_int8(src, dst)
     else:
         openvino_weights_int8(src, dst)
