@@ -7,7 +7,7 @@
 # How: QEMU's user-mode emulator runs the command with the CPUID of its EPYC-Milan model, so numpy, PyTorch,
 # ONNX Runtime and OpenVINO dispatch to their AVX2 kernels, and a private mount namespace shows the command a
 # /proc/cpuinfo without the AVX-512, VNNI, AMX, bf16 and GFNI flags, so leansd's own CPU detection agrees.
-# Needs root (for the mount namespace) and Debian's qemu-user (`apt-get install qemu-user`).
+# Needs root (for the mount namespace) and QEMU 10 or newer (Debian 12: `apt-get install -t bookworm-backports qemu-user`).
 # Limit: programs the command starts run natively (QEMU follows no exec), so keep to in-process tests.
 set -euo pipefail
 if [ $# -eq 0 ]; then
@@ -15,7 +15,14 @@ if [ $# -eq 0 ]; then
   exit 2
 fi
 if ! command -v qemu-x86_64 >/dev/null 2>&1; then
-  echo "qemu-x86_64 not found; install it with: apt-get install qemu-user" >&2
+  echo "qemu-x86_64 not found; install QEMU 10 or newer (Debian 12: apt-get install -t bookworm-backports qemu-user)" >&2
+  exit 2
+fi
+# QEMU 7.2 (Debian 12's own) mis-emulates AVX2 code OpenVINO generates: a static-shape Tanh came out wrong by up to
+# 0.9, or crashed. 10.0 computes it right; versions in between were not checked.
+qemu_major=$(qemu-x86_64 --version | sed -n 's/^qemu-x86_64 version \([0-9]*\)\..*/\1/p' | head -n 1)
+if [ "${qemu_major:-0}" -lt 10 ]; then
+  echo "$(qemu-x86_64 --version | head -n 1) mis-emulates AVX2 code (OpenVINO's results come out wrong); install QEMU 10 or newer (Debian 12: apt-get install -t bookworm-backports qemu-user)" >&2
   exit 2
 fi
 if [ "$(id -u)" != 0 ]; then
