@@ -116,3 +116,38 @@ def test_compiled_models_give_back_the_mapped_weight_pages(tmp_path, monkeypatch
     for name, value in session.run(feeds).items():  # the same results, before and after pages come back
         np.testing.assert_array_equal(value, first[name])
         np.testing.assert_array_equal(value, expected[name])
+
+
+@pytest.mark.parametrize("cap", [None, "AVX2"])
+def test_a_kernel_openvino_cannot_build_is_reported_with_its_reason_and_the_fix(monkeypatch, cap):
+    """OpenVINO reports a kernel it cannot build (as under ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU, for int8-compressed
+    weights) only when it compiles or runs: the error keeps its reason, drops OpenVINO's source-file lines, and names
+    the fix, the cap when one is set."""
+    from leansd.runtime.backends import openvino as backend
+
+    real = backend.core()
+    message = ("Exception from src/inference/src/cpp/infer_request.cpp:224:\nException from src/plugins/intel_cpu/src/node.cpp:823:\n"
+               "[CPU] FullyConnectedCompressed node with name 'fc' could not create a primitive descriptor.\n")
+
+    class FailingCore:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def compile_model(self, model, *args, **kwargs):
+            raise RuntimeError(message)
+
+    if cap:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    else:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(backend, "core", lambda: FailingCore())
+    pipe = leansd.load(backend="openvino")
+    with pytest.raises(leansd.LeanSDError) as caught:
+        pipe(**KWARGS)
+    text = str(caught.value)
+    assert "[CPU] FullyConnectedCompressed node with name 'fc' could not create a primitive descriptor." in text
+    assert "Exception from" not in text
+    if cap:
+        assert "ONEDNN_MAX_CPU_ISA=AVX2" in text and "unset ONEDNN_MAX_CPU_ISA" in text
+    else:
+        assert "--backend onnxruntime" in text and "ONEDNN_MAX_CPU_ISA" not in text

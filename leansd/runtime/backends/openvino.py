@@ -152,12 +152,26 @@ class OpenVinoSession(Session):
             # Compiling, and the first inference of a model compiled for a batch range, copy the weights out of the
             # mapped file; on the CPU the compiled model then holds its own copy, so the file's pages are let go.
             with file_pages.released_while(*self._mapped_folders) if fresh and self.device == "CPU" else nullcontext():
-                if fresh:
-                    self._compile(key)
-                compiled, request = self._compiled.pop(key)
-                self._compiled[key] = (compiled, request)
-                result = request.infer(feeds, share_inputs=True)
+                try:
+                    if fresh:
+                        self._compile(key)
+                    compiled, request = self._compiled.pop(key)
+                    self._compiled[key] = (compiled, request)
+                    result = request.infer(feeds, share_inputs=True)
+                except RuntimeError as exc:  # OpenVINO reports a kernel it cannot build only here
+                    raise self._failure(exc) from exc
             return {spec.name: np.array(result[port], copy=True) for port, spec in zip(compiled.outputs, self.outputs)}
+
+    def _failure(self, exc: RuntimeError) -> BackendError:
+        # OpenVINO nests "Exception from <source file>" lines above the message that says what went wrong.
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip() and not line.startswith("Exception from"))
+        cap = cpu_features.isa_cap()
+        if cap and self.device == "CPU":
+            return BackendError(f"OpenVINO could not run {self.path} with ONEDNN_MAX_CPU_ISA={cap} set ({reason}); the cap "
+                                "withholds kernels OpenVINO chose for this CPU (int8-compressed weights need some): unset "
+                                "ONEDNN_MAX_CPU_ISA, or use precision fp32")
+        return BackendError(f"OpenVINO could not run {self.path} on {self.device} ({reason}); re-export the model with "
+                            "sd-export, or use the other backend (--backend onnxruntime)")
 
     def _compile(self, key: ShapeKey) -> None:
         while len(self._compiled) >= self._keep:  # free the oldest before building the next one
