@@ -22,7 +22,7 @@ fi
 # 0.9, or crashed. 10.0 computes it right; versions in between were not checked.
 qemu_major=$(qemu-x86_64 --version | sed -n 's/^qemu-x86_64 version \([0-9]*\)\..*/\1/p' | head -n 1)
 if [ "${qemu_major:-0}" -lt 10 ]; then
-  echo "$(qemu-x86_64 --version | head -n 1) mis-emulates AVX2 code (OpenVINO's results come out wrong); install QEMU 10 or newer (Debian 12: apt-get install -t bookworm-backports qemu-user)" >&2
+  echo "$(qemu-x86_64 --version | head -n 1) is older than 10.0, the first QEMU seen to run OpenVINO's AVX2 code right (7.2 got it wrong); install QEMU 10 or newer (Debian 12: apt-get install -t bookworm-backports qemu-user)" >&2
   exit 2
 fi
 if [ "$(id -u)" != 0 ]; then
