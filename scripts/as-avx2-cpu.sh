@@ -11,7 +11,11 @@
 # Limit: programs the command starts run natively (QEMU follows no exec), so keep to in-process tests.
 set -euo pipefail
 if [ $# -eq 0 ]; then
-  echo "usage: $0 COMMAND [ARGS...]" >&2
+  echo "usage: $0 COMMAND [ARGS...]   or   $0 --check (exit 0 when commands can run here, else say why)" >&2
+  exit 2
+fi
+if [ "$(uname -m)" != x86_64 ]; then
+  echo "$0 emulates an x86-64 CPU on an x86-64 machine; this one is $(uname -m)" >&2
   exit 2
 fi
 if ! command -v qemu-x86_64 >/dev/null 2>&1; then
@@ -28,6 +32,14 @@ fi
 if [ "$(id -u)" != 0 ]; then
   echo "$0 needs root (it mounts a private /proc/cpuinfo); run it as root" >&2
   exit 2
+fi
+# Some containers forbid new mount namespaces even to root; then the CPU flags cannot be hidden.
+if ! unshare -m true 2>/dev/null; then
+  echo "$0 cannot make a mount namespace here (unshare -m fails, or unshare is missing), so it cannot hide the CPU flags" >&2
+  exit 2
+fi
+if [ "$1" = --check ]; then
+  exit 0
 fi
 program=$(command -v "$1") || { echo "$1: no such program" >&2; exit 2; }
 shift
