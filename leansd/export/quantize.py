@@ -466,12 +466,15 @@ def run_all(backend: str, path: Path, feeds: list[dict[str, np.ndarray]], infere
         return [dict(zip(names, session.run(names, {k: f[k] for k in wanted}))) for f in feeds]
     import openvino as ov
 
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": inference_precision})
-    request = compiled.create_infer_request()
-    results = []
-    for f in feeds:
-        out = request.infer(f)
-        results.append({port.get_any_name(): np.array(out[port], copy=True) for port in compiled.outputs})
+    from leansd.export.verify import openvino_errors
+
+    with openvino_errors(path):
+        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": inference_precision})
+        request = compiled.create_infer_request()
+        results = []
+        for f in feeds:
+            out = request.infer(f)
+            results.append({port.get_any_name(): np.array(out[port], copy=True) for port in compiled.outputs})
     return results
 
 

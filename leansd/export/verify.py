@@ -11,15 +11,16 @@ a wrong input name or fp16/bf16 arithmetic sneaking in.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from leansd.export import components as comp
-from leansd.export.errors import ParityError
+from leansd.export.errors import ExportError, ParityError
 
 DEFAULT_TOLERANCE = 1e-3
 PSNR_CAP_DB = 200.0
@@ -99,14 +100,34 @@ def run_onnxruntime(path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np
     return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in declared})))
 
 
+@contextlib.contextmanager
+def openvino_errors(path: Path) -> Iterator[None]:
+    """Turn OpenVINO's RuntimeError while compiling or running `path` into an ExportError that keeps OpenVINO's reason
+    and names the fix: a oneDNN instruction-set cap (ONEDNN_MAX_CPU_ISA) withholds kernels OpenVINO picks for this CPU,
+    its int8-compressed weights' among them."""
+    from leansd.runtime import cpu_features
+    from leansd.runtime.backends.openvino import failure_reason
+
+    try:
+        yield
+    except RuntimeError as exc:
+        cap = cpu_features.isa_cap()
+        if cap:
+            raise ExportError(f"OpenVINO could not run {path} with ONEDNN_MAX_CPU_ISA={cap} set ({failure_reason(exc)}); "
+                              "the cap withholds kernels OpenVINO chose for this CPU: unset ONEDNN_MAX_CPU_ISA and export again") from exc
+        raise ExportError(f"OpenVINO could not run {path} ({failure_reason(exc)}); export for ONNX Runtime only "
+                          "(--backend onnx), or try another OpenVINO version") from exc
+
+
 def run_openvino(path: Path, feeds: Mapping[str, np.ndarray], inference_precision: str = "f32") -> dict[str, np.ndarray]:
     """Run an OpenVINO IR (or ONNX file) on the CPU plugin in f32 (CPUs with bf16/AMX units would otherwise default
     to bf16), or in the `inference_precision` asked for."""
     import openvino as ov
 
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": inference_precision})
-    declared = {name for port in compiled.inputs for name in port.get_names()}
-    result = compiled({k: v for k, v in feeds.items() if k in declared})
+    with openvino_errors(path):
+        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": inference_precision})
+        declared = {name for port in compiled.inputs for name in port.get_names()}
+        result = compiled({k: v for k, v in feeds.items() if k in declared})
     # Every name of each output: compiling may attach an internal tensor name that get_any_name() prefers.
     return {name: np.asarray(result[out]) for out in compiled.outputs for name in out.get_names()}
 

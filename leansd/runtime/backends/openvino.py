@@ -44,6 +44,11 @@ def cpu_precision_hint(requested: str) -> str:
     return requested
 
 
+def failure_reason(exc: BaseException) -> str:
+    """OpenVINO's own words for why it failed, without the "Exception from <source file>" lines it nests above them."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip() and not line.startswith("Exception from"))
+
+
 def choose_device(device: str) -> str:
     available = core().available_devices
     device = device.lower()
@@ -163,8 +168,7 @@ class OpenVinoSession(Session):
             return {spec.name: np.array(result[port], copy=True) for port, spec in zip(compiled.outputs, self.outputs)}
 
     def _failure(self, exc: RuntimeError) -> BackendError:
-        # OpenVINO nests "Exception from <source file>" lines above the message that says what went wrong.
-        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip() and not line.startswith("Exception from"))
+        reason = failure_reason(exc)
         cap = cpu_features.isa_cap()
         if cap and self.device == "CPU":
             return BackendError(f"OpenVINO could not run {self.path} with ONEDNN_MAX_CPU_ISA={cap} set ({reason}); the cap "
