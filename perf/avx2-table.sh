@@ -17,12 +17,13 @@ if grep -q -E 'avx512f|avx512_bf16|amx_tile' /proc/cpuinfo; then
 fi
 
 # SD 1.5 architecture, 512x512, 20 steps. Peers at their defaults (f32 on this CPU), leansd exact and fast modes.
-full_peers=optimum-ov-fp32,optimum-ov-int8,optimum-ort-fp32,diffusers-pt-fp32,leansd-ov-fp32,leansd-ort-fp32,leansd-ov-fp32-fast02-dc5-tome,leansd-ov-fp32-fast02-dc5-tome-lowmem,leansd-ort-int8-fast-dc5,leansd-ov-int8-fast02-dc5-inplace
+full_peers=optimum-ov-fp32,optimum-ov-int8,optimum-ort-fp32,diffusers-pt-fp32,leansd-ov-fp32,leansd-ort-fp32,leansd-ov-fp32-fast02-dc5-tome,leansd-ov-fp32-fast02-dc5-tome-lowmem,leansd-ort-int8-fast-dc5,leansd-ov-int8-fast02-dc5-inplace,leansd-ov-int8-fast02-dc5-inplace-lowmem
 "$PY" perf/bench.py --prepare-only --peers "$full_peers"
 "$PY" perf/bench.py --reuse-exports --repeats 2 --images 2 --output perf/RESULTS-avx2.md --peers "$full_peers"
-# The deciding rows again, three fresh processes each (the cold figure is their median).
+# The deciding rows again, three fresh processes each (the cold figure is their median). Optimum's int8 files are here
+# because they may be the fastest peer on such a CPU (they were under an f32 proxy on Zen 4: perf/RESULTS-f32proxy-zen4.md).
 "$PY" perf/bench.py --reuse-exports --repeats 2 --images 2 --processes 3 --output perf/RESULTS-avx2-3proc.md \
-  --peers optimum-ov-fp32,leansd-ov-fp32-fast02-dc5-tome,leansd-ov-fp32-fast02-dc5-tome-lowmem,leansd-ov-int8-fast02-dc5-inplace
+  --peers optimum-ov-fp32,optimum-ov-int8,leansd-ov-fp32-fast02-dc5-tome,leansd-ov-fp32-fast02-dc5-tome-lowmem,leansd-ov-int8-fast02-dc5-inplace,leansd-ov-int8-fast02-dc5-inplace-lowmem
 
 # Few-step models: the target is the fastest warm image on the machine.
 "$PY" perf/bench.py --config perf/configs/turbo.json --images 3 --output perf/RESULTS-turbo-avx2.md \

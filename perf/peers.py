@@ -218,6 +218,10 @@ PEERS = [
     Peer("leansd-ov-int8-fast02-dc5-inplace", "leansd openvino int8 (int8-weight deep-cache parts), guidance cutoff 0.2, deep cache "
          "every 5 unguided steps, tiny VAE decoder (int8 added in place)", "leansd", "leansd",
          {**LEANSD_OV, "precision": "int8", "guidance_cutoff": 0.2, "deep_cache": 5, "tiny_vae": True}, needs_precision="int8"),
+    Peer("leansd-ov-int8-fast02-dc5-inplace-lowmem", "leansd openvino int8 (int8-weight deep-cache parts), guidance cutoff 0.2, "
+         "deep cache every 5 unguided steps, tiny VAE decoder, low_memory (int8 added in place)", "leansd", "leansd",
+         {**LEANSD_OV, "precision": "int8", "guidance_cutoff": 0.2, "deep_cache": 5, "tiny_vae": True, "low_memory": True},
+         needs_precision="int8"),
     Peer(
         "leansd-ov-fp32-cached",
         "leansd openvino fp32, compile cache warm (2nd process)",
