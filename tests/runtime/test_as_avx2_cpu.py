@@ -17,7 +17,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "as-avx2-cpu.sh"
 
 
 def _cannot_run() -> str:
-    """Why the script cannot run commands here ("" when it can): it checks the machine, QEMU's version and root."""
+    """Why the script cannot run commands here ("" when it can): its --check looks at the machine, QEMU's version, root and mount namespaces."""
     if platform.machine() != "x86_64" or not shutil.which("bash"):
         return "needs an x86-64 machine with bash"
     done = subprocess.run([str(SCRIPT), "--check"], capture_output=True, text=True)
